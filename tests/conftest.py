@@ -1,0 +1,113 @@
+"""Shared fixtures: a real server process on a free port, and a real headless Chromium."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    url: str
+    port: int
+    data_dir: Path
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=15)
+
+
+def run_webui(args: list[str], *, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run webui.py to completion (for flags that make it exit)."""
+    env = {**os.environ, "COMMANDLINE_ARGS": ""}
+    return subprocess.run([sys.executable, str(ROOT / "webui.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start_server(data_dir: Path, *args: str, port: int | None = None, ready_path: str = "/",
+                 timeout: float = 120, env: dict[str, str] | None = None) -> ServerProcess:
+    port = port or free_port()
+    full_env = {**os.environ, "COMMANDLINE_ARGS": "", "PYTHONUNBUFFERED": "1", **(env or {})}
+    cmd = [sys.executable, str(ROOT / "webui.py"), "--data-dir", str(data_dir), "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = ServerProcess(proc=proc, url=f"http://127.0.0.1:{port}", port=port, data_dir=data_dir)
+    threading.Thread(target=lambda: server.lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            time.sleep(0.2)
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.output}")
+        if "Running on local URL" in server.output:
+            try:
+                requests.get(server.url + ready_path, timeout=5)
+                return server
+            except requests.RequestException:
+                pass
+        time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"server did not start within {timeout}s:\n{server.output}")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One plain server shared by the tests that only read from it."""
+    srv = start_server(tmp_path_factory.mktemp("data"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's chromium driven by playwright; never a downloaded browser."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: install it with `apt-get install chromium` (the browser tests need it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"],
+        )
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, tmp_path):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    pg = context.new_page()
+    yield pg
+    context.close()

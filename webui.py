@@ -1,0 +1,187 @@
+"""The composition root: flags -> settings -> services -> UI + API -> serve.
+
+Nothing heavy (torch, diffusers) is imported on the way to the first HTTP
+response; models load lazily when a job first needs one.
+"""
+from __future__ import annotations
+
+import os
+
+# Set before gradio/huggingface modules are imported anywhere: Gradio phones
+# home at launch otherwise, and model code must never reach for the hub.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("DISABLE_TELEMETRY", "1")
+
+import logging
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from modules import cmd_args
+from modules.cmd_args import FlagError
+from modules.options import Options, default_templates
+from modules.paths import AppPaths
+from modules.services import Services
+
+log = logging.getLogger("webui")
+
+
+class StartupError(Exception):
+    """A problem that stops startup; the message is printed alone, no traceback."""
+
+
+def read_gradio_credentials(opts) -> list[tuple[str, str]]:
+    creds: list[tuple[str, str]] = []
+    if opts.gradio_auth:
+        creds += cmd_args.parse_credentials(opts.gradio_auth, flag="--gradio-auth")
+    if opts.gradio_auth_path:
+        try:
+            text = Path(opts.gradio_auth_path).expanduser().read_text(encoding="utf-8")
+        except OSError as err:
+            raise StartupError(f"--gradio-auth-path: cannot read {opts.gradio_auth_path}: {err.strerror}") from None
+        creds += cmd_args.parse_credentials(text, flag="--gradio-auth-path")
+    return creds
+
+
+def open_listening_socket(host: str, port: int) -> socket.socket:
+    """Bind before the slow imports, so a busy port is reported at once and
+    nothing can take it between the check and the serve."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise StartupError(f"cannot resolve --server-name {host!r}: {err.strerror}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    if os.name != "nt":  # on Windows SO_REUSEADDR lets two servers share a port
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        if err.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
+            raise StartupError(
+                f"port {port} on {host} is already in use (another WebUI may be running). "
+                f"Stop it, or choose another port with --port."
+            ) from None
+        raise StartupError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def build_services(parsed: cmd_args.ParsedArgs) -> tuple[Services, list[str]]:
+    opts = parsed.opts
+    paths = AppPaths.from_opts(opts)
+    paths.ensure_user_dirs()
+    options = Options(paths.config_file, default_templates(), frozen=False)
+    warnings = options.load()
+    object.__setattr__(options, "frozen", bool(opts.freeze_settings))
+    return Services(cmd_opts=opts, paths=paths, options=options), warnings
+
+
+def create_app(services: Services):
+    """The FastAPI app with the UI (and later the API) mounted on it."""
+    from fastapi import FastAPI
+
+    opts = services.cmd_opts
+    app = FastAPI(title="Stable Diffusion web UI", docs_url="/docs", redoc_url=None)
+    if opts.cors_allow_origins or opts.cors_allow_origins_regex:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=[o.strip() for o in (opts.cors_allow_origins or "").split(",") if o.strip()],
+            allow_origin_regex=opts.cors_allow_origins_regex,
+            allow_methods=["*"], allow_headers=["*"], allow_credentials=True,
+        )
+    if not opts.nowebui:
+        import gradio as gr
+
+        from modules.ui.app import build_ui
+
+        ui = build_ui(services)
+        ui.blocks.queue(default_concurrency_limit=1)
+        credentials = read_gradio_credentials(opts)
+        gr.mount_gradio_app(
+            app, ui.blocks, path=opts.subpath or "/",
+            auth=credentials or None,
+            auth_message="Log in to Stable Diffusion web UI" if credentials else None,
+            allowed_paths=[str(services.paths.outputs_dir)],
+            footer_links=["api", "settings"] if opts.api else ["settings"],
+            css=ui.css, js=ui.js, head=ui.head,
+            show_error=True, ssr_mode=False, mcp_server=False, pwa=False,
+        )
+    return app
+
+
+def serve(app, sock: socket.socket, services: Services) -> None:
+    import uvicorn
+
+    opts = services.cmd_opts
+    host, port = sock.getsockname()[:2]
+    scheme = "https" if opts.tls_certfile else "http"
+    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    url = f"{scheme}://{shown_host}:{port}{(opts.subpath or '').rstrip('/')}"
+    config = uvicorn.Config(
+        app, log_level="warning", timeout_keep_alive=opts.timeout_keep_alive,
+        ssl_keyfile=opts.tls_keyfile, ssl_certfile=opts.tls_certfile,
+    )
+    server = uvicorn.Server(config)
+
+    def announce() -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if server.started:
+            print(f"Running on local URL:  {url}", flush=True)
+            if host in ("0.0.0.0", "::"):
+                print(f"Listening on all interfaces ({host}): use this machine's LAN address with port {port}.", flush=True)
+            if opts.autolaunch:
+                import webbrowser
+
+                webbrowser.open(url)
+
+    threading.Thread(target=announce, name="announce", daemon=True).start()
+    server.run(sockets=[sock])
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parsed = cmd_args.parse_args(argv)
+    except FlagError as err:
+        print(f"webui: error: {err}", file=sys.stderr)
+        return 2
+    opts = parsed.opts
+    logging.basicConfig(
+        level=getattr(logging, (opts.loglevel or "INFO").upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for notice in parsed.notices:
+        print(notice, file=sys.stderr)
+    if opts.exit or opts.test:
+        return 0  # launcher-only modes; webui.sh acts on them before we run
+    try:
+        if opts.share:
+            print("Note: --share needs Gradio's public tunnel, which this server does not use; use --listen to reach it on your network.", file=sys.stderr)
+        services, warnings = build_services(parsed)
+        for warning in warnings:
+            print(f"Warning: {warning}", file=sys.stderr)
+        read_gradio_credentials(opts)  # fail fast on a bad auth file, before binding
+        sock = open_listening_socket(cmd_args.bind_host(opts), cmd_args.bind_port(opts))
+        started = time.perf_counter()
+        app = create_app(services)
+        log.info("UI built in %.1fs", time.perf_counter() - started)
+        serve(app, sock, services)
+    except (StartupError, FlagError) as err:
+        print(f"webui: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
