@@ -79,14 +79,17 @@ def atomic_output(path: str | os.PathLike[str], mode: str = "wb", *, encoding: s
     target = Path(path)
     directory = target.parent
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
+    # Hidden (leading dot) so folder scans skip it; ends in the target's extension so writers
+    # that infer the format from the file name (PIL's Image.save) still work.
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=f".tmp{target.suffix}")
+    os.close(fd)
     try:
+        # Reopened by path (not os.fdopen) so fh.name is the temp path, which PIL reads.
         if mode == "wb":
-            fh: IO[Any] = os.fdopen(fd, "wb")
+            fh: IO[Any] = open(tmp_name, "wb")
         else:
-            fh = os.fdopen(fd, "w", encoding=encoding, newline=newline)
+            fh = open(tmp_name, "w", encoding=encoding, newline=newline)
     except BaseException:
-        os.close(fd)
         _silent_unlink(tmp_name)
         raise
     try:
