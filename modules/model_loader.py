@@ -1,0 +1,720 @@
+"""Checkpoint file -> diffusers pipeline, offline, one component at a time; plus the loaded-model cache.
+
+Why per component rather than ``Pipeline.from_single_file``: we already know every config
+(``model_detection`` inferred it from the shapes), ``.ckpt`` files must go through our restricted
+unpickler, and building each model on the meta device then assigning the loaded tensors
+(``load_state_dict(assign=True)``) skips random initialisation entirely: 0.1 s instead of ~9 s for an
+SD1.5 UNet on the 2-core CPU, with no second copy of the weights.
+
+Nothing here can reach the network: configs come from ``configs/diffusers/<family>/`` via
+``ModelSpec``, tokenizers from ``sd_configs.load_tokenizer``, weights from the local file.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from modules import model_detection, sd_configs
+from modules.devices import DevicePolicy, torch_gc
+from modules.model_detection import ModelSpec
+from modules.safe_pickle import CheckpointLoadError, load_state_dict_file
+
+__all__ = [
+    "LoadedModel", "ModelManager", "UnsupportedCheckpointError", "load_model", "load_checkpoint",
+    "load_vae", "replace_vae", "make_load_fn", "sidecar_yaml_for",
+]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+# diffusers' LDM->diffusers converters keep these but the transformers models have no such
+# parameter (position_ids became a non-persistent buffer).
+_IGNORED_TE_KEYS = ("embeddings.position_ids", "text_model.embeddings.position_ids")
+
+
+class UnsupportedCheckpointError(CheckpointLoadError):
+    """The file was read but is not something we can load as a checkpoint (LoRA, VAE, Flux...)."""
+
+    def __init__(self, path: Path, spec: ModelSpec):
+        self.spec = spec
+        super().__init__(path, spec.reason)
+
+
+@dataclass
+class LoadedModel:
+    info: Any  # checkpoints.CheckpointInfo, or None when loaded from a bare path
+    path: Path
+    spec: ModelSpec
+    policy: DevicePolicy
+    pipe: Any
+    components: dict[str, Any]
+    vae_file: Path | None = None
+    load_seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    status: str = "ready"
+    needs_depth_map: bool = False
+    # the checkpoint's own VAE, kept while a separate one is active so switching back is instant
+    baked_vae: Any = None
+
+    @property
+    def family(self) -> str:
+        return self.spec.family or ""
+
+    @property
+    def prediction_type(self) -> str:
+        return self.spec.prediction_type
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.spec.is_sdxl
+
+    @property
+    def is_inpaint(self) -> bool:
+        return self.spec.is_inpaint
+
+    @property
+    def title(self) -> str:
+        return getattr(self.info, "title", None) or self.path.name
+
+    @property
+    def is_loaded(self) -> bool:
+        return self.pipe is not None
+
+    def unload(self) -> None:
+        """Drop every reference we hold so the weights can be freed, then return the memory."""
+        device = self.policy.device
+        pipe = self.pipe
+        self.pipe = None
+        self.baked_vae = None
+        self.components.clear()
+        if pipe is not None:
+            for name in list(getattr(pipe, "components", {})):
+                try:
+                    setattr(pipe, name, None)
+                except Exception:  # a component that refuses None: dropping the pipe is enough
+                    pass
+        del pipe
+        torch_gc(device)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _path_of(info_or_path: Any) -> tuple[Any, Path]:
+    if isinstance(info_or_path, (str, Path)):
+        return None, Path(info_or_path)
+    return info_or_path, Path(info_or_path.filename)
+
+
+def sidecar_yaml_for(info_or_path: Any) -> Path | None:
+    """A1111's rule: ``<checkpoint without extension>.yaml`` beside the file is its config."""
+    info, path = _path_of(info_or_path)
+    if info is not None:
+        return getattr(info, "sidecar_config", None)
+    candidate = path.with_suffix(".yaml")
+    return candidate if candidate.is_file() else None
+
+
+def _few(keys: Any, n: int = 5) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" … (+{len(keys) - n})" if len(keys) > n else "")
+
+
+def _build_empty(factory: Callable[[], Any]) -> Any:
+    """Construct a model with parameters on the meta device (no random init, no allocation)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return factory()
+
+
+def _cast_weights(weights: dict[str, Any], source: dict[str, Any] | None, to: tuple[Any, Any] | None) -> None:
+    """Move/cast tensor by tensor, dropping each source tensor from ``source`` as soon as it is copied:
+    an fp16 file loaded as fp32 (or moved to the GPU) then never holds two full copies."""
+    if to is None:
+        return
+    device, dtype = to
+    owner = {id(v): k for k, v in source.items()} if source is not None else {}
+    for key in list(weights):
+        old = weights[key]
+        target = dtype if old.is_floating_point() else old.dtype
+        if old.dtype == target and old.device == device:
+            continue
+        weights[key] = old.to(device=device, dtype=target)
+        src = owner.pop(id(old), None)
+        if src is not None and source is not None:
+            source.pop(src, None)
+        del old
+
+
+def _assign(model: Any, weights: Mapping[str, Any], path: Path, what: str,
+            source: dict[str, Any] | None = None, to: tuple[Any, Any] | None = None) -> None:
+    """Strict load by assignment: every parameter must come from the file, nothing may be left over.
+
+    ``weights`` (a converter's output, owned by the caller) is cast in place, so no stale copy survives.
+    """
+    weights = weights if isinstance(weights, dict) else dict(weights)
+    _cast_weights(weights, source, to)
+    try:
+        result = model.load_state_dict(weights, strict=False, assign=True)
+    except RuntimeError as exc:  # size mismatches are raised even with strict=False
+        lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
+        detail = "; ".join(lines[:3]) or str(exc).splitlines()[0]
+        raise CheckpointLoadError(path, f"{what} weights do not fit the inferred config: {detail}") from exc
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing {len(result.missing_keys)} keys ({_few(result.missing_keys)})")
+    if result.unexpected_keys:
+        problems.append(f"unexpected {len(result.unexpected_keys)} keys ({_few(result.unexpected_keys)})")
+    if problems:
+        raise CheckpointLoadError(path, f"{what}: " + "; ".join(problems))
+    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    if leftover:
+        raise CheckpointLoadError(path, f"{what}: no weights for {_few(leftover)}")
+
+
+def _finish(model: Any, device: Any, dtype: Any) -> Any:
+    import torch
+
+    model.requires_grad_(False)
+    model.eval()
+    # Plain nn.Module.to: diffusers' override warns on every dtype cast, even with nothing to keep in fp32.
+    if any(p.dtype != dtype for p in model.parameters() if p.is_floating_point()):
+        return torch.nn.Module.to(model, device=device, dtype=dtype)
+    return torch.nn.Module.to(model, device=device)
+
+
+# ---------------------------------------------------------------- components
+
+
+def _load_unet(sd: dict[str, Any], cfg: dict, path: Path, to: tuple[Any, Any] | None = None) -> Any:
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    weights = convert_ldm_unet_checkpoint(sd, cfg)
+    unet = _build_empty(lambda: UNet2DConditionModel.from_config(cfg))
+    _assign(unet, weights, path, "UNet", sd, to)
+    return unet
+
+
+def _is_diffusers_vae(shapes: Mapping[str, Any]) -> bool:
+    return ("encoder.down_blocks.0.resnets.0.conv1.weight" in shapes
+            or "decoder.up_blocks.0.resnets.0.conv1.weight" in shapes)
+
+
+def _load_vae_weights(sd: dict[str, Any], cfg: dict, path: Path, to: tuple[Any, Any] | None = None) -> Any:
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    if _is_diffusers_vae(sd):
+        weights = dict(sd)
+    else:
+        weights = convert_ldm_vae_checkpoint(sd, cfg)
+    vae = _build_empty(lambda: AutoencoderKL.from_config(cfg))
+    _assign(vae, weights, path, "VAE", sd, to)
+    return vae
+
+
+def _load_clip(sd: dict[str, Any], cfg: dict, path: Path, what: str, to: tuple[Any, Any] | None = None) -> Any:
+    """transformers-layout CLIP-L (SD1 / SDXL encoder 1) -> CLIPTextModel."""
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    weights = convert_ldm_clip_checkpoint(sd)
+    model = _build_empty(lambda: CLIPTextModel(CLIPTextConfig.from_dict(cfg)))
+    weights = _fit_text_model_prefix(model, weights)
+    _assign(model, weights, path, what, sd, to)
+    return model
+
+
+def _load_open_clip(sd: dict[str, Any], cfg: dict, prefix: str, path: Path, what: str, projection: bool,
+                    to: tuple[Any, Any] | None = None) -> Any:
+    """OpenCLIP layout -> CLIPTextModel (SD2) or CLIPTextModelWithProjection (SDXL)."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    model = _build_empty(lambda: cls(CLIPTextConfig.from_dict(cfg)))
+    # only this encoder's keys: the converter scans every key it is given
+    own = {k: v for k, v in sd.items() if k.startswith(prefix)}
+    weights = convert_open_clip_checkpoint(model, own, prefix=prefix)
+    if not projection:
+        weights.pop("text_projection.weight", None)
+    weights = _fit_text_model_prefix(model, weights)
+    _assign(model, weights, path, what, sd, to)
+    return model
+
+
+def _fit_text_model_prefix(model: Any, weights: dict[str, Any]) -> dict[str, Any]:
+    """transformers >= 5.6 flattened CLIPTextModel (no ``text_model.``); the projection model kept it."""
+    weights = {k: v for k, v in weights.items() if k not in _IGNORED_TE_KEYS}
+    if hasattr(model, "text_model"):
+        return weights
+    return {k.removeprefix("text_model."): v for k, v in weights.items()}
+
+
+def _scheduler(spec: ModelSpec) -> Any:
+    import diffusers
+
+    cfg_dir = spec.config_dir
+    assert cfg_dir is not None
+    index = json.loads((cfg_dir / "model_index.json").read_text(encoding="utf-8"))
+    cls_name = index.get("scheduler", [None, "EulerDiscreteScheduler"])[1]
+    cfg = json.loads((cfg_dir / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    cfg.update(spec.scheduler_overrides)
+    cfg["prediction_type"] = spec.prediction_type
+    if spec.zero_terminal_snr:
+        cfg["rescale_betas_zero_snr"] = True
+        cfg["timestep_spacing"] = "trailing"
+    return getattr(diffusers, cls_name).from_config(cfg)
+
+
+_PIPELINES = {
+    "sd1": "StableDiffusionPipeline",
+    "sd2": "StableDiffusionPipeline",
+    "sd2-v": "StableDiffusionPipeline",
+    "sd1-inpaint": "StableDiffusionInpaintPipeline",
+    "sd2-inpaint": "StableDiffusionInpaintPipeline",
+    "sd2-depth": "StableDiffusionDepth2ImgPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "sdxl-refiner": "StableDiffusionXLImg2ImgPipeline",
+    "sdxl-inpaint": "StableDiffusionXLInpaintPipeline",
+}
+
+
+def _assemble(spec: ModelSpec, components: dict[str, Any]) -> Any:
+    import diffusers
+
+    cls = getattr(diffusers, _PIPELINES[spec.family or ""])
+    index = json.loads((spec.config_dir / "model_index.json").read_text(encoding="utf-8"))  # type: ignore[operator]
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs: dict[str, Any] = {k: v for k, v in components.items() if k in accepted}
+    extras = {
+        "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False,
+        "image_encoder": None, "depth_estimator": None, "add_watermarker": False,
+        "text_encoder": None, "tokenizer": None,  # the refiner has no first encoder
+    }
+    for flag in ("force_zeros_for_empty_prompt", "requires_aesthetics_score"):
+        if flag in index:
+            extras[flag] = index[flag]
+    for k, v in extras.items():
+        if k in accepted and k not in kwargs:
+            kwargs[k] = v
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def load_vae(vae_file: Path, spec: ModelSpec, policy: DevicePolicy, progress: Progress | None = None) -> Any:
+    """A separate VAE file (LDM layout with or without ``first_stage_model.``, or diffusers layout).
+
+    Its widths are inferred from its own shapes; the scaling factor stays the checkpoint's, as in A1111.
+    """
+    vae_file = Path(vae_file)
+    if progress:
+        progress(f"Loading VAE {vae_file.name}")
+    sd = load_state_dict_file(vae_file)
+    shapes = model_detection.shapes_of(sd)
+    cfg = dict(spec.vae_config)
+    if not _is_diffusers_vae(shapes):
+        try:
+            inferred = model_detection.infer_vae_config(shapes, spec.family or "sd1")
+        except (ValueError, KeyError) as exc:
+            raise CheckpointLoadError(vae_file, f"not a VAE file ({len(shapes)} tensors, first keys "
+                                               f"{_few(list(shapes)[:5])})") from exc
+        for key in ("scaling_factor", "force_upcast", "shift_factor", "latents_mean", "latents_std"):
+            if key in cfg:
+                inferred[key] = cfg[key]
+            else:
+                inferred.pop(key, None)
+        cfg = inferred
+    vae = _load_vae_weights(sd, cfg, vae_file, (policy.device, policy.vae_dtype))
+    return _finish(vae, policy.device, policy.vae_dtype)
+
+
+def load_model(
+    info_or_path: Any,
+    spec: ModelSpec,
+    policy: DevicePolicy,
+    vae_file: Path | None = None,
+    progress: Progress | None = None,
+    *,
+    state_dict: Mapping[str, Any] | None = None,
+) -> LoadedModel:
+    """Build the diffusers pipeline for a detected checkpoint. Raises ``CheckpointLoadError``.
+
+    ``state_dict``: the already-read weights (so a ``.ckpt`` is unpickled once). It is consumed:
+    entries are removed as components are built, so the source tensors can be freed early.
+    """
+    info, path = _path_of(info_or_path)
+    if not spec.supported:
+        raise UnsupportedCheckpointError(path, spec)
+    say = progress or (lambda _msg: None)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 3)
+        return now
+
+    if state_dict is None:
+        say(f"Reading {path.name}")
+        state_dict = load_state_dict_file(path)
+        t = lap("read", t0)
+    else:
+        t = t0
+    sd = model_detection.normalize_checkpoint_keys(state_dict)
+    if sd is not state_dict and isinstance(state_dict, dict):
+        state_dict.clear()  # the renamed copy holds the same tensors; keep one owner so they can be dropped
+    if not spec.has_vae and vae_file is None:
+        raise CheckpointLoadError(path, "the file has no VAE weights: choose a VAE in settings (SD VAE)")
+
+    components: dict[str, Any] = {}
+    dev = policy.device
+    try:
+        say("Loading UNet")
+        unet = _load_unet(sd, spec.unet_config, path, (dev, policy.dtype))
+        if spec.needs_v_probe:
+            unet = _finish(unet, dev, policy.dtype)
+            is_v, score = model_detection.probe_v_prediction(unet)
+            new_spec = spec.with_prediction("v_prediction" if is_v else "epsilon", "probe")
+            log.info("%s: v-prediction probe score %.3f -> %s", path.name, score, new_spec.prediction_type)
+            if new_spec.unet_config != spec.unet_config:
+                from diffusers import UNet2DConditionModel
+
+                # same tensors, new config (sd2-v upcasts attention): rebuild around them, no copy
+                weights = unet.state_dict()
+                unet = _build_empty(lambda: UNet2DConditionModel.from_config(new_spec.unet_config))
+                _assign(unet, weights, path, "UNet")
+            spec = new_spec
+        components["unet"] = _finish(unet, dev, policy.dtype)
+        del unet
+        _release(sd, (model_detection.UNET, "model_ema."))
+        t = lap("unet", t)
+
+        say("Loading text encoder")
+        te_dtype = policy.text_encoder_dtype
+        fam = spec.family or ""
+        to = (dev, te_dtype)
+        if fam.startswith("sd1"):
+            te = _load_clip(sd, spec.text_encoder_config, path, "text encoder", to)
+            components["text_encoder"] = _finish(te, dev, te_dtype)
+        elif fam.startswith("sd2"):
+            te = _load_open_clip(sd, spec.text_encoder_config, model_detection.TE_SD2, path, "text encoder",
+                                 projection=False, to=to)
+            components["text_encoder"] = _finish(te, dev, te_dtype)
+        elif fam == "sdxl-refiner":
+            te2 = _load_open_clip(sd, spec.text_encoder_2_config, model_detection.TE_REFINER, path, "text encoder 2",
+                                  projection=True, to=to)
+            components["text_encoder_2"] = _finish(te2, dev, te_dtype)
+        else:
+            te = _load_clip(sd, spec.text_encoder_config, path, "text encoder", to)
+            components["text_encoder"] = _finish(te, dev, te_dtype)
+            te2 = _load_open_clip(sd, spec.text_encoder_2_config, model_detection.TE_XL2, path, "text encoder 2",
+                                  projection=True, to=to)
+            components["text_encoder_2"] = _finish(te2, dev, te_dtype)
+        t = lap("text_encoders", t)
+        _release(sd, ("cond_stage_model.", "conditioner."))
+
+        baked = None
+        if spec.has_vae:
+            say("Loading VAE")
+            baked = _load_vae_weights(sd, spec.vae_config, path, (dev, policy.vae_dtype))
+            baked = _finish(baked, dev, policy.vae_dtype)
+        sd.clear()  # everything we keep now lives in the modules
+        del sd, state_dict
+        if vae_file is not None:
+            components["vae"] = load_vae(Path(vae_file), spec, policy, progress)
+        else:
+            components["vae"] = baked
+            baked = None
+        t = lap("vae", t)
+
+        if spec.tokenizer:
+            components["tokenizer"] = sd_configs.load_tokenizer(spec.tokenizer)
+        if spec.tokenizer_2:
+            components["tokenizer_2"] = sd_configs.load_tokenizer(spec.tokenizer_2)
+        _check_vocab(components, path)
+        components["scheduler"] = _scheduler(spec)
+        t = lap("tokenizers_scheduler", t)
+
+        say("Assembling pipeline")
+        pipe = _assemble(spec, components)
+        lap("pipeline", t)
+    except CheckpointLoadError:
+        components.clear()
+        raise
+    except Exception as exc:  # anything else while building is still "this file did not load"
+        components.clear()
+        raise CheckpointLoadError(path, exc) from exc
+
+    status, needs_depth = "ready", False
+    if spec.is_depth:
+        status = ("loaded; generation needs a depth map (the MiDaS depth estimator in the checkpoint is not "
+                  "loaded: pass depth_map to the pipeline)")
+        needs_depth = True
+    seconds = round(time.perf_counter() - t0, 3)
+    say(f"Model loaded in {seconds:.1f}s")
+    return LoadedModel(info=info, path=path, spec=spec, policy=policy, pipe=pipe, components=components,
+                       vae_file=Path(vae_file) if vae_file else None, load_seconds=seconds, timings=timings,
+                       status=status, needs_depth_map=needs_depth, baked_vae=baked)
+
+
+def _release(sd: dict[str, Any], prefixes: tuple[str, ...]) -> None:
+    """Drop source tensors of a built component: with a dtype cast (fp16 file, fp32 CPU) this keeps the
+    peak near one copy of the model instead of source + cast copy."""
+    for key in [k for k in sd if k.startswith(prefixes)]:
+        del sd[key]
+
+
+def _check_vocab(components: dict[str, Any], path: Path) -> None:
+    for te_name, tok_name in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        te, tok = components.get(te_name), components.get(tok_name)
+        if te is None or tok is None:
+            continue
+        rows = te.config.vocab_size
+        if rows < len(tok):
+            raise CheckpointLoadError(path, f"{te_name} has {rows} token embeddings but the CLIP tokenizer "
+                                            f"needs {len(tok)}")
+
+
+def load_checkpoint(
+    info_or_path: Any, policy: DevicePolicy, vae_file: Path | None = None, progress: Progress | None = None,
+) -> LoadedModel:
+    """Read once, identify (sidecar yaml first), load. The usual way in."""
+    info, path = _path_of(info_or_path)
+    t0 = time.perf_counter()
+    if path.suffix.lower() == ".safetensors":
+        # header only: a LoRA or a Flux file is refused before gigabytes are read
+        spec = model_detection.identify(path, sidecar_yaml_for(info_or_path))
+        if not spec.supported:
+            raise UnsupportedCheckpointError(path, spec)
+        t1 = time.perf_counter()
+        if progress:
+            progress(f"Reading {path.name}")
+        sd = load_state_dict_file(path)
+    else:
+        if progress:
+            progress(f"Reading {path.name}")
+        sd = load_state_dict_file(path)
+        t1 = time.perf_counter()
+        spec = model_detection.identify(path, sidecar_yaml_for(info_or_path), state_dict=sd)
+        if not spec.supported:
+            raise UnsupportedCheckpointError(path, spec)
+    t2 = time.perf_counter()
+    model = load_model(info_or_path, spec, policy, vae_file, progress, state_dict=sd)
+    read, detect = (t2 - t1, t1 - t0) if path.suffix.lower() == ".safetensors" else (t1 - t0, t2 - t1)
+    model.timings = {"detect": round(detect, 3), "read": round(read, 3), **model.timings}
+    model.load_seconds = round(time.perf_counter() - t0, 3)
+    return model
+
+
+def replace_vae(model: LoadedModel, vae_file: Path | None, progress: Progress | None = None) -> LoadedModel:
+    """Swap the VAE of a loaded model in place (None: back to the checkpoint's own)."""
+    if model.pipe is None:
+        raise RuntimeError(f"{model.title} is unloaded")
+    current = model.components["vae"]
+    if vae_file is None:
+        if model.vae_file is None:
+            return model
+        if model.baked_vae is None:
+            raise CheckpointLoadError(model.path, "the checkpoint's own VAE is not in memory; reload the checkpoint")
+        new, model.baked_vae = model.baked_vae, None
+    else:
+        new = load_vae(Path(vae_file), model.spec, model.policy, progress)
+        if model.vae_file is None:
+            model.baked_vae = current  # keep the checkpoint's VAE for switching back
+    model.components["vae"] = new
+    model.pipe.register_modules(vae=new)
+    model.vae_file = Path(vae_file) if vae_file else None
+    torch_gc(model.policy.device)
+    return model
+
+
+def make_load_fn(policy: DevicePolicy, progress: Progress | None = None) -> Callable[[Any, Path | None], LoadedModel]:
+    """The ``load_fn`` for ``ModelManager``: identify + load with this device policy."""
+    return lambda info, vae_file: load_checkpoint(info, policy, vae_file, progress)
+
+
+# ---------------------------------------------------------------- manager
+
+
+def _key(info_or_path: Any) -> str:
+    _info, path = _path_of(info_or_path)
+    return str(path.resolve())
+
+
+class ModelManager:
+    """The current model plus an LRU of up to ``limit`` loaded ones (A1111's sd_checkpoints_limit).
+
+    Thread-safe; one load at a time. A failed load or switch leaves the previous model current.
+    ``free_before_load``: when the cache is full, unload the least recently used model *before*
+    loading (peak memory of one model rather than two); if the load then fails, the previous current
+    model is loaded again so it stays current, and the original error propagates.
+    """
+
+    def __init__(
+        self,
+        load_fn: Callable[[Any, Path | None], LoadedModel],
+        limit: int = 1,
+        *,
+        vae_fn: Callable[[LoadedModel, Path | None], LoadedModel] | None = replace_vae,
+        free_before_load: bool = False,
+    ):
+        self._load_fn = load_fn
+        self._vae_fn = vae_fn
+        self._limit = max(1, int(limit))
+        self.free_before_load = free_before_load
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()  # LRU order, most recent last
+        self._current: str | None = None
+        self._lock = threading.RLock()
+        self._listeners: list[Callable[[LoadedModel], None]] = []
+        # Snapshots for readers: a load holds the lock for seconds, and the UI/API must not wait on it.
+        self._snapshot: tuple[LoadedModel | None, tuple[LoadedModel, ...]] = (None, ())
+
+    # -- state
+    @property
+    def current(self) -> LoadedModel | None:
+        """The current model, without waiting for a load in progress."""
+        return self._snapshot[0]
+
+    @property
+    def loaded(self) -> list[LoadedModel]:
+        """Loaded models, least recently used first."""
+        return list(self._snapshot[1])
+
+    def _publish(self) -> None:
+        current = self._models.get(self._current) if self._current else None
+        self._snapshot = (current, tuple(self._models.values()))
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    def set_limit(self, limit: int) -> None:
+        with self._lock:
+            self._limit = max(1, int(limit))
+            self._evict(keep=self._current)
+            self._publish()
+
+    def add_loaded_listener(self, fn: Callable[[LoadedModel], None]) -> None:
+        with self._lock:
+            self._listeners.append(fn)
+
+    def remove_loaded_listener(self, fn: Callable[[LoadedModel], None]) -> None:
+        with self._lock:
+            if fn in self._listeners:
+                self._listeners.remove(fn)
+
+    # -- operations
+    def get(self, info: Any, vae_file: Path | None = None) -> LoadedModel:
+        """The model for ``info`` with ``vae_file``, loading it if needed; it becomes current."""
+        return self.switch(info, vae_file)
+
+    def switch(self, info: Any, vae_file: Path | None = None) -> LoadedModel:
+        """Make ``info`` (with ``vae_file``) the current model. On failure the previous one stays current."""
+        key = _key(info)
+        vae = Path(vae_file) if vae_file else None
+        with self._lock:
+            try:
+                model = self._models.get(key)
+                if model is not None and model.is_loaded:
+                    if model.vae_file != vae:
+                        if self._vae_fn is None:
+                            return self._load_new(key, info, vae, replacing=model)
+                        model = self._vae_fn(model, vae)
+                    self._models.move_to_end(key)
+                    self._current = key
+                    return model
+                return self._load_new(key, info, vae)
+            finally:
+                self._publish()
+
+    def _load_new(self, key: str, info: Any, vae: Path | None, replacing: LoadedModel | None = None) -> LoadedModel:
+        previous_key = self._current
+        previous = self._models.get(previous_key) if previous_key else None
+        freed_previous = None
+        if replacing is not None:
+            self._models.pop(key, None)
+            if replacing is previous:
+                freed_previous = replacing
+            replacing.unload()
+        if self.free_before_load:
+            while len(self._models) >= self._limit:
+                old_key, old = self._models.popitem(last=False)
+                if old_key == previous_key:
+                    freed_previous = old
+                old.unload()
+        try:
+            model = self._load_fn(info, vae)
+        except BaseException as exc:
+            if freed_previous is not None:
+                self._restore(previous_key, freed_previous, exc)
+            elif previous_key not in self._models:
+                self._current = None
+            raise
+        self._models[key] = model
+        self._models.move_to_end(key)
+        self._current = key
+        self._evict(keep=key)
+        self._publish()
+        self._fire(model)
+        return model
+
+    def _restore(self, key: str | None, old: LoadedModel, exc: BaseException) -> None:
+        """After a failed load that had to free the previous model: load it back."""
+        try:
+            back = self._load_fn(old.info if old.info is not None else old.path, old.vae_file)
+        except Exception as again:  # pragma: no cover - both failing is reported, not hidden
+            log.error("could not reload %s after a failed switch: %s", old.title, again)
+            self._current = None
+            return
+        assert key is not None
+        self._models[key] = back
+        self._current = key
+        self._publish()
+        log.warning("switch failed (%s); reloaded %s", exc, back.title)
+        self._fire(back)
+
+    def _evict(self, keep: str | None) -> None:
+        while len(self._models) > self._limit:
+            victim = next((k for k in self._models if k != keep), None)
+            if victim is None:
+                break
+            self._models.pop(victim).unload()
+
+    def _fire(self, model: LoadedModel) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn(model)
+            except Exception:  # a broken extension callback must not undo a good load
+                log.exception("model-loaded listener %r failed", fn)
+
+    def unload(self, info: Any) -> None:
+        with self._lock:
+            key = _key(info)
+            model = self._models.pop(key, None)
+            if self._current == key:
+                self._current = None
+            self._publish()
+            if model is not None:
+                model.unload()
+
+    def unload_all(self) -> None:
+        with self._lock:
+            models = list(self._models.values())
+            self._models.clear()
+            self._current = None
+            self._publish()
+            for model in models:
+                model.unload()
