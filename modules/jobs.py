@@ -1,0 +1,488 @@
+"""One FIFO queue for all generation work, plus the progress state the UI and API read.
+
+diffusers pipelines are not re-entrant and one model fills the device, so every entry point
+(UI tabs, API routes, scripts) submits to the same single-worker :class:`JobQueue`.
+:class:`JobState` has the shape of A1111's ``shared.state`` so the progress endpoints and
+extensions that read it see familiar fields.
+
+Interrupt and skip follow A1111: interrupt stops the *running* job after its current step
+(queued jobs still run), skip abandons the current image and moves to the next one.
+"""
+from __future__ import annotations
+
+import collections
+import datetime as _dt
+import logging
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import CancelledError
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Literal, TypeVar
+
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CancelledError", "Job", "JobContext", "JobQueue", "JobState", "JobStatus"]
+
+T = TypeVar("T")
+JobStatus = Literal["queued", "running", "done", "failed", "interrupted", "cancelled"]
+PreviewFn = Callable[[Any], "Image.Image | list[Image.Image] | None"]
+
+
+# --------------------------------------------------------------------------- state
+
+class JobState:
+    """Progress of the job that is running now (A1111's ``shared.state``), thread-safe.
+
+    Written by the worker thread through :class:`JobContext`; read by any thread.
+    ``sampling_step`` counts finished steps of the current image (0..``sampling_steps``);
+    ``job_no`` counts finished images of the current job (0..``job_count``).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self._lock = threading.RLock()
+        self._clock = clock
+        self.job = ""
+        self.job_id: str | None = None
+        self.job_no = 0
+        self.job_count = 0
+        self.job_timestamp = "0"
+        self.sampling_step = 0
+        self.sampling_steps = 0
+        self.interrupted = False
+        self.skipped = False
+        self.stopping_generation = False
+        self.textinfo: str | None = None
+        self.time_start: float | None = None
+        self.current_image: Image.Image | None = None
+        self.current_image_sampling_step = 0
+        self.id_live_preview = 0
+
+    # -- lifecycle ------------------------------------------------------
+    def begin(self, job_name: str = "(unknown)", job_count: int = 1, job_id: str | None = None) -> None:
+        with self._lock:
+            self.job = job_name
+            self.job_id = job_id
+            self.job_no = 0
+            self.job_count = job_count
+            self.job_timestamp = _dt.datetime.now().strftime("%Y%m%d%H%M%S")
+            self.sampling_step = 0
+            self.sampling_steps = 0
+            # A new job never inherits a stop request meant for the previous one.
+            self.interrupted = False
+            self.skipped = False
+            self.stopping_generation = False
+            self.textinfo = None
+            self.time_start = self._clock()
+            self.current_image = None
+            self.current_image_sampling_step = 0
+            self.id_live_preview = 0
+
+    def end(self) -> None:
+        with self._lock:
+            self.job = ""
+            self.job_id = None
+            self.job_no = 0
+            self.job_count = 0
+            self.sampling_step = 0
+            self.sampling_steps = 0
+            self.current_image = None
+            self.current_image_sampling_step = 0
+            self.textinfo = None
+            self.time_start = None
+
+    def nextjob(self) -> None:
+        """One image (or batch) of the job is finished; the skip request, if any, is served."""
+        with self._lock:
+            self.job_no += 1
+            self.sampling_step = 0
+            self.current_image_sampling_step = 0
+            self.skipped = False
+
+    def set_job_count(self, job_count: int) -> None:
+        # Hires fix and scripts learn the real amount of work only after the job started.
+        with self._lock:
+            self.job_count = job_count
+
+    def set_step(self, step: int, total: int) -> None:
+        with self._lock:
+            self.sampling_step = step
+            self.sampling_steps = total
+
+    def set_textinfo(self, text: str | None) -> None:
+        with self._lock:
+            self.textinfo = text
+
+    def set_current_image(self, image: Image.Image | None, step: int | None = None) -> None:
+        with self._lock:
+            self.current_image = image
+            self.current_image_sampling_step = self.sampling_step if step is None else step
+            self.id_live_preview += 1
+
+    # -- requests from the UI/API --------------------------------------
+    def interrupt(self) -> None:
+        with self._lock:
+            self.interrupted = True
+
+    def skip(self) -> None:
+        with self._lock:
+            self.skipped = True
+
+    def stop_generating(self) -> None:
+        """Finish the current image, then stop (A1111's "stop generating" request)."""
+        with self._lock:
+            self.stopping_generation = True
+
+    # -- reading -------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        with self._lock:
+            return bool(self.job)
+
+    def progress(self) -> float:
+        """Fraction of the running job done, across its images and the steps of the current one."""
+        with self._lock:
+            if not self.job or self.job_count <= 0:
+                return 0.0
+            done = float(self.job_no)
+            if self.sampling_steps > 0:
+                done += self.sampling_step / self.sampling_steps
+            return max(0.0, min(1.0, done / self.job_count))
+
+    def eta_relative(self) -> float:
+        """Seconds left, extrapolated from the time taken so far (0 until there is progress)."""
+        with self._lock:
+            progress = self.progress()
+            if progress <= 0.0 or self.time_start is None:
+                return 0.0
+            elapsed = max(0.0, self._clock() - self.time_start)
+            return max(0.0, elapsed / progress - elapsed)
+
+    def current_preview(self) -> tuple[Image.Image | None, int]:
+        """The latest live preview and its id (so a poller can tell whether it changed)."""
+        with self._lock:
+            return self.current_image, self.id_live_preview
+
+    def snapshot(self) -> dict[str, Any]:
+        """A consistent, JSON-ready copy for the ``progress`` API route (image left out)."""
+        with self._lock:
+            return {
+                "progress": self.progress(),
+                "eta_relative": self.eta_relative(),
+                "state": {
+                    "skipped": self.skipped,
+                    "interrupted": self.interrupted,
+                    "stopping_generation": self.stopping_generation,
+                    "job": self.job,
+                    "job_count": self.job_count,
+                    "job_timestamp": self.job_timestamp,
+                    "job_no": self.job_no,
+                    "sampling_step": self.sampling_step,
+                    "sampling_steps": self.sampling_steps,
+                },
+                "textinfo": self.textinfo,
+                "current_task": self.job_id,
+                "id_live_preview": self.id_live_preview,
+            }
+
+
+# --------------------------------------------------------------------------- jobs
+
+class Job(Generic[T]):
+    """A handle on submitted work: its status, and its result once finished."""
+
+    def __init__(self, fn: Callable[["JobContext"], T], *, name: str, job_count: int, job_id: str,
+                 preview_fn: PreviewFn | None, preview_every: int):
+        self.id = job_id
+        self.name = name
+        self.job_count = job_count
+        self.status: JobStatus = "queued"
+        self.submitted_at = time.time()
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.error: BaseException | None = None
+        self._fn = fn
+        self._preview_fn = preview_fn
+        self._preview_every = preview_every
+        self._result: T | None = None
+        self._done = threading.Event()
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} {self.name!r} {self.status}>"
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job finished (any way); False on timeout."""
+        return self._done.wait(timeout)
+
+    def result(self, timeout: float | None = None) -> T:
+        """The job's return value; re-raises its exception, ``CancelledError`` if cancelled."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"job {self.id} ({self.name}) still {self.status} after {timeout}s")
+        if self.status == "cancelled":
+            raise CancelledError(f"job {self.id} ({self.name}) was cancelled")
+        if self.error is not None:
+            raise self.error
+        return self._result  # type: ignore[return-value]
+
+    def _finish(self, status: JobStatus, result: Any = None, error: BaseException | None = None) -> None:
+        self._result = result
+        self.error = error
+        self.status = status
+        self.finished_at = time.time()
+        self._fn = None  # type: ignore[assignment]  # let closures (and their tensors) go
+        self._done.set()
+
+
+@dataclass
+class JobContext:
+    """What a job function gets: the shared state, stop/skip checks and the step callback."""
+
+    job: Job[Any]
+    state: JobState
+    preview_fn: PreviewFn | None = None
+    preview_every: int = 0
+    progress_bar: bool = True
+    _bar: Any = field(default=None, repr=False)
+    _preview_failed: bool = field(default=False, repr=False)
+
+    def should_stop(self) -> bool:
+        """True once Interrupt was pressed: finish the current step and return what is done."""
+        return self.state.interrupted
+
+    def should_skip(self) -> bool:
+        """True once Skip was pressed: abandon the current image, go on with the next."""
+        return self.state.skipped
+
+    def should_stop_generating(self) -> bool:
+        return self.state.stopping_generation
+
+    def set_preview(self, preview_fn: PreviewFn | None, every: int) -> None:
+        """Install the live-preview decoder (it depends on the loaded model) and its period."""
+        self.preview_fn = preview_fn
+        self.preview_every = max(0, int(every))
+        self._preview_failed = False
+
+    def set_job_count(self, job_count: int) -> None:
+        self.state.set_job_count(job_count)
+
+    def nextjob(self) -> None:
+        self._close_bar()
+        self.state.nextjob()
+
+    def step_callback(self, step: int, total: int, latents: Any = None) -> bool:
+        """Record that ``step`` of ``total`` steps of the current image are done (1-based).
+
+        Updates the state and the terminal bar, and every ``preview_every`` steps decodes
+        ``latents`` into ``state.current_image``. Returns True when the sampler should stop
+        now (interrupt or skip), so a diffusers callback can set ``pipe._interrupt``.
+        """
+        self.state.set_step(step, total)
+        self._update_bar(step, total)
+        if (self.preview_fn is not None and latents is not None and self.preview_every > 0
+                and step % self.preview_every == 0 and not self._preview_failed):
+            self._make_preview(latents, step)
+        return self.should_stop() or self.should_skip()
+
+    # -- internals -------------------------------------------------------
+    def _make_preview(self, latents: Any, step: int) -> None:
+        try:
+            out = self.preview_fn(latents)  # type: ignore[misc]
+            if isinstance(out, (list, tuple)):
+                if not out:
+                    return
+                if len(out) == 1:
+                    out = out[0]
+                else:
+                    from modules.images import image_grid  # lazy: jobs stays light to import
+
+                    out = image_grid(list(out))
+            if out is not None:
+                self.state.set_current_image(out, step)
+        except Exception:
+            # A broken preview must never cost the user the image itself.
+            self._preview_failed = True
+            log.exception("live preview failed; previews are off for the rest of job %s", self.job.id)
+
+    def _update_bar(self, step: int, total: int) -> None:
+        if not self.progress_bar:
+            return
+        if self._bar is not None and (self._bar.total != total or step < self._bar.n):
+            self._close_bar()
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, leave=False, desc=self.job.name, unit="it", file=sys.stderr,
+                             dynamic_ncols=True)
+        if step > self._bar.n:
+            self._bar.update(step - self._bar.n)
+        if step >= total:
+            self._close_bar()
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            try:
+                self._bar.close()
+            finally:
+                self._bar = None
+
+
+class JobQueue:
+    """FIFO of jobs run one at a time by a single worker thread.
+
+    Jobs submitted from any thread run in submission order; an exception in one job is stored
+    on that job and the worker carries on with the next.
+    """
+
+    def __init__(self, worker_name: str = "jobs", *, state: JobState | None = None,
+                 progress_bar: bool = True, history: int = 256):
+        self.state = state or JobState()
+        self.progress_bar = progress_bar
+        self._cond = threading.Condition(threading.RLock())
+        self._queue: collections.deque[Job[Any]] = collections.deque()
+        self._running: Job[Any] | None = None
+        self._finished: collections.OrderedDict[str, Job[Any]] = collections.OrderedDict()
+        self._history = history
+        self._closed = False
+        self._worker = threading.Thread(target=self._run, name=worker_name, daemon=True)
+        self._worker.start()
+
+    # -- submitting ------------------------------------------------------
+    def submit(self, fn: Callable[[JobContext], T], *, name: str, job_count: int = 1,
+               job_id: str | None = None, preview_fn: PreviewFn | None = None,
+               preview_every: int = 0) -> Job[T]:
+        """Queue ``fn(ctx)``; ``job_id`` lets a client use its own task id (A1111's ``id_task``)."""
+        job: Job[T] = Job(fn, name=name, job_count=max(1, int(job_count)),
+                          job_id=job_id or uuid.uuid4().hex[:16],
+                          preview_fn=preview_fn, preview_every=preview_every)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the job queue is shut down")
+            self._queue.append(job)
+            self._cond.notify_all()
+        return job
+
+    # -- looking -----------------------------------------------------------
+    def pending(self) -> int:
+        """Jobs waiting to start (the running one not counted)."""
+        with self._cond:
+            return len(self._queue)
+
+    def running(self) -> Job[Any] | None:
+        with self._cond:
+            return self._running
+
+    def queue_position(self, job: Job[Any] | str) -> int | None:
+        """How many jobs run before ``job``: 0 when it is running, None when it is finished."""
+        job_id = job if isinstance(job, str) else job.id
+        with self._cond:
+            if self._running is not None and self._running.id == job_id:
+                return 0
+            ahead = 1 if self._running is not None else 0
+            for i, queued in enumerate(self._queue):
+                if queued.id == job_id:
+                    return ahead + i
+            return None
+
+    def get(self, job_id: str) -> Job[Any] | None:
+        """A queued, running or recently finished job by id."""
+        with self._cond:
+            if self._running is not None and self._running.id == job_id:
+                return self._running
+            for queued in self._queue:
+                if queued.id == job_id:
+                    return queued
+            return self._finished.get(job_id)
+
+    # -- controlling -------------------------------------------------------
+    def cancel(self, job: Job[Any] | str) -> bool:
+        """Take a job out of the queue before it starts; False if it already started."""
+        job_id = job if isinstance(job, str) else job.id
+        with self._cond:
+            for queued in self._queue:
+                if queued.id == job_id:
+                    self._queue.remove(queued)
+                    queued._finish("cancelled")
+                    self._remember(queued)
+                    return True
+            return False
+
+    def interrupt(self, job_id: str | None = None) -> bool:
+        """Interrupt the running job (or, given an id, only that job: cancelled if still queued)."""
+        with self._cond:
+            running = self._running
+            if job_id is not None and (running is None or running.id != job_id):
+                return self.cancel(job_id)
+            if running is None:
+                return False
+            self.state.interrupt()
+            return True
+
+    def skip(self) -> bool:
+        with self._cond:
+            if self._running is None:
+                return False
+            self.state.skip()
+            return True
+
+    def shutdown(self, wait: bool = True, *, cancel_pending: bool = False, interrupt: bool = False,
+                 timeout: float | None = None) -> None:
+        """Stop taking jobs; queued jobs still run unless ``cancel_pending``."""
+        with self._cond:
+            self._closed = True
+            if cancel_pending:
+                while self._queue:
+                    queued = self._queue.popleft()
+                    queued._finish("cancelled")
+                    self._remember(queued)
+            if interrupt and self._running is not None:
+                self.state.interrupt()
+            self._cond.notify_all()
+        if wait and threading.current_thread() is not self._worker:
+            self._worker.join(timeout)
+
+    # -- the worker ----------------------------------------------------------
+    def _remember(self, job: Job[Any]) -> None:
+        self._finished[job.id] = job
+        while len(self._finished) > self._history:
+            self._finished.popitem(last=False)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return  # closed and drained
+                job = self._queue.popleft()
+                self._running = job
+                job.status = "running"
+                job.started_at = time.time()
+                self.state.begin(job.name, job.job_count, job.id)
+            self._execute(job)
+
+    def _execute(self, job: Job[Any]) -> None:
+        ctx = JobContext(job=job, state=self.state, preview_fn=job._preview_fn,
+                         preview_every=job._preview_every, progress_bar=self.progress_bar)
+        status: JobStatus = "done"
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = job._fn(ctx)
+            if self.state.interrupted:
+                status = "interrupted"
+        except BaseException as err:  # the worker must outlive any job, whatever it raises
+            status, error = "failed", err
+            log.error("job %s (%s) failed", job.id, job.name, exc_info=err)
+        finally:
+            ctx._close_bar()
+            with self._cond:
+                self.state.end()
+                self._running = None
+                job._finish(status, result, error)
+                self._remember(job)
