@@ -25,7 +25,7 @@ from modules import cmd_args
 from modules.cmd_args import FlagError
 from modules.options import Options, default_templates
 from modules.paths import AppPaths
-from modules.services import Services
+from modules.services import Services, build_services
 
 log = logging.getLogger("webui")
 
@@ -73,22 +73,31 @@ def open_listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def build_services(parsed: cmd_args.ParsedArgs) -> tuple[Services, list[str]]:
+def prepare(parsed: cmd_args.ParsedArgs) -> tuple[Services, list[str]]:
     opts = parsed.opts
     paths = AppPaths.from_opts(opts)
     paths.ensure_user_dirs()
     options = Options(paths.config_file, default_templates(), frozen=False)
     warnings = options.load()
     object.__setattr__(options, "frozen", bool(opts.freeze_settings))
-    return Services(cmd_opts=opts, paths=paths, options=options), warnings
+    if opts.ckpt and not Path(opts.ckpt).expanduser().is_file():
+        raise StartupError(f"--ckpt: no such file: {opts.ckpt}")
+    return build_services(opts, paths, options), warnings
 
 
 def create_app(services: Services):
-    """The FastAPI app with the UI (and later the API) mounted on it."""
+    """The FastAPI app with the API (--api) and the UI mounted on it."""
     from fastapi import FastAPI
 
     opts = services.cmd_opts
     app = FastAPI(title="Stable Diffusion web UI", docs_url="/docs", redoc_url=None)
+    # --- API + auth (modules/api) ---------------------------------------------------------
+    # Before CORS, so CORS stays the outer middleware, and before the UI mount, which at "/"
+    # would otherwise catch /sdapi/*. Basic auth covers every route except the UI's own.
+    from modules.api import setup_api
+
+    api = setup_api(app, services, gradio_credentials=read_gradio_credentials(opts))
+    # --------------------------------------------------------------------------------------
     if opts.cors_allow_origins or opts.cors_allow_origins_regex:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -106,6 +115,7 @@ def create_app(services: Services):
         ui = build_ui(services)
         ui.blocks.queue(default_concurrency_limit=1)
         credentials = read_gradio_credentials(opts)
+        routes_before_ui = list(app.routes)  # API: to tell the UI's routes apart (see below)
         gr.mount_gradio_app(
             app, ui.blocks, path=opts.subpath or "/",
             auth=credentials or None,
@@ -115,6 +125,8 @@ def create_app(services: Services):
             css=ui.css, js=ui.js, head=ui.head,
             show_error=True, ssr_mode=False, mcp_server=False, pwa=False,
         )
+        # API: the UI has its own login (--gradio-auth); Basic auth leaves its routes alone.
+        api.exempt_ui([r for r in app.routes if not any(r is old for old in routes_before_ui)])
     return app
 
 
@@ -166,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if opts.share:
             print("Note: --share needs Gradio's public tunnel, which this server does not use; use --listen to reach it on your network.", file=sys.stderr)
-        services, warnings = build_services(parsed)
+        services, warnings = prepare(parsed)
         for warning in warnings:
             print(f"Warning: {warning}", file=sys.stderr)
         read_gradio_credentials(opts)  # fail fast on a bad auth file, before binding

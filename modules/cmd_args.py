@@ -129,7 +129,6 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     launch.add_argument("--theme", choices=("light", "dark"), default=None, help="force the UI theme")
     launch.add_argument("--freeze-settings", action="store_true", help="make the Settings tab read-only")
     launch.add_argument("--loglevel", default=None, help="log level: DEBUG, INFO, WARNING, ERROR")
-    launch.add_argument("--demo", action="store_true", help="create a tiny random-weight checkpoint to try the UI without a real model")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -231,6 +231,14 @@ class Options:
                     raise
         return True
 
+    def validate_values(self, values: dict[str, Any]) -> None:
+        """Check values without storing them; raises OptionError naming the first bad one."""
+        for key, value in values.items():
+            info = self.templates.get(key)
+            if info is None:
+                raise OptionError(f"unknown setting {key!r}")
+            _coerce(key, info, value)
+
     def as_dict(self) -> dict[str, Any]:
         """Every registered setting with its current value, plus unknown stored keys."""
         with self._lock:
@@ -296,6 +304,9 @@ def default_templates() -> list[tuple[str, OptionInfo]]:
         ("grid_save", OptionInfo(True, "Always save all generated image grids", section=SAVING)),
         ("grid_format", OptionInfo("png", "File format for grids", choices=("png", "jpg", "jpeg", "webp"), section=SAVING)),
         ("return_grid", OptionInfo(True, "Show grid in gallery", section=SAVING)),
+        ("n_rows", OptionInfo(-1, "Grid row count; -1 for autodetect and 0 for it to be same as batch size", minimum=-1, maximum=16, step=1, section=SAVING)),
+        ("grid_prevent_empty_spots", OptionInfo(False, "Prevent empty spots in grid (when set to autodetect)", section=SAVING)),
+        ("grid_background_color", OptionInfo("#ffffff", "Grid background color", section=SAVING)),
         ("enable_pnginfo", OptionInfo(True, "Save text information about generation parameters as chunks to png files", section=SAVING)),
         ("save_txt", OptionInfo(False, "Create a text file with infotext next to every image", section=SAVING)),
         ("jpeg_quality", OptionInfo(80, "Quality for saved jpeg and webp images", minimum=1, maximum=100, step=1, section=SAVING)),

@@ -6,9 +6,17 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
+from modules.checkpoints import CheckpointRegistry
+from modules.generation import GenerationService
+from modules.hashes import HashCache
+from modules.jobs import JobQueue, JobState
+from modules.model_service import ModelService
 from modules.options import Options
 from modules.paths import AppPaths
+from modules.sd_vae import VaeRegistry
+from modules.styles import StyleDatabase
 
 
 @dataclass
@@ -16,3 +24,38 @@ class Services:
     cmd_opts: argparse.Namespace
     paths: AppPaths
     options: Options
+    models: ModelService
+    generation: GenerationService
+    styles: StyleDatabase
+
+
+def _manager_factory(opts: argparse.Namespace, options: Options):
+    def build():
+        from modules.devices import select_device_policy
+        from modules.model_loader import ModelManager, make_load_fn
+
+        policy = select_device_policy(use_cpu=opts.use_cpu, device_id=opts.device_id, no_half=opts.no_half,
+                                      no_half_vae=opts.no_half_vae, precision=opts.precision)
+        manager = ModelManager(make_load_fn(policy), limit=options.sd_checkpoints_limit)
+        options.onchange("sd_checkpoints_limit", lambda: manager.set_limit(options.sd_checkpoints_limit), call=False)
+        return manager
+    return build
+
+
+def build_services(opts: argparse.Namespace, paths: AppPaths, options: Options) -> Services:
+    hash_cache = HashCache(paths.cache_file)  # one object: both registries write the same cache.json
+    extra = [Path(opts.ckpt).expanduser().resolve()] if opts.ckpt else []
+    registry = CheckpointRegistry(paths.ckpt_dir, extra_files=extra, hash_cache=hash_cache, hashing=not opts.no_hashing)
+    registry.refresh()
+    vaes = VaeRegistry(paths.vae_dir, paths.ckpt_dir, hash_cache=hash_cache)
+    vaes.refresh()
+    models = ModelService(registry=registry, vaes=vaes, options=options,
+                          manager_factory=_manager_factory(opts, options),
+                          preferred=extra[0] if extra else None,
+                          vae_override=Path(opts.vae_path).expanduser().resolve() if opts.vae_path else None)
+    options.templates["sd_model_checkpoint"].choices = models.titles
+    options.templates["sd_vae"].choices = models.vae_choices
+    generation = GenerationService(models=models, options=options, paths=paths, queue=JobQueue(state=JobState()))
+    styles = StyleDatabase(paths.styles_files)
+    return Services(cmd_opts=opts, paths=paths, options=options, models=models, generation=generation,
+                    styles=styles)

@@ -26,3 +26,37 @@ def test_settings_apply_persists_to_config_json(server, page):
     page.locator("#settings_result").get_by_text("1 settings changed: save_txt.").wait_for(timeout=30000)
     saved = json.loads((server.data_dir / "config.json").read_text())
     assert saved["save_txt"] is True
+
+
+@pytest.fixture(scope="module")
+def model_server(tmp_path_factory):
+    from conftest import start_server
+    from tiny_models import make_checkpoint
+
+    data_dir = tmp_path_factory.mktemp("browser-model")
+    make_checkpoint(data_dir / "models" / "Stable-diffusion" / "tiny-sd1.safetensors", "sd1")
+    srv = start_server(data_dir)
+    yield srv
+    srv.stop()
+
+
+def test_txt2img_generates_an_image_into_the_gallery(model_server, page, tmp_path):
+    page.goto(model_server.url + "/")
+    page.locator("#txt2img_prompt textarea").wait_for(timeout=30000)
+    assert "tiny-sd1.safetensors" in page.locator("#setting_sd_model_checkpoint").inner_text(timeout=10000) + \
+        page.locator("#setting_sd_model_checkpoint input").input_value()
+    page.locator("#txt2img_prompt textarea").fill("a photo of a cat")
+    # Small and fast: 64x64, 2 steps.
+    for elem_id, value in (("txt2img_width", "64"), ("txt2img_height", "64"), ("txt2img_steps", "2"),
+                           ("txt2img_seed", "777")):
+        box = page.locator(f"#{elem_id} input[type=number]")
+        box.fill(value)
+        box.press("Tab")
+    page.locator("#txt2img_prompt textarea").press("Control+Enter")
+    page.locator("#txt2img_gallery img").first.wait_for(timeout=120000)
+    page.locator("#txt2img_infotext").get_by_text("Seed: 777", exact=False).wait_for(timeout=120000)
+    text = page.locator("#txt2img_infotext").inner_text()
+    assert "a photo of a cat" in text and "Steps: 2" in text and "Size: 64x64" in text
+    page.screenshot(path=str(tmp_path / "txt2img.png"), full_page=True)
+    saved = list((model_server.data_dir / "outputs" / "txt2img-images").rglob("*-777.png"))
+    assert len(saved) == 1

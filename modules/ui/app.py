@@ -6,7 +6,24 @@ from dataclasses import dataclass
 import gradio as gr
 
 from modules.services import Services
+from modules.ui import paste
+from modules.ui.img2img_tab import INPAINT_MODES, MODES, Img2ImgUi, build_img2img_tab
+from modules.ui.pnginfo_tab import PngInfoUi, build_pnginfo_tab
+from modules.ui.quicksettings import build_quicksettings
 from modules.ui.settings_tab import build_settings_tab
+from modules.ui.styles_ui import connect_styles
+from modules.ui.txt2img_tab import Txt2ImgUi, build_txt2img_tab
+
+# Ctrl+Enter generates in the visible tab, as in A1111.
+JS = """
+() => {
+  document.addEventListener('keydown', (e) => {
+    if (!(e.key === 'Enter' && (e.ctrlKey || e.metaKey))) return;
+    const buttons = [...document.querySelectorAll('button[id$="_generate"]')].filter(b => b.offsetParent !== null);
+    if (buttons.length) { e.preventDefault(); buttons[0].click(); }
+  });
+}
+"""
 
 CSS = """
 #quicksettings { gap: 0.5em; align-items: end; }
@@ -33,9 +50,83 @@ def _theme_head(theme: str | None) -> str | None:
     )
 
 
+def _find(blocks: gr.Blocks, elem_id: str):
+    return next((b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == elem_id), None)
+
+
 def build_ui(services: Services) -> UiBundle:
     with gr.Blocks(title="Stable Diffusion", analytics_enabled=False) as blocks:
-        with gr.Tabs(elem_id="tabs"):
+        build_quicksettings(services)
+        with gr.Tabs(elem_id="tabs") as tabs:
+            with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img"):
+                txt2img = build_txt2img_tab(services)
+            with gr.Tab("img2img", id="img2img", elem_id="tab_img2img"):
+                img2img = build_img2img_tab(services)
+            with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
+                pnginfo = build_pnginfo_tab(services)
             with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
                 build_settings_tab(services)
-    return UiBundle(blocks=blocks, css=CSS, js=None, head=_theme_head(services.cmd_opts.theme))
+        connect_styles([txt2img.styles, img2img.styles], services)
+        ctx = paste.PasteContext(services=services, top_tabs=tabs,
+                                 checkpoint=_find(blocks, "setting_sd_model_checkpoint"),
+                                 pending_checkpoint=gr.State(None))
+        _connect_paste(ctx, txt2img, img2img, pnginfo)
+    return UiBundle(blocks=blocks, css=CSS, js=JS, head=_theme_head(services.cmd_opts.theme))
+
+
+def _gallery_image(gallery: list | None, index: int | None, info: dict | None):
+    """(infotext, PIL image) of the selected gallery image, or the first non-grid one."""
+    from PIL import Image
+
+    if not gallery:
+        return None, None
+    first = int((info or {}).get("index_of_first_image") or 0)
+    i = index if index is not None and 0 <= index < len(gallery) else min(first, len(gallery) - 1)
+    item = gallery[i][0] if isinstance(gallery[i], (list, tuple)) else gallery[i]
+    image = Image.open(item) if isinstance(item, str) else item
+    infotexts = (info or {}).get("infotexts") or []
+    text = infotexts[i] if i < len(infotexts) else None
+    if text is None and image is not None:
+        text = image.info.get("parameters")
+    return text, image
+
+
+def _connect_paste(ctx: paste.PasteContext, txt2img: Txt2ImgUi, img2img: Img2ImgUi, pnginfo: PngInfoUi) -> None:
+    """↙ in both tabs, PNG Info's three send buttons, txt2img's send to img2img / inpaint."""
+    controls = (txt2img.controls, img2img.controls)
+    for ui, tab, ctl in ((txt2img, "txt2img", controls[0]), (img2img, "img2img", controls[1])):
+        paste.connect_paste_button(ctx, tab=tab, button=ui.paste_button, prompt=ctl.prompt,
+                                   generation_info=ui.generation_info, targets=ui.paste_targets,
+                                   override_settings=ui.override_settings)
+
+    def to_mode(mode: int, component):
+        outputs = [img2img.tabs, img2img.mode, img2img.inpaint_controls, component]
+
+        def value(image):
+            if image is None:
+                picture = gr.update()
+            elif mode == 2:
+                picture = {"background": image, "layers": [], "composite": image}
+            else:
+                picture = image
+            return [gr.Tabs(selected=MODES[mode]), mode, gr.update(visible=mode in INPAINT_MODES), picture]
+        return outputs, value
+
+    paste.connect_send(ctx, button=pnginfo.send_to_txt2img, tab="txt2img", top_tab_id="txt2img",
+                       targets=txt2img.paste_targets, override_settings=txt2img.override_settings,
+                       read=lambda text: (text, None), inputs=[pnginfo.generation_info])
+    for button, mode, component in ((pnginfo.send_to_img2img, 0, img2img.init_img),
+                                    (pnginfo.send_to_inpaint, 2, img2img.inpaint)):
+        outputs, value = to_mode(mode, component)
+        paste.connect_send(ctx, button=button, tab="img2img", top_tab_id="img2img",
+                           targets=img2img.paste_targets, override_settings=img2img.override_settings,
+                           read=lambda text, image: (text, image), inputs=[pnginfo.generation_info, pnginfo.image],
+                           image_outputs=outputs, image_value=value)
+    for button, mode, component in ((txt2img.send_to_img2img, 0, img2img.init_img),
+                                    (txt2img.send_to_inpaint, 2, img2img.inpaint)):
+        outputs, value = to_mode(mode, component)
+        paste.connect_send(ctx, button=button, tab="img2img", top_tab_id="img2img",
+                           targets=img2img.paste_targets, override_settings=img2img.override_settings,
+                           read=_gallery_image,
+                           inputs=[txt2img.gallery, txt2img.gallery_index, txt2img.generation_info],
+                           image_outputs=outputs, image_value=value)

@@ -25,7 +25,9 @@ def component_for_option(key: str, info: OptionInfo, value: Any, *, interactive:
     if kind in ("dropdown", "multiselect"):
         choices = info.current_choices() or []
         multiselect = kind == "multiselect"
-        if not multiselect and value not in choices and value not in (None, ""):
+        if not multiselect and value in (None, ""):
+            value = None  # "nothing chosen": an empty string is not a valid choice for Gradio
+        elif not multiselect and value not in choices:
             choices = [value, *choices]
         return gr.Dropdown(choices=choices, value=value, multiselect=multiselect,
                            allow_custom_value=info.choices is None, **common)

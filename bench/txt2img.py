@@ -1,0 +1,106 @@
+"""txt2img speed: our processing path vs a raw diffusers StableDiffusionPipeline, same checkpoint,
+sampler (Euler), steps, CFG and seed, in one run.
+
+    venv/bin/python bench/txt2img.py [--size tiny|full] [--res 256] [--steps 4 8]
+
+Seconds per step come from the difference between two step counts, so model loading, text
+encoding and VAE decoding cancel out; end-to-end time is reported for the larger count.
+Prints the ratios (target: <= 1.03x per step); asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+from common import ROOT, Timer, make_sd1_checkpoint
+
+PROMPT = "a photograph of an astronaut riding a horse"
+
+
+def ours_runner(ckpt: Path, data_dir: Path, res: int, device_args: list[str]):
+    from modules.cmd_args import parse_args
+    from modules.options import Options, default_templates
+    from modules.paths import AppPaths
+    from modules.processing import Txt2ImgParams
+    from modules.services import build_services
+
+    opts = parse_args(["--data-dir", str(data_dir), "--ckpt", str(ckpt), *device_args], env={}).opts
+    paths = AppPaths.from_opts(opts)
+    paths.ensure_user_dirs()
+    options = Options(paths.config_file, default_templates())
+    options.set("samples_save", False)
+    options.set("live_previews_enable", False)
+    services = build_services(opts, paths, options)
+
+    def run(steps: int):
+        return services.generation.txt2img(Txt2ImgParams(prompt=PROMPT, steps=steps, width=res, height=res,
+                                                         seed=1, sampler_name="Euler", cfg_scale=7.0))
+    return run
+
+
+def raw_runner(ckpt: Path, config_dir: Path, res: int, device: str, dtype):
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    from modules.sd_configs import load_tokenizers
+
+    pipe = StableDiffusionPipeline.from_single_file(str(ckpt), config=str(config_dir), local_files_only=True,
+                                                    safety_checker=None, requires_safety_checker=False,
+                                                    torch_dtype=dtype, **load_tokenizers("sd1"))
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(steps: int):
+        return pipe(PROMPT, num_inference_steps=steps, guidance_scale=7.0, height=res, width=res,
+                    generator=torch.Generator("cpu").manual_seed(1))
+    return run
+
+
+def measure(run, steps: tuple[int, int], repeats: int) -> tuple[float, float]:
+    run(1)  # warm-up: first calls allocate and pick kernels
+    times = {}
+    for n in steps:
+        samples = []
+        for _ in range(repeats):
+            with Timer() as t:
+                run(n)
+            samples.append(t.seconds)
+        times[n] = statistics.median(samples)
+    lo, hi = steps
+    return (times[hi] - times[lo]) / (hi - lo), times[hi]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size", choices=("tiny", "full"), default="tiny")
+    parser.add_argument("--res", type=int, default=None, help="pixels (default: 64 tiny, 256 full)")
+    parser.add_argument("--steps", type=int, nargs=2, default=(4, 8))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", default=None)
+    args = parser.parse_args()
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
+    res = args.res or (64 if args.size == "tiny" else 256)
+    workdir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp())
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = make_sd1_checkpoint(workdir, args.size)
+    config_dir = ckpt.with_name(ckpt.stem + ".tiny-config") if args.size == "tiny" else ROOT / "configs/diffusers/sd1"
+    raw_step, raw_total = measure(raw_runner(ckpt, config_dir, res, device, dtype), tuple(args.steps), args.repeats)
+    ours_step, ours_total = measure(ours_runner(ckpt, workdir / "data", res, []), tuple(args.steps), args.repeats)
+    hi = args.steps[1]
+    print(f"{args.size} SD1 at {res}x{res}, Euler, CFG 7, {device} {str(dtype).replace('torch.', '')}, "
+          f"median of {args.repeats}:")
+    print(f"  per step : ours {ours_step * 1000:.1f} ms, raw diffusers {raw_step * 1000:.1f} ms, "
+          f"ratio {ours_step / raw_step:.3f}x (target <= 1.03x)")
+    print(f"  {hi} steps end to end: ours {ours_total:.2f}s, raw {raw_total:.2f}s, ratio {ours_total / raw_total:.3f}x")
+    if cuda:
+        print(f"  it/s: ours {1 / ours_step:.2f}, raw {1 / raw_step:.2f}")
+
+
+if __name__ == "__main__":
+    main()

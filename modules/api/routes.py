@@ -1,0 +1,762 @@
+"""/sdapi/v1: A1111's API over the services. Converts requests to typed params and back; no model code.
+
+Every job (generation, model switches, extras) goes through the one job queue the UI uses, so
+API and UI requests are served in submission order. Handlers that wait for a job are async
+and poll the job instead of parking a worker thread per waiting request.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import html
+import io
+import json
+import logging
+import os
+import sys
+from concurrent.futures import CancelledError
+from typing import Any, Callable
+
+from fastapi import APIRouter, Body, FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from modules import images as images_mod
+from modules import samplers
+from modules.api import models as m
+from modules.model_service import NoCheckpointError, UnknownCheckpointError
+from modules.options import OptionError
+from modules.processing import (IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, HiresParams, Img2ImgParams, ProcessingError,
+                                Txt2ImgParams)
+from modules.sd_vae import UnknownVaeError
+from modules.styles import apply_styles_to_params
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/sdapi/v1"
+USE_SAME = ("", "Use same sampler", "Use same scheduler", "Use same checkpoint", "None")
+
+# Infotext label -> (request field, type): what A1111's API takes from `infotext` (its paste fields);
+# a field the request model lacks (hires fields on img2img, mask blur on txt2img) is skipped.
+INFOTEXT_FIELDS: dict[str, tuple[str, type]] = {
+    "Prompt": ("prompt", str),
+    "Negative prompt": ("negative_prompt", str),
+    "Steps": ("steps", int),
+    "Sampler": ("sampler_name", str),
+    "Schedule type": ("scheduler", str),
+    "CFG scale": ("cfg_scale", float),
+    "Seed": ("seed", int),
+    "Size-1": ("width", int),
+    "Size-2": ("height", int),
+    "Batch size": ("batch_size", int),
+    "Variation seed": ("subseed", int),
+    "Variation seed strength": ("subseed_strength", float),
+    "Seed resize from-1": ("seed_resize_from_w", int),
+    "Seed resize from-2": ("seed_resize_from_h", int),
+    "Denoising strength": ("denoising_strength", float),
+    "Mask blur": ("mask_blur", int),
+    "Tiling": ("tiling", bool),
+    "Hires upscale": ("hr_scale", float),
+    "Hires upscaler": ("hr_upscaler", str),
+    "Hires steps": ("hr_second_pass_steps", int),
+    "Hires resize-1": ("hr_resize_x", int),
+    "Hires resize-2": ("hr_resize_y", int),
+    "Hires sampler": ("hr_sampler_name", str),
+    "Hires schedule type": ("hr_scheduler", str),
+    "Hires prompt": ("hr_prompt", str),
+    "Hires negative prompt": ("hr_negative_prompt", str),
+}
+
+
+# --------------------------------------------------------------------------- errors
+
+def error_body(kind: str, detail: Any, body: Any = "", errors: Any = "") -> dict[str, Any]:
+    return {"error": kind, "detail": detail, "body": body, "errors": errors}
+
+
+def _short(value: Any, limit: int = 1000) -> str:
+    """Request bodies can hold megabytes of base64; echo only the start."""
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else (
+        value.decode("utf-8", "replace") if isinstance(value, bytes) else json.dumps(jsonable_encoder(value), default=str))
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+# Bad input raised by the layers below, and the status A1111 answers it with.
+ERROR_STATUS: list[tuple[type[BaseException], int]] = [
+    (samplers.UnknownSamplerError, 404),   # A1111: "Sampler not found" is a 404
+    (UnknownCheckpointError, 404),
+    (samplers.SamplerError, 422),
+    (ProcessingError, 422),
+    (OptionError, 422),
+    (UnknownVaeError, 422),
+    (NoCheckpointError, 503),              # nothing to load: the server is not ready to generate
+    (CancelledError, 409),
+]
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """A1111's error shape for every error of the app: {"error", "detail", "body", "errors"}."""
+
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(type(exc).__name__, exc.detail, "", str(exc)),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                    for e in exc.errors()]
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in problems) or "invalid request"
+        return JSONResponse(error_body("RequestValidationError", detail, _short(getattr(exc, "body", None)),
+                                       json.dumps(problems, default=str)), status_code=422)
+
+    def domain_error(status: int) -> Callable[..., Any]:
+        async def handler(request: Request, exc: Exception) -> JSONResponse:
+            text = str(exc)
+            return JSONResponse(error_body(type(exc).__name__, text, "", text), status_code=status)
+        return handler
+
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("API error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(error_body(type(exc).__name__, str(exc) or type(exc).__name__, "", str(exc)),
+                            status_code=500)
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    for cls, status in ERROR_STATUS:
+        app.add_exception_handler(cls, domain_error(status))
+    app.add_exception_handler(Exception, server_error)
+
+
+def bad_request(detail: str, status: int = 422) -> HTTPException:
+    return HTTPException(status_code=status, detail=detail)
+
+
+# --------------------------------------------------------------------------- images
+
+def decode_base64_to_image(encoding: str, *, field: str = "image") -> Image.Image:
+    """Base64 (optionally a data: URI) -> a loaded PIL image; 422 naming the field otherwise."""
+    text = (encoding or "").strip()
+    if text.startswith(("http://", "https://")):
+        # A1111 can fetch URLs; a server that fetches what clients name is an SSRF risk, and ours is offline.
+        raise bad_request(f"{field}: image URLs are not fetched; send the image as base64")
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    if not text:
+        raise bad_request(f"{field}: no image data")
+    try:
+        data = base64.b64decode(text)
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (binascii.Error, ValueError, OSError, Image.DecompressionBombError, SyntaxError) as err:
+        raise bad_request(f"{field}: invalid encoded image ({err})") from None
+    return image
+
+
+def encode_pil_to_base64(image: Image.Image, options: Any) -> str:
+    """A1111's rule: the `samples_format` setting, with the infotext in the PNG chunks / EXIF."""
+    fmt_name = (options.samples_format or "png").lower()
+    fmt = images_mod._pil_format(fmt_name)  # noqa: SLF001 - the one encoder the saver uses too
+    info = image.info or {}
+    if fmt == "PNG":
+        chunks = {k: v for k, v in info.items() if isinstance(k, str) and isinstance(v, str)}
+        data = images_mod._encode(image, "PNG", chunks, None, embed=True,  # noqa: SLF001
+                                  jpeg_quality=options.jpeg_quality, webp_lossless=options.webp_lossless)
+    else:
+        parameters = info.get("parameters")
+        data = images_mod._encode(image, fmt, {}, parameters if isinstance(parameters, str) else None,  # noqa: SLF001
+                                  embed=True, jpeg_quality=options.jpeg_quality, webp_lossless=options.webp_lossless)
+    return base64.b64encode(data).decode("ascii")
+
+
+def encode_png_base64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _json_safe_items(info: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in (info or {}).items():
+        if isinstance(value, (str, int, float, bool)) or value is None:
+            out[str(key)] = value
+        elif isinstance(value, tuple) and all(isinstance(v, (int, float, str)) for v in value):
+            out[str(key)] = list(value)
+    return out
+
+
+# --------------------------------------------------------------------------- extras (PIL only)
+
+def _resize(image: Image.Image, upscaler: str, scale: float, round_to_8: bool) -> Image.Image:
+    """A1111's upscaler contract for the non-model upscalers: scale, then snap to the target size."""
+    resample = Image.Resampling.NEAREST if upscaler == "Nearest" else Image.Resampling.LANCZOS
+    target = (int(image.width * scale), int(image.height * scale))
+    if round_to_8:
+        target = (max(8, target[0] // 8 * 8), max(8, target[1] // 8 * 8))
+    out = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))), resample)
+    if out.size != target:
+        out = out.resize(target, Image.Resampling.LANCZOS)
+    return out
+
+
+def postprocess_image(image: Image.Image, req: m.ExtrasBaseRequest) -> tuple[Image.Image, dict[str, Any]]:
+    """Extras on one image with the built-in upscalers; returns the image and its info fields."""
+    for name in (req.upscaler_1, req.upscaler_2):
+        if name not in IMAGE_UPSCALERS:
+            raise bad_request(f"upscaler {name!r} not found; available: {', '.join(IMAGE_UPSCALERS)}", 404)
+    existing = {k: v for k, v in (image.info or {}).items() if isinstance(k, str) and isinstance(v, str)}
+    image = image.convert("RGB")
+    info: dict[str, Any] = {}
+    if req.upscaler_1 != "None":
+        if req.resize_mode == 1:
+            w, h = req.upscaling_resize_w, req.upscaling_resize_h
+            scale = max(w / image.width, h / image.height)
+            info["Postprocess upscale to"] = f"{w}x{h}"
+        else:
+            scale = req.upscaling_resize
+            info["Postprocess upscale by"] = scale
+        first = _resize(image, req.upscaler_1, scale, round_to_8=req.resize_mode != 1)
+        info["Postprocess upscaler"] = req.upscaler_1
+        if req.upscaler_2 != "None" and req.extras_upscaler_2_visibility > 0:
+            second = _resize(image, req.upscaler_2, scale, round_to_8=req.resize_mode != 1)
+            if second.size != first.size:
+                second = second.resize(first.size, Image.Resampling.LANCZOS)
+            first = Image.blend(first, second, req.extras_upscaler_2_visibility)
+            info["Postprocess upscaler 2"] = req.upscaler_2
+        if req.resize_mode == 1 and req.upscaling_crop:
+            cropped = Image.new("RGB", (w, h))
+            cropped.paste(first, box=(w // 2 - first.width // 2, h // 2 - first.height // 2))
+            first = cropped
+            info["Postprocess crop to"] = f"{w}x{h}"
+        image = first
+    if info:
+        image.info = {**existing, "postprocessing": _info_text(info)}
+    else:
+        image.info = existing
+    return image, info
+
+
+def _info_text(info: dict[str, Any]) -> str:
+    return ", ".join(f"{k}: {v:g}" if isinstance(v, float) else f"{k}: {v}" for k, v in info.items())
+
+
+def _html_info(info: dict[str, Any]) -> str:
+    text = _info_text(info)
+    return "<p>" + "<br>\n".join(html.escape(line) for line in text.split("\n")) + "</p>" if text else ""
+
+
+# --------------------------------------------------------------------------- request -> params
+
+def _convert(value: Any, kind: type) -> Any:
+    if value is None:
+        return None
+    if kind is bool:
+        return value if isinstance(value, bool) else str(value).strip().lower() == "true"
+    if kind is int:
+        return int(float(value))
+    if kind is float:
+        return float(value)
+    return str(value)
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def apply_infotext(req: m._ProcessingBase, options: Any) -> None:
+    """A1111's `infotext` field: its values fill every field the request did not set."""
+    if not req.infotext:
+        return
+    from modules.infotext import parse_infotext
+
+    try:
+        parsed = dict(parse_infotext(req.infotext) or {})
+    except Exception as err:  # noqa: BLE001 - any parser failure is the client's text, not our fault
+        raise bad_request(f"infotext could not be parsed: {err}") from None
+    size = parsed.get("Size")
+    if "Size-1" not in parsed and isinstance(size, str) and "x" in size:
+        parsed["Size-1"], _, parsed["Size-2"] = size.partition("x")
+    explicit = set(req.model_fields_set)
+    for label, (name, kind) in INFOTEXT_FIELDS.items():
+        if name in explicit or label not in parsed or name not in type(req).model_fields:
+            continue
+        try:
+            value = _convert(parsed[label], kind)
+        except (TypeError, ValueError):
+            log.warning("infotext: ignoring %s=%r (not a %s)", label, parsed[label], kind.__name__)
+            continue
+        if value is not None and value != "":
+            setattr(req, name, value)
+    if ("enable_hr" not in explicit and hasattr(req, "enable_hr") and "Denoising strength" in parsed
+            and any(k in parsed for k in ("Hires upscale", "Hires upscaler", "Hires resize-1"))):
+        req.enable_hr = True
+    # Settings recorded in the infotext (Clip skip, ENSD, RNG) become overrides for this request.
+    overrides = dict(req.override_settings or {})
+    for key, info in options.templates.items():
+        label = info.infotext
+        if not label or label not in parsed or key in overrides:
+            continue
+        try:
+            value = _convert(parsed[label], type(info.default) if info.default is not None else str)
+        except (TypeError, ValueError):
+            continue
+        if value != options.get(key):
+            overrides[key] = value
+    req.override_settings = overrides
+
+
+def fill_null_defaults(req: Any) -> None:
+    """A1111 makes every field Optional; an explicit null means the field's default here (and in the echo)."""
+    for name, field in type(req).model_fields.items():
+        if getattr(req, name) is None and not field.is_required():
+            default = field.get_default(call_default_factory=True)
+            if default is not None:
+                setattr(req, name, default)
+
+
+def check_scripts(req: m._ProcessingBase) -> None:
+    # No scripts exist yet: name what was asked for, as A1111 does for an unknown script.
+    if req.script_name:
+        raise bad_request(f"Script '{req.script_name}' not found")
+    for name in (req.alwayson_scripts or {}):
+        raise bad_request(f"always on script {name} not found")
+
+
+def _common_params(req: m._ProcessingBase) -> dict[str, Any]:
+    """The fields txt2img and img2img share, with A1111's API defaults for null fields."""
+    if req.refiner_checkpoint not in (None, "", "None"):
+        raise ProcessingError("refiner_checkpoint: a refiner model is not supported")
+    choice = samplers.resolve_sampler(req.sampler_name or req.sampler_index or "Euler", req.scheduler or None)
+    save = bool(req.save_images)
+    return dict(
+        prompt=req.prompt or "",
+        negative_prompt=req.negative_prompt or "",
+        steps=_or(req.steps, 50),
+        sampler_name=choice.name,
+        scheduler=choice.schedule,
+        cfg_scale=_or(req.cfg_scale, 7.0),
+        width=_or(req.width, 512),
+        height=_or(req.height, 512),
+        batch_size=_or(req.batch_size, 1),
+        n_iter=_or(req.n_iter, 1),
+        seed=_or(req.seed, -1),
+        subseed=_or(req.subseed, -1),
+        subseed_strength=_or(req.subseed_strength, 0.0),
+        seed_resize_from_w=max(0, _or(req.seed_resize_from_w, 0)),
+        seed_resize_from_h=max(0, _or(req.seed_resize_from_h, 0)),
+        tiling=bool(req.tiling),
+        # A1111's API saves samples and grid only when asked (save_images), whatever do_not_save_* say.
+        save_images=save,
+        do_not_save_grid=not save,
+    )
+
+
+def txt2img_params(req: m.StableDiffusionProcessingTxt2Img) -> Txt2ImgParams:
+    if req.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
+        raise ProcessingError("hr_checkpoint_name: a different hires checkpoint is not supported")
+    hr_sampler = req.hr_sampler_name if req.hr_sampler_name not in (None, *USE_SAME) else ""
+    hr_scheduler = req.hr_scheduler if req.hr_scheduler not in (None, *USE_SAME) else ""
+    return Txt2ImgParams(
+        **_common_params(req),
+        hires=HiresParams(
+            enabled=bool(req.enable_hr),
+            upscaler=req.hr_upscaler or "Latent",
+            scale=_or(req.hr_scale, 2.0),
+            resize_x=_or(req.hr_resize_x, 0),
+            resize_y=_or(req.hr_resize_y, 0),
+            steps=_or(req.hr_second_pass_steps, 0),
+            denoising_strength=_or(req.denoising_strength, 0.75),
+            sampler_name=hr_sampler,
+            scheduler=hr_scheduler,
+            prompt=req.hr_prompt or "",
+            negative_prompt=req.hr_negative_prompt or "",
+        ),
+    )
+
+
+def img2img_params(req: m.StableDiffusionProcessingImg2Img, init_images: list[Image.Image],
+                   mask: Image.Image | None) -> Img2ImgParams:
+    # A1111's API defaults differ from its UI's: fill 0 ("fill") and "only masked" on.
+    blur = req.mask_blur if req.mask_blur is not None else _or(req.mask_blur_x, 4)
+    return Img2ImgParams(
+        **_common_params(req),
+        init_images=init_images,
+        mask=mask,
+        resize_mode=_or(req.resize_mode, 0),
+        denoising_strength=_or(req.denoising_strength, 0.75),
+        mask_blur=blur,
+        inpainting_mask_invert=bool(req.inpainting_mask_invert),
+        inpainting_fill=_or(req.inpainting_fill, 0),
+        inpaint_full_res=bool(_or(req.inpaint_full_res, True)),
+        inpaint_full_res_padding=_or(req.inpaint_full_res_padding, 0),
+    )
+
+
+async def wait_for(job: Any) -> Any:
+    """The job's result, without holding a thread while it waits in the queue."""
+    delay = 0.01
+    while not job.done():
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, 0.1)
+    return job.result(timeout=0)
+
+
+# --------------------------------------------------------------------------- routes
+
+class Api:
+    """The /sdapi/v1 routes over one Services object."""
+
+    def __init__(self, app: FastAPI, services: Any):
+        self.services = services
+        self.options = services.options
+        self.models = services.models
+        self.generation = services.generation
+        self.router = APIRouter(prefix=API_PREFIX, tags=["sdapi"],
+                                responses={422: {"model": m.ErrorResponse}, 500: {"model": m.ErrorResponse}})
+        self.OptionsModel = m.make_options_model(self.options)
+        self.FlagsModel = m.make_flags_model(services.cmd_opts)
+        self._add_routes()
+        app.include_router(self.router)
+
+    # -- helpers -----------------------------------------------------------------------
+    def _selected_title(self) -> str | None:
+        try:
+            return self.models.selected_info().title
+        except NoCheckpointError:
+            return None
+
+    def _checked_vae(self, value: Any, key: str) -> None:
+        name = str(value or "")
+        if name in ("", "Automatic", "None") or self.models.vaes.find(name) is not None:
+            return
+        raise bad_request(f"{key}: VAE {name!r} not found; choices: {', '.join(self.models.vae_choices())}")
+
+    def override_settings(self, raw: dict[str, Any] | None) -> dict[str, Any]:
+        """Per-request settings: unknown and API-restricted keys are skipped (logged), values checked."""
+        out: dict[str, Any] = {}
+        for key, value in (raw or {}).items():
+            info = self.options.templates.get(key)
+            if info is None:
+                log.warning("override_settings: unknown setting %r ignored", key)
+                continue
+            if info.restrict_api:
+                log.warning("override_settings: %r cannot be changed through the API; ignored", key)
+                continue
+            if key == "sd_model_checkpoint":
+                found = self.models.registry.get_closest(str(value or ""))
+                if found is None:
+                    raise bad_request(f"override_settings: sd_model_checkpoint {value!r} not found; "
+                                      f"known: {', '.join(self.models.titles()) or 'none'}")
+                value = found.title
+            elif key == "sd_vae":
+                self._checked_vae(value, "override_settings.sd_vae")
+            out[key] = value
+        self.options.validate_values(out)
+        return out
+
+    def _prepare(self, request: Any) -> Any:
+        """A working copy of the request: nulls -> defaults, `infotext` applied, scripts checked."""
+        req = request.model_copy(deep=True)
+        fill_null_defaults(req)
+        apply_infotext(req, self.options)
+        check_scripts(req)
+        return req
+
+    async def _generate(self, req: Any, params: Any) -> tuple[list[str], str]:
+        """Queue one generation job, wait for it; (base64 images or [], info JSON string)."""
+        apply_styles_to_params(params, getattr(self.services, "styles", None), req.styles)
+        overrides = self.override_settings(req.override_settings)
+        restore = True if req.override_settings_restore_afterwards is None else bool(req.override_settings_restore_afterwards)
+        for name in ("restore_faces", "eta", "s_churn", "s_tmax", "s_tmin", "s_noise", "s_min_uncond",
+                     "firstpass_image", "image_cfg_scale", "initial_noise_multiplier"):
+            if getattr(req, name, None) not in (None, False):
+                log.info("%s: %s is not supported and was ignored", params.kind, name)
+        job = self.generation.submit(params, override_settings=overrides, restore_settings=restore,
+                                     job_id=req.force_task_id or None)
+        processed = await wait_for(job)
+        images: list[str] = []
+        if _or(req.send_images, True):
+            images = await run_in_threadpool(lambda: [encode_pil_to_base64(i, self.options) for i in processed.images])
+        return images, json.dumps(processed.js(), default=str)
+
+    # -- routes ------------------------------------------------------------------------
+    def _add_routes(self) -> None:  # noqa: C901 - a flat list of small routes reads best here
+        r = self.router
+        options, models, gen = self.options, self.models, self.generation
+
+        @r.post("/txt2img", response_model=m.TextToImageResponse)
+        async def text2imgapi(txt2imgreq: m.StableDiffusionProcessingTxt2Img) -> m.TextToImageResponse:
+            req = self._prepare(txt2imgreq)
+            images, info = await self._generate(req, txt2img_params(req))
+            return m.TextToImageResponse(images=images, parameters=req.model_dump(), info=info)
+
+        @r.post("/img2img", response_model=m.ImageToImageResponse, responses={404: {"model": m.ErrorResponse}})
+        async def img2imgapi(img2imgreq: m.StableDiffusionProcessingImg2Img) -> m.ImageToImageResponse:
+            if not img2imgreq.init_images:
+                raise bad_request("Init image not found", 404)  # A1111's answer
+            req = self._prepare(img2imgreq)
+
+            def decode_all() -> tuple[list[Image.Image], Image.Image | None]:
+                inits = [decode_base64_to_image(data, field=f"init_images[{i}]")
+                         for i, data in enumerate(req.init_images)]
+                return inits, decode_base64_to_image(req.mask, field="mask") if req.mask else None
+            init_images, mask = await run_in_threadpool(decode_all)
+            images, info = await self._generate(req, img2img_params(req, init_images, mask))
+            parameters = req.model_dump()
+            if not req.include_init_images:  # A1111 leaves the (large) inputs out of the echo
+                parameters["init_images"] = None
+                parameters["mask"] = None
+            return m.ImageToImageResponse(images=images, parameters=parameters, info=info)
+
+        @r.post("/extra-single-image", response_model=m.ExtrasSingleImageResponse)
+        async def extras_single_image_api(req: m.ExtrasSingleImageRequest) -> m.ExtrasSingleImageResponse:
+            image = await run_in_threadpool(decode_base64_to_image, req.image)
+
+            def run(job: Any) -> tuple[str, str]:
+                out, info = postprocess_image(image, req)
+                return encode_pil_to_base64(out, options), _html_info(info)
+            encoded, html_info = await wait_for(gen.queue.submit(run, name="extras"))
+            return m.ExtrasSingleImageResponse(image=encoded, html_info=html_info)
+
+        @r.post("/extra-batch-images", response_model=m.ExtrasBatchImagesResponse)
+        async def extras_batch_images_api(req: m.ExtrasBatchImagesRequest) -> m.ExtrasBatchImagesResponse:
+            sources = await run_in_threadpool(
+                lambda: [decode_base64_to_image(f.data, field=f"imageList[{i}].data") for i, f in enumerate(req.imageList)])
+
+            def run(job: Any) -> tuple[list[str], str]:
+                job.set_job_count(len(sources))
+                out, last_info = [], {}
+                for image in sources:
+                    result, last_info = postprocess_image(image, req)
+                    out.append(encode_pil_to_base64(result, options))
+                    job.nextjob()
+                return out, _html_info(last_info)
+            encoded, html_info = await wait_for(gen.queue.submit(run, name="extras", job_count=max(1, len(sources))))
+            return m.ExtrasBatchImagesResponse(images=encoded if req.show_extras_results else [], html_info=html_info)
+
+        @r.post("/png-info", response_model=m.PNGInfoResponse)
+        def pnginfoapi(req: m.PNGInfoRequest) -> m.PNGInfoResponse:
+            if not req.image.strip():
+                return m.PNGInfoResponse(info="", items={}, parameters={})
+            from modules.infotext import parse_infotext, read_info_from_image
+
+            image = decode_base64_to_image(req.image)
+            text, items = read_info_from_image(image)
+            text = text or ""
+            return m.PNGInfoResponse(info=text, items=_json_safe_items(items or {}),
+                                     parameters=jsonable_encoder(parse_infotext(text)) if text else {})
+
+        @r.get("/progress", response_model=m.ProgressResponse)
+        def progressapi(skip_current_image: bool = False) -> m.ProgressResponse:
+            state = gen.state
+            snap = state.snapshot()
+            preview, _ = state.current_preview()
+            current = encode_png_base64(preview) if preview is not None and not skip_current_image else None
+            return m.ProgressResponse(progress=snap["progress"], eta_relative=snap["eta_relative"],
+                                      state=snap["state"], current_image=current, textinfo=snap["textinfo"],
+                                      current_task=snap.get("current_task"), queue_pending=gen.queue.pending())
+
+        @r.post("/interrupt")
+        def interruptapi() -> dict:
+            gen.queue.interrupt()
+            return {}
+
+        @r.post("/skip")
+        def skip() -> dict:
+            gen.queue.skip()
+            return {}
+
+        @r.get("/options", response_model=self.OptionsModel)
+        def get_config() -> JSONResponse:
+            data = options.as_dict()
+            data["sd_model_checkpoint"] = self._selected_title() or data.get("sd_model_checkpoint")
+            # Served as-is (not through the model): values of extension settings must not be coerced.
+            return JSONResponse(jsonable_encoder(data))
+
+        @r.post("/options")
+        async def set_config(req: dict[str, Any] = Body(...)) -> Any:
+            return await self._set_options(req)
+
+        @r.get("/cmd-flags", response_model=self.FlagsModel)
+        def get_cmd_flags() -> JSONResponse:
+            return JSONResponse(jsonable_encoder(vars(self.services.cmd_opts)))
+
+        @r.get("/samplers", response_model=list[m.SamplerItem])
+        def get_samplers() -> list[dict]:
+            return samplers.list_samplers()
+
+        @r.get("/schedulers", response_model=list[m.SchedulerItem])
+        def get_schedulers() -> list[dict]:
+            return samplers.list_schedulers()
+
+        @r.get("/upscalers", response_model=list[m.UpscalerItem])
+        def get_upscalers() -> list[dict]:
+            return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                    for name in IMAGE_UPSCALERS]
+
+        @r.get("/latent-upscale-modes", response_model=list[m.LatentUpscalerModeItem])
+        def get_latent_upscale_modes() -> list[dict]:
+            return [{"name": name} for name in LATENT_UPSCALE_MODES]
+
+        @r.get("/sd-models", response_model=list[m.SDModelItem])
+        def get_sd_models() -> list[dict]:
+            return [info.api_dict() for info in models.registry.list()]
+
+        @r.get("/sd-vae", response_model=list[m.SDVaeItem])
+        def get_sd_vaes() -> list[dict]:
+            return [{"model_name": v.name, "filename": v.filename} for v in models.vaes.list()]
+
+        @r.get("/hypernetworks", response_model=list[m.HypernetworkItem])
+        def get_hypernetworks() -> list:
+            return []
+
+        @r.get("/face-restorers", response_model=list[m.FaceRestorerItem])
+        def get_face_restorers() -> list:
+            return []
+
+        @r.get("/realesrgan-models", response_model=list[m.RealesrganItem])
+        def get_realesrgan_models() -> list:
+            return []
+
+        @r.get("/prompt-styles", response_model=list[m.PromptStyleItem])
+        def get_prompt_styles() -> list[dict]:
+            return self._read_styles()
+
+        @r.get("/embeddings", response_model=m.EmbeddingsResponse)
+        def get_embeddings() -> dict:
+            return {"loaded": {}, "skipped": {}}
+
+        @r.get("/scripts", response_model=m.ScriptsList)
+        def get_scripts_list() -> dict:
+            return {"txt2img": [], "img2img": []}
+
+        @r.get("/script-info", response_model=list[m.ScriptInfo])
+        def get_script_info() -> list:
+            return []
+
+        @r.get("/extensions", response_model=list[m.ExtensionItem])
+        def get_extensions_list() -> list:
+            return []
+
+        @r.get("/memory", response_model=m.MemoryResponse)
+        def get_memory() -> dict:
+            return {"ram": _ram_stats(), "cuda": _cuda_stats()}
+
+        @r.post("/refresh-checkpoints")
+        def refresh_checkpoints() -> dict:
+            models.registry.refresh()
+            return {}
+
+        @r.post("/refresh-vae")
+        def refresh_vae() -> dict:
+            models.vaes.refresh()
+            return {}
+
+        @r.post("/unload-checkpoint")
+        async def unloadapi() -> dict:
+            await wait_for(gen.queue.submit(lambda job: models.unload(), name="unload checkpoint"))
+            return {}
+
+        @r.post("/reload-checkpoint")
+        async def reloadapi() -> dict:
+            def load(job: Any) -> None:
+                job.state.set_textinfo("Loading model…")
+                models.current()
+            await wait_for(gen.queue.submit(load, name="load checkpoint"))
+            return {}
+
+    # -- options -----------------------------------------------------------------------
+    async def _set_options(self, req: dict[str, Any]) -> None:
+        """A1111's POST /options: the whole GET dict must round-trip.
+
+        Unknown and API-restricted keys are skipped and logged; unchanged values are not
+        touched (so a frozen or odd stored value still round-trips); a bad value is a 422
+        naming the key and nothing is applied; a new `sd_model_checkpoint` is loaded (through
+        the job queue) before the answer.
+        """
+        options, models = self.options, self.models
+        ignored: list[str] = []
+        changes: dict[str, Any] = {}
+        checkpoint = None
+        for key, value in req.items():
+            info = options.templates.get(key)
+            if info is None:
+                ignored.append(key)
+                continue
+            if key == "sd_model_checkpoint":
+                if value in (None, "") or value == self._selected_title():
+                    continue
+                checkpoint = models.registry.get_closest(str(value))
+                if checkpoint is None:
+                    raise bad_request(f"sd_model_checkpoint: model {value!r} not found; "
+                                      f"known: {', '.join(models.titles()) or 'none'}")
+                if checkpoint.title == self._selected_title():
+                    checkpoint = None
+                continue
+            if value == options.get(key):
+                continue
+            if info.restrict_api:
+                ignored.append(key)
+                continue
+            options.validate_values({key: value})
+            if key == "sd_vae":
+                self._checked_vae(value, key)
+            else:
+                choices = info.current_choices() if info.kind == "dropdown" else None
+                if choices and value not in choices:
+                    raise bad_request(f"setting {key!r}: {value!r} is not one of {', '.join(map(str, choices))}")
+            changes[key] = value
+        if ignored:
+            log.warning("POST /options: ignored unknown or read-only settings: %s", ", ".join(ignored))
+        if (changes or checkpoint is not None) and options.frozen:
+            raise bad_request("settings are frozen (--freeze-settings)", 403)
+        for key, value in changes.items():
+            options.set(key, value, is_api=True)
+        if changes:
+            options.save()
+        if checkpoint is not None:
+            await wait_for(self.generation.submit_model_switch(checkpoint.title))
+        return None
+
+    # -- styles --------------------------------------------------------------------------
+    def _read_styles(self) -> list[dict[str, Any]]:
+        db = getattr(self.services, "styles", None)
+        return [style.api_dict() for style in db.list()] if db is not None else []
+
+
+def _ram_stats() -> dict[str, Any]:
+    try:
+        import psutil
+
+        rss = psutil.Process(os.getpid()).memory_info().rss
+        total = psutil.virtual_memory().total
+        return {"free": total - rss, "used": rss, "total": total}
+    except Exception as err:  # noqa: BLE001 - reported to the client as A1111 does
+        return {"error": str(err)}
+
+
+def _cuda_stats() -> dict[str, Any]:
+    torch = sys.modules.get("torch")  # never import torch just to report on it
+    if torch is None:
+        return {"error": "unavailable: torch is not loaded yet (no model has been loaded)"}
+    try:
+        if not torch.cuda.is_available():
+            return {"error": "unavailable"}
+        free, total = torch.cuda.mem_get_info()
+        s = dict(torch.cuda.memory_stats())
+
+        def pair(name: str) -> dict[str, int]:
+            return {"current": s.get(f"{name}.all.current", 0), "peak": s.get(f"{name}.all.peak", 0)}
+        return {
+            "system": {"free": free, "used": total - free, "total": total},
+            "active": pair("active_bytes"), "allocated": pair("allocated_bytes"),
+            "reserved": pair("reserved_bytes"), "inactive": pair("inactive_split_bytes"),
+            "events": {"retries": s.get("num_alloc_retries", 0), "oom": s.get("num_ooms", 0)},
+        }
+    except Exception as err:  # noqa: BLE001
+        return {"error": str(err)}

@@ -1,0 +1,136 @@
+"""Generation as a service: the one entry point the UI and the API call.
+
+Every job goes through the one FIFO JobQueue (diffusers pipelines are not
+re-entrant); this class picks the model, builds the run context and saves.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Iterator
+
+from modules import images
+from modules.jobs import Job, JobContext, JobQueue, JobState
+from modules.model_service import ModelService
+from modules.options import Options
+from modules.paths import AppPaths
+from modules.processing import GenerationParams, Img2ImgParams, Processed, RunContext, Txt2ImgParams, process_images
+
+log = logging.getLogger(__name__)
+
+
+class GenerationService:
+    def __init__(self, *, models: ModelService, options: Options, paths: AppPaths, queue: JobQueue):
+        self.models = models
+        self.options = options
+        self.paths = paths
+        self.queue = queue
+        self._encoders: dict[int, tuple[Any, Any]] = {}   # id(LoadedModel) -> (model, PromptEncoder)
+        self._counting_tokenizer = None
+
+    @property
+    def state(self) -> JobState:
+        return self.queue.state
+
+    # -- entry points ------------------------------------------------------------------------
+    def submit(self, params: GenerationParams, *, override_settings: dict[str, Any] | None = None,
+               restore_settings: bool = True, job_id: str | None = None) -> Job[Processed]:
+        """Queue a txt2img or img2img job. `override_settings` apply for this job only (unless not restored),
+        inside the job, so concurrent requests never see each other's overrides."""
+        params.validate()  # bad input fails here, before it waits in the queue
+        self.options.validate_values(override_settings or {})
+
+        def run(job: JobContext) -> Processed:
+            with self.overridden(override_settings or {}, restore=restore_settings):
+                return self._run(params, job)
+        return self.queue.submit(run, name=params.kind, job_count=params.n_iter, job_id=job_id)
+
+    def submit_txt2img(self, params: Txt2ImgParams, **kwargs: Any) -> Job[Processed]:
+        return self.submit(params, **kwargs)
+
+    def submit_img2img(self, params: Img2ImgParams, **kwargs: Any) -> Job[Processed]:
+        return self.submit(params, **kwargs)
+
+    def txt2img(self, params: Txt2ImgParams, **kwargs: Any) -> Processed:
+        return self.submit(params, **kwargs).result()
+
+    def img2img(self, params: Img2ImgParams, **kwargs: Any) -> Processed:
+        return self.submit(params, **kwargs).result()
+
+    @contextlib.contextmanager
+    def overridden(self, overrides: dict[str, Any], *, restore: bool = True) -> Iterator[None]:
+        """Apply settings for the duration of a job (A1111's override_settings), then put them back."""
+        saved = {key: self.options.get(key) for key in overrides}
+        for key, value in overrides.items():
+            self.options.set(key, value)
+        try:
+            yield
+        finally:
+            if restore:
+                for key, value in saved.items():
+                    self.options.set(key, value)
+            elif overrides:
+                self.options.save()
+
+    def submit_model_switch(self, title: str) -> Job[Any]:
+        """Load a checkpoint as a queued job, so it never races a running generation."""
+        def switch(job: JobContext):
+            job.state.set_textinfo(f"Loading {title}…")
+            return self.models.select(title)
+        return self.queue.submit(switch, name="load checkpoint")
+
+    # -- internals -----------------------------------------------------------------------------
+    def _run(self, params: GenerationParams, job: JobContext) -> Processed:
+        job.state.set_textinfo("Loading model…")
+        model = self.models.current()
+        job.state.set_textinfo(None)
+        job.set_preview(self._preview_fn(model), self.options.show_progress_every_n_steps
+                        if self.options.live_previews_enable else 0)
+        ctx = RunContext(model=model, encoder=self._encoder_for(model), options=self.options,
+                         save=self._saver(params.kind), job=job)
+        return process_images(params, ctx)
+
+    def _encoder_for(self, model):
+        from modules.diffusion import prompt_encoder_for
+
+        loaded = {id(m) for m in self.models.manager.loaded}
+        for key in [k for k in self._encoders if k not in loaded]:
+            del self._encoders[key]   # drop encoders of unloaded models
+        entry = self._encoders.get(id(model))
+        if entry is None or entry[0] is not model:
+            entry = (model, prompt_encoder_for(model))
+            self._encoders[id(model)] = entry
+        return entry[1]
+
+    @staticmethod
+    def _preview_fn(model):
+        from modules.latent_preview import approx_rgb
+
+        kind = "sdxl" if model.spec.is_sdxl else "sd"
+        return lambda latents: approx_rgb(latents, kind)
+
+    def _saver(self, kind: str):
+        options, paths = self.options, self.paths
+
+        def save(image, *, seed: int, prompt: str, info: str | None, grid: bool):
+            images_dir, grids_dir = images.output_dirs(paths, options, kind)
+            directory = grids_dir if grid and grids_dir is not None else images_dir
+            saved = images.save_image(
+                image, directory, seed=seed, prompt=prompt, info=info,
+                extension=options.grid_format if grid else options.samples_format,
+                pattern="" if grid else options.samples_filename_pattern,
+                add_number=options.save_images_add_number, grid=grid, jpeg_quality=options.jpeg_quality,
+                webp_lossless=options.webp_lossless, save_txt=options.save_txt and not grid,
+                embed_info=options.enable_pnginfo,
+            )
+            return saved.path
+        return save
+
+    def count_tokens(self, text: str) -> tuple[int, int]:
+        """Tokens used and the limit of the chunks they fill (A1111's "12/75"), without a model."""
+        from modules import conditioning, sd_configs
+
+        if self._counting_tokenizer is None:  # CLIP-L and OpenCLIP share one vocab, so one tokenizer counts for all
+            self._counting_tokenizer = sd_configs.load_tokenizer("clip-l")
+        counted = conditioning.count_prompt_tokens(text, self._counting_tokenizer)
+        return counted.count, counted.max_length

@@ -1,0 +1,257 @@
+"""The txt2img tab: controls -> Txt2ImgParams -> the shared job queue -> gallery + infotext."""
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import gradio as gr
+
+from modules import samplers
+from modules.processing import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, HiresParams, ProcessingError, Txt2ImgParams
+from modules.services import Services
+from modules.styles import apply_styles_to_params
+from modules.ui import paste
+from modules.ui.styles_ui import build_styles_row, connect_apply
+
+POLL_SECONDS = 0.5
+
+
+@dataclass
+class Txt2ImgControls:
+    """Every component whose value becomes a field of Txt2ImgParams (or its HiresParams)."""
+    prompt: Any
+    negative_prompt: Any
+    sampler_name: Any
+    scheduler: Any
+    steps: Any
+    width: Any
+    height: Any
+    batch_count: Any
+    batch_size: Any
+    cfg_scale: Any
+    seed: Any
+    subseed: Any
+    subseed_strength: Any
+    seed_resize_from_w: Any
+    seed_resize_from_h: Any
+    tiling: Any
+    hires_enabled: Any
+    hires_upscaler: Any
+    hires_steps: Any
+    hires_denoising: Any
+    hires_scale: Any
+    hires_resize_x: Any
+    hires_resize_y: Any
+    hires_sampler: Any
+    hires_prompt: Any
+    hires_negative_prompt: Any
+
+    def components(self) -> list[Any]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    @classmethod
+    def to_params(cls, values: list[Any]) -> Txt2ImgParams:
+        v = dict(zip([f.name for f in fields(cls)], values))
+        return Txt2ImgParams(
+            prompt=v["prompt"] or "", negative_prompt=v["negative_prompt"] or "",
+            sampler_name=v["sampler_name"], scheduler=v["scheduler"], steps=int(v["steps"]),
+            width=int(v["width"]), height=int(v["height"]), n_iter=int(v["batch_count"]),
+            batch_size=int(v["batch_size"]), cfg_scale=float(v["cfg_scale"]),
+            seed=int(v["seed"] if v["seed"] not in (None, "") else -1),
+            subseed=int(v["subseed"] if v["subseed"] not in (None, "") else -1),
+            subseed_strength=float(v["subseed_strength"]),
+            seed_resize_from_w=int(v["seed_resize_from_w"]), seed_resize_from_h=int(v["seed_resize_from_h"]),
+            tiling=bool(v["tiling"]),
+            hires=HiresParams(
+                enabled=bool(v["hires_enabled"]), upscaler=v["hires_upscaler"], steps=int(v["hires_steps"]),
+                denoising_strength=float(v["hires_denoising"]), scale=float(v["hires_scale"]),
+                resize_x=int(v["hires_resize_x"]), resize_y=int(v["hires_resize_y"]),
+                sampler_name="" if v["hires_sampler"] == "Use same sampler" else v["hires_sampler"],
+                prompt=v["hires_prompt"] or "", negative_prompt=v["hires_negative_prompt"] or "",
+            ),
+        )
+
+
+def _progress_html(snapshot: dict[str, Any], waiting_ahead: int) -> str:
+    if waiting_ahead > 0:
+        return f"<div class='progress-text'>Waiting in queue: {waiting_ahead} job(s) ahead…</div>"
+    state = snapshot.get("state", {})
+    pct = int(100 * snapshot.get("progress", 0.0))
+    eta = snapshot.get("eta_relative") or 0
+    step, total = state.get("sampling_step", 0), state.get("sampling_steps", 0)
+    job_no, job_count = state.get("job_no", 0), state.get("job_count", 0)
+    parts = [f"{pct}%"]
+    if total:
+        parts.append(f"step {step}/{total}")
+    if job_count > 1:
+        parts.append(f"batch {min(job_no + 1, job_count)}/{job_count}")
+    if eta > 0:
+        parts.append(f"ETA {eta:.0f}s")
+    return (f"<div class='progress-text'>{' · '.join(parts)}</div>"
+            f"<progress max='100' value='{pct}' style='width:100%'></progress>")
+
+
+def _infotext_html(text: str) -> str:
+    return f"<pre class='infotext' style='white-space:pre-wrap'>{html.escape(text)}</pre>"
+
+
+@dataclass
+class Txt2ImgUi:
+    """What the page wires across tabs (paste, send-to, styles)."""
+    controls: Txt2ImgControls
+    styles: Any                 # styles_ui.StylesUi
+    override_settings: Any
+    paste_button: Any
+    send_to_img2img: Any
+    send_to_inpaint: Any
+    gallery: Any
+    gallery_index: Any          # gr.State: the selected gallery image (None: none selected)
+    generation_info: Any
+    paste_targets: dict[str, Any] = field(default_factory=dict)
+
+
+def build_txt2img_tab(services: Services) -> Txt2ImgUi:
+    sampler_names = samplers.sampler_names()
+    schedule_labels = samplers.schedule_labels()
+    with gr.Row(elem_id="txt2img_toprow"):
+        with gr.Column(scale=6):
+            prompt = gr.Textbox(label="Prompt", elem_id="txt2img_prompt", lines=3,
+                                placeholder="Prompt (Ctrl+Enter to generate)")
+            negative_prompt = gr.Textbox(label="Negative prompt", elem_id="txt2img_neg_prompt", lines=2,
+                                         placeholder="Negative prompt")
+        with gr.Column(scale=1, min_width=180):
+            with gr.Row():
+                token_counter = gr.Markdown("0/75", elem_id="txt2img_token_counter")
+                paste_button = gr.Button("↙️", elem_id="txt2img_paste", size="sm", min_width=40, scale=0)
+            generate = gr.Button("Generate", variant="primary", elem_id="txt2img_generate")
+            with gr.Row():
+                interrupt = gr.Button("Interrupt", elem_id="txt2img_interrupt", size="sm")
+                skip = gr.Button("Skip", elem_id="txt2img_skip", size="sm")
+            styles_ui = build_styles_row("txt2img", services)
+    # Settings named by a pasted infotext (A1111's "Override settings"); shown only when set.
+    override_settings = gr.Dropdown([], value=[], multiselect=True, label="Override settings", visible=False,
+                                    elem_id="txt2img_override_settings", allow_custom_value=True)
+    with gr.Row():
+        with gr.Column(scale=1):
+            with gr.Row():
+                sampler_name = gr.Dropdown(sampler_names, value="DPM++ 2M", label="Sampling method", elem_id="txt2img_sampling")
+                scheduler = gr.Dropdown(schedule_labels, value="Automatic", label="Schedule type", elem_id="txt2img_scheduler")
+            steps = gr.Slider(1, 150, value=20, step=1, label="Sampling steps", elem_id="txt2img_steps")
+            with gr.Accordion("Hires. fix", open=False, elem_id="txt2img_hr"):
+                hires_enabled = gr.Checkbox(False, label="Enable", elem_id="txt2img_enable_hr")
+                with gr.Row():
+                    hires_upscaler = gr.Dropdown([*LATENT_UPSCALE_MODES, *IMAGE_UPSCALERS[1:]], value="Latent",
+                                                 label="Upscaler", elem_id="txt2img_hr_upscaler")
+                    hires_steps = gr.Slider(0, 150, value=0, step=1, label="Hires steps", elem_id="txt2img_hires_steps")
+                    hires_denoising = gr.Slider(0, 1, value=0.7, step=0.01, label="Denoising strength", elem_id="txt2img_denoising_strength")
+                with gr.Row():
+                    hires_scale = gr.Slider(1, 4, value=2, step=0.05, label="Upscale by", elem_id="txt2img_hr_scale")
+                    hires_resize_x = gr.Slider(0, 2048, value=0, step=8, label="Resize width to", elem_id="txt2img_hr_resize_x")
+                    hires_resize_y = gr.Slider(0, 2048, value=0, step=8, label="Resize height to", elem_id="txt2img_hr_resize_y")
+                hires_sampler = gr.Dropdown(["Use same sampler", *sampler_names], value="Use same sampler",
+                                            label="Hires sampling method", elem_id="hr_sampler")
+                hires_prompt = gr.Textbox(label="Hires prompt", lines=2, elem_id="hires_prompt",
+                                          placeholder="Empty: the same prompt")
+                hires_negative_prompt = gr.Textbox(label="Hires negative prompt", lines=2, elem_id="hires_neg_prompt",
+                                                   placeholder="Empty: the same negative prompt")
+            with gr.Row():
+                with gr.Column(scale=4):
+                    width = gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id="txt2img_width")
+                    height = gr.Slider(64, 2048, value=512, step=8, label="Height", elem_id="txt2img_height")
+                with gr.Column(scale=1, min_width=120):
+                    batch_count = gr.Slider(1, 100, value=1, step=1, label="Batch count", elem_id="txt2img_batch_count")
+                    batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id="txt2img_batch_size")
+            cfg_scale = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id="txt2img_cfg_scale")
+            with gr.Row(elem_id="txt2img_seed_row"):
+                seed = gr.Number(-1, label="Seed", precision=0, elem_id="txt2img_seed")
+                random_seed = gr.Button("🎲", elem_id="txt2img_random_seed", size="sm", min_width=40)
+                reuse_seed = gr.Button("♻", elem_id="txt2img_reuse_seed", size="sm", min_width=40)
+            with gr.Accordion("Extra", open=False, elem_id="txt2img_subseed_show"):
+                with gr.Row():
+                    subseed = gr.Number(-1, label="Variation seed", precision=0, elem_id="txt2img_subseed")
+                    subseed_strength = gr.Slider(0, 1, value=0, step=0.01, label="Variation strength", elem_id="txt2img_subseed_strength")
+                with gr.Row():
+                    seed_resize_from_w = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from width", elem_id="txt2img_seed_resize_from_w")
+                    seed_resize_from_h = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from height", elem_id="txt2img_seed_resize_from_h")
+                tiling = gr.Checkbox(False, label="Tiling", elem_id="txt2img_tiling")
+        with gr.Column(scale=1):
+            progress = gr.HTML("", elem_id="txt2img_progress")
+            gallery = gr.Gallery(label="Output", elem_id="txt2img_gallery", format="png", columns=2,
+                                 object_fit="contain", height="auto", show_label=False)
+            with gr.Row(elem_id="txt2img_send_buttons"):
+                send_to_img2img = gr.Button("🖼️ Send to img2img", elem_id="txt2img_send_to_img2img", size="sm")
+                send_to_inpaint = gr.Button("🎨️ Send to inpaint", elem_id="txt2img_send_to_inpaint", size="sm")
+            infotext = gr.HTML("", elem_id="txt2img_infotext")
+            generation_info = gr.JSON(visible=False, elem_id="txt2img_generation_info")
+            gallery_index = gr.State(None)
+
+    controls = Txt2ImgControls(
+        prompt=prompt, negative_prompt=negative_prompt, sampler_name=sampler_name, scheduler=scheduler, steps=steps,
+        width=width, height=height, batch_count=batch_count, batch_size=batch_size, cfg_scale=cfg_scale, seed=seed,
+        subseed=subseed, subseed_strength=subseed_strength, seed_resize_from_w=seed_resize_from_w,
+        seed_resize_from_h=seed_resize_from_h, tiling=tiling, hires_enabled=hires_enabled,
+        hires_upscaler=hires_upscaler, hires_steps=hires_steps, hires_denoising=hires_denoising,
+        hires_scale=hires_scale, hires_resize_x=hires_resize_x, hires_resize_y=hires_resize_y,
+        hires_sampler=hires_sampler, hires_prompt=hires_prompt, hires_negative_prompt=hires_negative_prompt,
+    )
+    generation = services.generation
+
+    def run(styles, overrides, *values):
+        try:
+            params = Txt2ImgControls.to_params(list(values))
+            apply_styles_to_params(params, services.styles, styles)
+            params.validate()
+            job = generation.submit_txt2img(params, override_settings=paste.overrides_from_choices(
+                overrides, services.options))
+        except (ProcessingError, ValueError) as err:
+            yield gr.update(), "", f"<div class='error'>{html.escape(str(err))}</div>", gr.update()
+            return
+        while not job.wait(POLL_SECONDS):
+            preview = generation.state.current_image
+            shown = [preview] if preview is not None else gr.update()
+            yield shown, "", _progress_html(generation.state.snapshot(), generation.queue.queue_position(job)), gr.update()
+        try:
+            processed = job.result()
+        except Exception as err:  # shown to the user; the queue keeps working
+            yield gr.update(value=None), "", f"<div class='error'>Error: {html.escape(str(err))}</div>", None
+            return
+        images = processed.saved_images_for_gallery()
+        note = " (interrupted)" if processed.interrupted else ""
+        yield (images, _infotext_html(processed.infotexts[processed.index_of_first_image] if processed.infotexts else ""),
+               f"<div class='progress-text'>Done{note}.</div>", processed.js())
+
+    generate.click(run, inputs=[styles_ui.dropdown, override_settings, *controls.components()],
+                   outputs=[gallery, infotext, progress, generation_info],
+                   concurrency_limit=None, show_progress="hidden")
+    generate.click(lambda: None, outputs=gallery_index, show_progress="hidden")  # a new gallery: nothing selected
+
+    def select(evt: gr.SelectData):
+        return evt.index
+
+    gallery.select(select, outputs=gallery_index, show_progress="hidden")
+    interrupt.click(lambda: generation.state.interrupt(), show_progress="hidden")
+    skip.click(lambda: generation.state.skip(), show_progress="hidden")
+    random_seed.click(lambda: -1, outputs=seed, show_progress="hidden")
+
+    def reuse(info: dict | None, current: int):
+        if not info:
+            return current
+        seeds = info.get("all_seeds") or [info.get("seed", current)]
+        return seeds[0] if seeds else current
+
+    reuse_seed.click(reuse, inputs=[generation_info, seed], outputs=seed, show_progress="hidden")
+
+    def count_tokens(text: str) -> str:
+        used, limit = generation.count_tokens(text or "")
+        return f"{used}/{limit}"
+
+    prompt.change(count_tokens, inputs=prompt, outputs=token_counter, show_progress="hidden",
+                  trigger_mode="always_last")
+    connect_apply(styles_ui, services, prompt, negative_prompt)
+    targets = {f.name: getattr(controls, f.name) for f in fields(controls)}
+    targets["styles"] = styles_ui.dropdown
+    return Txt2ImgUi(controls=controls, styles=styles_ui, override_settings=override_settings,
+                     paste_button=paste_button, send_to_img2img=send_to_img2img, send_to_inpaint=send_to_inpaint,
+                     gallery=gallery, gallery_index=gallery_index, generation_info=generation_info,
+                     paste_targets=targets)
