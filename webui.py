@@ -155,6 +155,8 @@ def serve(app, sock: socket.socket, services: Services) -> None:
                 import webbrowser
 
                 webbrowser.open(url)
+            if not opts.skip_load_model_at_start:
+                services.generation.preload()
 
     threading.Thread(target=announce, name="announce", daemon=True).start()
     server.run(sockets=[sock])

@@ -122,6 +122,7 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     launch.add_argument("--exit", action="store_true", help="prepare the environment, then exit (launcher)")
     launch.add_argument("--test", action="store_true", help=argparse.SUPPRESS)
     launch.add_argument("--no-hashing", action="store_true", help="do not compute sha256 hashes of checkpoints")
+    launch.add_argument("--skip-load-model-at-start", action="store_true", help="load the checkpoint on the first generation instead of right after start")
     launch.add_argument("--enable-insecure-extension-access", action="store_true", help="allow installing extensions even when the server is reachable from other machines")
     launch.add_argument("--disable-all-extensions", action="store_true", help="load no extensions, built-in ones included")
     launch.add_argument("--disable-extra-extensions", action="store_true", help="load only the built-in extensions")

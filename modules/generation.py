@@ -79,6 +79,13 @@ class GenerationService:
             return self.models.select(title)
         return self.queue.submit(switch, name="load checkpoint")
 
+    def preload(self) -> Job[Any] | None:
+        """Load the selected checkpoint in the queue after startup, so the first Generate is quick.
+        Without checkpoints there is nothing to do; a failure is logged by the queue and shown later."""
+        if not self.models.titles():
+            return None
+        return self.queue.submit(lambda job: self.models.current(), name="load checkpoint")
+
     # -- internals -----------------------------------------------------------------------------
     def _run(self, params: GenerationParams, job: JobContext) -> Processed:
         job.state.set_textinfo("Loading model…")

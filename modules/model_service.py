@@ -43,6 +43,9 @@ class ModelService:
         with self._lock:
             if self._manager is None:
                 self._manager = self._manager_factory()
+                self._manager.add_loaded_listener(
+                    lambda model: log.info("Model %s loaded in %.1fs (%s).", model.title, model.load_seconds,
+                                           model.policy.describe()))
             return self._manager
 
     @property

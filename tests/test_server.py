@@ -87,3 +87,21 @@ def test_legacy_flag_prints_a_notice_and_starts(tmp_path):
         assert "Note: --xformers is accepted for compatibility" in srv.output
     finally:
         srv.stop()
+
+
+def test_the_selected_checkpoint_is_loaded_after_start(tmp_path):
+    from tiny_models import make_checkpoint
+
+    make_checkpoint(tmp_path / "models" / "Stable-diffusion" / "tiny.safetensors", "sd1")
+    srv = start_server(tmp_path)
+    try:
+        import time
+
+        deadline = time.monotonic() + 120
+        while "loaded in" not in srv.output and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "Model tiny.safetensors" in srv.output and "loaded in" in srv.output, srv.output
+        # the page stayed responsive while loading
+        assert requests.get(srv.url + "/", timeout=10).status_code == 200
+    finally:
+        srv.stop()

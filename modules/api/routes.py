@@ -469,7 +469,7 @@ class Api:
 
     async def _generate(self, req: Any, params: Any) -> tuple[list[str], str]:
         """Queue one generation job, wait for it; (base64 images or [], info JSON string)."""
-        apply_styles_to_params(params, getattr(self.services, "styles", None), req.styles)
+        apply_styles_to_params(params, self.services.styles, req.styles)
         overrides = self.override_settings(req.override_settings)
         restore = True if req.override_settings_restore_afterwards is None else bool(req.override_settings_restore_afterwards)
         for name in ("restore_faces", "eta", "s_churn", "s_tmax", "s_tmin", "s_noise", "s_min_uncond",
@@ -725,8 +725,8 @@ class Api:
 
     # -- styles --------------------------------------------------------------------------
     def _read_styles(self) -> list[dict[str, Any]]:
-        db = getattr(self.services, "styles", None)
-        return [style.api_dict() for style in db.list()] if db is not None else []
+        db = self.services.styles
+        return [style.api_dict() for style in db.list()]
 
 
 def _ram_stats() -> dict[str, Any]:
