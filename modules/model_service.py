@@ -25,6 +25,11 @@ class UnknownCheckpointError(LookupError):
     pass
 
 
+class ModelLoadError(RuntimeError):
+    """A checkpoint that cannot be loaded (truncated, not SD, mismatched yaml, unsafe pickle).
+    The message names the file and the cause; the previous model stays loaded."""
+
+
 class ModelService:
     def __init__(self, *, registry: CheckpointRegistry, vaes: VaeRegistry, options: Options,
                  manager_factory: Callable[[], Any], preferred: Path | None = None, vae_override: Path | None = None):
@@ -110,7 +115,13 @@ class ModelService:
                 self.registry.calculate_shorthash(info)
             except OSError as err:
                 log.warning("Could not hash %s: %s", info.filename, err)
-        return self.manager.get(info, self.vae_file_for(info))
+        from modules.model_detection import ModelConfigMismatchError  # torch is loaded by now anyway
+        from modules.safe_pickle import CheckpointLoadError
+
+        try:
+            return self.manager.get(info, self.vae_file_for(info))
+        except (CheckpointLoadError, ModelConfigMismatchError, OSError) as err:
+            raise ModelLoadError(str(err)) from err
 
     def unload(self) -> None:
         if self._manager is not None:

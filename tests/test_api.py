@@ -288,6 +288,23 @@ def test_options_sd_model_checkpoint_switches_the_model(api):
     assert json.loads(txt2img(api, seed=11)["info"])["sd_model_name"] == "tiny-a"
 
 
+def test_a_corrupt_checkpoint_is_a_clear_error_and_the_previous_model_stays(api, data_dir):
+    before = get(api, "options").json()["sd_model_checkpoint"]
+    assert json.loads(txt2img(api, seed=3)["info"])["sd_model_name"] == "tiny-a"
+    broken = data_dir / "models" / "Stable-diffusion" / "zz-broken.safetensors"
+    broken.write_bytes((data_dir / "models" / "Stable-diffusion" / "tiny-b.safetensors").read_bytes()[:5000])
+    try:
+        assert post(api, "refresh-checkpoints").status_code == 200
+        response = post(api, "options", {"sd_model_checkpoint": "zz-broken.safetensors"})
+        assert 400 <= response.status_code < 600 and response.status_code != 500, response.text
+        assert "zz-broken.safetensors" in response.json()["detail"]
+        assert get(api, "options").json()["sd_model_checkpoint"] == before
+        assert json.loads(txt2img(api, seed=3)["info"])["sd_model_name"] == "tiny-a"
+    finally:
+        broken.unlink()
+        post(api, "refresh-checkpoints")
+
+
 def test_checkpoint_actions(api):
     for action in ("refresh-checkpoints", "refresh-vae", "unload-checkpoint", "reload-checkpoint"):
         response = post(api, action)

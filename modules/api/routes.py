@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from modules import images as images_mod
 from modules import samplers
 from modules.api import models as m
-from modules.model_service import NoCheckpointError, UnknownCheckpointError
+from modules.model_service import ModelLoadError, NoCheckpointError, UnknownCheckpointError
 from modules.options import OptionError
 from modules.processing import (IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, HiresParams, Img2ImgParams, ProcessingError,
                                 Txt2ImgParams)
@@ -96,6 +96,7 @@ ERROR_STATUS: list[tuple[type[BaseException], int]] = [
     (ProcessingError, 422),
     (OptionError, 422),
     (UnknownVaeError, 422),
+    (ModelLoadError, 422),                 # the user's file is bad, not the server
     (NoCheckpointError, 503),              # nothing to load: the server is not ready to generate
     (CancelledError, 409),
 ]
