@@ -355,6 +355,10 @@ def process_images(p: GenerationParams, ctx: RunContext) -> Processed:
     from modules import diffusion, rng  # torch-heavy; imported when a job runs, not at startup
 
     p.validate()
+    if getattr(ctx.model, "needs_depth_map", False):
+        raise ProcessingError(
+            f"{ctx.model.title} is an SD2 depth model: it needs a depth map of the init image, and the "
+            "MiDaS depth estimator it uses is not available offline yet. Pick another checkpoint.")
     options = ctx.options
     choice = samplers.resolve_sampler(p.sampler_name, p.scheduler)
     clip_skip = int(p.clip_skip if p.clip_skip is not None else options.CLIP_stop_at_last_layers)

@@ -190,3 +190,13 @@ def test_each_family_renders_two_steps_through_processing(tmp_path, family):
         assert model.spec.family == family
     finally:
         services.generation.queue.shutdown()
+
+
+def test_a_depth_checkpoint_gives_a_clear_message_instead_of_a_shape_error(tmp_path):
+    services = make_services(tmp_path, "sd2-depth")
+    try:
+        with pytest.raises(ProcessingError, match="depth map"):
+            services.generation.txt2img(Txt2ImgParams(prompt="a cat", width=64, height=64, steps=2))
+        assert services.models.loaded_model.spec.family == "sd2-depth"  # it did load
+    finally:
+        services.generation.queue.shutdown()

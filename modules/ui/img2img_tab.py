@@ -26,10 +26,10 @@ from modules.masking import flatten, prepare_mask
 from modules.outpainting import DIRECTIONS, outpaint_params
 from modules.processing import MASKED_CONTENT, RESIZE_MODES, Img2ImgParams, ProcessingError
 from modules.services import Services
+from modules.ui.common import POLL_SECONDS, connect_seed_buttons, connect_token_counter, infotext_html, progress_html
 from modules.styles import apply_styles_to_params
 from modules.ui import paste
 from modules.ui.styles_ui import StylesUi, build_styles_row, connect_apply
-from modules.ui.txt2img_tab import POLL_SECONDS, _infotext_html, _progress_html
 
 # Sub-tab ids in A1111's order; the index is A1111's img2img "mode".
 MODES = ("img2img", "sketch", "inpaint", "inpaint_sketch", "inpaint_upload", "batch")
@@ -404,7 +404,7 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
         while not job.wait(POLL_SECONDS):
             preview = generation.state.current_image
             shown = [preview] if preview is not None else gr.update()
-            yield shown, "", _progress_html(generation.state.snapshot(), generation.queue.queue_position(job)), gr.update()
+            yield shown, "", progress_html(generation.state.snapshot(), generation.queue.queue_position(job)), gr.update()
         try:
             processed = job.result()
         except Exception as err:  # shown to the user; the queue keeps working
@@ -412,7 +412,7 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
             return
         note = " (interrupted)" if processed.interrupted else ""
         first = processed.infotexts[processed.index_of_first_image] if processed.infotexts else ""
-        yield (processed.saved_images_for_gallery(), _infotext_html(first),
+        yield (processed.saved_images_for_gallery(), infotext_html(first),
                f"<div class='progress-text'>Done{note}.</div>", processed.js())
 
     def run_batch_mode(extra: dict[str, Any], control_values: dict[str, Any], overrides: dict[str, Any]):
@@ -448,7 +448,7 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
                 thread.join(POLL_SECONDS)
                 text = html.escape(where["file"])
                 yield (gr.update(), "", f"<div class='progress-text'>Batch: {text}</div>"
-                       + _progress_html(generation.state.snapshot(), 0), gr.update())
+                       + progress_html(generation.state.snapshot(), 0), gr.update())
         finally:
             running_batches.discard(stop)
         if "error" in outcome:
@@ -456,7 +456,7 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
             return
         result = outcome["result"]
         summary = html.escape(result.summary()).replace("\n", "<br>")
-        yield (result.images or None, _infotext_html(result.infotexts[0]) if result.infotexts else "",
+        yield (result.images or None, infotext_html(result.infotexts[0]) if result.infotexts else "",
                f"<div class='progress-text'>{summary}</div>",
                {"infotexts": result.infotexts, "index_of_first_image": 0, "all_seeds": []})
 
@@ -471,22 +471,8 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
 
     interrupt.click(do_interrupt, show_progress="hidden")
     skip.click(lambda: generation.state.skip(), show_progress="hidden")
-    random_seed.click(lambda: -1, outputs=seed, show_progress="hidden")
-
-    def reuse(info: dict | None, current: int):
-        if not info:
-            return current
-        seeds = info.get("all_seeds") or [info.get("seed", current)]
-        return seeds[0] if seeds else current
-
-    reuse_seed.click(reuse, inputs=[generation_info, seed], outputs=seed, show_progress="hidden")
-
-    def count_tokens(text: str) -> str:
-        used, limit = generation.count_tokens(text or "")
-        return f"{used}/{limit}"
-
-    prompt.change(count_tokens, inputs=prompt, outputs=token_counter, show_progress="hidden",
-                  trigger_mode="always_last")
+    connect_seed_buttons(seed=seed, random_seed=random_seed, reuse_seed=reuse_seed, generation_info=generation_info)
+    connect_token_counter(generation, prompt, token_counter)
     connect_apply(styles_ui, services, prompt, negative_prompt)
 
     targets = {name: getattr(controls, name) for name in Img2ImgControls.names()}

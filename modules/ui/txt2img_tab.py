@@ -10,12 +10,10 @@ import gradio as gr
 from modules import samplers
 from modules.processing import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, HiresParams, ProcessingError, Txt2ImgParams
 from modules.services import Services
+from modules.ui.common import POLL_SECONDS, connect_seed_buttons, connect_token_counter, infotext_html, progress_html
 from modules.styles import apply_styles_to_params
 from modules.ui import paste
 from modules.ui.styles_ui import build_styles_row, connect_apply
-
-POLL_SECONDS = 0.5
-
 
 @dataclass
 class Txt2ImgControls:
@@ -71,29 +69,6 @@ class Txt2ImgControls:
                 prompt=v["hires_prompt"] or "", negative_prompt=v["hires_negative_prompt"] or "",
             ),
         )
-
-
-def _progress_html(snapshot: dict[str, Any], waiting_ahead: int) -> str:
-    if waiting_ahead > 0:
-        return f"<div class='progress-text'>Waiting in queue: {waiting_ahead} job(s) ahead…</div>"
-    state = snapshot.get("state", {})
-    pct = int(100 * snapshot.get("progress", 0.0))
-    eta = snapshot.get("eta_relative") or 0
-    step, total = state.get("sampling_step", 0), state.get("sampling_steps", 0)
-    job_no, job_count = state.get("job_no", 0), state.get("job_count", 0)
-    parts = [f"{pct}%"]
-    if total:
-        parts.append(f"step {step}/{total}")
-    if job_count > 1:
-        parts.append(f"batch {min(job_no + 1, job_count)}/{job_count}")
-    if eta > 0:
-        parts.append(f"ETA {eta:.0f}s")
-    return (f"<div class='progress-text'>{' · '.join(parts)}</div>"
-            f"<progress max='100' value='{pct}' style='width:100%'></progress>")
-
-
-def _infotext_html(text: str) -> str:
-    return f"<pre class='infotext' style='white-space:pre-wrap'>{html.escape(text)}</pre>"
 
 
 @dataclass
@@ -210,7 +185,7 @@ def build_txt2img_tab(services: Services) -> Txt2ImgUi:
         while not job.wait(POLL_SECONDS):
             preview = generation.state.current_image
             shown = [preview] if preview is not None else gr.update()
-            yield shown, "", _progress_html(generation.state.snapshot(), generation.queue.queue_position(job)), gr.update()
+            yield shown, "", progress_html(generation.state.snapshot(), generation.queue.queue_position(job)), gr.update()
         try:
             processed = job.result()
         except Exception as err:  # shown to the user; the queue keeps working
@@ -218,7 +193,7 @@ def build_txt2img_tab(services: Services) -> Txt2ImgUi:
             return
         images = processed.saved_images_for_gallery()
         note = " (interrupted)" if processed.interrupted else ""
-        yield (images, _infotext_html(processed.infotexts[processed.index_of_first_image] if processed.infotexts else ""),
+        yield (images, infotext_html(processed.infotexts[processed.index_of_first_image] if processed.infotexts else ""),
                f"<div class='progress-text'>Done{note}.</div>", processed.js())
 
     generate.click(run, inputs=[styles_ui.dropdown, override_settings, *controls.components()],
@@ -232,22 +207,8 @@ def build_txt2img_tab(services: Services) -> Txt2ImgUi:
     gallery.select(select, outputs=gallery_index, show_progress="hidden")
     interrupt.click(lambda: generation.state.interrupt(), show_progress="hidden")
     skip.click(lambda: generation.state.skip(), show_progress="hidden")
-    random_seed.click(lambda: -1, outputs=seed, show_progress="hidden")
-
-    def reuse(info: dict | None, current: int):
-        if not info:
-            return current
-        seeds = info.get("all_seeds") or [info.get("seed", current)]
-        return seeds[0] if seeds else current
-
-    reuse_seed.click(reuse, inputs=[generation_info, seed], outputs=seed, show_progress="hidden")
-
-    def count_tokens(text: str) -> str:
-        used, limit = generation.count_tokens(text or "")
-        return f"{used}/{limit}"
-
-    prompt.change(count_tokens, inputs=prompt, outputs=token_counter, show_progress="hidden",
-                  trigger_mode="always_last")
+    connect_seed_buttons(seed=seed, random_seed=random_seed, reuse_seed=reuse_seed, generation_info=generation_info)
+    connect_token_counter(generation, prompt, token_counter)
     connect_apply(styles_ui, services, prompt, negative_prompt)
     targets = {f.name: getattr(controls, f.name) for f in fields(controls)}
     targets["styles"] = styles_ui.dropdown

@@ -1,0 +1,53 @@
+"""Wiring shared by the generation tabs (txt2img, img2img)."""
+from __future__ import annotations
+
+import html
+from typing import Any
+
+
+POLL_SECONDS = 0.5  # how often a running job's progress and preview are pushed to the page
+
+
+def progress_html(snapshot: dict[str, Any], waiting_ahead: int) -> str:
+    if waiting_ahead > 0:
+        return f"<div class='progress-text'>Waiting in queue: {waiting_ahead} job(s) ahead…</div>"
+    state = snapshot.get("state", {})
+    pct = int(100 * snapshot.get("progress", 0.0))
+    eta = snapshot.get("eta_relative") or 0
+    step, total = state.get("sampling_step", 0), state.get("sampling_steps", 0)
+    job_no, job_count = state.get("job_no", 0), state.get("job_count", 0)
+    parts = [f"{pct}%"]
+    if total:
+        parts.append(f"step {step}/{total}")
+    if job_count > 1:
+        parts.append(f"batch {min(job_no + 1, job_count)}/{job_count}")
+    if eta > 0:
+        parts.append(f"ETA {eta:.0f}s")
+    return (f"<div class='progress-text'>{' · '.join(parts)}</div>"
+            f"<progress max='100' value='{pct}' style='width:100%'></progress>")
+
+
+def infotext_html(text: str) -> str:
+    return f"<pre class='infotext' style='white-space:pre-wrap'>{html.escape(text)}</pre>"
+
+
+def _first_seed(info: dict | None, current: int):
+    if not info:
+        return current
+    seeds = info.get("all_seeds") or [info.get("seed", current)]
+    return seeds[0] if seeds else current
+
+
+def connect_seed_buttons(*, seed, random_seed, reuse_seed, generation_info) -> None:
+    """🎲 sets -1 (random); ♻ reuses the seed of the last generation."""
+    random_seed.click(lambda: -1, outputs=seed, show_progress="hidden")
+    reuse_seed.click(_first_seed, inputs=[generation_info, seed], outputs=seed, show_progress="hidden")
+
+
+def connect_token_counter(generation, prompt, token_counter) -> None:
+    """A1111's "12/75" counter: tokens used / the size of the 75-token chunks they fill."""
+    def count(text: str) -> str:
+        used, limit = generation.count_tokens(text or "")
+        return f"{used}/{limit}"
+
+    prompt.change(count, inputs=prompt, outputs=token_counter, show_progress="hidden", trigger_mode="always_last")
