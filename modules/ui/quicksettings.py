@@ -25,7 +25,7 @@ def build_quicksettings(services: Services) -> None:
         titles = models.titles()
         checkpoint = gr.Dropdown(titles, value=_checkpoint_value(services), label="Stable Diffusion checkpoint",
                                  elem_id="setting_sd_model_checkpoint", interactive=True, allow_custom_value=False)
-        refresh = gr.Button("🔄", elem_id="refresh_sd_model_checkpoint", size="sm", min_width=40)
+        refresh = gr.Button("🔄", elem_id="refresh_sd_model_checkpoint", size="sm", min_width=40, scale=0)
         for key in options.quicksettings_list:
             if key == "sd_model_checkpoint" or key not in options.templates:
                 continue
