@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from modules import images
 from modules.jobs import Job, JobContext, JobQueue, JobState
@@ -34,16 +34,33 @@ class GenerationService:
 
     # -- entry points ------------------------------------------------------------------------
     def submit(self, params: GenerationParams, *, override_settings: dict[str, Any] | None = None,
-               restore_settings: bool = True, job_id: str | None = None) -> Job[Processed]:
+               restore_settings: bool = True, job_id: str | None = None,
+               script: Callable[[GenerationParams, Callable[[GenerationParams], Processed], JobContext], Processed]
+               | None = None) -> Job[Processed]:
         """Queue a txt2img or img2img job. `override_settings` apply for this job only (unless not restored),
-        inside the job, so concurrent requests never see each other's overrides."""
+        inside the job, so concurrent requests never see each other's overrides. A `script` (like SD upscale)
+        replaces the plain run and may render several images through the `run` it is given, all inside
+        this one job."""
         params.validate()  # bad input fails here, before it waits in the queue
         self.options.validate_values(override_settings or {})
 
         def run(job: JobContext) -> Processed:
             with self.overridden(override_settings or {}, restore=restore_settings):
-                return self._run(params, job)
+                if script is None:
+                    return self._run(params, job)
+                return script(params, lambda p: self._run(p, job), job)
         return self.queue.submit(run, name=params.kind, job_count=params.n_iter, job_id=job_id)
+
+    def sd_upscale_script(self, args):
+        """A `script` for submit(): A1111's "SD upscale" with these SdUpscaleArgs."""
+        from modules import rng
+        from modules.sd_upscale import run_sd_upscale
+
+        args.validate()
+
+        def script(params: Img2ImgParams, run, job: JobContext) -> Processed:
+            return run_sd_upscale(params, args, run, self._saver("img2img"), rng.resolve_seed(params.seed))
+        return script
 
     def submit_txt2img(self, params: Txt2ImgParams, **kwargs: Any) -> Job[Processed]:
         return self.submit(params, **kwargs)

@@ -235,6 +235,24 @@ def test_img2img_and_inpaint(api):
 
 # --------------------------------------------------------------------------- options and models
 
+def test_img2img_sd_upscale_script(api):
+    """A1111 clients call the built-in "SD upscale" by name with positional script_args."""
+    init = Image.new("RGB", (64, 64), (90, 120, 200))
+    data = post(api, "img2img", {**TINY, "prompt": "upscale", "seed": 5, "denoising_strength": 0.3,
+                                  "init_images": [png_b64(init)], "script_name": "SD upscale",
+                                  "script_args": ["", 16, 1, 2.0]})
+    assert data.status_code == 200, data.text
+    data = data.json()
+    out = decode(data["images"][0])
+    assert out.size == (128, 128)  # 2x Lanczos, rendered as overlapping 64x64 tiles
+    info = json.loads(data["info"])
+    assert info["all_seeds"] == [5]
+    assert get(api, "script-info").json()[0]["name"] == "sd upscale"
+    assert_error(post(api, "img2img", {**TINY, "init_images": [png_b64(init)], "script_name": "SD upscale",
+                                       "script_args": ["", 16, 9, 2.0]}), 422, "SD upscale")
+    assert_error(post(api, "txt2img", {**TINY, "script_name": "SD upscale"}), 422, "SD upscale")
+
+
 def test_options_get_post_round_trip(api):
     before = get(api, "options").json()
     titles = [m["title"] for m in get(api, "sd-models").json()]
@@ -326,12 +344,12 @@ def test_listings_have_a1111_shapes(api):
     assert len(models) == 2 and set(models[0]) == {"title", "model_name", "hash", "sha256", "filename", "config"}
     assert models[0]["title"] == f"tiny-a.safetensors [{models[0]['hash']}]" and len(models[0]["sha256"]) == 64
     assert get(api, "sd-vae").json() == []
-    for empty in ("hypernetworks", "face-restorers", "realesrgan-models", "script-info", "extensions"):
+    for empty in ("hypernetworks", "face-restorers", "realesrgan-models", "extensions"):
         assert get(api, empty).json() == [], empty
     assert get(api, "prompt-styles").json() == [
         {"name": "Cinematic", "prompt": "{prompt}, film grain", "negative_prompt": "cartoon"}]
     assert get(api, "embeddings").json() == {"loaded": {}, "skipped": {}}
-    assert get(api, "scripts").json() == {"txt2img": [], "img2img": []}
+    assert get(api, "scripts").json() == {"txt2img": [], "img2img": ["sd upscale"]}
     flags = get(api, "cmd-flags").json()
     assert flags["api"] is True and flags["nowebui"] is False and flags["data_dir"] == str(api.data_dir)
     memory = get(api, "memory").json()

@@ -27,7 +27,7 @@ from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modules import images as images_mod
-from modules import samplers
+from modules import samplers, sd_upscale
 from modules.api import models as m
 from modules.model_service import ModelLoadError, NoCheckpointError, UnknownCheckpointError
 from modules.options import OptionError
@@ -320,9 +320,9 @@ def fill_null_defaults(req: Any) -> None:
                 setattr(req, name, default)
 
 
-def check_scripts(req: m._ProcessingBase) -> None:
-    # No scripts exist yet: name what was asked for, as A1111 does for an unknown script.
-    if req.script_name:
+def check_scripts(req: m._ProcessingBase, *, is_img2img: bool) -> None:
+    # Only the built-in "SD upscale" (img2img) exists yet: name anything else, as A1111 does.
+    if req.script_name and not (is_img2img and req.script_name.strip().lower() == sd_upscale.TITLE.lower()):
         raise bad_request(f"Script '{req.script_name}' not found")
     for name in (req.alwayson_scripts or {}):
         raise bad_request(f"always on script {name} not found")
@@ -465,7 +465,7 @@ class Api:
         req = request.model_copy(deep=True)
         fill_null_defaults(req)
         apply_infotext(req, self.options)
-        check_scripts(req)
+        check_scripts(req, is_img2img=isinstance(req, m.StableDiffusionProcessingImg2Img))
         return req
 
     async def _generate(self, req: Any, params: Any) -> tuple[list[str], str]:
@@ -477,8 +477,11 @@ class Api:
                      "firstpass_image", "image_cfg_scale", "initial_noise_multiplier"):
             if getattr(req, name, None) not in (None, False):
                 log.info("%s: %s is not supported and was ignored", params.kind, name)
+        script = None
+        if req.script_name:  # check_scripts let only SD upscale through
+            script = self.generation.sd_upscale_script(sd_upscale.SdUpscaleArgs.from_script_args(req.script_args))
         job = self.generation.submit(params, override_settings=overrides, restore_settings=restore,
-                                     job_id=req.force_task_id or None)
+                                     job_id=req.force_task_id or None, script=script)
         processed = await wait_for(job)
         images: list[str] = []
         if _or(req.send_images, True):
@@ -634,11 +637,16 @@ class Api:
 
         @r.get("/scripts", response_model=m.ScriptsList)
         def get_scripts_list() -> dict:
-            return {"txt2img": [], "img2img": []}
+            return {"txt2img": [], "img2img": [sd_upscale.TITLE.lower()]}
 
         @r.get("/script-info", response_model=list[m.ScriptInfo])
         def get_script_info() -> list:
-            return []
+            return [{"name": sd_upscale.TITLE.lower(), "is_alwayson": False, "is_img2img": True, "args": [
+                {"label": "info", "value": None},
+                {"label": "Tile overlap", "value": 64, "minimum": 0, "maximum": 256, "step": 16},
+                {"label": "Upscaler", "value": "Lanczos", "choices": list(sd_upscale.UPSCALERS)},
+                {"label": "Scale Factor", "value": 2.0, "minimum": 1.0, "maximum": 4.0, "step": 0.05},
+            ]}]
 
         @r.get("/extensions", response_model=list[m.ExtensionItem])
         def get_extensions_list() -> list:
