@@ -124,7 +124,7 @@ def create_app(services: Services, *, callbacks=None, extensions=()):
 
         extension_head, extension_css = page_assets(extensions)
         ui = build_ui(services, extension_tabs=extension_tabs, extension_head=extension_head,
-                      extension_css=extension_css)
+                      extension_css=extension_css, extensions=extensions)
         ui.blocks.queue(default_concurrency_limit=1)
         credentials = read_gradio_credentials(opts)
         routes_before_ui = list(app.routes)  # API: to tell the UI's routes apart (see below)

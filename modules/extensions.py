@@ -94,6 +94,7 @@ def early_flags(argv: Sequence[str] | None, env: dict[str, str] | None = None) -
 
     env = os.environ if env is None else env
     args = list(sys.argv[1:] if argv is None else argv) + shlex.split(env.get("COMMANDLINE_ARGS", ""))
+    args = [a for a in args if a not in ("-h", "--help")]  # help is printed once, by the full parse
     parser = cmd_args.build_parser()
     try:
         opts, _ = parser.parse_known_args(args)
@@ -320,3 +321,76 @@ def log_summary(exts: Iterable[Extension]) -> None:
     log.info("Extensions loaded: %s", ", ".join(loaded) or "none")
     if failed:
         log.warning("Extensions that failed: %s", "; ".join(failed))
+
+
+# -- management (the Extensions tab) -------------------------------------------------------
+class ExtensionAccessError(PermissionError):
+    """Installing or updating is refused: the server is reachable from other machines."""
+
+
+def check_install_access(cmd_opts: Any) -> None:
+    """A1111's rule: with --listen/--share/--server-name anyone on the network could run code
+    through an install, so it takes --enable-insecure-extension-access."""
+    from modules import cmd_args
+
+    if cmd_args.is_non_local(cmd_opts) and not getattr(cmd_opts, "enable_insecure_extension_access", False):
+        raise ExtensionAccessError(
+            "Installing and updating extensions is disabled because the server is reachable from other "
+            "machines (--listen, --share or --server-name). Add --enable-insecure-extension-access to allow it.")
+
+
+def apply_enabled(options: Any, names: Iterable[str], enabled: Iterable[str], mode: str = "none") -> list[str]:
+    """Store which extensions are disabled (config.json); they take effect at the next start."""
+    disabled = sorted(set(names) - set(enabled))
+    options.set("disabled_extensions", disabled)
+    options.set("disable_all_extensions", mode)
+    options.save()
+    return disabled
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def name_from_url(url: str) -> str:
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    return name[:-4] if name.endswith(".git") else name
+
+
+def install_from_url(cmd_opts: Any, extensions_dir: Path, url: str, name: str = "") -> Path:
+    """git clone `url` into extensions_dir/<name>; raises ExtensionAccessError or ValueError/RuntimeError."""
+    check_install_access(cmd_opts)
+    url = url.strip()
+    if not url:
+        raise ValueError("give the URL of a git repository")
+    name = (name or name_from_url(url)).strip()
+    if not _SAFE_NAME.match(name):
+        raise ValueError(f"not a usable folder name: {name!r}")
+    target = extensions_dir / name
+    if target.exists():
+        raise ValueError(f"extension folder already exists: {target}")
+    temp = extensions_dir / f".tmp-{name}"
+    if temp.exists():
+        import shutil
+
+        shutil.rmtree(temp)
+    extensions_dir.mkdir(parents=True, exist_ok=True)
+    # "--" so a URL can never be read as a git option.
+    result = subprocess.run(["git", "clone", "--depth", "1", "--", url, str(temp)], capture_output=True, text=True,
+                            timeout=INSTALL_TIMEOUT_S, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+    if result.returncode != 0:
+        raise RuntimeError(f"git clone failed: {(result.stderr or result.stdout).strip()[-2000:]}")
+    temp.rename(target)
+    log.info("Installed extension %s from %s; restart to load it", name, url)
+    return target
+
+
+def update(cmd_opts: Any, ext: Extension) -> str:
+    """git pull --ff-only in the extension's folder; returns git's message."""
+    check_install_access(cmd_opts)
+    if not (ext.path / ".git").exists():
+        raise ValueError(f"{ext.name} is not a git checkout")
+    result = subprocess.run(["git", "-C", str(ext.path), "pull", "--ff-only"], capture_output=True, text=True,
+                            timeout=INSTALL_TIMEOUT_S, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+    if result.returncode != 0:
+        raise RuntimeError(f"git pull failed: {(result.stderr or result.stdout).strip()[-2000:]}")
+    return result.stdout.strip()

@@ -82,6 +82,42 @@ def test_module_functions_reach_the_default_registry_and_record_the_caller():
     assert registry.callbacks["before_ui"] == []
 
 
+def test_installs_are_refused_on_a_network_bind_unless_allowed(tmp_path):
+    from modules import cmd_args
+
+    listen = cmd_args.parse_args(["--listen"], env={}).opts
+    with pytest.raises(extensions.ExtensionAccessError, match="--enable-insecure-extension-access"):
+        extensions.install_from_url(listen, tmp_path, "https://example.invalid/x.git")
+    assert not any(tmp_path.iterdir())
+    extensions.check_install_access(cmd_args.parse_args(["--listen", "--enable-insecure-extension-access"], env={}).opts)
+    extensions.check_install_access(cmd_args.parse_args([], env={}).opts)
+
+
+def test_install_from_a_git_url_and_apply_enabled(tmp_path):
+    import subprocess
+
+    from modules import cmd_args
+    from modules.options import Options, default_templates
+
+    repo = tmp_path / "src" / "sd-webui-demo"
+    write(repo / "scripts" / "demo.py", "X = 1\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-qm", "init"], check=True)
+    opts = cmd_args.parse_args([], env={}).opts
+    target = extensions.install_from_url(opts, tmp_path / "extensions", str(repo))
+    assert target == tmp_path / "extensions" / "sd-webui-demo" and (target / "scripts" / "demo.py").is_file()
+    with pytest.raises(ValueError, match="already exists"):
+        extensions.install_from_url(opts, tmp_path / "extensions", str(repo))
+    with pytest.raises(ValueError, match="folder name"):
+        extensions.install_from_url(opts, tmp_path / "extensions", str(repo), "../evil")
+
+    options = Options(tmp_path / "config.json", default_templates())
+    assert extensions.apply_enabled(options, ["a", "b", "c"], ["b"], "extra") == ["a", "c"]
+    assert extensions.read_disable_settings(tmp_path / "config.json") == ({"a", "c"}, "extra")
+
+
 # -- a real server with example extensions ---------------------------------------------
 GOOD_SCRIPT = """
 from fastapi import FastAPI
@@ -100,8 +136,17 @@ def settings():
     shared.opts.add_option("my_ext_setting", OptionInfo("abc", "My extension's setting", section=("my_ext", "My ext")))
 
 
+def tabs():
+    import gradio as gr
+
+    with gr.Blocks() as block:
+        gr.Markdown("tabBody4471")
+    return [(block, "MyExtTab", "my_ext_tab")]
+
+
 script_callbacks.on_app_started(started)
 script_callbacks.on_ui_settings(settings)
+script_callbacks.on_ui_tabs(tabs)
 """
 
 
@@ -156,6 +201,7 @@ def test_extensions_load_into_a_running_server(ext_data):
         assert (ext_data / "extensions" / "good-ext" / "installed.txt").read_text() == "ran\n"
         page = page_text(srv.url)
         assert "jsMarker8142" in page and "cssMarker5531" in page
+        assert "MyExtTab" in page and "tabBody4471" in page and "tab_extensions" in page
         assert "broken-ext" in srv.output and "kaboom-7731" in srv.output
         assert not (ext_data / "extensions" / "off-ext" / "loaded.txt").exists()
         assert not (ext_data / "extensions" / "off-ext" / "installed.txt").exists()

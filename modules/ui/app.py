@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import gradio as gr
 
 from modules.services import Services
 from modules.ui import paste
+from modules.ui.extensions_tab import build_extensions_tab
 from modules.ui.img2img_tab import INPAINT_MODES, MODES, Img2ImgUi, build_img2img_tab
 from modules.ui.pnginfo_tab import PngInfoUi, build_pnginfo_tab
 from modules.ui.quicksettings import build_quicksettings
@@ -55,7 +57,7 @@ def _find(blocks: gr.Blocks, elem_id: str):
 
 
 def build_ui(services: Services, *, extension_tabs: list[tuple[gr.Blocks, str, str]] = (),
-             extension_head: str = "", extension_css: str = "") -> UiBundle:
+             extension_head: str = "", extension_css: str = "", extensions: Sequence = ()) -> UiBundle:
     """`extension_tabs`: (blocks, title, elem_id) from on_ui_tabs; head/css: extensions' javascript/*.js and style.css."""
     with gr.Blocks(title="Stable Diffusion", analytics_enabled=False) as blocks:
         build_quicksettings(services)
@@ -70,6 +72,8 @@ def build_ui(services: Services, *, extension_tabs: list[tuple[gr.Blocks, str, s
                 _render_extension_tab(ext_blocks, title, elem_id)
             with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
                 build_settings_tab(services)
+            with gr.Tab("Extensions", id="extensions", elem_id="tab_extensions"):
+                build_extensions_tab(services, extensions)
         connect_styles([txt2img.styles, img2img.styles], services)
         ctx = paste.PasteContext(services=services, top_tabs=tabs,
                                  checkpoint=_find(blocks, "setting_sd_model_checkpoint"),
