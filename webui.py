@@ -245,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         extensions.load_scripts(found, callbacks)
         extensions.log_summary(found)
         services.models.add_loaded_listener(callbacks.model_loaded)
+        services.generation.save_hooks = (callbacks.before_image_saved, callbacks.image_saved)
+        services.callbacks = callbacks
+        services.generation.sampling_hooks = callbacks.sampling_hooks
         callbacks.ui_settings()  # extensions add settings through shared.opts.add_option
         app = create_app(services, callbacks=callbacks, extensions=found)
         log.info("UI built in %.1fs", time.perf_counter() - started)

@@ -17,6 +17,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from modules.images import ImageSaveParams  # noqa: F401 - A1111 extensions import it from here
+
 log = logging.getLogger(__name__)
 
 KINDS = (
@@ -33,13 +35,7 @@ class CallbackEntry:
 
 
 # Payloads, with A1111's attribute names: extensions read and modify them in place.
-@dataclass
-class ImageSaveParams:
-    image: Any
-    p: Any
-    filename: str
-    pnginfo: dict
-
+# (ImageSaveParams is modules.images'.)
 
 @dataclass
 class CFGDenoiserParams:
@@ -154,6 +150,19 @@ class CallbackRegistry:
 
     def infotext_pasted(self, infotext: str, params: dict) -> None:
         self.run("infotext_pasted", infotext, params)
+
+    def sampling_hooks(self) -> Any:
+        """sampling.SamplingHooks that fire on_cfg_denoiser/on_cfg_denoised, or None when nobody
+        listens (no per-step cost then). Called per job, when torch is loaded anyway."""
+        if not (self.callbacks["cfg_denoiser"] or self.callbacks["cfg_denoised"]):
+            return None
+        from modules.sampling import SamplingHooks
+
+        def denoised(x: Any, step: int, total: int) -> None:
+            self.cfg_denoised(CFGDenoisedParams(x=x, sampling_step=step, total_sampling_steps=total))
+
+        # The denoiser's own params object (sampling.DenoiserParams) has A1111's CFGDenoiserParams fields.
+        return SamplingHooks(on_cfg_denoiser=[self.cfg_denoiser], on_cfg_denoised=[denoised])
 
     def before_ui(self) -> None:
         self.run("before_ui")

@@ -224,3 +224,57 @@ def test_skip_install_and_disable_all(ext_data):
         assert "kaboom-7731" not in srv.output
     finally:
         srv.stop()
+
+
+HOOKS_SCRIPT = """
+import json, pathlib
+from modules import script_callbacks
+
+LOG = pathlib.Path(__file__).parent.parent / "events.jsonl"
+
+
+def record(kind, **data):
+    with open(LOG, "a") as f:
+        f.write(json.dumps({"kind": kind, **data}) + "\\n")
+
+
+def before_saved(params):
+    params.pnginfo["my_ext"] = "was here"
+    record("before_image_saved", filename=params.filename)
+
+
+script_callbacks.on_model_loaded(lambda m: record("model_loaded", title=m.title))
+script_callbacks.on_before_image_saved(before_saved)
+script_callbacks.on_image_saved(lambda p: record("image_saved", filename=p.filename))
+script_callbacks.on_cfg_denoiser(lambda p: record("cfg_denoiser", step=p.sampling_step, total=p.total_sampling_steps))
+script_callbacks.on_cfg_denoised(lambda p: record("cfg_denoised", step=p.sampling_step))
+script_callbacks.on_cfg_denoiser(lambda p: 1 / 0)  # a broken hook must not stop the job
+"""
+
+
+def test_generation_fires_model_loaded_image_saved_and_cfg_callbacks(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from tiny_models import make_checkpoint
+
+    ckpt_dir = tmp_path / "models" / "Stable-diffusion"
+    ckpt_dir.mkdir(parents=True)
+    make_checkpoint(ckpt_dir / "tiny.safetensors", "sd1", seed=0)
+    write(tmp_path / "extensions" / "hooks-ext" / "scripts" / "hooks.py", HOOKS_SCRIPT)
+    srv = start_server(tmp_path, "--api", "--skip-load-model-at-start")
+    try:
+        r = requests.post(srv.url + "/sdapi/v1/txt2img", json={"prompt": "x", "width": 64, "height": 64, "steps": 2,
+                                                               "save_images": True}, timeout=300)
+        assert r.status_code == 200, r.text
+    finally:
+        srv.stop()
+    events = [json.loads(line) for line in (tmp_path / "extensions" / "hooks-ext" / "events.jsonl").read_text().splitlines()]
+    kinds = [e["kind"] for e in events]
+    assert kinds[0] == "model_loaded" and "tiny" in events[0]["title"]
+    assert [e["step"] for e in events if e["kind"] == "cfg_denoiser"] == [0, 1]
+    assert kinds.count("cfg_denoised") == 2
+    saved = [e["filename"] for e in events if e["kind"] == "image_saved"]
+    assert len(saved) == 1 and Image.open(saved[0]).info["my_ext"] == "was here"
+    assert "ZeroDivisionError" in srv.output and "hooks.py" in srv.output
