@@ -51,6 +51,25 @@ def test_disable_modes_and_disabled_list(tmp_path):
     assert set(status(extensions.discover(user, builtin, mode="all")).values()) == {"disabled"}
 
 
+def test_a_failing_preload_or_install_fails_only_its_extension(tmp_path, caplog):
+    from modules import cmd_args
+
+    user = tmp_path / "extensions"
+    write(user / "bad-preload" / "preload.py", "def preload(parser):\n    raise ValueError('no-flags-9913')\n")
+    write(user / "good-preload" / "preload.py", "def preload(parser):\n    parser.add_argument('--good-flag')\n")
+    write(user / "bad-install" / "install.py", "import sys\nprint('install-broke-4410')\nsys.exit(3)\n")
+    found = extensions.discover(user, tmp_path / "none")
+    with caplog.at_level(logging.ERROR):
+        extensions.run_installers(found, tmp_path)
+        opts = cmd_args.parse_args(["--good-flag", "1"], env={}, preloaders=extensions.preloaders(found)).opts
+    assert opts.good_flag == "1"
+    status = {e.name: e.status for e in found}
+    assert status["good-preload"] == "ok"
+    assert status["bad-preload"].startswith("failed") and "no-flags-9913" in status["bad-preload"]
+    assert status["bad-install"] == "failed: install.py exited with 3"
+    assert "install-broke-4410" in caplog.text and "bad-preload" in caplog.text
+
+
 def test_a_failing_callback_is_logged_with_its_file_and_skipped(caplog):
     registry = script_callbacks.CallbackRegistry()
     seen = []
