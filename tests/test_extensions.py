@@ -208,24 +208,37 @@ def page_text(url: str) -> str:
     return text + requests.get(url + "/config", timeout=30).text
 
 
-def test_extensions_load_into_a_running_server(ext_data):
+@pytest.fixture(scope="module")
+def ext_server(ext_data):
     srv = start_server(ext_data, "--api", "--api-auth", "u:p", "--my-flag", "x")
-    try:
-        assert requests.get(srv.url + "/my-ext/hello", timeout=10).status_code == 401
-        r = requests.get(srv.url + "/my-ext/hello", auth=("u", "p"), timeout=10)
-        assert r.status_code == 200, r.text
-        assert r.json() == {"hello": "world", "flag": "x", "setting": "abc", "busy": 0, "model": True}
-        options = requests.get(srv.url + "/sdapi/v1/options", auth=("u", "p"), timeout=10).json()
-        assert options["my_ext_setting"] == "abc"
-        assert (ext_data / "extensions" / "good-ext" / "installed.txt").read_text() == "ran\n"
-        page = page_text(srv.url)
-        assert "jsMarker8142" in page and "cssMarker5531" in page
-        assert "MyExtTab" in page and "tabBody4471" in page and "tab_extensions" in page
-        assert "broken-ext" in srv.output and "kaboom-7731" in srv.output
-        assert not (ext_data / "extensions" / "off-ext" / "loaded.txt").exists()
-        assert not (ext_data / "extensions" / "off-ext" / "installed.txt").exists()
-    finally:
-        srv.stop()
+    yield srv
+    srv.stop()
+
+
+def test_extensions_load_into_a_running_server(ext_server):
+    srv, ext_data = ext_server, ext_server.data_dir
+    assert requests.get(srv.url + "/my-ext/hello", timeout=10).status_code == 401
+    r = requests.get(srv.url + "/my-ext/hello", auth=("u", "p"), timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"hello": "world", "flag": "x", "setting": "abc", "busy": 0, "model": True}
+    options = requests.get(srv.url + "/sdapi/v1/options", auth=("u", "p"), timeout=10).json()
+    assert options["my_ext_setting"] == "abc"
+    assert (ext_data / "extensions" / "good-ext" / "installed.txt").read_text() == "ran\n"
+    page = page_text(srv.url)
+    assert "jsMarker8142" in page and "cssMarker5531" in page
+    assert "MyExtTab" in page and "tabBody4471" in page and "tab_extensions" in page
+    assert "broken-ext" in srv.output and "kaboom-7731" in srv.output
+    assert not (ext_data / "extensions" / "off-ext" / "loaded.txt").exists()
+    assert not (ext_data / "extensions" / "off-ext" / "installed.txt").exists()
+
+
+@pytest.mark.browser
+def test_extension_javascript_runs_and_its_tab_shows_in_the_browser(ext_server, page):
+    page.goto(ext_server.url + "/")
+    page.get_by_role("tab", name="MyExtTab").wait_for(timeout=30000)
+    page.wait_for_function("window.myExtMarker === 'jsMarker8142'", timeout=15000)
+    page.get_by_role("tab", name="Extensions").click()
+    page.get_by_text("kaboom-7731", exact=False).first.wait_for(state="attached", timeout=15000)
 
 
 def test_skip_install_and_disable_all(ext_data):
