@@ -218,7 +218,12 @@ def _import_file(module_name: str, file: Path) -> Any:
 
 def _module_name(ext: Extension, part: str) -> str:
     safe = re.sub(r"\W", "_", f"{ext.name}_{part}")
-    return f"ext_{'builtin' if ext.is_builtin else 'user'}_{safe}"  # flat: no parent package needed
+    base = f"ext_{'builtin' if ext.is_builtin else 'user'}_{safe}"  # flat: no parent package needed
+    name, n = base, 1
+    while name in sys.modules:  # "a-b" and "a_b" must not share (and clobber) one module
+        n += 1
+        name = f"{base}_{n}"
+    return name
 
 
 def preloaders(exts: Iterable[Extension]) -> list[Callable[[argparse.ArgumentParser], None]]:
