@@ -131,6 +131,10 @@ def test_install_from_a_git_url_and_apply_enabled(tmp_path):
         extensions.install_from_url(opts, tmp_path / "extensions", str(repo))
     with pytest.raises(ValueError, match="folder name"):
         extensions.install_from_url(opts, tmp_path / "extensions", str(repo), "../evil")
+    ext = extensions.discover(tmp_path / "extensions", tmp_path / "none")[0]
+    assert "up to date" in extensions.update(opts, ext).lower()
+    with pytest.raises(extensions.ExtensionAccessError):
+        extensions.update(cmd_args.parse_args(["--share"], env={}).opts, ext)
 
     options = Options(tmp_path / "config.json", default_templates())
     assert extensions.apply_enabled(options, ["a", "b", "c"], ["b"], "extra") == ["a", "c"]

@@ -51,6 +51,23 @@ def build_extensions_tab(services: Services, exts: Sequence[Extension]) -> None:
                 return RESTART_NOTE
 
             apply.click(on_apply, inputs=[enabled, mode], outputs=[result])
+            user_exts = {e.name: e for e in exts if not e.is_builtin}
+            with gr.Row():
+                to_update = gr.Dropdown(list(user_exts), label="Update from its git remote", elem_id="extensions_update_name")
+                update = gr.Button("Update", elem_id="extensions_update_button")
+            update_result = gr.Markdown(elem_id="extensions_update_result")
+
+            def on_update(chosen):
+                ext = user_exts.get(chosen or "")
+                if ext is None:
+                    return "Choose an extension."
+                try:
+                    message = ext_mod.update(services.cmd_opts, ext)
+                except (ext_mod.ExtensionAccessError, ValueError, RuntimeError, OSError) as err:
+                    return f"Not updated: {err}"
+                return f"{message or 'Updated.'} Restart the web UI to load the new code."
+
+            update.click(on_update, inputs=[to_update], outputs=[update_result])
         with gr.Tab("Install from URL", id="extensions_install"):
             try:
                 ext_mod.check_install_access(services.cmd_opts)
