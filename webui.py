@@ -85,8 +85,12 @@ def prepare(parsed: cmd_args.ParsedArgs) -> tuple[Services, list[str]]:
     return build_services(opts, paths, options), warnings
 
 
-def create_app(services: Services):
-    """The FastAPI app with the API (--api) and the UI mounted on it."""
+def create_app(services: Services, *, callbacks=None, extensions=()):
+    """The FastAPI app with the API (--api) and the UI mounted on it.
+
+    `callbacks` (a script_callbacks.CallbackRegistry) and `extensions` come from
+    load_extensions(); without them the app has no extension hooks.
+    """
     from fastapi import FastAPI
 
     opts = services.cmd_opts
@@ -112,7 +116,15 @@ def create_app(services: Services):
 
         from modules.ui.app import build_ui
 
-        ui = build_ui(services)
+        extension_tabs = []
+        if callbacks is not None:
+            callbacks.before_ui()
+            extension_tabs = callbacks.ui_tabs()
+        from modules.extensions import page_assets
+
+        extension_head, extension_css = page_assets(extensions)
+        ui = build_ui(services, extension_tabs=extension_tabs, extension_head=extension_head,
+                      extension_css=extension_css, extensions=extensions)
         ui.blocks.queue(default_concurrency_limit=1)
         credentials = read_gradio_credentials(opts)
         routes_before_ui = list(app.routes)  # API: to tell the UI's routes apart (see below)
@@ -127,7 +139,46 @@ def create_app(services: Services):
         )
         # API: the UI has its own login (--gradio-auth); Basic auth leaves its routes alone.
         api.exempt_ui([r for r in app.routes if not any(r is old for old in routes_before_ui)])
+    if callbacks is not None:
+        _run_app_started(app, callbacks, None if opts.nowebui else ui.blocks)
     return app
+
+
+def _run_app_started(app, callbacks, demo) -> None:
+    """on_app_started(demo, app), then move the routes it added in front of the UI mount:
+    a mount at "/" matches everything, so a route after it is never reached. Being in front
+    of the mount also puts them behind the Basic auth middleware (it exempts only the UI)."""
+    from starlette.routing import Mount
+
+    before = list(app.router.routes)
+    callbacks.app_started(demo, app)
+    added = [r for r in app.router.routes if not any(r is old for old in before)]
+    if not added:
+        return
+    routes = [r for r in app.router.routes if not any(r is new for new in added)]
+    mount_at = next((i for i, r in enumerate(routes) if isinstance(r, Mount)), len(routes))
+    app.router.routes[:] = routes[:mount_at] + added + routes[mount_at:]
+
+
+def load_extensions(argv: list[str] | None):
+    """Discover extensions and run their install.py: before flags are parsed, since preload.py adds flags.
+
+    Returns (extensions, callback registry).
+    """
+    from modules import extensions, script_callbacks
+
+    callbacks = script_callbacks.set_default(script_callbacks.CallbackRegistry())
+    early = extensions.early_flags(argv)
+    paths = AppPaths.from_opts(early)
+    disabled, mode = extensions.read_disable_settings(paths.config_file)
+    if early.disable_all_extensions:
+        mode = "all"
+    elif early.disable_extra_extensions and mode == "none":
+        mode = "extra"
+    found = extensions.discover(paths.extensions_dir, paths.extensions_builtin_dir, disabled=disabled, mode=mode)
+    if not early.skip_install:
+        extensions.run_installers(found, paths.install_dir)
+    return found, callbacks
 
 
 def serve(app, sock: socket.socket, services: Services) -> None:
@@ -163,16 +214,18 @@ def serve(app, sock: socket.socket, services: Services) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Logging first at INFO: extension problems are reported before the flags are parsed.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from modules import extensions
+
+    found, callbacks = load_extensions(argv)
     try:
-        parsed = cmd_args.parse_args(argv)
+        parsed = cmd_args.parse_args(argv, preloaders=extensions.preloaders(found))
     except FlagError as err:
         print(f"webui: error: {err}", file=sys.stderr)
         return 2
     opts = parsed.opts
-    logging.basicConfig(
-        level=getattr(logging, (opts.loglevel or "INFO").upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logging.getLogger().setLevel(getattr(logging, (opts.loglevel or "INFO").upper(), logging.INFO))
     for notice in parsed.notices:
         print(notice, file=sys.stderr)
     if opts.exit or opts.test:
@@ -186,7 +239,17 @@ def main(argv: list[str] | None = None) -> int:
         read_gradio_credentials(opts)  # fail fast on a bad auth file, before binding
         sock = open_listening_socket(cmd_args.bind_host(opts), cmd_args.bind_port(opts))
         started = time.perf_counter()
-        app = create_app(services)
+        from modules import shared
+
+        shared.bind(services)
+        extensions.load_scripts(found, callbacks)
+        extensions.log_summary(found)
+        services.models.add_loaded_listener(callbacks.model_loaded)
+        services.generation.save_hooks = (callbacks.before_image_saved, callbacks.image_saved)
+        services.callbacks = callbacks
+        services.generation.sampling_hooks = callbacks.sampling_hooks
+        callbacks.ui_settings()  # extensions add settings through shared.opts.add_option
+        app = create_app(services, callbacks=callbacks, extensions=found)
         log.info("UI built in %.1fs", time.perf_counter() - started)
         serve(app, sock, services)
     except (StartupError, FlagError) as err:

@@ -27,6 +27,11 @@ class GenerationService:
         self.queue = queue
         self._encoders: dict[int, tuple[Any, Any]] = {}   # id(LoadedModel) -> (model, PromptEncoder)
         self._counting_tokenizer = None
+        # (before_save, after_save) given to images.save_image: webui.py points them at the
+        # on_before_image_saved / on_image_saved callbacks.
+        self.save_hooks: tuple[Any, Any] = (None, None)
+        # () -> sampling.SamplingHooks or None, per job: the on_cfg_denoiser/on_cfg_denoised callbacks.
+        self.sampling_hooks: Any = None
 
     @property
     def state(self) -> JobState:
@@ -111,7 +116,8 @@ class GenerationService:
         job.set_preview(self._preview_fn(model), self.options.show_progress_every_n_steps
                         if self.options.live_previews_enable else 0)
         ctx = RunContext(model=model, encoder=self._encoder_for(model), options=self.options,
-                         save=self._saver(params.kind), job=job)
+                         save=self._saver(params.kind), job=job,
+                         hooks=self.sampling_hooks() if self.sampling_hooks is not None else None)
         return process_images(params, ctx)
 
     def _encoder_for(self, model):
@@ -146,6 +152,7 @@ class GenerationService:
                 add_number=options.save_images_add_number, grid=grid, jpeg_quality=options.jpeg_quality,
                 webp_lossless=options.webp_lossless, save_txt=options.save_txt and not grid,
                 embed_info=options.enable_pnginfo,
+                before_save=self.save_hooks[0], after_save=self.save_hooks[1],
             )
             return saved.path
         return save

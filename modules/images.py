@@ -89,6 +89,7 @@ class ImageSaveParams:
     image: Image.Image
     filename: str
     pnginfo: dict[str, Any] = field(default_factory=dict)
+    p: Any = None  # the job's parameters, when the caller has them (A1111's StableDiffusionProcessing)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ class ModelService:
         self._manager_factory = manager_factory
         self._manager = None
         self._lock = threading.Lock()
+        self._loaded_listeners: list[Callable[[Any], None]] = []
 
     @property
     def manager(self):
@@ -51,7 +52,16 @@ class ModelService:
                 self._manager.add_loaded_listener(
                     lambda model: log.info("Model %s loaded in %.1fs (%s).", model.title, model.load_seconds,
                                            model.policy.describe()))
+                for fn in self._loaded_listeners:
+                    self._manager.add_loaded_listener(fn)
             return self._manager
+
+    def add_loaded_listener(self, fn: Callable[[Any], None]) -> None:
+        """fn(model) after each model load; kept until the manager exists, so torch stays unimported."""
+        with self._lock:
+            self._loaded_listeners.append(fn)
+            if self._manager is not None:
+                self._manager.add_loaded_listener(fn)
 
     @property
     def loaded_model(self):

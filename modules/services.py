@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from modules.checkpoints import CheckpointRegistry
 from modules.generation import GenerationService
@@ -27,6 +28,7 @@ class Services:
     models: ModelService
     generation: GenerationService
     styles: StyleDatabase
+    callbacks: Any = None  # script_callbacks.CallbackRegistry, set by webui.py when extensions are loaded
 
 
 def _manager_factory(opts: argparse.Namespace, options: Options):

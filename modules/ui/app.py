@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import gradio as gr
 
 from modules.services import Services
 from modules.ui import paste
+from modules.ui.extensions_tab import build_extensions_tab
 from modules.ui.img2img_tab import INPAINT_MODES, MODES, Img2ImgUi, build_img2img_tab
 from modules.ui.pnginfo_tab import PngInfoUi, build_pnginfo_tab
 from modules.ui.quicksettings import build_quicksettings
@@ -54,7 +56,9 @@ def _find(blocks: gr.Blocks, elem_id: str):
     return next((b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == elem_id), None)
 
 
-def build_ui(services: Services) -> UiBundle:
+def build_ui(services: Services, *, extension_tabs: list[tuple[gr.Blocks, str, str]] = (),
+             extension_head: str = "", extension_css: str = "", extensions: Sequence = ()) -> UiBundle:
+    """`extension_tabs`: (blocks, title, elem_id) from on_ui_tabs; head/css: extensions' javascript/*.js and style.css."""
     with gr.Blocks(title="Stable Diffusion", analytics_enabled=False) as blocks:
         build_quicksettings(services)
         with gr.Tabs(elem_id="tabs") as tabs:
@@ -64,14 +68,30 @@ def build_ui(services: Services) -> UiBundle:
                 img2img = build_img2img_tab(services)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 pnginfo = build_pnginfo_tab(services)
+            for ext_blocks, title, elem_id in extension_tabs:
+                _render_extension_tab(ext_blocks, title, elem_id)
             with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
                 build_settings_tab(services)
+            with gr.Tab("Extensions", id="extensions", elem_id="tab_extensions"):
+                build_extensions_tab(services, extensions)
         connect_styles([txt2img.styles, img2img.styles], services)
         ctx = paste.PasteContext(services=services, top_tabs=tabs,
                                  checkpoint=_find(blocks, "setting_sd_model_checkpoint"),
                                  pending_checkpoint=gr.State(None))
         _connect_paste(ctx, txt2img, img2img, pnginfo)
-    return UiBundle(blocks=blocks, css=CSS, js=JS, head=_theme_head(services.cmd_opts.theme))
+    head = "\n".join(h for h in (_theme_head(services.cmd_opts.theme), extension_head) if h) or None
+    return UiBundle(blocks=blocks, css=CSS + ("\n" + extension_css if extension_css else ""), js=JS, head=head)
+
+
+def _render_extension_tab(ext_blocks: gr.Blocks, title: str, elem_id: str) -> None:
+    """An on_ui_tabs Blocks as one more top tab; a failing one is logged and left out."""
+    import logging
+
+    try:
+        with gr.Tab(title, id=elem_id, elem_id=f"tab_{elem_id}"):
+            ext_blocks.render()
+    except Exception:
+        logging.getLogger(__name__).exception("Extension tab %r could not be added", title)
 
 
 def _gallery_image(gallery: list | None, index: int | None, info: dict | None):

@@ -301,6 +301,9 @@ def infotext_updates(ctx: PasteContext, text: str | None, tab: str, names: list[
         return [*updates({}, names), gr.update(), None]
     services = ctx.services
     parsed = parse_for_paste(text, styles=getattr(services, "styles", None))
+    callbacks = getattr(services, "callbacks", None)
+    if callbacks is not None:  # on_infotext_pasted: extensions may add or change parsed fields in place
+        callbacks.infotext_pasted(text, parsed)
     values = values_from_infotext(parsed, tab)
     overrides = override_choices(parsed, services.options)
     title = checkpoint_for(parsed, services.models.registry)
