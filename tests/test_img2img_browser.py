@@ -78,7 +78,7 @@ def test_inpaint_a_stroke_drawn_with_the_mouse(img2img_server, page, tmp_path):
 
     infotext = page.locator("#img2img_infotext")
     infotext.get_by_text("Mask blur: 0", exact=False).wait_for(timeout=120000)
-    page.locator("#img2img_gallery img").first.wait_for(timeout=30000)
+    page.locator("#img2img_gallery img").first.wait_for(timeout=60000)
     text = infotext.inner_text()
     assert "a lighthouse" in text and "Seed: 4321" in text and "Mask mode: Inpaint masked" in text
     assert "Size: 64x64" in text and "Denoising strength: 0.9" in text
@@ -109,15 +109,15 @@ def test_png_info_send_to_txt2img_fills_the_fields_and_picks_the_checkpoint(img2
     page.goto(img2img_server.url + "/")
     page.get_by_role("tab", name="PNG Info").click(timeout=60000)
     page.locator("#pnginfo_image input[type=file]").set_input_files(str(png))
-    page.locator("#pnginfo_html_info").get_by_text("Seed: 98765", exact=False).wait_for(timeout=30000)
+    page.locator("#pnginfo_html_info").get_by_text("Seed: 98765", exact=False).wait_for(timeout=60000)
     page.screenshot(path=str(tmp_path / "pnginfo.png"), full_page=True)
 
     page.locator("#pnginfo_send_to_txt2img").click()
     prompt = page.locator("#txt2img_prompt textarea")
-    prompt.wait_for(state="visible", timeout=30000)
+    prompt.wait_for(state="visible", timeout=60000)
     page.wait_for_function(
         "() => document.querySelector('#txt2img_prompt textarea').value.startsWith('a photo of a lighthouse')",
-        timeout=30000)
+        timeout=60000)
     assert prompt.input_value() == "a photo of a lighthouse, (dusk:1.2)"
     assert page.locator("#txt2img_neg_prompt textarea").input_value() == "fog"
     assert page.locator("#txt2img_seed input").input_value() == "98765"
