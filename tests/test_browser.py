@@ -8,7 +8,7 @@ pytestmark = pytest.mark.browser
 
 def test_page_shows_the_tabs(server, page, tmp_path):
     page.goto(server.url + "/")
-    page.get_by_role("tab", name="Settings").wait_for(timeout=30000)
+    page.get_by_role("tab", name="Settings").wait_for(timeout=60000)
     tabs = [t.strip() for t in page.locator("#tabs > .tab-wrapper [role=tab]").all_inner_texts()]
     assert tabs == ["txt2img", "img2img", "PNG Info", "Settings", "Extensions"]
     # With no checkpoint, the page says where to put one.
@@ -21,11 +21,11 @@ def test_settings_apply_persists_to_config_json(server, page):
     page.goto(server.url + "/")
     page.get_by_role("tab", name="Settings").click()
     checkbox = page.locator("#setting_save_txt input[type=checkbox]")
-    checkbox.wait_for(timeout=30000)
+    checkbox.wait_for(timeout=60000)
     assert not checkbox.is_checked()
     checkbox.check()
     page.locator("#settings_submit").click()
-    page.locator("#settings_result").get_by_text("1 settings changed: save_txt.").wait_for(timeout=30000)
+    page.locator("#settings_result").get_by_text("1 settings changed: save_txt.").wait_for(timeout=60000)
     saved = json.loads((server.data_dir / "config.json").read_text())
     assert saved["save_txt"] is True
 
@@ -44,8 +44,8 @@ def model_server(tmp_path_factory):
 
 def test_txt2img_generates_an_image_into_the_gallery(model_server, page, tmp_path):
     page.goto(model_server.url + "/")
-    page.locator("#txt2img_prompt textarea").wait_for(timeout=30000)
-    assert "tiny-sd1.safetensors" in page.locator("#setting_sd_model_checkpoint").inner_text(timeout=10000) + \
+    page.locator("#txt2img_prompt textarea").wait_for(timeout=60000)
+    assert "tiny-sd1.safetensors" in page.locator("#setting_sd_model_checkpoint").inner_text(timeout=60000) + \
         page.locator("#setting_sd_model_checkpoint input").input_value()
     page.locator("#txt2img_prompt textarea").fill("a photo of a cat")
     # Small and fast: 64x64, 2 steps.

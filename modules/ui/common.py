@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
 from typing import Any
+
+import gradio as gr
 
 
 POLL_SECONDS = 0.5  # how often a running job's progress and preview are pushed to the page
@@ -51,3 +54,42 @@ def connect_token_counter(generation, prompt, token_counter) -> None:
         return f"{used}/{limit}"
 
     prompt.change(count, inputs=prompt, outputs=token_counter, show_progress="hidden", trigger_mode="always_last")
+
+
+@dataclass
+class Toprow:
+    """Prompt, negative prompt and the buttons beside them: the same in every generation tab."""
+    prompt: Any
+    negative_prompt: Any
+    token_counter: Any
+    paste_button: Any
+    generate: Any
+    interrupt: Any
+    skip: Any
+    styles_ui: Any
+    override_settings: Any   # settings named by a pasted infotext (A1111's "Override settings"); shown only when set
+
+
+def build_toprow(tabname: str, services) -> Toprow:
+    from modules.ui.styles_ui import build_styles_row
+
+    with gr.Row(elem_id=f"{tabname}_toprow"):
+        with gr.Column(scale=6):
+            prompt = gr.Textbox(label="Prompt", elem_id=f"{tabname}_prompt", lines=3,
+                                placeholder="Prompt (Ctrl+Enter to generate)")
+            negative_prompt = gr.Textbox(label="Negative prompt", elem_id=f"{tabname}_neg_prompt", lines=2,
+                                         placeholder="Negative prompt")
+        with gr.Column(scale=1, min_width=180):
+            with gr.Row():
+                token_counter = gr.Markdown("0/75", elem_id=f"{tabname}_token_counter")
+                paste_button = gr.Button("↙️", elem_id=f"{tabname}_paste", size="sm", min_width=40, scale=0)
+            generate = gr.Button("Generate", variant="primary", elem_id=f"{tabname}_generate")
+            with gr.Row():
+                interrupt = gr.Button("Interrupt", elem_id=f"{tabname}_interrupt", size="sm")
+                skip = gr.Button("Skip", elem_id=f"{tabname}_skip", size="sm")
+            styles_ui = build_styles_row(tabname, services)
+    override_settings = gr.Dropdown([], value=[], multiselect=True, label="Override settings", visible=False,
+                                    elem_id=f"{tabname}_override_settings", allow_custom_value=True)
+    return Toprow(prompt=prompt, negative_prompt=negative_prompt, token_counter=token_counter,
+                  paste_button=paste_button, generate=generate, interrupt=interrupt, skip=skip,
+                  styles_ui=styles_ui, override_settings=override_settings)

@@ -26,10 +26,11 @@ from modules.masking import flatten, prepare_mask
 from modules.outpainting import DIRECTIONS, outpaint_params
 from modules.processing import MASKED_CONTENT, RESIZE_MODES, Img2ImgParams, ProcessingError
 from modules.services import Services
-from modules.ui.common import POLL_SECONDS, connect_seed_buttons, connect_token_counter, infotext_html, progress_html
+from modules.ui.common import (POLL_SECONDS, build_toprow, connect_seed_buttons, connect_token_counter,
+                               infotext_html, progress_html)
 from modules.styles import apply_styles_to_params
 from modules.ui import paste
-from modules.ui.styles_ui import StylesUi, build_styles_row, connect_apply
+from modules.ui.styles_ui import StylesUi, connect_apply
 
 # Sub-tab ids in A1111's order; the index is A1111's img2img "mode".
 MODES = ("img2img", "sketch", "inpaint", "inpaint_sketch", "inpaint_upload", "batch")
@@ -189,23 +190,10 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
     sampler_names = samplers.sampler_names()
     schedule_labels = samplers.schedule_labels()
     generation = services.generation
-    with gr.Row(elem_id="img2img_toprow"):
-        with gr.Column(scale=6):
-            prompt = gr.Textbox(label="Prompt", elem_id="img2img_prompt", lines=3,
-                                placeholder="Prompt (Ctrl+Enter to generate)")
-            negative_prompt = gr.Textbox(label="Negative prompt", elem_id="img2img_neg_prompt", lines=2,
-                                         placeholder="Negative prompt")
-        with gr.Column(scale=1, min_width=180):
-            with gr.Row():
-                token_counter = gr.Markdown("0/75", elem_id="img2img_token_counter")
-                paste_button = gr.Button("↙️", elem_id="img2img_paste", size="sm", min_width=40, scale=0)
-            generate = gr.Button("Generate", variant="primary", elem_id="img2img_generate")
-            with gr.Row():
-                interrupt = gr.Button("Interrupt", elem_id="img2img_interrupt", size="sm")
-                skip = gr.Button("Skip", elem_id="img2img_skip", size="sm")
-            styles_ui = build_styles_row("img2img", services)
-    override_settings = gr.Dropdown([], value=[], multiselect=True, label="Override settings", visible=False,
-                                    elem_id="img2img_override_settings", allow_custom_value=True)
+    top = build_toprow("img2img", services)
+    prompt, negative_prompt, token_counter = top.prompt, top.negative_prompt, top.token_counter
+    paste_button, generate, interrupt, skip = top.paste_button, top.generate, top.interrupt, top.skip
+    styles_ui, override_settings = top.styles_ui, top.override_settings
     mode = gr.State(0)
     scale_tab = gr.State(0)
     with gr.Row():

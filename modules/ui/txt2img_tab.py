@@ -10,10 +10,11 @@ import gradio as gr
 from modules import samplers
 from modules.processing import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, HiresParams, ProcessingError, Txt2ImgParams
 from modules.services import Services
-from modules.ui.common import POLL_SECONDS, connect_seed_buttons, connect_token_counter, infotext_html, progress_html
+from modules.ui.common import (POLL_SECONDS, build_toprow, connect_seed_buttons, connect_token_counter,
+                               infotext_html, progress_html)
 from modules.styles import apply_styles_to_params
 from modules.ui import paste
-from modules.ui.styles_ui import build_styles_row, connect_apply
+from modules.ui.styles_ui import connect_apply
 
 @dataclass
 class Txt2ImgControls:
@@ -89,24 +90,10 @@ class Txt2ImgUi:
 def build_txt2img_tab(services: Services) -> Txt2ImgUi:
     sampler_names = samplers.sampler_names()
     schedule_labels = samplers.schedule_labels()
-    with gr.Row(elem_id="txt2img_toprow"):
-        with gr.Column(scale=6):
-            prompt = gr.Textbox(label="Prompt", elem_id="txt2img_prompt", lines=3,
-                                placeholder="Prompt (Ctrl+Enter to generate)")
-            negative_prompt = gr.Textbox(label="Negative prompt", elem_id="txt2img_neg_prompt", lines=2,
-                                         placeholder="Negative prompt")
-        with gr.Column(scale=1, min_width=180):
-            with gr.Row():
-                token_counter = gr.Markdown("0/75", elem_id="txt2img_token_counter")
-                paste_button = gr.Button("↙️", elem_id="txt2img_paste", size="sm", min_width=40, scale=0)
-            generate = gr.Button("Generate", variant="primary", elem_id="txt2img_generate")
-            with gr.Row():
-                interrupt = gr.Button("Interrupt", elem_id="txt2img_interrupt", size="sm")
-                skip = gr.Button("Skip", elem_id="txt2img_skip", size="sm")
-            styles_ui = build_styles_row("txt2img", services)
-    # Settings named by a pasted infotext (A1111's "Override settings"); shown only when set.
-    override_settings = gr.Dropdown([], value=[], multiselect=True, label="Override settings", visible=False,
-                                    elem_id="txt2img_override_settings", allow_custom_value=True)
+    top = build_toprow("txt2img", services)
+    prompt, negative_prompt, token_counter = top.prompt, top.negative_prompt, top.token_counter
+    paste_button, generate, interrupt, skip = top.paste_button, top.generate, top.interrupt, top.skip
+    styles_ui, override_settings = top.styles_ui, top.override_settings
     with gr.Row():
         with gr.Column(scale=1):
             with gr.Row():
