@@ -55,7 +55,11 @@ def test_txt2img_generates_an_image_into_the_gallery(model_server, page, tmp_pat
         box.fill(value)
         box.press("Tab")
     page.locator("#txt2img_prompt textarea").press("Control+Enter")
-    page.locator("#txt2img_gallery img").first.wait_for(timeout=120000)
+    try:
+        page.locator("#txt2img_gallery img").first.wait_for(timeout=120000)
+    except Exception as err:  # say what the page and the server show, not just "timeout"
+        raise AssertionError(f"no image in the gallery; progress: {page.locator('#txt2img_progress').inner_text()!r}; "
+                             f"server output:\n{model_server.output[-3000:]}") from err
     page.locator("#txt2img_infotext").get_by_text("Seed: 777", exact=False).wait_for(timeout=120000)
     text = page.locator("#txt2img_infotext").inner_text()
     assert "a photo of a cat" in text and "Steps: 2" in text and "Size: 64x64" in text

@@ -16,16 +16,15 @@ from modules.ui.settings_tab import build_settings_tab
 from modules.ui.styles_ui import connect_styles
 from modules.ui.txt2img_tab import Txt2ImgUi, build_txt2img_tab
 
-# Ctrl+Enter generates in the visible tab, as in A1111.
-JS = """
-() => {
-  document.addEventListener('keydown', (e) => {
-    if (!(e.key === 'Enter' && (e.ctrlKey || e.metaKey))) return;
-    const buttons = [...document.querySelectorAll('button[id$="_generate"]')].filter(b => b.offsetParent !== null);
-    if (buttons.length) { e.preventDefault(); buttons[0].click(); }
-  });
-}
-"""
+# Ctrl+Enter generates in the visible tab, as in A1111. A <head> script, not Gradio's js= load hook:
+# that hook runs after the page is interactive, so an early Ctrl+Enter would be lost.
+CTRL_ENTER_HEAD = """<script>
+document.addEventListener('keydown', (e) => {
+  if (!(e.key === 'Enter' && (e.ctrlKey || e.metaKey))) return;
+  const buttons = [...document.querySelectorAll('button[id$="_generate"]')].filter(b => b.offsetParent !== null);
+  if (buttons.length) { e.preventDefault(); buttons[0].click(); }
+});
+</script>"""
 
 CSS = """
 #quicksettings { gap: 0.5em; align-items: end; }
@@ -79,8 +78,8 @@ def build_ui(services: Services, *, extension_tabs: list[tuple[gr.Blocks, str, s
                                  checkpoint=_find(blocks, "setting_sd_model_checkpoint"),
                                  pending_checkpoint=gr.State(None))
         _connect_paste(ctx, txt2img, img2img, pnginfo)
-    head = "\n".join(h for h in (_theme_head(services.cmd_opts.theme), extension_head) if h) or None
-    return UiBundle(blocks=blocks, css=CSS + ("\n" + extension_css if extension_css else ""), js=JS, head=head)
+    head = "\n".join(h for h in (CTRL_ENTER_HEAD, _theme_head(services.cmd_opts.theme), extension_head) if h)
+    return UiBundle(blocks=blocks, css=CSS + ("\n" + extension_css if extension_css else ""), js=None, head=head)
 
 
 def _render_extension_tab(ext_blocks: gr.Blocks, title: str, elem_id: str) -> None:
