@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import gradio as gr
@@ -54,6 +54,17 @@ def connect_token_counter(generation, prompt, token_counter) -> None:
         return f"{used}/{limit}"
 
     prompt.change(count, inputs=prompt, outputs=token_counter, show_progress="hidden", trigger_mode="always_last")
+
+
+class ControlsBase:
+    """For a tab's controls dataclass: its components in field order, and their names."""
+
+    def components(self) -> list[Any]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
 
 
 @dataclass

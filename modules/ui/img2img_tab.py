@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import html
 import threading
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
@@ -26,7 +26,7 @@ from modules.masking import flatten, prepare_mask
 from modules.outpainting import DIRECTIONS, outpaint_params
 from modules.processing import MASKED_CONTENT, RESIZE_MODES, Img2ImgParams, ProcessingError
 from modules.services import Services
-from modules.ui.common import (POLL_SECONDS, build_toprow, connect_seed_buttons, connect_token_counter,
+from modules.ui.common import (POLL_SECONDS, ControlsBase, build_toprow, connect_seed_buttons, connect_token_counter,
                                infotext_html, progress_html)
 from modules.styles import apply_styles_to_params
 from modules.ui import paste
@@ -41,7 +41,7 @@ INPAINT_MODES = (2, 3, 4, 5)
 
 
 @dataclass
-class Img2ImgControls:
+class Img2ImgControls(ControlsBase):
     """Every component whose value becomes a field of Img2ImgParams. Radios hold their labels."""
     prompt: Any
     negative_prompt: Any
@@ -67,13 +67,6 @@ class Img2ImgControls:
     inpainting_fill: Any
     inpaint_full_res: Any
     inpaint_full_res_padding: Any
-
-    def components(self) -> list[Any]:
-        return [getattr(self, f.name) for f in fields(self)]
-
-    @classmethod
-    def names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
 
     @classmethod
     def to_params(cls, values: list[Any] | dict[str, Any], *, init_images: list[Any] | None = None,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
@@ -10,14 +10,14 @@ import gradio as gr
 from modules import samplers
 from modules.processing import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, HiresParams, ProcessingError, Txt2ImgParams
 from modules.services import Services
-from modules.ui.common import (POLL_SECONDS, build_toprow, connect_seed_buttons, connect_token_counter,
+from modules.ui.common import (POLL_SECONDS, ControlsBase, build_toprow, connect_seed_buttons, connect_token_counter,
                                infotext_html, progress_html)
 from modules.styles import apply_styles_to_params
 from modules.ui import paste
 from modules.ui.styles_ui import connect_apply
 
 @dataclass
-class Txt2ImgControls:
+class Txt2ImgControls(ControlsBase):
     """Every component whose value becomes a field of Txt2ImgParams (or its HiresParams)."""
     prompt: Any
     negative_prompt: Any
@@ -46,12 +46,9 @@ class Txt2ImgControls:
     hires_prompt: Any
     hires_negative_prompt: Any
 
-    def components(self) -> list[Any]:
-        return [getattr(self, f.name) for f in fields(self)]
-
     @classmethod
     def to_params(cls, values: list[Any]) -> Txt2ImgParams:
-        v = dict(zip([f.name for f in fields(cls)], values))
+        v = dict(zip(cls.names(), values))
         return Txt2ImgParams(
             prompt=v["prompt"] or "", negative_prompt=v["negative_prompt"] or "",
             sampler_name=v["sampler_name"], scheduler=v["scheduler"], steps=int(v["steps"]),
@@ -197,7 +194,7 @@ def build_txt2img_tab(services: Services) -> Txt2ImgUi:
     connect_seed_buttons(seed=seed, random_seed=random_seed, reuse_seed=reuse_seed, generation_info=generation_info)
     connect_token_counter(generation, prompt, token_counter)
     connect_apply(styles_ui, services, prompt, negative_prompt)
-    targets = {f.name: getattr(controls, f.name) for f in fields(controls)}
+    targets = {name: getattr(controls, name) for name in Txt2ImgControls.names()}
     targets["styles"] = styles_ui.dropdown
     return Txt2ImgUi(controls=controls, styles=styles_ui, override_settings=override_settings,
                      paste_button=paste_button, send_to_img2img=send_to_img2img, send_to_inpaint=send_to_inpaint,
