@@ -181,6 +181,23 @@ def load_extensions(argv: list[str] | None):
     return found, callbacks
 
 
+def attach_extensions(services: Services, found, callbacks) -> None:
+    """Import the extensions' scripts and connect their callbacks and Script classes to the services."""
+    from modules import extensions, scripts, shared
+
+    shared.bind(services)  # before the imports: scripts read shared.opts at import time
+    script_modules = extensions.load_scripts(found, callbacks)
+    extensions.log_summary(found)
+    services.extensions = list(found)
+    services.scripts = scripts.ScriptRegistry.from_modules(script_modules, found)
+    scripts.install(services.scripts)
+    services.models.add_loaded_listener(callbacks.model_loaded)
+    services.generation.save_hooks = (callbacks.before_image_saved, callbacks.image_saved)
+    services.callbacks = callbacks
+    services.generation.sampling_hooks = callbacks.sampling_hooks
+    callbacks.ui_settings()  # extensions add settings through shared.opts.add_option
+
+
 def serve(app, sock: socket.socket, services: Services) -> None:
     import uvicorn
 
@@ -239,16 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         read_gradio_credentials(opts)  # fail fast on a bad auth file, before binding
         sock = open_listening_socket(cmd_args.bind_host(opts), cmd_args.bind_port(opts))
         started = time.perf_counter()
-        from modules import shared
-
-        shared.bind(services)
-        extensions.load_scripts(found, callbacks)
-        extensions.log_summary(found)
-        services.models.add_loaded_listener(callbacks.model_loaded)
-        services.generation.save_hooks = (callbacks.before_image_saved, callbacks.image_saved)
-        services.callbacks = callbacks
-        services.generation.sampling_hooks = callbacks.sampling_hooks
-        callbacks.ui_settings()  # extensions add settings through shared.opts.add_option
+        attach_extensions(services, found, callbacks)
         app = create_app(services, callbacks=callbacks, extensions=found)
         log.info("UI built in %.1fs", time.perf_counter() - started)
         serve(app, sock, services)

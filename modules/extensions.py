@@ -399,3 +399,26 @@ def update(cmd_opts: Any, ext: Extension) -> str:
     if result.returncode != 0:
         raise RuntimeError(f"git pull failed: {(result.stderr or result.stdout).strip()[-2000:]}")
     return result.stdout.strip()
+
+
+def git_info(path: Path) -> dict[str, Any]:
+    """remote, branch, commit hash and date of a git checkout (empty for a plain folder), for the API's
+    /extensions; git failing or missing gives the empty values."""
+    out: dict[str, Any] = {"remote": "", "branch": "", "commit_hash": "", "commit_date": 0}
+    if not (path / ".git").exists():
+        return out
+
+    def git(*args: str) -> str:
+        try:
+            result = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return result.stdout.strip() if result.returncode == 0 else ""
+    out["remote"] = git("config", "--get", "remote.origin.url")
+    out["branch"] = git("rev-parse", "--abbrev-ref", "HEAD")
+    head = git("log", "-1", "--format=%H %ct")
+    if head:
+        commit, _, when = head.partition(" ")
+        out["commit_hash"] = commit
+        out["commit_date"] = int(when) if when.isdigit() else 0
+    return out

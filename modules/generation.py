@@ -14,9 +14,30 @@ from modules.jobs import Job, JobContext, JobQueue, JobState
 from modules.model_service import ModelService
 from modules.options import Options
 from modules.paths import AppPaths
-from modules.processing import GenerationParams, Img2ImgParams, Processed, RunContext, Txt2ImgParams, process_images
+from modules.processing import (GenerationParams, Img2ImgParams, Processed, ProcessingHooks, RunContext, Txt2ImgParams,
+                                process_images)
 
 log = logging.getLogger(__name__)
+
+
+class JobRunner:
+    """What a `script` given to GenerationService.submit renders with, inside its one queued job."""
+
+    def __init__(self, service: "GenerationService", job: JobContext):
+        self.service, self.job = service, job
+
+    def __call__(self, params: GenerationParams, hooks: ProcessingHooks | None = None,
+                 override_settings: dict[str, Any] | None = None) -> Processed:
+        """process_images for `params`, with scripts' hooks and per-call settings (X/Y/Z's checkpoint axis)."""
+        service = self.service
+        service.options.validate_values(override_settings or {})
+        with service.overridden(override_settings or {}):
+            # A script that set the job count itself (X/Y/Z: cells x batches) keeps it.
+            return service._run(params, self.job, hooks=hooks, sets_job_count=self.job.state.job_count == -1)
+
+    def saver(self, kind: str):
+        """save(image, *, seed, prompt, info, grid) into the outputs folders of `kind`, with the settings."""
+        return self.service.saver(kind)
 
 
 class GenerationService:
@@ -40,12 +61,11 @@ class GenerationService:
     # -- entry points ------------------------------------------------------------------------
     def submit(self, params: GenerationParams, *, override_settings: dict[str, Any] | None = None,
                restore_settings: bool = True, job_id: str | None = None,
-               script: Callable[[GenerationParams, Callable[[GenerationParams], Processed], JobContext], Processed]
-               | None = None) -> Job[Processed]:
+               script: Callable[[GenerationParams, "JobRunner", JobContext], Processed] | None = None) -> Job[Processed]:
         """Queue a txt2img or img2img job. `override_settings` apply for this job only (unless not restored),
-        inside the job, so concurrent requests never see each other's overrides. A `script` (like SD upscale)
-        replaces the plain run and may render several images through the `run` it is given, all inside
-        this one job."""
+        inside the job, so concurrent requests never see each other's overrides. A `script` (extension
+        scripts, SD upscale) replaces the plain run and may render several images through the
+        `JobRunner` it is given, all inside this one job."""
         params.validate()  # bad input fails here, before it waits in the queue
         self.options.validate_values(override_settings or {})
 
@@ -53,19 +73,14 @@ class GenerationService:
             with self.overridden(override_settings or {}, restore=restore_settings):
                 if script is None:
                     return self._run(params, job)
-                return script(params, lambda p: self._run(p, job), job)
+                return script(params, self._job_runner(job), job)
         return self.queue.submit(run, name=params.kind, job_count=params.n_iter, job_id=job_id)
 
-    def sd_upscale_script(self, args):
-        """A `script` for submit(): A1111's "SD upscale" with these SdUpscaleArgs."""
-        from modules import rng
-        from modules.sd_upscale import run_sd_upscale
+    def in_job_thread(self) -> bool:
+        return self.queue.in_worker()
 
-        args.validate()
-
-        def script(params: Img2ImgParams, run, job: JobContext) -> Processed:
-            return run_sd_upscale(params, args, run, self._saver("img2img"), rng.resolve_seed(params.seed))
-        return script
+    def _job_runner(self, job: JobContext) -> "JobRunner":
+        return JobRunner(self, job)
 
     def submit_txt2img(self, params: Txt2ImgParams, **kwargs: Any) -> Job[Processed]:
         return self.submit(params, **kwargs)
@@ -109,15 +124,19 @@ class GenerationService:
         return self.queue.submit(lambda job: self.models.current(), name="load checkpoint")
 
     # -- internals -----------------------------------------------------------------------------
-    def _run(self, params: GenerationParams, job: JobContext) -> Processed:
+    def _run(self, params: GenerationParams, job: JobContext, *, hooks: ProcessingHooks | None = None,
+             sets_job_count: bool = True) -> Processed:
         job.state.set_textinfo("Loading model…")
         model = self.models.current()
         job.state.set_textinfo(None)
         job.set_preview(self._preview_fn(model), self.options.show_progress_every_n_steps
                         if self.options.live_previews_enable else 0)
         ctx = RunContext(model=model, encoder=self._encoder_for(model), options=self.options,
-                         save=self._saver(params.kind), job=job,
-                         hooks=self.sampling_hooks() if self.sampling_hooks is not None else None)
+                         save=self.saver(params.kind), job=job,
+                         hooks=self.sampling_hooks() if self.sampling_hooks is not None else None,
+                         processing_hooks=hooks, sets_job_count=sets_job_count)
+        if hooks is not None:
+            hooks.bind_model(model)
         return process_images(params, ctx)
 
     def _encoder_for(self, model):
@@ -139,7 +158,7 @@ class GenerationService:
         kind = "sdxl" if model.spec.is_sdxl else "sd"
         return lambda latents: approx_rgb(latents, kind)
 
-    def _saver(self, kind: str):
+    def saver(self, kind: str):
         options, paths = self.options, self.paths
 
         def save(image, *, seed: int, prompt: str, info: str | None, grid: bool):

@@ -352,6 +352,10 @@ class JobQueue:
         self._worker = threading.Thread(target=self._run, name=worker_name, daemon=True)
         self._worker.start()
 
+    def in_worker(self) -> bool:
+        """True on the thread that runs jobs (where waiting for another job would deadlock)."""
+        return threading.current_thread() is self._worker
+
     # -- submitting ------------------------------------------------------
     def submit(self, fn: Callable[[JobContext], T], *, name: str, job_count: int = 1,
                job_id: str | None = None, preview_fn: PreviewFn | None = None,

@@ -5,6 +5,7 @@ through the job queue; they never touch models or samplers themselves.
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -150,40 +151,77 @@ class Img2ImgParams(GenerationParams):
             raise ProcessingError("mask blur must be 0-64 and masked area padding 0-256")
 
 
-@dataclass
 class Processed:
-    """What a job returns; `js()` has the fields of A1111's Processed.js()."""
-    images: list[Any]
-    infotexts: list[str]
-    params: GenerationParams
-    all_prompts: list[str]
-    all_negative_prompts: list[str]
-    all_seeds: list[int]
-    all_subseeds: list[int]
-    seed: int
-    subseed: int
-    sd_model_name: str | None
-    sd_model_hash: str | None
-    sd_vae_name: str | None = None
-    sd_vae_hash: str | None = None
-    clip_skip: int = 1
-    index_of_first_image: int = 0
-    saved_paths: list[str] = field(default_factory=list)
-    job_timestamp: str = ""
-    interrupted: bool = False
-    extra_generation_params: dict[str, Any] = field(default_factory=dict)
-    comments: str = ""
-    is_using_inpainting_conditioning: bool = False
+    """What a job returns; `js()` has the fields of A1111's Processed.js().
+
+    The constructor takes A1111's positional form too, `Processed(p, images, seed, info, ...)`, so
+    scripts written for A1111 can build one; `p` is typed params or a script's `p` object.
+    """
+
+    def __init__(self, p: Any = None, images_list: list[Any] | None = None, seed: int = -1, info: str = "",
+                 subseed: int | None = None, all_prompts: list[str] | None = None,
+                 all_negative_prompts: list[str] | None = None, all_seeds: list[int] | None = None,
+                 all_subseeds: list[int] | None = None, index_of_first_image: int = 0,
+                 infotexts: list[str] | None = None, comments: str = "", extra_images_list: Any = (), *,
+                 images: list[Any] | None = None, params: Any = None, sd_model_name: str | None = None,
+                 sd_model_hash: str | None = None, sd_vae_name: str | None = None, sd_vae_hash: str | None = None,
+                 clip_skip: int = 1, saved_paths: list[str] | None = None, job_timestamp: str = "",
+                 interrupted: bool = False, extra_generation_params: dict[str, Any] | None = None,
+                 is_using_inpainting_conditioning: bool = False):
+        source = params if params is not None else p
+        typed = getattr(source, "params", source)  # a script's `p` wraps typed params
+        self.images = list(images if images is not None else images_list or [])
+        if extra_images_list:
+            self.images += list(extra_images_list)
+        self.params: GenerationParams = typed
+        self.infotexts = list(infotexts) if infotexts is not None else [info] * len(self.images)
+        self.info = info or (self.infotexts[index_of_first_image] if len(self.infotexts) > index_of_first_image
+                             else (self.infotexts[0] if self.infotexts else ""))
+
+        def run_list(name: str, default: list[Any]) -> list[Any]:
+            value = getattr(source, name, None) if source is not None else None
+            return list(value) if isinstance(value, list) and value else default
+        self.seed = seed
+        self.subseed = subseed if subseed is not None else getattr(typed, "subseed", -1)
+        self.all_prompts = list(all_prompts) if all_prompts is not None else run_list(
+            "all_prompts", [getattr(typed, "prompt", "")])
+        self.all_negative_prompts = list(all_negative_prompts) if all_negative_prompts is not None else run_list(
+            "all_negative_prompts", [getattr(typed, "negative_prompt", "")])
+        self.all_seeds = list(all_seeds) if all_seeds is not None else run_list("all_seeds", [seed])
+        self.all_subseeds = list(all_subseeds) if all_subseeds is not None else run_list(
+            "all_subseeds", [self.subseed])
+        model_info = getattr(getattr(source, "sd_model", None), "info", None)
+        self.sd_model_name = sd_model_name or getattr(model_info, "name_for_extra", None)
+        self.sd_model_hash = sd_model_hash or getattr(model_info, "shorthash", None)
+        self.sd_vae_name = sd_vae_name
+        self.sd_vae_hash = sd_vae_hash
+        self.clip_skip = clip_skip
+        self.index_of_first_image = index_of_first_image
+        self.saved_paths = list(saved_paths or [])
+        self.job_timestamp = job_timestamp
+        self.interrupted = interrupted
+        self.extra_generation_params = dict(extra_generation_params if extra_generation_params is not None
+                                            else getattr(typed, "extra_generation_params", None) or {})
+        self.comments = comments
+        self.is_using_inpainting_conditioning = is_using_inpainting_conditioning
+
+    def __repr__(self) -> str:
+        return (f"Processed({len(self.images)} image(s), seed={self.seed}, "
+                f"index_of_first_image={self.index_of_first_image}, interrupted={self.interrupted})")
+
+    def copy_with(self, **changes: Any) -> "Processed":
+        out = copy.copy(self)
+        for key, value in changes.items():
+            if not hasattr(out, key):
+                raise AttributeError(f"Processed has no field {key!r}")
+            setattr(out, key, value)
+        return out
 
     def saved_images_for_gallery(self) -> list[Any]:
         """Saved files where there are some (their PNG chunk survives the browser), else the images."""
         if self.saved_paths and len(self.saved_paths) == len(self.images) - self.index_of_first_image:
             return self.images[:self.index_of_first_image] + list(self.saved_paths)
         return list(self.images)
-
-    @property
-    def info(self) -> str:
-        return self.infotexts[0] if self.infotexts else ""
 
     def js(self) -> dict[str, Any]:
         p = self.params
@@ -236,6 +274,49 @@ class RunContext:
     job: Any = None                 # jobs.JobContext (progress, interrupt, skip)
     preview: Callable[[Any], Any] | None = None  # latents -> list of PIL images
     hooks: Any = None               # sampling.SamplingHooks
+    processing_hooks: "ProcessingHooks | None" = None   # scripts' per-run/batch/image hooks
+    # False when a script renders several runs in one job and has set the job count itself.
+    sets_job_count: bool = True
+
+
+@dataclass
+class ProcessingRun:
+    """The per-run lists A1111 keeps on `p` (all_prompts, all_seeds, ... and the current batch's slices).
+
+    Hooks may edit them: `process` the all_* lists, `before_process_batch` the batch's lists.
+    """
+    all_prompts: list[str]
+    all_negative_prompts: list[str]
+    all_seeds: list[int]
+    all_subseeds: list[int]
+    prompts: list[str] = field(default_factory=list)
+    negative_prompts: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    subseeds: list[int] = field(default_factory=list)
+    iteration: int = 0
+    batch_index: int = 0
+
+
+class ProcessingHooks:
+    """Called by process_images at A1111's points; the no-op base. modules/scripts.py implements it
+    for extension scripts. `postprocess_batch` may return replacement images for the batch."""
+
+    def bind_model(self, model: Any) -> None:
+        """The loaded model the run uses, before `process`."""
+
+    def process(self, run: ProcessingRun) -> None: ...
+
+    def before_process_batch(self, run: ProcessingRun, batch_number: int) -> None: ...
+
+    def process_batch(self, run: ProcessingRun, batch_number: int) -> None: ...
+
+    def postprocess_batch(self, run: ProcessingRun, images: list[Any], batch_number: int) -> list[Any]:
+        return images
+
+    def postprocess_image(self, run: ProcessingRun, image: Any) -> Any:
+        return image
+
+    def postprocess(self, run: ProcessingRun, processed: "Processed") -> None: ...
 
 
 def _fmt_number(value: float) -> str:
@@ -350,8 +431,30 @@ def _prepare_init(p: Img2ImgParams, index: int):
     return plan.init_image, plan
 
 
-def process_images(p: GenerationParams, ctx: RunContext) -> Processed:
-    """Run a job: n_iter batches of batch_size images, plus the grid."""
+def _per_image(value: Any, n_images: int, what: str) -> list[Any]:
+    """A1111 lets scripts set p.prompt / p.seed to a list (one per image); otherwise one value for all."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ProcessingError(f"{what} is an empty list")
+        return [value[i % len(value)] for i in range(n_images)]
+    return [value] * n_images
+
+
+def process_images(p: Any, ctx: RunContext | None = None) -> Processed:
+    """Run a job: n_iter batches of batch_size images, plus the grid.
+
+    Called with a script's `p` and no context (A1111's `processing.process_images(p)`), it runs
+    through that object instead: inside the current job, with the scripts' hooks.
+    """
+    if ctx is None:
+        run_for_script = getattr(p, "process_images", None)
+        if run_for_script is None:
+            raise TypeError("process_images(p) needs a RunContext unless p is a script's processing object")
+        return run_for_script()
+    return _process(p, ctx)
+
+
+def _process(p: GenerationParams, ctx: RunContext) -> Processed:
     from modules import diffusion, rng  # torch-heavy; imported when a job runs, not at startup
 
     p.validate()
@@ -360,20 +463,28 @@ def process_images(p: GenerationParams, ctx: RunContext) -> Processed:
             f"{ctx.model.title} is an SD2 depth model: it needs a depth map of the init image, and the "
             "MiDaS depth estimator it uses is not available offline yet. Pick another checkpoint.")
     options = ctx.options
+    hooks = ctx.processing_hooks or ProcessingHooks()
     choice = samplers.resolve_sampler(p.sampler_name, p.scheduler)
     clip_skip = int(p.clip_skip if p.clip_skip is not None else options.CLIP_stop_at_last_layers)
-    seed = rng.resolve_seed(p.seed)
-    subseed = rng.resolve_seed(p.subseed)
     n_images = p.batch_size * p.n_iter
-    all_seeds = rng.batch_seeds(seed, p.n_iter, p.batch_size, subseed_strength=p.subseed_strength)
-    all_subseeds = rng.batch_subseeds(subseed, p.n_iter, p.batch_size)
-    all_prompts = [p.prompt] * n_images
-    all_negative = [p.negative_prompt] * n_images
+    if isinstance(p.seed, (list, tuple)):
+        all_seeds = [rng.resolve_seed(int(s)) for s in _per_image(p.seed, n_images, "seed")]
+    else:
+        all_seeds = rng.batch_seeds(rng.resolve_seed(p.seed), p.n_iter, p.batch_size,
+                                    subseed_strength=p.subseed_strength)
+    if isinstance(p.subseed, (list, tuple)):
+        all_subseeds = [rng.resolve_seed(int(s)) for s in _per_image(p.subseed, n_images, "subseed")]
+    else:
+        all_subseeds = rng.batch_subseeds(rng.resolve_seed(p.subseed), p.n_iter, p.batch_size)
+    run = ProcessingRun(all_prompts=_per_image(p.prompt, n_images, "prompt"),
+                        all_negative_prompts=_per_image(p.negative_prompt, n_images, "negative prompt"),
+                        all_seeds=all_seeds, all_subseeds=all_subseeds)
+    hooks.process(run)
     extra = _extra_params(p)
     is_img2img = isinstance(p, Img2ImgParams)
     hires = p.hires if isinstance(p, Txt2ImgParams) and p.hires.enabled else None
     job = ctx.job
-    if job is not None:
+    if job is not None and ctx.sets_job_count:
         job.set_job_count(p.n_iter)
 
     images, infotexts, saved = [], [], []
@@ -383,7 +494,13 @@ def process_images(p: GenerationParams, ctx: RunContext) -> Processed:
         if job is not None and job.should_stop():
             interrupted = True
             break
+        run.iteration = n
         sl = slice(n * p.batch_size, (n + 1) * p.batch_size)
+        run.prompts, run.negative_prompts = run.all_prompts[sl], run.all_negative_prompts[sl]
+        run.seeds, run.subseeds = run.all_seeds[sl], run.all_subseeds[sl]
+        hooks.before_process_batch(run, n)
+        if not run.prompts:
+            break
         init = None
         plans: list[Any] = []
         if is_img2img:
@@ -395,9 +512,10 @@ def process_images(p: GenerationParams, ctx: RunContext) -> Processed:
                 denoising_strength=p.denoising_strength, inpainting_fill=p.inpainting_fill,
                 latent_upscale=p.resize_mode == 3 and p.mask is None,
             )
+        hooks.process_batch(run, n)
         batch = diffusion.BatchRequest(
-            prompts=all_prompts[sl], negative_prompts=all_negative[sl],
-            seeds=all_seeds[sl], subseeds=all_subseeds[sl], subseed_strength=p.subseed_strength,
+            prompts=list(run.prompts), negative_prompts=list(run.negative_prompts),
+            seeds=list(run.seeds), subseeds=list(run.subseeds), subseed_strength=p.subseed_strength,
             seed_resize_from=(p.seed_resize_from_w, p.seed_resize_from_h),
             width=p.width, height=p.height, steps=p.steps, cfg_scale=p.cfg_scale,
             sampler=choice, clip_skip=clip_skip, tiling=p.tiling,
@@ -409,14 +527,19 @@ def process_images(p: GenerationParams, ctx: RunContext) -> Processed:
             from modules.masking import paste_back
 
             batch_images = [paste_back(image, plan) for image, plan in zip(batch_images, plans)]
+        batch_images = hooks.postprocess_batch(run, batch_images, n)
         for i, image in enumerate(batch_images):
-            index = n * p.batch_size + i
-            text = create_infotext(p, ctx, prompt=all_prompts[index], negative_prompt=all_negative[index],
-                                   seed=all_seeds[index], subseed=all_subseeds[index], choice=choice,
+            run.batch_index = i
+            image = hooks.postprocess_image(run, image)
+            index = min(n * p.batch_size + i, len(run.all_prompts) - 1)
+            text = create_infotext(p, ctx, prompt=run.all_prompts[index],
+                                   negative_prompt=run.all_negative_prompts[index],
+                                   seed=run.all_seeds[index], subseed=run.all_subseeds[index], choice=choice,
                                    clip_skip=clip_skip, extra=extra)
             image.info["parameters"] = text
             if p.save_images and options.samples_save and ctx.save is not None:
-                path = ctx.save(image, seed=all_seeds[index], prompt=all_prompts[index], info=text, grid=False)
+                path = ctx.save(image, seed=run.all_seeds[index], prompt=run.all_prompts[index], info=text,
+                                grid=False)
                 if path:
                     saved.append(str(path))
             images.append(image)
@@ -437,25 +560,34 @@ def process_images(p: GenerationParams, ctx: RunContext) -> Processed:
         grid_text = infotexts[0]
         grid.info["parameters"] = grid_text
         if options.grid_save and p.save_images and ctx.save is not None:
-            ctx.save(grid, seed=all_seeds[0], prompt=all_prompts[0], info=grid_text, grid=True)
+            ctx.save(grid, seed=run.all_seeds[0], prompt=run.all_prompts[0], info=grid_text, grid=True)
         if options.return_grid:
             images.insert(0, grid)
             infotexts.insert(0, grid_text)
             index_of_first_image = 1
 
     info = getattr(ctx.model, "info", None)
-    return Processed(
-        images=images, infotexts=infotexts, params=p, all_prompts=all_prompts, all_negative_prompts=all_negative,
-        all_seeds=all_seeds, all_subseeds=all_subseeds, seed=seed, subseed=subseed,
+    processed = Processed(
+        images=images, infotexts=infotexts, params=p, all_prompts=run.all_prompts,
+        all_negative_prompts=run.all_negative_prompts, all_seeds=run.all_seeds, all_subseeds=run.all_subseeds,
+        seed=run.all_seeds[0], subseed=run.all_subseeds[0],
         sd_model_name=getattr(info, "name_for_extra", None), sd_model_hash=getattr(info, "shorthash", None),
         sd_vae_name=ctx.model.vae_file.stem if getattr(ctx.model, "vae_file", None) else None,
         clip_skip=clip_skip, index_of_first_image=index_of_first_image, saved_paths=saved,
         job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(started)), interrupted=interrupted,
-        extra_generation_params=extra,
+        extra_generation_params={**extra, **p.extra_generation_params},
         is_using_inpainting_conditioning=bool(getattr(ctx.model.spec, "is_inpaint", False)) and is_img2img,
     )
+    hooks.postprocess(run, processed)
+    return processed
 
 
 def params_to_dict(p: GenerationParams) -> dict[str, Any]:
     return asdict(p)
 
+
+
+# A1111's `p` classes live in modules.processing for extensions; defined in sd_processing (a facade
+# over the typed params above), imported last because that module imports this one.
+from modules.sd_processing import (StableDiffusionProcessing, StableDiffusionProcessingImg2Img,  # noqa: E402
+                                   StableDiffusionProcessingTxt2Img)

@@ -152,6 +152,6 @@ def run_sd_upscale(params: Img2ImgParams, args: SdUpscaleArgs, run: Callable[[Im
         infotexts.append(info)
     if first is None:
         raise ProcessingError("SD upscale was interrupted before the first tile finished")
-    return replace(first, images=results, infotexts=infotexts, params=params, all_seeds=seeds[:len(results)],
+    return first.copy_with(images=results, infotexts=infotexts, info=infotexts[0] if infotexts else "", params=params, all_seeds=seeds[:len(results)],
                    seed=seed, saved_paths=saved, index_of_first_image=0,
                    interrupted=len(results) < params.n_iter)

@@ -5,7 +5,7 @@ Nothing here is a module-level global: tests build as many as they like.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,16 @@ class Services:
     generation: GenerationService
     styles: StyleDatabase
     callbacks: Any = None  # script_callbacks.CallbackRegistry, set by webui.py when extensions are loaded
+    scripts: Any = None    # scripts.ScriptRegistry of the loaded extensions (None: no scripts)
+    extensions: list[Any] = field(default_factory=list)   # extensions.Extension, in load order
+
+    def script_runner(self, is_img2img: bool):
+        """The tab's scripts.ScriptRunner; an empty one when no extensions were loaded."""
+        from modules.scripts import ScriptRegistry
+
+        if self.scripts is None:
+            self.scripts = ScriptRegistry()
+        return self.scripts.runner(is_img2img)
 
 
 def _manager_factory(opts: argparse.Namespace, options: Options):

@@ -169,7 +169,7 @@ def test_txt2img_infotext_fills_fields_the_request_left_at_default(api):
 
 
 def test_unknown_script_is_422_naming_it(api):
-    assert_error(post(api, "txt2img", {**TINY, "script_name": "x/y/z plot"}), 422, "x/y/z plot")
+    assert_error(post(api, "txt2img", {**TINY, "script_name": "no such script"}), 422, "no such script")
     assert_error(post(api, "txt2img", {**TINY, "alwayson_scripts": {"controlnet": {"args": []}}}), 422, "controlnet")
 
 
@@ -247,7 +247,11 @@ def test_img2img_sd_upscale_script(api):
     assert out.size == (128, 128)  # 2x Lanczos, rendered as overlapping 64x64 tiles
     info = json.loads(data["info"])
     assert info["all_seeds"] == [5]
-    assert get(api, "script-info").json()[0]["name"] == "sd upscale"
+    infos = {s["name"]: s for s in get(api, "script-info").json()}
+    upscale = infos["sd upscale"]
+    assert upscale["is_img2img"] is True and upscale["is_alwayson"] is False
+    assert [a["label"] for a in upscale["args"]][1:] == ["Tile overlap", "Upscaler", "Scale Factor"]
+    assert upscale["args"][2]["value"] == 1 and upscale["args"][2]["choices"] == ["None", "Lanczos", "Nearest"]
     assert_error(post(api, "img2img", {**TINY, "init_images": [png_b64(init)], "script_name": "SD upscale",
                                        "script_args": ["", 16, 9, 2.0]}), 422, "SD upscale")
     assert_error(post(api, "txt2img", {**TINY, "script_name": "SD upscale"}), 422, "SD upscale")
@@ -344,12 +348,16 @@ def test_listings_have_a1111_shapes(api):
     assert len(models) == 2 and set(models[0]) == {"title", "model_name", "hash", "sha256", "filename", "config"}
     assert models[0]["title"] == f"tiny-a.safetensors [{models[0]['hash']}]" and len(models[0]["sha256"]) == 64
     assert get(api, "sd-vae").json() == []
-    for empty in ("hypernetworks", "face-restorers", "realesrgan-models", "extensions"):
+    for empty in ("hypernetworks", "face-restorers", "realesrgan-models"):
         assert get(api, empty).json() == [], empty
+    extensions = {e["name"]: e for e in get(api, "extensions").json()}
+    assert extensions["sd-upscale"]["enabled"] is True and extensions["sd-upscale"]["remote"] == ""
     assert get(api, "prompt-styles").json() == [
         {"name": "Cinematic", "prompt": "{prompt}, film grain", "negative_prompt": "cartoon"}]
     assert get(api, "embeddings").json() == {"loaded": {}, "skipped": {}}
-    assert get(api, "scripts").json() == {"txt2img": [], "img2img": ["sd upscale"]}
+    scripts = get(api, "scripts").json()
+    assert {"sd upscale", "poor man's outpainting"} <= set(scripts["img2img"])
+    assert "sd upscale" not in scripts["txt2img"]
     flags = get(api, "cmd-flags").json()
     assert flags["api"] is True and flags["nowebui"] is False and flags["data_dir"] == str(api.data_dir)
     memory = get(api, "memory").json()

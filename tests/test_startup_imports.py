@@ -11,7 +11,10 @@ import webui
 from modules import cmd_args
 parsed = cmd_args.parse_args(["--data-dir", data_dir], env={})
 services, _ = webui.prepare(parsed)
-webui.create_app(services)  # builds the whole Gradio UI
+found, callbacks = webui.load_extensions(["--data-dir", data_dir])  # the built-in scripts too
+webui.attach_extensions(services, found, callbacks)
+assert services.scripts.img2img.find("sd upscale") is not None
+webui.create_app(services, callbacks=callbacks, extensions=found)  # builds the whole Gradio UI
 heavy = sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules)
 print("HEAVY:", ",".join(heavy))
 """

@@ -27,7 +27,7 @@ from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modules import images as images_mod
-from modules import samplers, sd_upscale
+from modules import samplers
 from modules.api import models as m
 from modules.model_service import ModelLoadError, NoCheckpointError, UnknownCheckpointError
 from modules.options import OptionError
@@ -320,14 +320,6 @@ def fill_null_defaults(req: Any) -> None:
                 setattr(req, name, default)
 
 
-def check_scripts(req: m._ProcessingBase, *, is_img2img: bool) -> None:
-    # Only the built-in "SD upscale" (img2img) exists yet: name anything else, as A1111 does.
-    if req.script_name and not (is_img2img and req.script_name.strip().lower() == sd_upscale.TITLE.lower()):
-        raise bad_request(f"Script '{req.script_name}' not found")
-    for name in (req.alwayson_scripts or {}):
-        raise bad_request(f"always on script {name} not found")
-
-
 def _common_params(req: m._ProcessingBase) -> dict[str, Any]:
     """The fields txt2img and img2img share, with A1111's API defaults for null fields."""
     if req.refiner_checkpoint not in (None, "", "None"):
@@ -465,7 +457,6 @@ class Api:
         req = request.model_copy(deep=True)
         fill_null_defaults(req)
         apply_infotext(req, self.options)
-        check_scripts(req, is_img2img=isinstance(req, m.StableDiffusionProcessingImg2Img))
         return req
 
     async def _generate(self, req: Any, params: Any) -> tuple[list[str], str]:
@@ -477,9 +468,10 @@ class Api:
                      "firstpass_image", "image_cfg_scale", "initial_noise_multiplier"):
             if getattr(req, name, None) not in (None, False):
                 log.info("%s: %s is not supported and was ignored", params.kind, name)
-        script = None
-        if req.script_name:  # check_scripts let only SD upscale through
-            script = self.generation.sd_upscale_script(sd_upscale.SdUpscaleArgs.from_script_args(req.script_args))
+        runner = self.services.script_runner(isinstance(req, m.StableDiffusionProcessingImg2Img))
+        script_args = await run_in_threadpool(runner.args_from_api, req.script_name, req.script_args,
+                                              req.alwayson_scripts)
+        script = runner.job_script(script_args, is_api=True) if runner.has_work(script_args) else None
         job = self.generation.submit(params, override_settings=overrides, restore_settings=restore,
                                      job_id=req.force_task_id or None, script=script)
         processed = await wait_for(job)
@@ -637,20 +629,26 @@ class Api:
 
         @r.get("/scripts", response_model=m.ScriptsList)
         def get_scripts_list() -> dict:
-            return {"txt2img": [], "img2img": [sd_upscale.TITLE.lower()]}
+            return {"txt2img": [s.name for s in self.services.script_runner(False).scripts],
+                    "img2img": [s.name for s in self.services.script_runner(True).scripts]}
 
         @r.get("/script-info", response_model=list[m.ScriptInfo])
         def get_script_info() -> list:
-            return [{"name": sd_upscale.TITLE.lower(), "is_alwayson": False, "is_img2img": True, "args": [
-                {"label": "info", "value": None},
-                {"label": "Tile overlap", "value": 64, "minimum": 0, "maximum": 256, "step": 16},
-                {"label": "Upscaler", "value": "Lanczos", "choices": list(sd_upscale.UPSCALERS)},
-                {"label": "Scale Factor", "value": 2.0, "minimum": 1.0, "maximum": 4.0, "step": 0.05},
-            ]}]
+            out = []
+            for runner in (self.services.script_runner(False), self.services.script_runner(True)):
+                runner.ensure_defaults()
+                out += [s.api_info for s in runner.scripts if s.api_info is not None]
+            return out
 
         @r.get("/extensions", response_model=list[m.ExtensionItem])
         def get_extensions_list() -> list:
-            return []
+            from modules.extensions import git_info
+
+            out = []
+            for ext in self.services.extensions:
+                info = git_info(ext.path)
+                out.append({"name": ext.name, **info, "version": info["commit_hash"][:8], "enabled": ext.enabled})
+            return out
 
         @r.get("/memory", response_model=m.MemoryResponse)
         def get_memory() -> dict:

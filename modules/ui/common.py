@@ -104,3 +104,8 @@ def build_toprow(tabname: str, services) -> Toprow:
     return Toprow(prompt=prompt, negative_prompt=negative_prompt, token_counter=token_counter,
                   paste_button=paste_button, generate=generate, interrupt=interrupt, skip=skip,
                   styles_ui=styles_ui, override_settings=override_settings)
+
+
+def script_job(runner, script_args: list[Any]):
+    """The `script` for GenerationService.submit when the tab's scripts have something to do, else None."""
+    return runner.job_script(script_args) if runner.has_work(script_args) else None

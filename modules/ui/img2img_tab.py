@@ -23,11 +23,10 @@ from PIL import Image
 from modules import samplers
 from modules.img2img_batch import PNG_INFO_PROPS, run_batch
 from modules.masking import flatten, prepare_mask
-from modules.outpainting import DIRECTIONS, outpaint_params
 from modules.processing import MASKED_CONTENT, RESIZE_MODES, Img2ImgParams, ProcessingError
 from modules.services import Services
 from modules.ui.common import (POLL_SECONDS, ControlsBase, build_toprow, connect_seed_buttons, connect_token_counter,
-                               infotext_html, progress_html)
+                               infotext_html, progress_html, script_job)
 from modules.styles import apply_styles_to_params
 from modules.ui import paste
 from modules.ui.styles_ui import StylesUi, connect_apply
@@ -195,19 +194,6 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
                 with gr.Tab(MODE_LABELS[0], id=MODES[0], elem_id=MODE_ELEM_IDS[0]) as t0:
                     init_img = gr.Image(label="Image for img2img", type="pil", image_mode="RGBA", format="png",
                                         sources=["upload", "clipboard"], elem_id="img2img_image", height=420)
-                    with gr.Accordion("Outpainting", open=False, elem_id="img2img_outpainting"):
-                        outpaint_enabled = gr.Checkbox(False, label="Enable outpainting",
-                                                       elem_id="img2img_outpaint_enable")
-                        outpaint_pixels = gr.Slider(8, 256, value=128, step=8, label="Pixels to expand",
-                                                    elem_id="img2img_outpaint_pixels")
-                        outpaint_dirs = gr.CheckboxGroup(list(DIRECTIONS), value=list(DIRECTIONS),
-                                                         label="Outpainting direction",
-                                                         elem_id="img2img_outpaint_directions")
-                        with gr.Row():
-                            outpaint_fill = gr.Radio(list(MASKED_CONTENT), value="fill", label="Masked content",
-                                                     elem_id="img2img_outpaint_fill")
-                            outpaint_blur = gr.Slider(0, 64, value=4, step=1, label="Mask blur",
-                                                      elem_id="img2img_outpaint_mask_blur")
                 with gr.Tab(MODE_LABELS[1], id=MODES[1], elem_id=MODE_ELEM_IDS[1]) as t1:
                     sketch = gr.ImageEditor(label="Image for img2img", type="pil", format="png", image_mode="RGBA",
                                             sources=["upload", "clipboard"], elem_id="img2img_sketch", height=420,
@@ -298,6 +284,10 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
                                                 label="Inpaint area", elem_id="img2img_inpaint_full_res")
                     inpaint_full_res_padding = gr.Slider(0, 256, value=32, step=4, label="Only masked padding, pixels",
                                                          elem_id="img2img_inpaint_full_res_padding")
+            script_runner = services.script_runner(True)
+            with gr.Column(elem_id="img2img_script_container"):
+                script_runner.setup_ui_alwayson()
+                script_runner.setup_ui_selectable()
         with gr.Column(scale=1):
             progress = gr.HTML("", elem_id="img2img_progress")
             gallery = gr.Gallery(label="Output", elem_id="img2img_gallery", format="png", columns=2,
@@ -341,9 +331,7 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
         "init_img": init_img, "sketch": sketch, "inpaint": inpaint, "inpaint_sketch": inpaint_sketch,
         "upload_img": upload_img, "upload_mask": upload_mask, "batch_input": batch_input,
         "batch_output": batch_output, "batch_mask": batch_mask, "batch_use_png": batch_use_png,
-        "batch_png_dir": batch_png_dir, "batch_png_props": batch_png_props, "outpaint_enabled": outpaint_enabled,
-        "outpaint_pixels": outpaint_pixels, "outpaint_dirs": outpaint_dirs, "outpaint_fill": outpaint_fill,
-        "outpaint_blur": outpaint_blur,
+        "batch_png_dir": batch_png_dir, "batch_png_props": batch_png_props,
     }
     extra_names = list(extra_inputs)
     running_batches: set[threading.Event] = set()
@@ -351,13 +339,16 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
     def error(message: str):
         return gr.update(), "", f"<div class='error'>{html.escape(message)}</div>", gr.update()
 
+    n_controls = len(controls.components())
+
     def run(*values):
         extra = dict(zip(extra_names, values[:len(extra_names)]))
-        control_values = dict(zip(Img2ImgControls.names(), values[len(extra_names):]))
+        control_values = dict(zip(Img2ImgControls.names(), values[len(extra_names):len(extra_names) + n_controls]))
+        script_args = list(values[len(extra_names) + n_controls:])
         m = int(extra["mode"] or 0)
         overrides = paste.overrides_from_choices(extra["override_settings"], services.options)
         if m == 5:
-            yield from run_batch_mode(extra, control_values, overrides)
+            yield from run_batch_mode(extra, control_values, overrides, script_args)
             return
         try:
             init, mask = images_for_mode(m, init_img=extra["init_img"], sketch=extra["sketch"],
@@ -369,13 +360,9 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
             if mask is not None and params.inpaint_full_res and _mask_empty(mask, params.inpainting_mask_invert):
                 params.inpaint_full_res = False  # nothing to crop to: A1111 falls back to the whole picture
             apply_styles_to_params(params, services.styles, extra["styles"])
-            if extra["outpaint_enabled"]:
-                params, _ = outpaint_params(params, init, pixels=int(extra["outpaint_pixels"]),
-                                            directions=extra["outpaint_dirs"] or [],
-                                            mask_blur=int(extra["outpaint_blur"]),
-                                            inpainting_fill=_index(MASKED_CONTENT, extra["outpaint_fill"]))
             params.validate()
-            job = generation.submit_img2img(params, override_settings=overrides)
+            job = generation.submit_img2img(params, override_settings=overrides,
+                                            script=script_job(script_runner, script_args))
         except (ProcessingError, ValueError) as err:
             yield error(str(err))
             return
@@ -396,7 +383,8 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
         yield (processed.saved_images_for_gallery(), infotext_html(first),
                f"<div class='progress-text'>Done{note}.</div>", processed.js())
 
-    def run_batch_mode(extra: dict[str, Any], control_values: dict[str, Any], overrides: dict[str, Any]):
+    def run_batch_mode(extra: dict[str, Any], control_values: dict[str, Any], overrides: dict[str, Any],
+                       script_args: list[Any]):
         try:
             base = Img2ImgControls.to_params(control_values, init_images=[Image.new("RGB", (64, 64))])
             apply_styles_to_params(base, services.styles, extra["styles"])
@@ -417,7 +405,8 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
                     scale_by=float(control_values["scale_by"]) if extra["scale_tab"] == 1 else None,
                     should_stop=stop.is_set,
                     on_file=lambda i, n, name: where.update(file=f"file {i + 1}/{n}: {name}"),
-                    submit_kwargs={"override_settings": overrides} if overrides else None)
+                    submit_kwargs={"override_settings": overrides,
+                                   "script": script_job(script_runner, script_args)})
             except Exception as err:  # noqa: BLE001 - shown to the user
                 outcome["error"] = err
 
@@ -442,7 +431,8 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
                {"infotexts": result.infotexts, "index_of_first_image": 0, "all_seeds": []})
 
     outputs = [gallery, infotext, progress, generation_info]
-    generate.click(run, inputs=[*extra_inputs.values(), *controls.components()], outputs=outputs,
+    generate.click(run, inputs=[*extra_inputs.values(), *controls.components(), *script_runner.script_inputs],
+                   outputs=outputs,
                    concurrency_limit=None, show_progress="hidden")
 
     def do_interrupt():
@@ -458,6 +448,7 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
 
     targets = {name: getattr(controls, name) for name in Img2ImgControls.names()}
     targets["styles"] = styles_ui.dropdown
+    targets.update(paste.script_field_targets(script_runner.infotext_fields()))
     return Img2ImgUi(controls=controls, styles=styles_ui, override_settings=override_settings, tabs=tabs, mode=mode,
                      init_img=init_img, sketch=sketch, inpaint=inpaint, inpaint_sketch=inpaint_sketch,
                      upload_img=upload_img, upload_mask=upload_mask, inpaint_controls=inpaint_controls,

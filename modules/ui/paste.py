@@ -12,11 +12,14 @@ A1111's parser fills them.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from modules import samplers
+
+log = logging.getLogger(__name__)
 
 TXT2IMG, IMG2IMG = "txt2img", "img2img"
 MASK_MODES = ("Inpaint masked", "Inpaint not masked")
@@ -269,10 +272,47 @@ def checkpoint_for(parsed: Mapping[str, Any], registry: Any) -> str | None:
 # --------------------------------------------------------------------------- gradio binding
 
 
+SCRIPT_FIELD = "infotext:"   # targets key prefix for extension scripts' infotext_fields
+_script_field_functions: dict[str, Callable[[Mapping[str, Any]], Any]] = {}
+
+
+def script_field_targets(fields: Iterable[tuple[Any, Any]]) -> dict[str, Any]:
+    """Targets for scripts' `infotext_fields` [(component, label or fn(parsed) -> value)]."""
+    out: dict[str, Any] = {}
+    for component, label in fields:
+        if callable(label):
+            key = f"{SCRIPT_FIELD}fn:{id(label)}"
+            _script_field_functions[key] = label
+        else:
+            key = f"{SCRIPT_FIELD}{label}"
+        out[key] = component
+    return out
+
+
+def _script_values(parsed: Mapping[str, Any], names: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in names:
+        if not name.startswith(SCRIPT_FIELD):
+            continue
+        fn = _script_field_functions.get(name)
+        if fn is not None:
+            try:
+                value = fn(parsed)
+            except Exception:  # noqa: BLE001 - an extension's converter; leave its field alone
+                log.exception("infotext field function %r failed", fn)
+                continue
+        else:
+            value = parsed.get(name[len(SCRIPT_FIELD):])
+        if value is not None:
+            out[name] = value
+    return out
+
+
 def bind(targets: Mapping[str, Any], tab: str) -> tuple[list[str], list[Any]]:
     """The control names of `tab` that have a component in `targets`, and those components,
     in the order `updates` returns values for them."""
     names = [f.target for f in TABLE if tab in f.tabs and f.target in targets]
+    names += [n for n in targets if n.startswith(SCRIPT_FIELD)]
     names = list(dict.fromkeys(names))
     return names, [targets[n] for n in names]
 
@@ -305,6 +345,7 @@ def infotext_updates(ctx: PasteContext, text: str | None, tab: str, names: list[
     if callbacks is not None:  # on_infotext_pasted: extensions may add or change parsed fields in place
         callbacks.infotext_pasted(text, parsed)
     values = values_from_infotext(parsed, tab)
+    values.update(_script_values(parsed, names))
     overrides = override_choices(parsed, services.options)
     title = checkpoint_for(parsed, services.models.registry)
     return [*updates(values, names),

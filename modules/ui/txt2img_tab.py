@@ -11,7 +11,7 @@ from modules import samplers
 from modules.processing import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, HiresParams, ProcessingError, Txt2ImgParams
 from modules.services import Services
 from modules.ui.common import (POLL_SECONDS, ControlsBase, build_toprow, connect_seed_buttons, connect_token_counter,
-                               infotext_html, progress_html)
+                               infotext_html, progress_html, script_job)
 from modules.styles import apply_styles_to_params
 from modules.ui import paste
 from modules.ui.styles_ui import connect_apply
@@ -134,6 +134,10 @@ def build_txt2img_tab(services: Services) -> Txt2ImgUi:
                     seed_resize_from_w = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from width", elem_id="txt2img_seed_resize_from_w")
                     seed_resize_from_h = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from height", elem_id="txt2img_seed_resize_from_h")
                 tiling = gr.Checkbox(False, label="Tiling", elem_id="txt2img_tiling")
+            script_runner = services.script_runner(False)
+            with gr.Column(elem_id="txt2img_script_container"):
+                script_runner.setup_ui_alwayson()
+                script_runner.setup_ui_selectable()
         with gr.Column(scale=1):
             progress = gr.HTML("", elem_id="txt2img_progress")
             gallery = gr.Gallery(label="Output", elem_id="txt2img_gallery", format="png", columns=2,
@@ -156,13 +160,16 @@ def build_txt2img_tab(services: Services) -> Txt2ImgUi:
     )
     generation = services.generation
 
+    n_controls = len(controls.components())
+
     def run(styles, overrides, *values):
         try:
-            params = Txt2ImgControls.to_params(list(values))
+            params = Txt2ImgControls.to_params(list(values[:n_controls]))
+            script_args = list(values[n_controls:])
             apply_styles_to_params(params, services.styles, styles)
             params.validate()
             job = generation.submit_txt2img(params, override_settings=paste.overrides_from_choices(
-                overrides, services.options))
+                overrides, services.options), script=script_job(script_runner, script_args))
         except (ProcessingError, ValueError) as err:
             yield gr.update(), "", f"<div class='error'>{html.escape(str(err))}</div>", gr.update()
             return
@@ -180,7 +187,8 @@ def build_txt2img_tab(services: Services) -> Txt2ImgUi:
         yield (images, infotext_html(processed.infotexts[processed.index_of_first_image] if processed.infotexts else ""),
                f"<div class='progress-text'>Done{note}.</div>", processed.js())
 
-    generate.click(run, inputs=[styles_ui.dropdown, override_settings, *controls.components()],
+    generate.click(run, inputs=[styles_ui.dropdown, override_settings, *controls.components(),
+                                *script_runner.script_inputs],
                    outputs=[gallery, infotext, progress, generation_info],
                    concurrency_limit=None, show_progress="hidden")
     generate.click(lambda: None, outputs=gallery_index, show_progress="hidden")  # a new gallery: nothing selected
@@ -196,6 +204,7 @@ def build_txt2img_tab(services: Services) -> Txt2ImgUi:
     connect_apply(styles_ui, services, prompt, negative_prompt)
     targets = {name: getattr(controls, name) for name in Txt2ImgControls.names()}
     targets["styles"] = styles_ui.dropdown
+    targets.update(paste.script_field_targets(script_runner.infotext_fields()))
     return Txt2ImgUi(controls=controls, styles=styles_ui, override_settings=override_settings,
                      paste_button=paste_button, send_to_img2img=send_to_img2img, send_to_inpaint=send_to_inpaint,
                      gallery=gallery, gallery_index=gallery_index, generation_info=generation_info,
