@@ -245,6 +245,7 @@ class ScriptRunner:
         left column, each script in its own group; the script usually opens an accordion itself)."""
         import gradio as gr
 
+        self.inputs, self.defaults = [None], [0]  # a second build (another app) starts the slots afresh
         for script in self.alwayson_scripts:
             with gr.Group(elem_id=f"{self.tabname}_script_container_{_id(script)}") as group:
                 self._build_controls(script)

@@ -259,3 +259,37 @@ def test_processed_takes_a1111_positional_form():
     assert proc.infotexts == ["info text", "info text"]
     assert proc.all_prompts == ["hello"] and proc.all_seeds == [5]
     assert proc.js()["prompt"] == "hello" and proc.info == "info text"
+
+
+def _builtin_registry() -> scripts.ScriptRegistry:
+    """The built-in extensions' scripts, loaded the way the server loads them."""
+    from modules import extensions, script_callbacks
+    from conftest import ROOT
+
+    found = [e for e in extensions.discover(ROOT / "no-user-extensions", ROOT / "extensions-builtin")
+             if e.name in ("sd-upscale", "outpainting")]
+    modules = extensions.load_scripts(found, script_callbacks.CallbackRegistry())
+    return scripts.ScriptRegistry.from_modules(modules, found)
+
+
+def test_builtin_outpainting_and_sd_upscale_run_as_scripts(svc):
+    registry = _builtin_registry()
+    runner = registry.img2img
+    runner.ensure_defaults()
+    assert {"Poor man's outpainting", "SD upscale"} <= set(runner.titles)
+    assert registry.txt2img.find("sd upscale") is None  # img2img only
+    base = Img2ImgParams(**{**SMALL, "denoising_strength": 0.5},
+                         init_images=[Image.new("RGB", (64, 64), (200, 40, 40))])
+    # A1111's args: [pixels, mask blur, masked content index, directions]
+    args = runner.args_from_api("Poor man's outpainting", [16, 0, 1, ["left"]], None)
+    processed = svc.generation.submit(base, script=runner.job_script(args)).result()
+    image = processed.images[processed.index_of_first_image]
+    assert image.size == (80, 64)  # grown 16 px to the left
+    # The original picture is kept where the mask is 0 (right of the grown margin).
+    assert np.asarray(image)[:, 16:].reshape(-1, 3).tolist().count([200, 40, 40]) == 64 * 64
+    args = runner.args_from_api("sd upscale", ["", 0, 2, 2.0], None)  # Nearest, x2, no overlap
+    processed = svc.generation.submit(base, script=runner.job_script(args)).result()
+    assert processed.images[0].size == (128, 128)
+    with pytest.raises(ProcessingError, match="upscaler"):
+        args = runner.args_from_api("sd upscale", ["", 0, 7, 2.0], None)
+        svc.generation.submit(base, script=runner.job_script(args)).result()
