@@ -22,6 +22,12 @@ def bind(services: Any) -> None:
     opts = services.options
     state = services.generation.state
     cmd_opts = services.cmd_opts
+    # A1111's modules.paths strings, which extensions read (models_path, data_path, script_path).
+    from modules import paths
+
+    paths.models_path = str(services.paths.models_dir)
+    paths.data_path = str(services.paths.data_dir)
+    paths.script_path = str(services.paths.install_dir)
 
 
 def __getattr__(name: str) -> Any:
