@@ -535,3 +535,4 @@ def image_grid(images: Sequence[Image.Image], rows: int | None = None, batch_siz
         y = (i // cols) * h + (h - im.height) // 2
         grid.paste(im if im.mode == mode else im.convert(mode), (x, y))
     return grid
+from modules.grid_labels import GridAnnotation, draw_grid_annotations, draw_prompt_matrix  # noqa: E402,F401 - A1111's names

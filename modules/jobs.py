@@ -482,7 +482,10 @@ class JobQueue:
                 status = "interrupted"
         except BaseException as err:  # the worker must outlive any job, whatever it raises
             status, error = "failed", err
-            log.error("job %s (%s) failed", job.id, job.name, exc_info=err)
+            if isinstance(err, ValueError):  # bad input (ProcessingError...): the caller shows the message
+                log.warning("job %s (%s) failed: %s", job.id, job.name, err)
+            else:
+                log.error("job %s (%s) failed", job.id, job.name, exc_info=err)
         finally:
             ctx._close_bar()
             with self._cond:

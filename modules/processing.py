@@ -27,6 +27,19 @@ LATENT_UPSCALE_MODES: dict[str, dict[str, Any]] = {
 IMAGE_UPSCALERS = ("None", "Lanczos", "Nearest")
 
 
+def get_fixed_seed(seed: int | str | None) -> int:
+    """A1111's name: -1 (random) becomes a concrete seed; others are kept."""
+    from modules.seeds import resolve_seed
+
+    return resolve_seed(seed)
+
+
+def fix_seed(p: Any) -> None:
+    """A1111's fix_seed(p): pick the random seed and subseed now, so several renders share them."""
+    p.seed = get_fixed_seed(p.seed)
+    p.subseed = get_fixed_seed(p.subseed)
+
+
 class ProcessingError(ValueError):
     """Bad parameters; the message is shown to the user as-is."""
 
@@ -466,17 +479,26 @@ def _process(p: GenerationParams, ctx: RunContext) -> Processed:
     hooks = ctx.processing_hooks or ProcessingHooks()
     choice = samplers.resolve_sampler(p.sampler_name, p.scheduler)
     clip_skip = int(p.clip_skip if p.clip_skip is not None else options.CLIP_stop_at_last_layers)
-    n_images = p.batch_size * p.n_iter
+    # A prompt list (A1111's prompt matrix, prompts from file) sets the image count, as in A1111: the
+    # last batch may be short. Otherwise it is batch_size * n_iter.
+    if isinstance(p.prompt, (list, tuple)):
+        if not p.prompt:
+            raise ProcessingError("prompt is an empty list")
+        all_prompts = [str(x) for x in p.prompt]
+    else:
+        all_prompts = [p.prompt] * (p.batch_size * p.n_iter)
+    n_images = len(all_prompts)
+    n_batches = -(-n_images // p.batch_size)
     if isinstance(p.seed, (list, tuple)):
         all_seeds = [rng.resolve_seed(int(s)) for s in _per_image(p.seed, n_images, "seed")]
     else:
-        all_seeds = rng.batch_seeds(rng.resolve_seed(p.seed), p.n_iter, p.batch_size,
-                                    subseed_strength=p.subseed_strength)
+        all_seeds = rng.batch_seeds(rng.resolve_seed(p.seed), n_batches, p.batch_size,
+                                    subseed_strength=p.subseed_strength)[:n_images]
     if isinstance(p.subseed, (list, tuple)):
         all_subseeds = [rng.resolve_seed(int(s)) for s in _per_image(p.subseed, n_images, "subseed")]
     else:
-        all_subseeds = rng.batch_subseeds(rng.resolve_seed(p.subseed), p.n_iter, p.batch_size)
-    run = ProcessingRun(all_prompts=_per_image(p.prompt, n_images, "prompt"),
+        all_subseeds = rng.batch_subseeds(rng.resolve_seed(p.subseed), n_batches, p.batch_size)[:n_images]
+    run = ProcessingRun(all_prompts=all_prompts,
                         all_negative_prompts=_per_image(p.negative_prompt, n_images, "negative prompt"),
                         all_seeds=all_seeds, all_subseeds=all_subseeds)
     hooks.process(run)
@@ -504,7 +526,7 @@ def _process(p: GenerationParams, ctx: RunContext) -> Processed:
         init = None
         plans: list[Any] = []
         if is_img2img:
-            prepared = [_prepare_init(p, i) for i in range(sl.start, sl.stop)]
+            prepared = [_prepare_init(p, i) for i in range(sl.start, sl.start + len(run.prompts))]
             plans = [plan for _, plan in prepared]
             init = diffusion.InitImages(
                 images=[image for image, _ in prepared],
@@ -587,7 +609,15 @@ def params_to_dict(p: GenerationParams) -> dict[str, Any]:
 
 
 
-# A1111's `p` classes live in modules.processing for extensions; defined in sd_processing (a facade
-# over the typed params above), imported last because that module imports this one.
-from modules.sd_processing import (StableDiffusionProcessing, StableDiffusionProcessingImg2Img,  # noqa: E402
-                                   StableDiffusionProcessingTxt2Img)
+# A1111's `p` classes, which extensions import from modules.processing. They are defined in
+# sd_processing (a facade over the typed params above, which imports this module), so they are
+# looked up on first use rather than imported here.
+_FACADE_NAMES = ("StableDiffusionProcessing", "StableDiffusionProcessingTxt2Img", "StableDiffusionProcessingImg2Img")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FACADE_NAMES:
+        from modules import sd_processing
+
+        return getattr(sd_processing, name)
+    raise AttributeError(f"module 'modules.processing' has no attribute {name!r}")

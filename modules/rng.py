@@ -27,12 +27,13 @@ source to pick for identical images across machines.
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 import torch
+
+from modules.seeds import resolve_seed  # noqa: F401 - callers use rng.resolve_seed
 
 __all__ = [
     "RNG_SOURCES",
@@ -50,22 +51,6 @@ __all__ = [
 
 RNG_SOURCES: tuple[str, ...] = ("GPU", "CPU", "NV")  # A1111's "Random number generator source"
 MAX_SEED = 2**32 - 1
-
-
-def resolve_seed(seed: int | str | None) -> int:
-    """-1 (or None, "", any negative, non-numeric text) -> a fresh random seed.
-
-    A1111 draws ``random.randrange(4294967294)``, i.e. [0, 2**32 - 2].
-    Non-negative seeds are returned unchanged.
-    """
-    if isinstance(seed, str):
-        try:
-            seed = int(seed.strip())
-        except ValueError:
-            seed = None
-    if seed is None or int(seed) < 0:
-        return int(random.randrange(4294967294))
-    return int(seed)
 
 
 def batch_seeds(seed: int, n_iter: int, batch_size: int, *, subseed_strength: float = 0.0) -> list[int]:

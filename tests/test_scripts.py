@@ -207,13 +207,14 @@ def test_prompt_and_seed_lists_give_one_image_each(svc):
         def run(self, p):
             p.prompt = ["a cat", "a dog", "a cow"]
             p.seed = [7, 7, 9]
-            p.n_iter, p.batch_size = 3, 1
+            p.n_iter, p.batch_size = 2, 2  # 3 prompts: the second batch is short, as in A1111
             return processing.process_images(p)
 
     runner = scripts.ScriptRunner([scripts.ScriptClassData(Matrix, __file__, "", None)], is_img2img=False)
     runner.ensure_defaults()
     processed = svc.generation.submit(Txt2ImgParams(**SMALL), script=runner.job_script([1])).result()
     texts = processed.infotexts[processed.index_of_first_image:]
+    assert len(texts) == 3 and len(processed.images) - processed.index_of_first_image == 3
     assert [parse_infotext(t)["Prompt"] for t in texts] == ["a cat", "a dog", "a cow"]
     assert [parse_infotext(t)["Seed"] for t in texts] == ["7", "7", "9"]
 
@@ -293,3 +294,14 @@ def test_builtin_outpainting_and_sd_upscale_run_as_scripts(svc):
     with pytest.raises(ProcessingError, match="upscaler"):
         args = runner.args_from_api("sd upscale", ["", 0, 7, 2.0], None)
         svc.generation.submit(base, script=runner.job_script(args)).result()
+
+
+def test_the_script_modules_import_in_any_order():
+    import subprocess
+
+    from conftest import ROOT
+
+    for first in ("modules.sd_processing", "modules.scripts", "modules.processing"):
+        code = f"import {first}; from modules.processing import StableDiffusionProcessingTxt2Img, process_images"
+        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr

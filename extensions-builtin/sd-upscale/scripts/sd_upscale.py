@@ -6,7 +6,7 @@ process_images, so always-visible scripts run for every tile as they do in A1111
 """
 import gradio as gr
 
-from modules import scripts, sd_upscale
+from modules import processing, scripts, sd_upscale
 
 
 class Script(scripts.Script):
@@ -27,9 +27,7 @@ class Script(scripts.Script):
         return [info, overlap, upscaler_index, scale_factor]
 
     def run(self, p, _info, overlap, upscaler_index, scale_factor):
-        from modules import rng  # torch: imported when a job runs, not at startup
-
         args = sd_upscale.SdUpscaleArgs.from_script_args([None, overlap, upscaler_index, scale_factor])
         return sd_upscale.run_sd_upscale(
             p.params, args, lambda params: p.with_params(params).process_images(),
-            lambda image, **kw: p.save_image(image, **kw), rng.resolve_seed(p.seed))
+            lambda image, **kw: p.save_image(image, **kw), processing.get_fixed_seed(p.seed))
