@@ -211,6 +211,8 @@ def serve(app, sock: socket.socket, services: Services) -> None:
         ssl_keyfile=opts.tls_keyfile, ssl_certfile=opts.tls_certfile,
     )
     server = uvicorn.Server(config)
+    if services.callbacks is not None:
+        services.callbacks.unload_at_shutdown(app)  # on_script_unloaded when the server stops
 
     def announce() -> None:
         while not server.started and not server.should_exit:

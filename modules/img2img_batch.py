@@ -202,7 +202,8 @@ def run_batch(generation: Any, base: Img2ImgParams, input_dir: str | Path, outpu
         try:
             processed = generation.img2img(p, **kwargs)
             if out_dir is not None:
-                result.outputs += _save_named(processed, out_dir, path.stem, options)
+                result.outputs += _save_named(processed, out_dir, path.stem, options,
+                                              getattr(generation, "save_hooks", (None, None)))
             else:
                 result.outputs += processed.saved_paths
         except Exception as err:  # noqa: BLE001 - reported per file, the batch goes on
@@ -220,7 +221,10 @@ def run_batch(generation: Any, base: Img2ImgParams, input_dir: str | Path, outpu
     return result
 
 
-def _save_named(processed: Any, out_dir: Path, stem: str, options: Any) -> list[str]:
+def _save_named(processed: Any, out_dir: Path, stem: str, options: Any,
+                save_hooks: tuple[Any, Any] = (None, None)) -> list[str]:
+    """`save_hooks`: the generation service's (before_save, after_save), so on_before_image_saved and
+    on_image_saved fire for these files as for every other saved image."""
     from modules import images as images_mod
 
     first = processed.index_of_first_image
@@ -233,6 +237,7 @@ def _save_named(processed: Any, out_dir: Path, stem: str, options: Any) -> list[
             image, out_dir, seed=None, info=text, extension=get("samples_format", "png"), forced_filename=name,
             jpeg_quality=get("jpeg_quality", 80), webp_lossless=get("webp_lossless", False),
             save_txt=get("save_txt", False), embed_info=get("enable_pnginfo", True),
+            before_save=save_hooks[0], after_save=save_hooks[1],
         )
         saved.append(str(out.path))
     return saved

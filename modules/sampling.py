@@ -109,7 +109,7 @@ class GuidedDenoiser:
                 result = torch.zeros_like(x, dtype=out_cond.dtype)
                 result.index_add_(0, index, out_cond * weights)
         for hook in self.hooks.on_cfg_denoised:
-            hook(result, step, total)
+            hook(result, step, total, inner_model=self.unet)
         return result
 
     def _row_index(self, counts: tuple[int, ...], device) -> torch.Tensor:

@@ -158,8 +158,10 @@ class CallbackRegistry:
             return None
         from modules.sampling import SamplingHooks
 
-        def denoised(x: Any, step: int, total: int) -> None:
-            self.cfg_denoised(CFGDenoisedParams(x=x, sampling_step=step, total_sampling_steps=total))
+        def denoised(x: Any, step: int, total: int, inner_model: Any = None) -> None:
+            # inner_model is the diffusers UNet here (A1111 passes its k-diffusion model wrapper).
+            self.cfg_denoised(CFGDenoisedParams(x=x, sampling_step=step, total_sampling_steps=total,
+                                                inner_model=inner_model))
 
         # The denoiser's own params object (sampling.DenoiserParams) has A1111's CFGDenoiserParams fields.
         return SamplingHooks(on_cfg_denoiser=[self.cfg_denoiser], on_cfg_denoised=[denoised])
@@ -169,6 +171,22 @@ class CallbackRegistry:
 
     def script_unloaded(self) -> None:
         self.run("script_unloaded")
+
+    def unload_at_shutdown(self, app: Any) -> None:
+        """Fire on_script_unloaded when the ASGI `app` shuts down. Through its lifespan: uvicorn re-raises
+        SIGTERM after its own shutdown, so code after its run() would never see a plain `kill`."""
+        import contextlib
+
+        inner = app.router.lifespan_context
+
+        @contextlib.asynccontextmanager
+        async def lifespan(scope_app: Any):
+            async with inner(scope_app) as state:
+                try:
+                    yield state
+                finally:
+                    self.script_unloaded()
+        app.router.lifespan_context = lifespan
 
 
 _default: CallbackRegistry | None = None
