@@ -276,6 +276,7 @@ def load_scripts(exts: Iterable[Extension], registry: Any) -> dict[str, Any]:
             continue
         for file in ext.files("scripts", ".py"):
             registry.current_script = str(file)
+            _importing[0] = file
             try:
                 # The folder stays on sys.path: scripts import their own helpers lazily too.
                 if str(ext.path) not in sys.path:
@@ -289,7 +290,15 @@ def load_scripts(exts: Iterable[Extension], registry: Any) -> dict[str, Any]:
                 registry.remove_script(str(file))
             finally:
                 registry.current_script = None
+                _importing[0] = None
     return modules
+
+
+_importing: list[Path | None] = [None]   # the scripts/*.py being imported now (for scripts.basedir())
+
+
+def importing_script() -> Path | None:
+    return _importing[0]
 
 
 # -- page assets ---------------------------------------------------------------------------

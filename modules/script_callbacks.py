@@ -25,6 +25,13 @@ KINDS = (
     "app_started", "model_loaded", "ui_tabs", "ui_settings", "before_image_saved", "image_saved",
     "cfg_denoiser", "cfg_denoised", "infotext_pasted", "before_ui", "script_unloaded",
 )
+# A1111 callbacks this app accepts (so an extension registering them still loads) but never calls:
+# there is no matching moment here (no k-diffusion noise/CFG internals, no per-component hooks,
+# no optimizers/UNet lists, no UI reload, no training tab).
+NEVER_CALLED = (
+    "before_reload", "ui_train_tabs", "extra_noise", "cfg_after_cfg", "before_component", "after_component",
+    "image_grid", "list_optimizers", "list_unets", "before_token_counter",
+)
 
 
 @dataclass
@@ -70,7 +77,7 @@ def _caller_file() -> str:
 
 @dataclass
 class CallbackRegistry:
-    callbacks: dict[str, list[CallbackEntry]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    callbacks: dict[str, list[CallbackEntry]] = field(default_factory=lambda: {k: [] for k in (*KINDS, *NEVER_CALLED)})
     # Set by the extension loader while it imports a script, so entries name that file even
     # when the registration goes through a helper module.
     current_script: str | None = None
@@ -82,6 +89,8 @@ class CallbackRegistry:
         if not callable(callback):
             raise TypeError(f"{kind} callback must be callable, got {callback!r}")
         entry = CallbackEntry(script=script or self.current_script or _caller_file(), callback=callback, name=name)
+        if kind in NEVER_CALLED:
+            log.info("%s registers an on_%s callback; this app accepts it but never calls it", entry.script, kind)
         with self._lock:
             self.callbacks[kind].append(entry)
 
@@ -263,3 +272,23 @@ def remove_current_script_callbacks() -> None:
 
 def remove_callbacks_for_function(callback: Callable) -> None:
     default().remove_function(callback)
+
+
+def _never_called(kind: str) -> Callable[..., None]:
+    def register(callback: Callable, *, name: str | None = None) -> None:
+        default().add(kind, callback, name=name)
+    register.__name__ = f"on_{kind}"
+    register.__doc__ = f"Accepted for A1111 compatibility; this app never calls on_{kind} callbacks."
+    return register
+
+
+on_before_reload = _never_called("before_reload")
+on_ui_train_tabs = _never_called("ui_train_tabs")
+on_extra_noise = _never_called("extra_noise")
+on_cfg_after_cfg = _never_called("cfg_after_cfg")
+on_before_component = _never_called("before_component")
+on_after_component = _never_called("after_component")
+on_image_grid = _never_called("image_grid")
+on_list_optimizers = _never_called("list_optimizers")
+on_list_unets = _never_called("list_unets")
+on_before_token_counter = _never_called("before_token_counter")

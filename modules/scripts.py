@@ -517,6 +517,17 @@ class ScriptRegistry:
         return self.runner(True)
 
 
+def basedir() -> str:
+    """The folder of the extension whose script is being imported now (A1111: call it at import time,
+    e.g. `base = scripts.basedir()` at the top of scripts/x.py); the app folder otherwise."""
+    from modules import extensions
+
+    current = extensions.importing_script()
+    if current is not None:
+        return str(Path(current).resolve().parent.parent)
+    return str(Path(__file__).resolve().parent.parent)
+
+
 # A1111's module-level names, set by webui.py (install()); extensions read them.
 scripts_data: list[ScriptClassData] = []
 scripts_txt2img: ScriptRunner | None = None

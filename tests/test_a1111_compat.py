@@ -33,3 +33,45 @@ def test_shared_bind_sets_a1111_path_strings(tmp_path):
         assert paths.models_path == str(app_paths.models_dir) and paths.data_path == str(tmp_path)
     finally:
         shared.opts, shared.state, shared.cmd_opts, shared._services = saved
+
+
+def test_launch_module_for_install_py(tmp_path):
+    import sys
+
+    import launch
+
+    assert launch.is_installed("pytest") and not launch.is_installed("surely-not-installed-pkg")
+    assert launch.python == sys.executable
+    assert launch.run([sys.executable, "-c", "print('hi')"], live=False).strip() == "hi"
+    import pytest
+
+    with pytest.raises(RuntimeError, match="exit 3|Error code: 3"):
+        launch.run([sys.executable, "-c", "raise SystemExit(3)"], live=False)
+
+
+def test_scripts_basedir_is_the_extension_being_imported(tmp_path):
+    from modules import extensions, script_callbacks, scripts
+
+    ext = tmp_path / "extensions" / "my-ext"
+    (ext / "scripts").mkdir(parents=True)
+    (ext / "scripts" / "s.py").write_text("from modules import scripts\nBASE = scripts.basedir()\n")
+    found = extensions.discover(tmp_path / "extensions", tmp_path / "none")
+    loaded = extensions.load_scripts(found, script_callbacks.CallbackRegistry())
+    (module,) = loaded.values()
+    assert module.BASE == str(ext.resolve())
+
+
+def test_callbacks_this_app_never_calls_are_accepted(caplog):
+    from modules import script_callbacks
+
+    caplog.set_level("INFO", logger="modules.script_callbacks")
+    registry = script_callbacks.CallbackRegistry()
+    saved = script_callbacks.default()
+    script_callbacks.set_default(registry)
+    try:
+        for kind in script_callbacks.NEVER_CALLED:
+            getattr(script_callbacks, f"on_{kind}")(lambda *a: None)
+        assert all(len(registry.callbacks[k]) == 1 for k in script_callbacks.NEVER_CALLED)
+        assert "never calls it" in caplog.text
+    finally:
+        script_callbacks.set_default(saved)

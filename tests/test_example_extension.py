@@ -96,6 +96,7 @@ def test_the_page_runs_the_extension(example_server, page):
     page.goto(srv.url + "/")
     page.locator("#txt2img_prompt textarea").wait_for(timeout=TIMEOUT * 1000)
     page.wait_for_function("window.exampleExtensionLoaded === 'example-js-ok'", timeout=TIMEOUT * 1000)
+    page.wait_for_function("window.exampleUiLoaded === true && window.exampleUiUpdates > 0", timeout=TIMEOUT * 1000)
 
     # The extension's tab: its CSS applies, and the InputAccordion's open state is its value.
     page.get_by_role("tab", name="Example tab").click()

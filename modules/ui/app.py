@@ -26,6 +26,43 @@ document.addEventListener('keydown', (e) => {
 });
 </script>"""
 
+# A1111's page helpers, which extensions' javascript/*.js call: defined before their scripts (head order).
+# onUiLoaded fires once the generation tabs exist; onUiUpdate/onAfterUiUpdate on page changes (batched
+# per animation frame); onUiTabChange when the selected top tab changes; onOptionsChanged is accepted.
+A1111_JS_HEAD = """<script>
+(() => {
+  const lists = {loaded: [], update: [], after: [], tab: [], options: []};
+  const call = (fns, arg) => fns.forEach((fn) => { try { fn(arg); } catch (e) { console.error(e); } });
+  window.gradioApp = () => {
+    const app = document.getElementsByTagName('gradio-app')[0];
+    return app ? (app.shadowRoot || app) : document;
+  };
+  window.get_uiCurrentTab = () => gradioApp().querySelector('#tabs > .tab-wrapper button.selected');
+  window.get_uiCurrentTabContent = () => [...gradioApp().querySelectorAll('#tabs > .tabitem')]
+    .find((t) => t.offsetParent !== null) || null;
+  window.onUiLoaded = (fn) => lists.loaded.push(fn);
+  window.onUiUpdate = (fn) => lists.update.push(fn);
+  window.onAfterUiUpdate = (fn) => lists.after.push(fn);
+  window.onUiTabChange = (fn) => lists.tab.push(fn);
+  window.onOptionsChanged = (fn) => lists.options.push(fn);
+  let loaded = false, pending = [], scheduled = false, tab = null;
+  new MutationObserver((mutations) => {
+    if (!loaded && gradioApp().querySelector('#txt2img_prompt')) { loaded = true; call(lists.loaded); }
+    if (!loaded) return;
+    pending.push(...mutations);
+    if (scheduled) return;
+    scheduled = true;
+    requestAnimationFrame(() => {
+      const batch = pending; pending = []; scheduled = false;
+      call(lists.update, batch);
+      call(lists.after);
+      const now = get_uiCurrentTab();
+      if (now !== tab) { tab = now; call(lists.tab); }
+    });
+  }).observe(document, {childList: true, subtree: true});
+})();
+</script>"""
+
 CSS = """
 #quicksettings { gap: 0.5em; align-items: end; }
 #quicksettings > * { max-width: 32em; }
@@ -78,7 +115,7 @@ def build_ui(services: Services, *, extension_tabs: list[tuple[gr.Blocks, str, s
                                  checkpoint=_find(blocks, "setting_sd_model_checkpoint"),
                                  pending_checkpoint=gr.State(None))
         _connect_paste(ctx, txt2img, img2img, pnginfo)
-    head = "\n".join(h for h in (CTRL_ENTER_HEAD, _theme_head(services.cmd_opts.theme), extension_head) if h)
+    head = "\n".join(h for h in (CTRL_ENTER_HEAD, A1111_JS_HEAD, _theme_head(services.cmd_opts.theme), extension_head) if h)
     return UiBundle(blocks=blocks, css=CSS + ("\n" + extension_css if extension_css else ""), js=None, head=head)
 
 
