@@ -50,7 +50,7 @@ def test_launch_module_for_install_py(tmp_path):
 
 
 def test_scripts_basedir_is_the_extension_being_imported(tmp_path):
-    from modules import extensions, script_callbacks, scripts
+    from modules import extensions, script_callbacks
 
     ext = tmp_path / "extensions" / "my-ext"
     (ext / "scripts").mkdir(parents=True)
