@@ -33,6 +33,16 @@ def _hires(attr: str) -> property:
                     doc=f"params.hires.{attr}")
 
 
+def _hires_or_same(attr: str, same: str) -> property:
+    """Hires sampler/scheduler: "" in the typed params is A1111's "Use same ..." label."""
+    def get(self):
+        return getattr(self.params.hires, attr) or same
+
+    def set_(self, value):
+        setattr(self.params.hires, attr, "" if value in (None, same) else value)
+    return property(get, set_, doc=f"params.hires.{attr}, or {same!r}")
+
+
 def _run_list(name: str) -> property:
     def get(self):
         run = self.__dict__.get("_run")
@@ -206,21 +216,8 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
     hr_prompt = _hires("prompt")
     hr_negative_prompt = _hires("negative_prompt")
 
-    @property
-    def hr_sampler_name(self) -> str:
-        return self.params.hires.sampler_name or "Use same sampler"
-
-    @hr_sampler_name.setter
-    def hr_sampler_name(self, value: str | None) -> None:
-        self.params.hires.sampler_name = "" if value in (None, "Use same sampler") else value
-
-    @property
-    def hr_scheduler(self) -> str:
-        return self.params.hires.scheduler or "Use same scheduler"
-
-    @hr_scheduler.setter
-    def hr_scheduler(self, value: str | None) -> None:
-        self.params.hires.scheduler = "" if value in (None, "Use same scheduler") else value
+    hr_sampler_name = _hires_or_same("sampler_name", "Use same sampler")
+    hr_scheduler = _hires_or_same("scheduler", "Use same scheduler")
 
     @property
     def hr_upscale_to_x(self) -> int:

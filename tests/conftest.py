@@ -110,3 +110,22 @@ def page(browser, tmp_path):
     pg = context.new_page()
     yield pg
     context.close()
+
+
+def make_services(data_dir: Path, checkpoints: dict[str, tuple[str, int]]):
+    """The app's core objects (no server) over `data_dir`, with tiny checkpoints {file name: (family, seed)}
+    in its models/Stable-diffusion. The caller shuts the queue down: services.generation.queue.shutdown()."""
+    from modules.cmd_args import parse_args
+    from modules.options import Options, default_templates
+    from modules.paths import AppPaths
+    from modules.services import build_services
+    from tiny_models import make_checkpoint
+
+    opts = parse_args(["--data-dir", str(data_dir)], env={}).opts
+    paths = AppPaths.from_opts(opts)
+    paths.ensure_user_dirs()
+    for name, (family, seed) in checkpoints.items():
+        make_checkpoint(paths.ckpt_dir / name, family, seed=seed)
+    options = Options(paths.config_file, default_templates())
+    options.load()
+    return build_services(opts, paths, options)

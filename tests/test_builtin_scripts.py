@@ -15,14 +15,10 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import ROOT, start_server
+from conftest import ROOT, make_services, start_server
 from modules import scripts, shared
-from modules.cmd_args import parse_args
 from modules.infotext import parse_infotext
-from modules.options import Options, default_templates
-from modules.paths import AppPaths
 from modules.processing import Img2ImgParams, ProcessingError, Txt2ImgParams
-from modules.services import build_services
 from tiny_models import make_checkpoint
 
 SMALL = dict(width=64, height=64, steps=1, cfg_scale=7.0, sampler_name="Euler", seed=123)
@@ -76,14 +72,7 @@ def _registry() -> scripts.ScriptRegistry:
 
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("builtin_scripts")
-    opts = parse_args(["--data-dir", str(data_dir)], env={}).opts
-    paths = AppPaths.from_opts(opts)
-    paths.ensure_user_dirs()
-    make_checkpoint(paths.ckpt_dir / "tiny-sd1.safetensors", "sd1")
-    options = Options(paths.config_file, default_templates())
-    options.load()
-    services = build_services(opts, paths, options)
+    services = make_services(tmp_path_factory.mktemp("builtin_scripts"), {"tiny-sd1.safetensors": ("sd1", 0)})
     services.scripts = _registry()
     saved = (shared.opts, shared.state, shared.cmd_opts, shared._services)
     shared.bind(services)  # A1111-style scripts read shared.opts / shared.state

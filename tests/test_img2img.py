@@ -8,15 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modules.cmd_args import parse_args
+from conftest import make_services
 from modules.img2img_batch import run_batch
 from modules.infotext import parse_infotext, read_info_from_image
 from modules.options import Options, default_templates
 from modules.outpainting import outpaint, plan_outpaint
-from modules.paths import AppPaths
 from modules.processing import Img2ImgParams, ProcessingError, Txt2ImgParams
-from modules.services import build_services
-from tiny_models import make_checkpoint
 
 SMALL = dict(width=64, height=64, steps=2, cfg_scale=7.0, prompt="a red fox", negative_prompt="blurry")
 
@@ -24,16 +21,10 @@ SMALL = dict(width=64, height=64, steps=2, cfg_scale=7.0, prompt="a red fox", ne
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("img2img")
-    opts = parse_args(["--data-dir", str(data_dir)], env={}).opts
-    paths = AppPaths.from_opts(opts)
-    paths.ensure_user_dirs()
-    make_checkpoint(paths.ckpt_dir / "tiny-sd1.safetensors", "sd1")
-    make_checkpoint(paths.ckpt_dir / "tiny-sd1-inpaint.safetensors", "sd1-inpaint")
-    (paths.data_dir / "styles.csv").write_text(
+    (data_dir / "styles.csv").write_text(
         "name,prompt,negative_prompt\nPainterly,\"oil painting of {prompt}\",photo\n", encoding="utf-8")
-    options = Options(paths.config_file, default_templates())
-    options.load()
-    services = build_services(opts, paths, options)
+    services = make_services(data_dir, {"tiny-sd1.safetensors": ("sd1", 0),
+                                        "tiny-sd1-inpaint.safetensors": ("sd1-inpaint", 0)})
     yield services
     services.generation.queue.shutdown()
 

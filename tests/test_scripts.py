@@ -13,14 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import make_services
 from modules import processing, scripts
-from modules.cmd_args import parse_args
 from modules.infotext import parse_infotext
-from modules.options import Options, default_templates
-from modules.paths import AppPaths
 from modules.processing import Img2ImgParams, Processed, ProcessingError, Txt2ImgParams
-from modules.services import build_services
-from tiny_models import make_checkpoint
 
 SMALL = dict(width=64, height=64, steps=2, cfg_scale=7.0, prompt="a fox", negative_prompt="blurry",
              sampler_name="Euler", seed=123)
@@ -125,14 +121,7 @@ def _registry() -> scripts.ScriptRegistry:
 
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("scripts")
-    opts = parse_args(["--data-dir", str(data_dir)], env={}).opts
-    paths = AppPaths.from_opts(opts)
-    paths.ensure_user_dirs()
-    make_checkpoint(paths.ckpt_dir / "tiny-sd1.safetensors", "sd1")
-    options = Options(paths.config_file, default_templates())
-    options.load()
-    services = build_services(opts, paths, options)
+    services = make_services(tmp_path_factory.mktemp("scripts"), {"tiny-sd1.safetensors": ("sd1", 0)})
     services.scripts = _registry()
     yield services
     services.generation.queue.shutdown()

@@ -11,14 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import make_services
 from modules import scripts
-from modules.cmd_args import parse_args
 from modules.generation import GenerationService
 from modules.infotext import parse_infotext
-from modules.options import Options, default_templates
-from modules.paths import AppPaths
 from modules.processing import Img2ImgParams, ProcessingError, Txt2ImgParams
-from modules.services import build_services
 from tiny_models import make_checkpoint
 
 SCRIPT_FILE = Path(__file__).resolve().parent.parent / "extensions-builtin" / "xyz-grid" / "scripts" / "xyz_grid.py"
@@ -68,14 +65,7 @@ class Interrupter(scripts.Script):
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("xyz")
-    opts = parse_args(["--data-dir", str(data_dir)], env={}).opts
-    paths = AppPaths.from_opts(opts)
-    paths.ensure_user_dirs()
-    make_checkpoint(paths.ckpt_dir / "tiny-a.safetensors", "sd1", seed=0)
-    make_checkpoint(paths.ckpt_dir / "tiny-b.safetensors", "sd1", seed=1)
-    options = Options(paths.config_file, default_templates())
-    options.load()
-    services = build_services(opts, paths, options)
+    services = make_services(data_dir, {"tiny-a.safetensors": ("sd1", 0), "tiny-b.safetensors": ("sd1", 1)})
     registry = scripts.ScriptRegistry.from_modules({xyz.__name__: xyz})
     registry.classes.append(scripts.ScriptClassData(Interrupter, __file__, "", sys.modules[__name__], "test"))
     services.scripts = registry
