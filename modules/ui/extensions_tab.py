@@ -40,7 +40,7 @@ def build_extensions_tab(services: Services, exts: Sequence[Extension]) -> None:
                                        label="Enabled extensions", elem_id="extensions_enabled")
             mode = gr.Radio(["none", "extra", "all"], value=options.disable_all_extensions,
                             label="Disable all extensions (keeps the list above)", elem_id="extensions_disable_all")
-            apply = gr.Button("Apply and restart UI", variant="primary", elem_id="extensions_apply")
+            apply = gr.Button("Apply (takes effect at the next start)", variant="primary", elem_id="extensions_apply")
             result = gr.Markdown(elem_id="extensions_apply_result")
 
             def on_apply(chosen, chosen_mode):
