@@ -109,3 +109,26 @@ def build_toprow(tabname: str, services) -> Toprow:
 def script_job(runner, script_args: list[Any]):
     """The `script` for GenerationService.submit when the tab's scripts have something to do, else None."""
     return runner.job_script(script_args) if runner.has_work(script_args) else None
+
+
+def error_updates(message: str) -> tuple[Any, ...]:
+    """(gallery, infotext, progress, generation info) updates that show `message` and keep the gallery."""
+    return gr.update(), "", f"<div class='error'>{html.escape(message)}</div>", gr.update()
+
+
+def poll_job(generation, job):
+    """Yield (gallery, infotext, progress, generation info) updates while `job` waits and runs (the live
+    preview, progress and ETA), then its images and infotext, or its error."""
+    while not job.wait(POLL_SECONDS):
+        preview = generation.state.current_image
+        shown = [preview] if preview is not None else gr.update()
+        yield shown, "", progress_html(generation.state.snapshot(), generation.queue.queue_position(job)), gr.update()
+    try:
+        processed = job.result()
+    except Exception as err:  # shown to the user; the queue keeps working
+        yield gr.update(value=None), "", f"<div class='error'>Error: {html.escape(str(err))}</div>", None
+        return
+    note = " (interrupted)" if processed.interrupted else ""
+    first = processed.infotexts[processed.index_of_first_image] if processed.infotexts else ""
+    yield (processed.saved_images_for_gallery(), infotext_html(first),
+           f"<div class='progress-text'>Done{note}.</div>", processed.js())

@@ -26,7 +26,7 @@ from modules.masking import flatten, prepare_mask
 from modules.processing import MASKED_CONTENT, RESIZE_MODES, Img2ImgParams, ProcessingError
 from modules.services import Services
 from modules.ui.common import (POLL_SECONDS, ControlsBase, build_toprow, connect_seed_buttons, connect_token_counter,
-                               infotext_html, progress_html, script_job)
+                               error_updates, infotext_html, poll_job, progress_html, script_job)
 from modules.styles import apply_styles_to_params
 from modules.ui import paste
 from modules.ui.styles_ui import StylesUi, connect_apply
@@ -336,9 +336,6 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
     extra_names = list(extra_inputs)
     running_batches: set[threading.Event] = set()
 
-    def error(message: str):
-        return gr.update(), "", f"<div class='error'>{html.escape(message)}</div>", gr.update()
-
     n_controls = len(controls.components())
 
     def run(*values):
@@ -364,24 +361,9 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
             job = generation.submit_img2img(params, override_settings=overrides,
                                             script=script_job(script_runner, script_args))
         except (ProcessingError, ValueError) as err:
-            yield error(str(err))
+            yield error_updates(str(err))
             return
-        yield from poll(job)
-
-    def poll(job):
-        while not job.wait(POLL_SECONDS):
-            preview = generation.state.current_image
-            shown = [preview] if preview is not None else gr.update()
-            yield shown, "", progress_html(generation.state.snapshot(), generation.queue.queue_position(job)), gr.update()
-        try:
-            processed = job.result()
-        except Exception as err:  # shown to the user; the queue keeps working
-            yield gr.update(value=None), "", f"<div class='error'>Error: {html.escape(str(err))}</div>", None
-            return
-        note = " (interrupted)" if processed.interrupted else ""
-        first = processed.infotexts[processed.index_of_first_image] if processed.infotexts else ""
-        yield (processed.saved_images_for_gallery(), infotext_html(first),
-               f"<div class='progress-text'>Done{note}.</div>", processed.js())
+        yield from poll_job(generation, job)
 
     def run_batch_mode(extra: dict[str, Any], control_values: dict[str, Any], overrides: dict[str, Any],
                        script_args: list[Any]):
@@ -390,7 +372,7 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
             apply_styles_to_params(base, services.styles, extra["styles"])
             base.validate()
         except (ProcessingError, ValueError) as err:
-            yield error(str(err))
+            yield error_updates(str(err))
             return
         stop = threading.Event()
         outcome: dict[str, Any] = {}
@@ -422,7 +404,7 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
         finally:
             running_batches.discard(stop)
         if "error" in outcome:
-            yield error(str(outcome["error"]))
+            yield error_updates(str(outcome["error"]))
             return
         result = outcome["result"]
         summary = html.escape(result.summary()).replace("\n", "<br>")

@@ -1,7 +1,6 @@
 """The txt2img tab: controls -> Txt2ImgParams -> the shared job queue -> gallery + infotext."""
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,8 +9,8 @@ import gradio as gr
 from modules import samplers
 from modules.processing import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, HiresParams, ProcessingError, Txt2ImgParams
 from modules.services import Services
-from modules.ui.common import (POLL_SECONDS, ControlsBase, build_toprow, connect_seed_buttons, connect_token_counter,
-                               infotext_html, progress_html, script_job)
+from modules.ui.common import (ControlsBase, build_toprow, connect_seed_buttons, connect_token_counter, error_updates,
+                               poll_job, script_job)
 from modules.styles import apply_styles_to_params
 from modules.ui import paste
 from modules.ui.styles_ui import connect_apply
@@ -171,21 +170,9 @@ def build_txt2img_tab(services: Services) -> Txt2ImgUi:
             job = generation.submit_txt2img(params, override_settings=paste.overrides_from_choices(
                 overrides, services.options), script=script_job(script_runner, script_args))
         except (ProcessingError, ValueError) as err:
-            yield gr.update(), "", f"<div class='error'>{html.escape(str(err))}</div>", gr.update()
+            yield error_updates(str(err))
             return
-        while not job.wait(POLL_SECONDS):
-            preview = generation.state.current_image
-            shown = [preview] if preview is not None else gr.update()
-            yield shown, "", progress_html(generation.state.snapshot(), generation.queue.queue_position(job)), gr.update()
-        try:
-            processed = job.result()
-        except Exception as err:  # shown to the user; the queue keeps working
-            yield gr.update(value=None), "", f"<div class='error'>Error: {html.escape(str(err))}</div>", None
-            return
-        images = processed.saved_images_for_gallery()
-        note = " (interrupted)" if processed.interrupted else ""
-        yield (images, infotext_html(processed.infotexts[processed.index_of_first_image] if processed.infotexts else ""),
-               f"<div class='progress-text'>Done{note}.</div>", processed.js())
+        yield from poll_job(generation, job)
 
     generate.click(run, inputs=[styles_ui.dropdown, override_settings, *controls.components(),
                                 *script_runner.script_inputs],
