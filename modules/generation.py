@@ -161,7 +161,7 @@ class GenerationService:
     def saver(self, kind: str):
         options, paths = self.options, self.paths
 
-        def save(image, *, seed: int, prompt: str, info: str | None, grid: bool):
+        def save(image, *, seed: int, prompt: str, info: str | None, grid: bool, p: Any = None):
             images_dir, grids_dir = images.output_dirs(paths, options, kind)
             directory = grids_dir if grid and grids_dir is not None else images_dir
             saved = images.save_image(
@@ -171,7 +171,7 @@ class GenerationService:
                 add_number=options.save_images_add_number, grid=grid, jpeg_quality=options.jpeg_quality,
                 webp_lossless=options.webp_lossless, save_txt=options.save_txt and not grid,
                 embed_info=options.enable_pnginfo,
-                before_save=self.save_hooks[0], after_save=self.save_hooks[1],
+                before_save=self.save_hooks[0], after_save=self.save_hooks[1], p=p,
             )
             return saved.path
         return save

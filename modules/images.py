@@ -357,6 +357,7 @@ def save_image(
     suffix: str = "",
     forced_filename: str | None = None,
     now: _dt.datetime | None = None,
+    p: Any = None,
 ) -> SavedImage:
     """Save ``image`` into ``directory`` (created if missing) and return where it went.
 
@@ -418,7 +419,7 @@ def save_image(
         else:
             path = _free_variant(directory / f"{_fit_name(decoration, ext)}.{ext}")
 
-        params = ImageSaveParams(image=image, filename=str(path), pnginfo=pnginfo)
+        params = ImageSaveParams(image=image, filename=str(path), pnginfo=pnginfo, p=p)
         if before_save is not None:
             before_save(params)
             chosen = Path(params.filename)

@@ -467,6 +467,17 @@ def process_images(p: Any, ctx: RunContext | None = None) -> Processed:
     return _process(p, ctx)
 
 
+def _save_owner(p: GenerationParams, ctx: RunContext) -> Any:
+    """What on_before_image_saved / on_image_saved get as `params.p`: the scripts' `p` when scripts
+    run, else A1111's `p` over these params."""
+    owner = getattr(ctx.processing_hooks, "p", None)
+    if owner is not None:
+        return owner
+    from modules.sd_processing import wrap
+
+    return wrap(p)
+
+
 def _process(p: GenerationParams, ctx: RunContext) -> Processed:
     from modules import diffusion, rng  # torch-heavy; imported when a job runs, not at startup
 
@@ -506,6 +517,7 @@ def _process(p: GenerationParams, ctx: RunContext) -> Processed:
     is_img2img = isinstance(p, Img2ImgParams)
     hires = p.hires if isinstance(p, Txt2ImgParams) and p.hires.enabled else None
     job = ctx.job
+    save_p = _save_owner(p, ctx)
     if job is not None and ctx.sets_job_count:
         job.set_job_count(p.n_iter)
 
@@ -561,7 +573,7 @@ def _process(p: GenerationParams, ctx: RunContext) -> Processed:
             image.info["parameters"] = text
             if p.save_images and options.samples_save and ctx.save is not None:
                 path = ctx.save(image, seed=run.all_seeds[index], prompt=run.all_prompts[index], info=text,
-                                grid=False)
+                                grid=False, p=save_p)
                 if path:
                     saved.append(str(path))
             images.append(image)
@@ -582,7 +594,7 @@ def _process(p: GenerationParams, ctx: RunContext) -> Processed:
         grid_text = infotexts[0]
         grid.info["parameters"] = grid_text
         if options.grid_save and p.save_images and ctx.save is not None:
-            ctx.save(grid, seed=run.all_seeds[0], prompt=run.all_prompts[0], info=grid_text, grid=True)
+            ctx.save(grid, seed=run.all_seeds[0], prompt=run.all_prompts[0], info=grid_text, grid=True, p=save_p)
         if options.return_grid:
             images.insert(0, grid)
             infotexts.insert(0, grid_text)

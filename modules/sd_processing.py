@@ -183,7 +183,7 @@ class StableDiffusionProcessing:
         first_seed = seed if seed is not None else (self.all_seeds[0] if self.all_seeds else self.seed)
         first_prompt = prompt if prompt is not None else (self.all_prompts[0] if self.all_prompts else self.prompt)
         path = save(image, seed=first_seed, prompt=first_prompt if isinstance(first_prompt, str) else "",
-                    info=info, grid=grid)
+                    info=info, grid=grid, p=self)
         return str(path) if path else None
 
     def with_params(self, params: GenerationParams) -> "StableDiffusionProcessing":

@@ -294,3 +294,17 @@ def test_the_script_modules_import_in_any_order():
         code = f"import {first}; from modules.processing import StableDiffusionProcessingTxt2Img, process_images"
         result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
+
+
+def test_save_callbacks_get_a1111_p(svc):
+    seen = []
+    saved_hooks = svc.generation.save_hooks
+    svc.generation.save_hooks = (lambda params: seen.append(params.p), None)
+    try:
+        run(svc, Txt2ImgParams(**SMALL), svc.script_runner(False).args_from_api(None, None, {}))
+        svc.generation.txt2img(Txt2ImgParams(**{**SMALL, "prompt": "plain"}))
+    finally:
+        svc.generation.save_hooks = saved_hooks
+    assert seen[0].prompt == "a fox" and seen[0].scripts is svc.script_runner(False)
+    assert isinstance(seen[-1], processing.StableDiffusionProcessingTxt2Img) and seen[-1].prompt == "plain"
+    assert seen[-1].seed == 123
