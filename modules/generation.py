@@ -73,14 +73,11 @@ class GenerationService:
             with self.overridden(override_settings or {}, restore=restore_settings):
                 if script is None:
                     return self._run(params, job)
-                return script(params, self._job_runner(job), job)
+                return script(params, JobRunner(self, job), job)
         return self.queue.submit(run, name=params.kind, job_count=params.n_iter, job_id=job_id)
 
     def in_job_thread(self) -> bool:
         return self.queue.in_worker()
-
-    def _job_runner(self, job: JobContext) -> "JobRunner":
-        return JobRunner(self, job)
 
     def submit_txt2img(self, params: Txt2ImgParams, **kwargs: Any) -> Job[Processed]:
         return self.submit(params, **kwargs)

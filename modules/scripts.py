@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -191,6 +192,7 @@ class ScriptRunner:
         self.defaults: list[Any] = [0]           # the value of each slot when nobody sets it
         self.ui_built = False
         self.dropdown: Any = None
+        self._ui_lock = threading.Lock()  # two first API requests must not build the slots twice
         for data in classes:
             self._add(data)
 
@@ -297,9 +299,12 @@ class ScriptRunner:
             return
         import gradio as gr
 
-        with gr.Blocks():
-            self.setup_ui_alwayson()
-            self.setup_ui_selectable()
+        with self._ui_lock:
+            if self.ui_built:
+                return
+            with gr.Blocks():
+                self.setup_ui_alwayson()
+                self.setup_ui_selectable()
 
     @property
     def script_inputs(self) -> list[Any]:
