@@ -242,6 +242,14 @@ class ScriptRunner:
         return 0
 
     # -- UI --------------------------------------------------------------------------------------
+    def setup_ui(self) -> None:
+        """The tab's script area, where this is called: always-visible scripts, then the Script dropdown."""
+        import gradio as gr
+
+        with gr.Column(elem_id=f"{self.tabname}_script_container"):
+            self.setup_ui_alwayson()
+            self.setup_ui_selectable()
+
     def setup_ui_alwayson(self) -> None:
         """Build the always-visible scripts' controls where this is called (A1111 puts them in the
         left column, each script in its own group; the script usually opens an accordion itself)."""
@@ -303,8 +311,7 @@ class ScriptRunner:
             if self.ui_built:
                 return
             with gr.Blocks():
-                self.setup_ui_alwayson()
-                self.setup_ui_selectable()
+                self.setup_ui()
 
     @property
     def script_inputs(self) -> list[Any]:

@@ -129,3 +129,15 @@ def make_services(data_dir: Path, checkpoints: dict[str, tuple[str, int]]):
     options = Options(paths.config_file, default_templates())
     options.load()
     return build_services(opts, paths, options)
+
+
+@pytest.fixture(scope="module")
+def model_server(tmp_path_factory):
+    """A real server (one per test module) with one tiny SD1 checkpoint, tiny-sd1.safetensors."""
+    from tiny_models import make_checkpoint
+
+    data_dir = tmp_path_factory.mktemp("model-server")
+    make_checkpoint(data_dir / "models" / "Stable-diffusion" / "tiny-sd1.safetensors", "sd1")
+    srv = start_server(data_dir)
+    yield srv
+    srv.stop()

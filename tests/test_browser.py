@@ -30,18 +30,6 @@ def test_settings_apply_persists_to_config_json(server, page):
     assert saved["save_txt"] is True
 
 
-@pytest.fixture(scope="module")
-def model_server(tmp_path_factory):
-    from conftest import start_server
-    from tiny_models import make_checkpoint
-
-    data_dir = tmp_path_factory.mktemp("browser-model")
-    make_checkpoint(data_dir / "models" / "Stable-diffusion" / "tiny-sd1.safetensors", "sd1")
-    srv = start_server(data_dir)
-    yield srv
-    srv.stop()
-
-
 def test_txt2img_generates_an_image_into_the_gallery(model_server, page, tmp_path):
     page.goto(model_server.url + "/")
     page.locator("#txt2img_prompt textarea").wait_for(timeout=60000)

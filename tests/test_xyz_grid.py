@@ -16,7 +16,6 @@ from modules import scripts
 from modules.generation import GenerationService
 from modules.infotext import parse_infotext
 from modules.processing import Img2ImgParams, ProcessingError, Txt2ImgParams
-from tiny_models import make_checkpoint
 
 SCRIPT_FILE = Path(__file__).resolve().parent.parent / "extensions-builtin" / "xyz-grid" / "scripts" / "xyz_grid.py"
 SMALL = dict(width=64, height=64, steps=1, cfg_scale=7.0, prompt="a fox in the snow", negative_prompt="blurry",
@@ -265,17 +264,6 @@ def test_interrupt_stops_after_the_current_cell(svc, renders):
 
 
 # -- browser ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def model_server(tmp_path_factory):
-    from conftest import start_server
-
-    data_dir = tmp_path_factory.mktemp("xyz-browser")
-    make_checkpoint(data_dir / "models" / "Stable-diffusion" / "tiny-sd1.safetensors", "sd1")
-    srv = start_server(data_dir)
-    yield srv
-    srv.stop()
-
-
 @pytest.mark.browser
 def test_xyz_plot_in_the_txt2img_tab(model_server, page):
     page.goto(model_server.url + "/")

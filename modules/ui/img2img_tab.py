@@ -285,9 +285,7 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
                     inpaint_full_res_padding = gr.Slider(0, 256, value=32, step=4, label="Only masked padding, pixels",
                                                          elem_id="img2img_inpaint_full_res_padding")
             script_runner = services.script_runner(True)
-            with gr.Column(elem_id="img2img_script_container"):
-                script_runner.setup_ui_alwayson()
-                script_runner.setup_ui_selectable()
+            script_runner.setup_ui()
         with gr.Column(scale=1):
             progress = gr.HTML("", elem_id="img2img_progress")
             gallery = gr.Gallery(label="Output", elem_id="img2img_gallery", format="png", columns=2,

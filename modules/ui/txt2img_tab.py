@@ -134,9 +134,7 @@ def build_txt2img_tab(services: Services) -> Txt2ImgUi:
                     seed_resize_from_h = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from height", elem_id="txt2img_seed_resize_from_h")
                 tiling = gr.Checkbox(False, label="Tiling", elem_id="txt2img_tiling")
             script_runner = services.script_runner(False)
-            with gr.Column(elem_id="txt2img_script_container"):
-                script_runner.setup_ui_alwayson()
-                script_runner.setup_ui_selectable()
+            script_runner.setup_ui()
         with gr.Column(scale=1):
             progress = gr.HTML("", elem_id="txt2img_progress")
             gallery = gr.Gallery(label="Output", elem_id="txt2img_gallery", format="png", columns=2,
