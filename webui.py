@@ -21,10 +21,10 @@ import threading
 import time
 from pathlib import Path
 
-from modules import cmd_args
-from modules.cmd_args import FlagError
-from modules.options import Options, default_templates
-from modules.paths import AppPaths
+from modules.core import flags as cmd_args
+from modules.core.flags import FlagError
+from modules.core.options import Options, default_templates
+from modules.core.paths import AppPaths
 from modules.services import Services, build_services
 
 log = logging.getLogger("webui")
@@ -120,7 +120,7 @@ def create_app(services: Services, *, callbacks=None, extensions=()):
         if callbacks is not None:
             callbacks.before_ui()
             extension_tabs = callbacks.ui_tabs()
-        from modules.extensions import page_assets
+        from modules.extensions.loader import page_assets
 
         extension_head, extension_css = page_assets(extensions)
         ui = build_ui(services, extension_tabs=extension_tabs, extension_head=extension_head,
@@ -165,7 +165,7 @@ def load_extensions(argv: list[str] | None):
 
     Returns (extensions, callback registry).
     """
-    from modules import extensions, script_callbacks
+    from modules.extensions import loader as extensions, callbacks as script_callbacks
 
     callbacks = script_callbacks.set_default(script_callbacks.CallbackRegistry())
     early = extensions.early_flags(argv)
@@ -183,14 +183,15 @@ def load_extensions(argv: list[str] | None):
 
 def attach_extensions(services: Services, found, callbacks) -> None:
     """Import the extensions' scripts and connect their callbacks and Script classes to the services."""
-    from modules import extensions, scripts, shared
+    from modules import scripts as a1111_scripts, shared
+    from modules.extensions import loader as extensions, scripts
 
     shared.bind(services)  # before the imports: scripts read shared.opts at import time
     script_modules = extensions.load_scripts(found, callbacks)
     extensions.log_summary(found)
     services.extensions = list(found)
     services.scripts = scripts.ScriptRegistry.from_modules(script_modules, found)
-    scripts.install(services.scripts)
+    a1111_scripts.install(services.scripts)  # A1111's scripts.scripts_txt2img and friends
     services.models.add_loaded_listener(callbacks.model_loaded)
     services.generation.save_hooks = (callbacks.before_image_saved, callbacks.image_saved)
     services.callbacks = callbacks
@@ -235,7 +236,7 @@ def serve(app, sock: socket.socket, services: Services) -> None:
 def main(argv: list[str] | None = None) -> int:
     # Logging first at INFO: extension problems are reported before the flags are parsed.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from modules import extensions
+    from modules.extensions import loader as extensions
 
     found, callbacks = load_extensions(argv)
     try:

@@ -17,8 +17,8 @@ from common import ROOT, Timer, make_sd1_checkpoint
 
 
 def load_ours(path: Path):
-    from modules.devices import cpu_policy
-    from modules.model_loader import load_checkpoint
+    from modules.models.devices import cpu_policy
+    from modules.models.loader import load_checkpoint
 
     return load_checkpoint(path, cpu_policy())
 
@@ -26,7 +26,7 @@ def load_ours(path: Path):
 def load_raw(path: Path, config_dir: Path):
     from diffusers import StableDiffusionPipeline
 
-    from modules.sd_configs import load_tokenizers
+    from modules.models.families import load_tokenizers
 
     # diffusers reads the file with safetensors itself (load_file), then builds every component
     return StableDiffusionPipeline.from_single_file(str(path), config=str(config_dir), local_files_only=True,

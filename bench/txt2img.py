@@ -20,10 +20,10 @@ PROMPT = "a photograph of an astronaut riding a horse"
 
 
 def ours_runner(ckpt: Path, data_dir: Path, res: int, device_args: list[str]):
-    from modules.cmd_args import parse_args
-    from modules.options import Options, default_templates
-    from modules.paths import AppPaths
-    from modules.processing import Txt2ImgParams
+    from modules.core.flags import parse_args
+    from modules.core.options import Options, default_templates
+    from modules.core.paths import AppPaths
+    from modules.core.pipeline import Txt2ImgParams
     from modules.services import build_services
 
     opts = parse_args(["--data-dir", str(data_dir), "--ckpt", str(ckpt), *device_args], env={}).opts
@@ -44,7 +44,7 @@ def raw_runner(ckpt: Path, config_dir: Path, res: int, device: str, dtype):
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
-    from modules.sd_configs import load_tokenizers
+    from modules.models.families import load_tokenizers
 
     pipe = StableDiffusionPipeline.from_single_file(str(ckpt), config=str(config_dir), local_files_only=True,
                                                     safety_checker=None, requires_safety_checker=False,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from modules.infotext import parse_infotext
+from modules.core.infotext import parse_infotext
 
 
 def parse_generation_parameters(x: str, skip_fields: list[str] | None = None) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from modules import samplers as _samplers
+from modules.engine import sampler_catalog as _samplers
 
 
 @dataclass(frozen=True)

@@ -9,15 +9,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modules.checkpoints import CheckpointRegistry
-from modules.generation import GenerationService
-from modules.hashes import HashCache
-from modules.jobs import JobQueue, JobState
-from modules.model_service import ModelService
-from modules.options import Options
-from modules.paths import AppPaths
-from modules.sd_vae import VaeRegistry
-from modules.styles import StyleDatabase
+from modules.models.checkpoints import CheckpointRegistry
+from modules.core.generation import GenerationService
+from modules.models.hashes import HashCache
+from modules.core.jobs import JobQueue, JobState
+from modules.core.model_service import ModelService
+from modules.core.options import Options
+from modules.core.paths import AppPaths
+from modules.models.vae import VaeRegistry
+from modules.core.styles import StyleDatabase
+from modules.extensions.processing_adapter import wrap as wrap_params
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Services:
 
     def script_runner(self, is_img2img: bool):
         """The tab's scripts.ScriptRunner; an empty one when no extensions were loaded."""
-        from modules.scripts import ScriptRegistry
+        from modules.extensions.scripts import ScriptRegistry
 
         if self.scripts is None:
             self.scripts = ScriptRegistry()
@@ -43,8 +44,8 @@ class Services:
 
 def _manager_factory(opts: argparse.Namespace, options: Options):
     def build():
-        from modules.devices import select_device_policy
-        from modules.model_loader import ModelManager, make_load_fn
+        from modules.models.devices import select_device_policy
+        from modules.models.loader import ModelManager, make_load_fn
 
         policy = select_device_policy(use_cpu=opts.use_cpu, device_id=opts.device_id, no_half=opts.no_half,
                                       no_half_vae=opts.no_half_vae, precision=opts.precision)
@@ -68,6 +69,7 @@ def build_services(opts: argparse.Namespace, paths: AppPaths, options: Options) 
     options.templates["sd_model_checkpoint"].choices = models.titles
     options.templates["sd_vae"].choices = models.vae_choices
     generation = GenerationService(models=models, options=options, paths=paths, queue=JobQueue(state=JobState()))
+    generation.make_script_p = wrap_params
     styles = StyleDatabase(paths.styles_files)
     return Services(cmd_opts=opts, paths=paths, options=options, models=models, generation=generation,
                     styles=styles)

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from modules.options import OptionInfo, Options  # noqa: F401 - re-exported for extensions
+from modules.core.options import OptionInfo, Options  # noqa: F401 - re-exported for extensions
+from modules.extensions import context
 
 opts: Options | None = None
-state: Any = None          # modules.jobs.JobState of the running job
+state: Any = None          # modules.core.jobs.JobState of the running job
 cmd_opts: Any = None       # argparse.Namespace of the parsed flags
-_services: Any = None
 
 
 def bind(services: Any) -> None:
-    global opts, state, cmd_opts, _services
-    _services = services
+    global opts, state, cmd_opts
+    context.bind(services)
+    if services is None:
+        opts = state = cmd_opts = None
+        return
     opts = services.options
     state = services.generation.state
     cmd_opts = services.cmd_opts
@@ -33,7 +36,8 @@ def bind(services: Any) -> None:
 def __getattr__(name: str) -> Any:
     # sd_model is read on every access, through the services: None until a model is loaded.
     if name == "sd_model":
-        return None if _services is None else _services.models.loaded_model
+        services = context.services()
+        return None if services is None else services.models.loaded_model
     if name == "services":
-        return _services
+        return context.services()
     raise AttributeError(f"module 'modules.shared' has no attribute {name!r}")

@@ -16,6 +16,11 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 
+# Built-in scripts keep their own logic beside them (outpainting_lib, sd_upscale_lib); the extension
+# loader puts these folders on sys.path at run time, and the tests import the libraries the same way.
+for _lib_dir in ("outpainting", "sd-upscale"):
+    sys.path.insert(0, str(ROOT / "extensions-builtin" / _lib_dir))
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -115,9 +120,9 @@ def page(browser, tmp_path):
 def make_services(data_dir: Path, checkpoints: dict[str, tuple[str, int]]):
     """The app's core objects (no server) over `data_dir`, with tiny checkpoints {file name: (family, seed)}
     in its models/Stable-diffusion. The caller shuts the queue down: services.generation.queue.shutdown()."""
-    from modules.cmd_args import parse_args
-    from modules.options import Options, default_templates
-    from modules.paths import AppPaths
+    from modules.core.flags import parse_args
+    from modules.core.options import Options, default_templates
+    from modules.core.paths import AppPaths
     from modules.services import build_services
     from tiny_models import make_checkpoint
 

@@ -1,5 +1,6 @@
 """A1111 module names extensions import that are thin views over our own modules."""
-from modules import generation_parameters_copypaste, infotext_utils, sd_samplers, samplers
+from modules import generation_parameters_copypaste, infotext_utils, sd_samplers
+from modules.engine import sampler_catalog as samplers
 
 
 def test_sd_samplers_lists_our_samplers_under_a1111_names():
@@ -22,17 +23,18 @@ def test_shared_bind_sets_a1111_path_strings(tmp_path):
     from types import SimpleNamespace
 
     from modules import paths, shared
-    from modules.cmd_args import parse_args
+    from modules.extensions import context
+    from modules.core.flags import parse_args
 
     app_paths = paths.AppPaths.from_opts(parse_args(["--data-dir", str(tmp_path)], env={}).opts)
     fake = SimpleNamespace(options=object(), generation=SimpleNamespace(state=object()), cmd_opts=object(),
                            paths=app_paths)
-    saved = (shared.opts, shared.state, shared.cmd_opts, shared._services)
+    saved = context.services()
     try:
         shared.bind(fake)
         assert paths.models_path == str(app_paths.models_dir) and paths.data_path == str(tmp_path)
     finally:
-        shared.opts, shared.state, shared.cmd_opts, shared._services = saved
+        shared.bind(saved)
 
 
 def test_launch_module_for_install_py(tmp_path):
@@ -50,7 +52,7 @@ def test_launch_module_for_install_py(tmp_path):
 
 
 def test_scripts_basedir_is_the_extension_being_imported(tmp_path):
-    from modules import extensions, script_callbacks
+    from modules.extensions import loader as extensions, callbacks as script_callbacks
 
     ext = tmp_path / "extensions" / "my-ext"
     (ext / "scripts").mkdir(parents=True)
@@ -62,9 +64,9 @@ def test_scripts_basedir_is_the_extension_being_imported(tmp_path):
 
 
 def test_callbacks_this_app_never_calls_are_accepted(caplog):
-    from modules import script_callbacks
+    from modules.extensions import callbacks as script_callbacks
 
-    caplog.set_level("INFO", logger="modules.script_callbacks")
+    caplog.set_level("INFO", logger="modules.extensions.callbacks")
     registry = script_callbacks.CallbackRegistry()
     saved = script_callbacks.default()
     script_callbacks.set_default(registry)

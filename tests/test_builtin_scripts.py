@@ -16,9 +16,11 @@ import requests
 from PIL import Image
 
 from conftest import ROOT, make_services, start_server
-from modules import scripts, shared
-from modules.infotext import parse_infotext
-from modules.processing import Img2ImgParams, ProcessingError, Txt2ImgParams
+from modules.extensions import scripts
+from modules import shared
+from modules.extensions import context
+from modules.core.infotext import parse_infotext
+from modules.core.pipeline import Img2ImgParams, ProcessingError, Txt2ImgParams
 from tiny_models import make_checkpoint
 
 SMALL = dict(width=64, height=64, steps=1, cfg_scale=7.0, sampler_name="Euler", seed=123)
@@ -74,10 +76,10 @@ def _registry() -> scripts.ScriptRegistry:
 def svc(tmp_path_factory):
     services = make_services(tmp_path_factory.mktemp("builtin_scripts"), {"tiny-sd1.safetensors": ("sd1", 0)})
     services.scripts = _registry()
-    saved = (shared.opts, shared.state, shared.cmd_opts, shared._services)
+    saved = context.services()
     shared.bind(services)  # A1111-style scripts read shared.opts / shared.state
     yield services
-    shared.opts, shared.state, shared.cmd_opts, shared._services = saved
+    shared.bind(saved)
     services.generation.queue.shutdown()
 
 

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from modules import hashes
-from modules.checkpoints import CheckpointInfo, CheckpointRegistry, natural_sort_key
-from modules.hashes import HashCache
+from modules.models import hashes
+from modules.models.checkpoints import CheckpointInfo, CheckpointRegistry, natural_sort_key
+from modules.models.hashes import HashCache
 
 
 def _mk(root: Path, rel: str, data: bytes | None = None) -> Path:

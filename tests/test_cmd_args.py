@@ -2,8 +2,8 @@ import argparse
 
 import pytest
 
-from modules import cmd_args
-from modules.cmd_args import FlagError, parse_args
+from modules.core import flags as cmd_args
+from modules.core.flags import FlagError, parse_args
 
 
 def parse(*argv, env=None):

@@ -7,8 +7,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
-from modules import conditioning as C  # noqa: E402
-from modules.sd_configs import load_tokenizer  # noqa: E402
+from modules.engine import conditioning as C  # noqa: E402
+from modules.models.families import load_tokenizer  # noqa: E402
 
 BOS, EOS = 49406, 49407
 PROJ = 32

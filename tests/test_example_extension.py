@@ -155,8 +155,8 @@ def test_script_unloaded_fires_when_the_server_stops(example_server):
 def test_img2img_batch_saves_through_the_save_hooks(tmp_path):
     """Results written under their source names (an output folder) fire on_before_image_saved and
     on_image_saved, as every other saved image does."""
-    from modules.img2img_batch import run_batch
-    from modules.processing import Img2ImgParams, Processed
+    from modules.core.img2img_batch import run_batch
+    from modules.core.pipeline import Img2ImgParams, Processed
 
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()

@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from conftest import start_server
-from modules import extensions, script_callbacks
+from modules.extensions import loader as extensions, callbacks as script_callbacks
 
 
 def write(path: Path, text: str) -> None:
@@ -52,7 +52,7 @@ def test_disable_modes_and_disabled_list(tmp_path):
 
 
 def test_a_failing_preload_or_install_fails_only_its_extension(tmp_path, caplog):
-    from modules import cmd_args
+    from modules.core import flags as cmd_args
 
     user = tmp_path / "extensions"
     write(user / "bad-preload" / "preload.py", "def preload(parser):\n    raise ValueError('no-flags-9913')\n")
@@ -102,7 +102,7 @@ def test_module_functions_reach_the_default_registry_and_record_the_caller():
 
 
 def test_installs_are_refused_on_a_network_bind_unless_allowed(tmp_path):
-    from modules import cmd_args
+    from modules.core import flags as cmd_args
 
     listen = cmd_args.parse_args(["--listen"], env={}).opts
     with pytest.raises(extensions.ExtensionAccessError, match="--enable-insecure-extension-access"):
@@ -115,8 +115,8 @@ def test_installs_are_refused_on_a_network_bind_unless_allowed(tmp_path):
 def test_install_from_a_git_url_and_apply_enabled(tmp_path):
     import subprocess
 
-    from modules import cmd_args
-    from modules.options import Options, default_templates
+    from modules.core import flags as cmd_args
+    from modules.core.options import Options, default_templates
 
     repo = tmp_path / "src" / "sd-webui-demo"
     write(repo / "scripts" / "demo.py", "X = 1\n")

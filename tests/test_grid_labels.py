@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from modules import images
-from modules.grid_labels import GridAnnotation, draw_grid_annotations, draw_prompt_matrix
+from modules.core.grid_labels import GridAnnotation, draw_grid_annotations, draw_prompt_matrix
 
 COLORS = [(200, 10, 10), (10, 200, 10), (10, 10, 200), (200, 200, 10), (10, 200, 200), (200, 10, 200)]
 

@@ -6,8 +6,9 @@ import threading
 
 import pytest
 
-from modules import atomic, hashes
-from modules.hashes import HashCache
+from modules.core import atomic
+from modules.models import hashes
+from modules.models.hashes import HashCache
 
 
 def _write(path, data: bytes):

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from modules import images
-from modules.images import OMIT, apply_filename_pattern, image_grid, next_sequence_number, save_image
+from modules.core import saving as images
+from modules.core.saving import OMIT, apply_filename_pattern, image_grid, next_sequence_number, save_image
 
 NOW = dt.datetime(2026, 11, 22, 13, 45, 7)
 
@@ -145,7 +145,7 @@ def _user_comment(path: Path) -> bytes:
 
 @pytest.mark.parametrize("ext,fmt", [("jpg", "JPEG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
 def test_jpeg_webp_carry_exif_user_comment(tmp_path, ext, fmt):
-    from modules.infotext import encode_user_comment, read_info_from_image
+    from modules.core.infotext import encode_user_comment, read_info_from_image
 
     info = "a cat 猫\nSteps: 20, Seed: 9"
     saved = save_image(img(mode="RGBA"), tmp_path, seed=9, info=info, extension=ext, jpeg_quality=90)
@@ -248,7 +248,7 @@ def test_very_long_name_fits_filesystem(tmp_path):
 # ----------------------------------------------------------------- folders
 
 def _paths(tmp_path: Path):
-    from modules.paths import AppPaths
+    from modules.core.paths import AppPaths
 
     ns = argparse.Namespace(data_dir=str(tmp_path), models_dir=None, ckpt_dir=None, vae_dir=None, lora_dir=None,
                             embeddings_dir=None, ui_settings_file=None, styles_file=None)
@@ -256,7 +256,7 @@ def _paths(tmp_path: Path):
 
 
 def test_output_dirs_defaults_and_overrides(tmp_path):
-    from modules.options import Options, default_templates
+    from modules.core.options import Options, default_templates
 
     paths = _paths(tmp_path)
     opts = Options(None, default_templates())
@@ -277,7 +277,7 @@ def test_output_dirs_defaults_and_overrides(tmp_path):
 
 
 def test_a1111_layout_end_to_end(tmp_path):
-    from modules.options import Options, default_templates
+    from modules.core.options import Options, default_templates
 
     paths = _paths(tmp_path)
     opts = Options(None, default_templates())

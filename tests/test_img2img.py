@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 
 from conftest import make_services
-from modules.img2img_batch import run_batch
-from modules.infotext import parse_infotext, read_info_from_image
-from modules.options import Options, default_templates
-from modules.outpainting import outpaint, plan_outpaint
-from modules.processing import Img2ImgParams, ProcessingError, Txt2ImgParams
+from modules.core.img2img_batch import run_batch
+from modules.core.infotext import parse_infotext, read_info_from_image
+from modules.core.options import Options, default_templates
+from outpainting_lib import outpaint, plan_outpaint
+from modules.core.pipeline import Img2ImgParams, ProcessingError, Txt2ImgParams
 
 SMALL = dict(width=64, height=64, steps=2, cfg_scale=7.0, prompt="a red fox", negative_prompt="blurry")
 
@@ -303,7 +303,7 @@ def test_png_info_round_trip_to_the_img2img_fields(svc):
 
 
 def test_png_info_round_trip_to_the_txt2img_fields_with_styles(svc):
-    from modules.styles import apply_styles_to_params
+    from modules.core.styles import apply_styles_to_params
     from modules.ui import paste
 
     p = Txt2ImgParams(**SMALL, seed=5, subseed=6, subseed_strength=0.5, seed_resize_from_w=128,

@@ -87,7 +87,7 @@ def test_inpaint_a_stroke_drawn_with_the_mouse(img2img_server, page, tmp_path):
     saved = list((img2img_server.data_dir / "outputs" / "img2img-images").rglob("*-4321.png"))
     assert len(saved) == 1
     out = np.asarray(Image.open(saved[0]).convert("RGB"), dtype=np.int16)
-    from modules.masking import resize_image
+    from modules.core.masking import resize_image
 
     expected = np.asarray(resize_image(gradient(), 64, 64, 0), dtype=np.int16)
     # Inpainted: the stroke across the middle changed, the corners (never painted) did not.
@@ -97,7 +97,7 @@ def test_inpaint_a_stroke_drawn_with_the_mouse(img2img_server, page, tmp_path):
 
 
 def test_png_info_send_to_txt2img_fills_the_fields_and_picks_the_checkpoint(img2img_server, page, tmp_path):
-    from modules import images
+    from modules.core import saving as images
 
     other = img2img_server.data_dir / "models" / "Stable-diffusion" / "zz-other-sd1.safetensors"
     shorthash = hashlib.sha256(other.read_bytes()).hexdigest()[:10]

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from modules.infotext import (
+from modules.core.infotext import (
     INFOTEXT_KEY_ORDER,
     build_infotext,
     decode_user_comment,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from modules.jobs import CancelledError, JobContext, JobQueue, JobState
+from modules.core.jobs import CancelledError, JobContext, JobQueue, JobState
 
 TIMEOUT = 10
 

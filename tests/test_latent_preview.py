@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modules.latent_preview import approx_rgb, family_of
+from modules.engine.latent_preview import approx_rgb, family_of
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modules import masking
-from modules.masking import (
+from modules.core import masking
+from modules.core.masking import (
     InpaintPlan, crop_region, expand_canvas, expand_crop_region, fill_masked, paste_back, plan_inpaint,
     prepare_mask, resize_image,
 )

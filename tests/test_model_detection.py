@@ -17,9 +17,9 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from modules import model_detection as md
-from modules import safe_pickle
-from modules.safe_pickle import CheckpointLoadError
+from modules.models import detection as md
+from modules.models import weights_io as safe_pickle
+from modules.models.weights_io import CheckpointLoadError
 from tests import tiny_models as tm
 
 FAMILIES = list(tm.FAMILY_IDS)
@@ -406,7 +406,7 @@ def _real_size_shapes(family: str) -> dict[str, tuple[int, ...]]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from modules.sd_configs import get_family
+    from modules.models.families import get_family
 
     d = get_family(family).diffusers_dir
     cfgs = {c: json.loads((d / c / "config.json").read_text())
@@ -435,7 +435,7 @@ def test_real_size_configs_are_reproduced_from_shapes(family):
             # sd2-v is found as sd2 from keys: its stock sample size and attention upcast come with the yaml
             if not key.startswith("_") and not (family == "sd2-v" and key in ("sample_size", "upcast_attention")):
                 assert _norm(got.get(key)) == _norm(value), (comp, key)
-    from modules.sd_configs import get_family
+    from modules.models.families import get_family
 
     with_yaml = md.apply_sidecar_yaml(spec, get_family(family).ldm_yaml, shapes)
     assert with_yaml.family == family and with_yaml.detected_by == "yaml"

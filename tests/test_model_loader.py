@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from modules import devices, model_detection as md, model_loader as ml
-from modules.devices import DevicePolicy, cpu_policy, select_device_policy
-from modules.model_loader import LoadedModel, ModelManager, UnsupportedCheckpointError
-from modules.safe_pickle import CheckpointLoadError
+from modules.models import devices, detection as md, loader as ml
+from modules.models.devices import DevicePolicy, cpu_policy, select_device_policy
+from modules.models.loader import LoadedModel, ModelManager, UnsupportedCheckpointError
+from modules.models.weights_io import CheckpointLoadError
 from tests import tiny_models as tm
 from tests.test_model_detection import no_network, tiny_checkpoint  # noqa: F401  (autouse fixture)
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from modules.options import OptionError, OptionInfo, Options, default_templates
+from modules.core.options import OptionError, OptionInfo, Options, default_templates
 
 
 def make(path):

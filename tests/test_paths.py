@@ -1,7 +1,7 @@
 from pathlib import Path
 
-from modules.cmd_args import parse_args
-from modules.paths import AppPaths
+from modules.core.flags import parse_args
+from modules.core.paths import AppPaths
 
 
 def test_data_dir_moves_all_user_data(tmp_path):

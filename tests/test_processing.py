@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modules import samplers
-from modules.cmd_args import parse_args
-from modules.infotext import parse_infotext
-from modules.options import Options, default_templates
-from modules.paths import AppPaths
-from modules.processing import HiresParams, ProcessingError, Txt2ImgParams
+from modules.engine import sampler_catalog as samplers
+from modules.core.flags import parse_args
+from modules.core.infotext import parse_infotext
+from modules.core.options import Options, default_templates
+from modules.core.paths import AppPaths
+from modules.core.pipeline import HiresParams, ProcessingError, Txt2ImgParams
 from modules.services import build_services
 from tiny_models import make_checkpoint
 

@@ -6,7 +6,7 @@ weights matter because the conditioning must match A1111's bit for bit.
 
 import pytest
 
-from modules.prompt_parser import (
+from modules.engine.prompt_parser import (
     ExtraNetworkCall,
     ScheduledPrompt,
     get_learned_conditioning_prompt_schedules,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from modules import rng
+from modules.engine import rng
 
 SHAPE = (4, 8, 8)
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from modules import safe_pickle
-from modules.safe_pickle import (
+from modules.models import weights_io as safe_pickle
+from modules.models.weights_io import (
     CheckpointLoadError,
     UnsafeCheckpointError,
     load_ckpt_state_dict,

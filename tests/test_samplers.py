@@ -11,8 +11,8 @@ import pytest
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from modules import samplers as S
-from modules import schedulers as SC
+from modules.engine import sampler_catalog as S
+from modules.engine import scheduler_build as SC
 
 # diffusers' KDPM2 schedulers trip numpy-2 deprecation warnings by the thousand.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -62,7 +62,7 @@ def _run(scheduler, steps: int = 4, seed: int = 0) -> torch.Tensor:
 
 
 def _sigmas(name: str, schedule: str, steps: int = 10) -> np.ndarray:
-    sch = S.build_scheduler(S.resolve_sampler(name, schedule), SD15)
+    sch = SC.build_scheduler(S.resolve_sampler(name, schedule), SD15)
     sch.set_timesteps(steps)
     return sch.sigmas.numpy().copy()
 
@@ -76,7 +76,7 @@ def test_names_in_a1111_order():
 @pytest.mark.parametrize("config", [SD15, SD_V], ids=["eps", "v"])
 def test_every_combination_steps_to_finite_output(name, schedule, config):
     choice = S.resolve_sampler(name, schedule)
-    sch = S.build_scheduler(choice, config)
+    sch = SC.build_scheduler(choice, config)
     assert sch.config.prediction_type == config["prediction_type"]
     assert sch.config.beta_schedule == "scaled_linear"
     assert sch.config.num_train_timesteps == 1000
@@ -86,7 +86,7 @@ def test_every_combination_steps_to_finite_output(name, schedule, config):
 
 @pytest.mark.parametrize("name", A1111_ORDER)
 def test_model_config_kept(name):
-    sch = S.build_scheduler(S.resolve_sampler(name), SD_V)
+    sch = SC.build_scheduler(S.resolve_sampler(name), SD_V)
     cfg = sch.config
     assert cfg.prediction_type == "v_prediction"
     assert (cfg.beta_start, cfg.beta_end) == (0.00085, 0.012)
@@ -106,10 +106,10 @@ def test_sampler_options_do_not_leak_from_model_config():
         "timestep_spacing": "trailing",
         "thresholding": True,
     }
-    euler = S.build_scheduler(S.resolve_sampler("Euler", "Uniform"), dirty)
+    euler = SC.build_scheduler(S.resolve_sampler("Euler", "Uniform"), dirty)
     assert euler.config.use_karras_sigmas is False
     assert euler.config.timestep_spacing == "linspace"
-    dpm = S.build_scheduler(S.resolve_sampler("DPM++ 2M", "Uniform"), dirty)
+    dpm = SC.build_scheduler(S.resolve_sampler("DPM++ 2M", "Uniform"), dirty)
     assert dpm.config.use_karras_sigmas is False
     assert dpm.config.algorithm_type == "dpmsolver++"
     assert dpm.config.solver_order == 2
@@ -118,14 +118,14 @@ def test_sampler_options_do_not_leak_from_model_config():
 
 def test_fresh_scheduler_per_call():
     choice = S.resolve_sampler("Euler a")
-    a = S.build_scheduler(choice, SD15)
-    b = S.build_scheduler(choice, SD15)
+    a = SC.build_scheduler(choice, SD15)
+    b = SC.build_scheduler(choice, SD15)
     assert a is not b
     _run(a)
     assert a.step_index is not None
     assert b.num_inference_steps is None and b.step_index is None
     # and the same inputs give the same result from a fresh one
-    assert torch.equal(_run(S.build_scheduler(choice, SD15)), _run(b))
+    assert torch.equal(_run(SC.build_scheduler(choice, SD15)), _run(b))
 
 
 def test_schedules_give_different_sigmas():
@@ -156,7 +156,7 @@ def test_exponential_matches_a1111_formula():
 
 def test_uniform_simple_and_ddim_grids_match_a1111():
     def ts(schedule, n=6):
-        sch = S.build_scheduler(S.resolve_sampler("Euler", schedule), SD15)
+        sch = SC.build_scheduler(S.resolve_sampler("Euler", schedule), SD15)
         sch.set_timesteps(n)
         return sch.timesteps.numpy()
 
@@ -188,9 +188,9 @@ def test_automatic_uses_a1111_default(name, default):
 
 def test_euler_a_karras_matches_euler_karras_grid():
     np.testing.assert_allclose(_sigmas("Euler a", "Karras"), _sigmas("Euler", "Karras"), rtol=1e-5)
-    sch = S.build_scheduler(S.resolve_sampler("Euler a", "Karras"), SD15)
+    sch = SC.build_scheduler(S.resolve_sampler("Euler a", "Karras"), SD15)
     assert sch.config.use_karras_sigmas is True
-    ref = S.build_scheduler(S.resolve_sampler("Euler", "Karras"), SD15)
+    ref = SC.build_scheduler(S.resolve_sampler("Euler", "Karras"), SD15)
     sch.set_timesteps(10)
     ref.set_timesteps(10)
     np.testing.assert_allclose(sch.timesteps.numpy(), ref.timesteps.numpy(), atol=1e-2)
@@ -275,14 +275,14 @@ def test_timestep_samplers_ignore_schedule_like_a1111(name):
     choice = S.resolve_sampler(name, "Karras")
     assert choice.schedule == "Automatic"
     assert choice.note and "Karras" in choice.note
-    plain = S.build_scheduler(S.resolve_sampler(name), SD15)
-    ignored = S.build_scheduler(choice, SD15)
+    plain = SC.build_scheduler(S.resolve_sampler(name), SD15)
+    ignored = SC.build_scheduler(choice, SD15)
     assert dict(plain.config) == dict(ignored.config)
 
 
 def test_beta_needs_scipy():
     if S.HAVE_SCIPY:
-        sch = S.build_scheduler(S.resolve_sampler("Euler", "Beta"), SD15)
+        sch = SC.build_scheduler(S.resolve_sampler("Euler", "Beta"), SD15)
         assert sch.config.use_beta_sigmas is True
     else:
         with pytest.raises(S.UnsupportedScheduleError, match="scipy"):
@@ -291,7 +291,7 @@ def test_beta_needs_scipy():
 
 def test_sampler_specific_kwargs():
     def cfg(name):
-        return S.build_scheduler(S.resolve_sampler(name), SD15).config
+        return SC.build_scheduler(S.resolve_sampler(name), SD15).config
 
     assert cfg("DPM++ 2M SDE").algorithm_type == "sde-dpmsolver++"
     assert cfg("DPM++ 2M SDE").solver_type == "midpoint"
@@ -300,12 +300,12 @@ def test_sampler_specific_kwargs():
     assert cfg("DPM++ SDE").algorithm_type == "sde-dpmsolver++"
     assert cfg("PLMS").skip_prk_steps is True
     assert cfg("DDIM").clip_sample is False and cfg("DDIM").set_alpha_to_one is False
-    built = S.build_scheduler(S.resolve_sampler("DPM++ SDE"), SD15)
+    built = SC.build_scheduler(S.resolve_sampler("DPM++ SDE"), SD15)
     assert type(built).__name__ == S.get_sampler("DPM++ SDE").scheduler_class_name
 
 
 def _run_with_generator_seed(name, seed):
-    sch = S.build_scheduler(S.resolve_sampler(name), SD15)
+    sch = SC.build_scheduler(S.resolve_sampler(name), SD15)
     return _run(sch, steps=4, seed=seed)
 
 
@@ -323,20 +323,20 @@ def test_uses_noise_flag_matches_behaviour(name):
 
 def test_total_steps():
     def n(name, steps=4):
-        sch = S.build_scheduler(S.resolve_sampler(name), SD15)
+        sch = SC.build_scheduler(S.resolve_sampler(name), SD15)
         sch.set_timesteps(steps)
-        return S.total_steps(sch)
+        return SC.total_steps(sch)
 
     assert n("Euler") == 4
     assert n("Heun") == 7  # second order: 2n - 1 model calls
     assert n("DPM2") == 7
     assert n("PLMS") == 5  # PNDM: steps + 1
     with pytest.raises(ValueError):
-        S.total_steps(S.build_scheduler(S.resolve_sampler("Euler"), SD15))
+        SC.total_steps(SC.build_scheduler(S.resolve_sampler("Euler"), SD15))
 
 
 def test_lms_coefficients_are_exact_integrals():
-    sch = S.build_scheduler(S.resolve_sampler("LMS"), SD15)
+    sch = SC.build_scheduler(S.resolve_sampler("LMS"), SD15)
     sch.set_timesteps(10)
     sig = sch.sigmas.numpy().astype(np.float64)
     t, order = 5, 4
@@ -374,7 +374,7 @@ def test_name_level_api_imports_nothing_heavy():
     # already has them loaded.
     code = (
         "import sys\n"
-        "from modules import samplers as S\n"
+        "from modules.engine import sampler_catalog as S\n"
         "c = S.resolve_sampler('DPM++ 2M Karras')\n"
         "assert (c.sampler.name, c.schedule) == ('DPM++ 2M', 'Karras')\n"
         "assert S.sampler_names() and S.list_samplers() and S.list_schedulers()\n"
@@ -388,17 +388,17 @@ def test_name_level_api_imports_nothing_heavy():
 
 @pytest.mark.parametrize("info", S.SAMPLERS, ids=lambda i: i.name)
 def test_table_class_names_resolve(info):
-    cls = info.scheduler_cls
+    cls = SC.scheduler_class(info.impl_class_name)
     # the named diffusers class, or one of our subclasses of it (by name: without
     # scipy, diffusers.LMSDiscreteScheduler is a placeholder, not the real class)
     assert info.scheduler_class_name in [c.__name__ for c in cls.__mro__]
     assert issubclass(cls, SchedulerMixin)
     assert cls is SC.scheduler_class(info.impl_class_name)
-    assert type(S.build_scheduler(S.resolve_sampler(info.name), SD15)) is cls
+    assert type(SC.build_scheduler(S.resolve_sampler(info.name), SD15)) is cls
 
 
 def test_subclasses_live_in_schedulers():
-    assert S.get_sampler("Euler a").scheduler_cls is SC.EulerAncestralKScheduler
-    assert S.get_sampler("LMS").scheduler_cls is SC.LMSExactScheduler
+    assert SC.scheduler_class(S.get_sampler("Euler a").impl_class_name) is SC.EulerAncestralKScheduler
+    assert SC.scheduler_class(S.get_sampler("LMS").impl_class_name) is SC.LMSExactScheduler
     with pytest.raises(LookupError):
         SC.scheduler_class("NoSuchScheduler")

@@ -14,9 +14,10 @@ import pytest
 from PIL import Image
 
 from conftest import make_services
-from modules import processing, scripts
-from modules.infotext import parse_infotext
-from modules.processing import Img2ImgParams, Processed, ProcessingError, Txt2ImgParams
+from modules import processing
+from modules.extensions import scripts
+from modules.core.infotext import parse_infotext
+from modules.core.pipeline import Img2ImgParams, Processed, ProcessingError, Txt2ImgParams
 
 SMALL = dict(width=64, height=64, steps=2, cfg_scale=7.0, prompt="a fox", negative_prompt="blurry",
              sampler_name="Euler", seed=123)
@@ -253,7 +254,7 @@ def test_processed_takes_a1111_positional_form():
 
 def _builtin_registry() -> scripts.ScriptRegistry:
     """The built-in extensions' scripts, loaded the way the server loads them."""
-    from modules import extensions, script_callbacks
+    from modules.extensions import loader as extensions, callbacks as script_callbacks
     from conftest import ROOT
 
     found = [e for e in extensions.discover(ROOT / "no-user-extensions", ROOT / "extensions-builtin")
@@ -290,7 +291,7 @@ def test_the_script_modules_import_in_any_order():
 
     from conftest import ROOT
 
-    for first in ("modules.sd_processing", "modules.scripts", "modules.processing"):
+    for first in ("modules.extensions.processing_adapter", "modules.scripts", "modules.processing"):
         code = f"import {first}; from modules.processing import StableDiffusionProcessingTxt2Img, process_images"
         result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modules.processing import ProcessingError
-from modules.sd_upscale import SdUpscaleArgs, combine_tiles, split_tiles, tile_positions, upscale
+from modules.core.pipeline import ProcessingError
+from sd_upscale_lib import SdUpscaleArgs, combine_tiles, split_tiles, tile_positions, upscale
 
 
 def test_tile_positions_cover_the_length_with_the_overlap():
@@ -24,7 +24,7 @@ def test_split_then_combine_reproduces_the_image_exactly():
 def test_overlaps_blend_instead_of_cutting():
     left = Image.new("RGB", (64, 64), (0, 0, 0))
     right = Image.new("RGB", (64, 64), (200, 200, 200))
-    from modules.sd_upscale import Tile
+    from sd_upscale_lib import Tile
 
     out = np.asarray(combine_tiles([Tile(0, 0, left), Tile(32, 0, right)], (96, 64), 32))[0, :, 0]
     assert out[0] == 0 and out[-1] == 200

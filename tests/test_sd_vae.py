@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from modules.hashes import HashCache
-from modules.sd_vae import UnknownVaeError, VaeInfo, VaeRegistry
+from modules.models.hashes import HashCache
+from modules.models.vae import UnknownVaeError, VaeInfo, VaeRegistry
 
 
 def _mk(root: Path, rel: str) -> Path:

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from modules import styles as styles_mod
-from modules.processing import Txt2ImgParams
-from modules.styles import StyleDatabase, StyleError, apply_styles_to_params, merge_prompts
+from modules.core import styles as styles_mod
+from modules.core.pipeline import Txt2ImgParams
+from modules.core.styles import StyleDatabase, StyleError, apply_styles_to_params, merge_prompts
 
 CSV = (
     "name,prompt,negative_prompt\n"
@@ -145,7 +145,7 @@ def test_extract_styles_undoes_apply(db):
 
 
 def test_styles_round_trip_through_params_and_infotext(db):
-    from modules.infotext import build_infotext, parse_infotext
+    from modules.core.infotext import build_infotext, parse_infotext
     from modules.ui.paste import parse_for_paste
 
     params = Txt2ImgParams(prompt="a red fox", negative_prompt="ugly", steps=3)

@@ -12,8 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from modules import sd_configs
-from modules.sd_configs import FAMILIES, load_tokenizer, load_tokenizers
+from modules.models import families as sd_configs
+from modules.models.families import FAMILIES, load_tokenizer, load_tokenizers
 from tests import tiny_models as tm
 
 EXPECTED_IDS = ["sd1", "sd1-inpaint", "sd2", "sd2-v", "sd2-inpaint", "sd2-depth",

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from conftest import make_services
-from modules import scripts
-from modules.generation import GenerationService
-from modules.infotext import parse_infotext
-from modules.processing import Img2ImgParams, ProcessingError, Txt2ImgParams
+from modules.extensions import scripts
+from modules.core.generation import GenerationService
+from modules.core.infotext import parse_infotext
+from modules.core.pipeline import Img2ImgParams, ProcessingError, Txt2ImgParams
 
 SCRIPT_FILE = Path(__file__).resolve().parent.parent / "extensions-builtin" / "xyz-grid" / "scripts" / "xyz_grid.py"
 SMALL = dict(width=64, height=64, steps=1, cfg_scale=7.0, prompt="a fox in the snow", negative_prompt="blurry",

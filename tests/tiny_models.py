@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from modules.sd_configs import FAMILIES, get_family
+from modules.models.families import FAMILIES, get_family
 
 # Tiny widths. TE1 = CLIP-L-like, TE2 = OpenCLIP-bigG-like (SDXL), SD2 = OpenCLIP-H-like.
 TINY_CLIP_WIDTH = 64
@@ -180,7 +180,7 @@ def _write_config_dir(cfgs: dict, dest: Path, family: str, with_tokenizers: bool
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     if with_tokenizers:
-        from modules.sd_configs import TOKENIZERS_DIR
+        from modules.models.families import TOKENIZERS_DIR
 
         for name, kind in get_family(family).tokenizer_components:
             tdir = dest / name

@@ -22,7 +22,7 @@ from typing import Any, Iterable
 
 from starlette.routing import Match
 
-from modules import cmd_args
+from modules.core import flags as cmd_args
 
 log = logging.getLogger(__name__)
 

@@ -26,15 +26,16 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from modules import images as images_mod
-from modules import samplers
+from modules.core import saving as images_mod
+from modules.engine import sampler_catalog as samplers
 from modules.api import models as m
-from modules.model_service import ModelLoadError, NoCheckpointError, UnknownCheckpointError
-from modules.options import OptionError
-from modules.processing import (IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, HiresParams, Img2ImgParams, ProcessingError,
+from modules.core.model_service import ModelLoadError, NoCheckpointError, UnknownCheckpointError
+from modules.core.options import OptionError
+from modules.core.pipeline import (IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, HiresParams, Img2ImgParams, ProcessingError,
                                 Txt2ImgParams)
-from modules.sd_vae import UnknownVaeError
-from modules.styles import apply_styles_to_params
+from modules.models.vae import UnknownVaeError
+from modules.engine.upscaling import resize_image
+from modules.core.styles import apply_styles_to_params
 
 log = logging.getLogger(__name__)
 
@@ -195,14 +196,11 @@ def _json_safe_items(info: dict[str, Any]) -> dict[str, Any]:
 
 def _resize(image: Image.Image, upscaler: str, scale: float, round_to_8: bool) -> Image.Image:
     """A1111's upscaler contract for the non-model upscalers: scale, then snap to the target size."""
-    resample = Image.Resampling.NEAREST if upscaler == "Nearest" else Image.Resampling.LANCZOS
     target = (int(image.width * scale), int(image.height * scale))
     if round_to_8:
         target = (max(8, target[0] // 8 * 8), max(8, target[1] // 8 * 8))
-    out = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))), resample)
-    if out.size != target:
-        out = out.resize(target, Image.Resampling.LANCZOS)
-    return out
+    out = resize_image(image, (max(1, int(image.width * scale)), max(1, int(image.height * scale))), upscaler)
+    return out if out.size == target else resize_image(out, target)
 
 
 def postprocess_image(image: Image.Image, req: m.ExtrasBaseRequest) -> tuple[Image.Image, dict[str, Any]]:
@@ -226,7 +224,7 @@ def postprocess_image(image: Image.Image, req: m.ExtrasBaseRequest) -> tuple[Ima
         if req.upscaler_2 != "None" and req.extras_upscaler_2_visibility > 0:
             second = _resize(image, req.upscaler_2, scale, round_to_8=req.resize_mode != 1)
             if second.size != first.size:
-                second = second.resize(first.size, Image.Resampling.LANCZOS)
+                second = resize_image(second, first.size)
             first = Image.blend(first, second, req.extras_upscaler_2_visibility)
             info["Postprocess upscaler 2"] = req.upscaler_2
         if req.resize_mode == 1 and req.upscaling_crop:
@@ -273,7 +271,7 @@ def apply_infotext(req: m._ProcessingBase, options: Any) -> None:
     """A1111's `infotext` field: its values fill every field the request did not set."""
     if not req.infotext:
         return
-    from modules.infotext import parse_infotext
+    from modules.core.infotext import parse_infotext
 
     try:
         parsed = dict(parse_infotext(req.infotext) or {})
@@ -539,7 +537,7 @@ class Api:
         def pnginfoapi(req: m.PNGInfoRequest) -> m.PNGInfoResponse:
             if not req.image.strip():
                 return m.PNGInfoResponse(info="", items={}, parameters={})
-            from modules.infotext import parse_infotext, read_info_from_image
+            from modules.core.infotext import parse_infotext, read_info_from_image
 
             image = decode_base64_to_image(req.image)
             text, items = read_info_from_image(image)
@@ -642,7 +640,7 @@ class Api:
 
         @r.get("/extensions", response_model=list[m.ExtensionItem])
         def get_extensions_list() -> list:
-            from modules.extensions import git_info
+            from modules.extensions.loader import git_info
 
             out = []
             for ext in self.services.extensions:

@@ -5,7 +5,7 @@ from typing import Any
 
 import gradio as gr
 
-from modules.options import OptionInfo
+from modules.core.options import OptionInfo
 
 
 def component_for_option(key: str, info: OptionInfo, value: Any, *, interactive: bool = True) -> gr.components.Component:

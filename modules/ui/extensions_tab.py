@@ -11,8 +11,8 @@ from typing import Sequence
 
 import gradio as gr
 
-from modules import extensions as ext_mod
-from modules.extensions import Extension
+from modules.extensions import loader as ext_mod
+from modules.extensions.loader import Extension
 from modules.services import Services
 
 RESTART_NOTE = "Saved. Restart the web UI (stop it and run it again) to load the new set of extensions."

@@ -20,14 +20,14 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from modules import samplers
-from modules.img2img_batch import PNG_INFO_PROPS, run_batch
-from modules.masking import flatten, prepare_mask
-from modules.processing import MASKED_CONTENT, RESIZE_MODES, Img2ImgParams, ProcessingError
+from modules.engine import sampler_catalog as samplers
+from modules.core.img2img_batch import PNG_INFO_PROPS, run_batch
+from modules.core.masking import flatten, prepare_mask
+from modules.core.pipeline import MASKED_CONTENT, RESIZE_MODES, Img2ImgParams, ProcessingError
 from modules.services import Services
 from modules.ui.common import (POLL_SECONDS, ControlsBase, build_toprow, connect_seed_buttons, connect_token_counter,
                                error_updates, infotext_html, poll_job, progress_html, script_job)
-from modules.styles import apply_styles_to_params
+from modules.core.styles import apply_styles_to_params
 from modules.ui import paste
 from modules.ui.styles_ui import StylesUi, connect_apply
 

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
-from modules import samplers
+from modules.engine import sampler_catalog as samplers
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def _hires_sampler(v: Any) -> str:
 
 
 def _hires_upscaler(v: Any) -> str:
-    from modules.processing import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES
+    from modules.core.pipeline import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES
 
     return _choice([*LATENT_UPSCALE_MODES, *IMAGE_UPSCALERS[1:]])(v)
 
@@ -138,7 +138,7 @@ TABLE: tuple[PasteField, ...] = (
 
 
 def _masked_content() -> tuple[str, ...]:
-    from modules.processing import MASKED_CONTENT
+    from modules.core.pipeline import MASKED_CONTENT
 
     return MASKED_CONTENT
 
@@ -177,7 +177,7 @@ def apply_defaults(parsed: Mapping[str, Any]) -> dict[str, Any]:
 def parse_for_paste(text: str, *, styles: Any = None, extract_styles: bool = True) -> dict[str, Any]:
     """parse_infotext + A1111's paste-time additions: the omitted defaults, and the styles whose
     text the prompts end with (``Styles array``, the prompts without them)."""
-    from modules.infotext import parse_infotext
+    from modules.core.infotext import parse_infotext
 
     parsed = dict(parse_infotext(text or ""))
     if styles is not None and extract_styles and "Styles array" not in parsed:

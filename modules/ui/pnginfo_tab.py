@@ -27,7 +27,7 @@ def info_html(image: Any) -> tuple[str, str]:
     """(HTML shown to the user, the infotext or "") for an uploaded PIL image."""
     if image is None:
         return "", ""
-    from modules.infotext import read_info_from_image
+    from modules.core.infotext import read_info_from_image
 
     text, items = read_info_from_image(image)
     blocks = []

@@ -5,7 +5,7 @@ import html
 
 import gradio as gr
 
-from modules.options import OptionError
+from modules.core.options import OptionError
 from modules.services import Services
 from modules.ui.components import component_for_option
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from modules.options import OptionError
+from modules.core.options import OptionError
 from modules.services import Services
 from modules.ui.components import component_for_option
 

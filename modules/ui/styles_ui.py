@@ -11,7 +11,7 @@ from typing import Any
 
 import gradio as gr
 
-from modules.styles import StyleError
+from modules.core.styles import StyleError
 
 
 @dataclass

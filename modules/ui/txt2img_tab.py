@@ -6,12 +6,12 @@ from typing import Any
 
 import gradio as gr
 
-from modules import samplers
-from modules.processing import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, HiresParams, ProcessingError, Txt2ImgParams
+from modules.engine import sampler_catalog as samplers
+from modules.core.pipeline import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, HiresParams, ProcessingError, Txt2ImgParams
 from modules.services import Services
 from modules.ui.common import (ControlsBase, build_toprow, connect_seed_buttons, connect_token_counter, error_updates,
                                poll_job, script_job)
-from modules.styles import apply_styles_to_params
+from modules.core.styles import apply_styles_to_params
 from modules.ui import paste
 from modules.ui.styles_ui import connect_apply
 

@@ -6,7 +6,7 @@ script_args (A1111's order): [pixels, mask blur, masked content index, direction
 import gradio as gr
 
 from modules import scripts
-from modules.outpainting import DIRECTIONS, outpaint_params
+from outpainting_lib import DIRECTIONS, outpaint_params
 from modules.processing import MASKED_CONTENT, ProcessingError
 
 

@@ -14,7 +14,8 @@ import shlex
 
 import gradio as gr
 
-from modules import processing, samplers, scripts, shared
+from modules import processing, scripts, shared
+from modules.engine import sampler_catalog as samplers
 from modules.processing import ProcessingError
 
 TITLE = "Prompts from file or textbox"

@@ -6,7 +6,8 @@ process_images, so always-visible scripts run for every tile as they do in A1111
 """
 import gradio as gr
 
-from modules import processing, scripts, sd_upscale
+from modules import processing, scripts
+import sd_upscale_lib as sd_upscale
 
 
 class Script(scripts.Script):

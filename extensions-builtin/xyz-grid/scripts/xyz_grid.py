@@ -35,7 +35,8 @@ from typing import Any, Callable
 import gradio as gr
 from PIL import Image
 
-from modules import processing, samplers, scripts, shared
+from modules import processing, scripts, shared
+from modules.engine import sampler_catalog as samplers
 from modules.processing import ProcessingError
 
 log = logging.getLogger(__name__)
@@ -443,7 +444,7 @@ def _csv_quote(value: str) -> str:
 
 def _add_params(infotext: str, extra: dict[str, Any]) -> str:
     """The infotext with `extra` added to its parameters line (before "Version", where A1111 has it)."""
-    from modules.infotext import format_generation_params
+    from modules.core.infotext import format_generation_params
 
     addition = format_generation_params(extra)
     if not addition:
@@ -557,7 +558,7 @@ class Script(scripts.Script):
             z_type=0, z_values="", z_values_dropdown=None, draw_legend=True, include_lone_images=False,
             include_sub_grids=False, no_fixed_seeds=False, vary_seeds_x=False, vary_seeds_y=False,
             vary_seeds_z=False, margin_size=0, csv_mode=False):
-        from modules.grid_labels import GridAnnotation, draw_grid_annotations
+        from modules.core.grid_labels import GridAnnotation, draw_grid_annotations
         from modules.images import image_grid
 
         opts = _options(p)

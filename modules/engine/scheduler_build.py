@@ -19,7 +19,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_lms_discrete import LMSDiscreteScheduler as _DiffusersLMS
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from modules.samplers import (
+from modules.engine.sampler_catalog import (
     HAVE_SCIPY,
     SamplerChoice,
     UnsupportedScheduleError,

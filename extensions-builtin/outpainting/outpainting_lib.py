@@ -15,7 +15,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from modules import masking
+from modules.core import masking
 from modules.processing import MASKED_CONTENT, Img2ImgParams, ProcessingError, Processed
 
 DIRECTIONS = ("left", "right", "up", "down")

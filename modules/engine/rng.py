@@ -33,7 +33,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from modules.seeds import resolve_seed  # noqa: F401 - callers use rng.resolve_seed
+from modules.core.seeds import resolve_seed  # noqa: F401 - callers use rng.resolve_seed
 
 __all__ = [
     "RNG_SOURCES",

@@ -52,7 +52,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from modules import prompt_parser
+from modules.engine import prompt_parser
 
 __all__ = [
     "CHUNK_LENGTH",

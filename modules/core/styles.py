@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from modules.atomic import atomic_write_text
+from modules.core.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 

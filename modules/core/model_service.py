@@ -10,9 +10,9 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from modules.checkpoints import CheckpointInfo, CheckpointRegistry
-from modules.options import Options
-from modules.sd_vae import VaeRegistry
+from modules.models.checkpoints import CheckpointInfo, CheckpointRegistry
+from modules.core.options import Options
+from modules.models.vae import VaeRegistry
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,8 @@ class ModelService:
                 self.registry.calculate_shorthash(info)
             except OSError as err:
                 log.warning("Could not hash %s: %s", info.filename, err)
-        from modules.model_detection import ModelConfigMismatchError  # torch is loaded by now anyway
-        from modules.safe_pickle import CheckpointLoadError
+        from modules.models.detection import ModelConfigMismatchError  # torch is loaded by now anyway
+        from modules.models.weights_io import CheckpointLoadError
 
         try:
             return self.manager.get(info, self.vae_file_for(info))

@@ -90,7 +90,7 @@ def early_flags(argv: Sequence[str] | None, env: dict[str, str] | None = None) -
 
     Lenient: anything it cannot read is left to the real parse to report.
     """
-    from modules import cmd_args
+    from modules.core import flags as cmd_args
 
     env = os.environ if env is None else env
     args = list(sys.argv[1:] if argv is None else argv) + shlex.split(env.get("COMMANDLINE_ARGS", ""))
@@ -345,7 +345,7 @@ class ExtensionAccessError(PermissionError):
 def check_install_access(cmd_opts: Any) -> None:
     """A1111's rule: with --listen/--share/--server-name anyone on the network could run code
     through an install, so it takes --enable-insecure-extension-access."""
-    from modules import cmd_args
+    from modules.core import flags as cmd_args
 
     if cmd_args.is_non_local(cmd_opts) and not getattr(cmd_opts, "enable_insecure_extension_access", False):
         raise ExtensionAccessError(

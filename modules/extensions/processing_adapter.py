@@ -15,8 +15,9 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable
 
-from modules import processing
-from modules.processing import GenerationParams, Img2ImgParams, Processed, ProcessingRun, Txt2ImgParams
+from modules.core import pipeline as processing
+from modules.extensions import context
+from modules.core.pipeline import GenerationParams, Img2ImgParams, Processed, ProcessingRun, Txt2ImgParams
 
 # Runs one params object in the current job: (params, hooks, override_settings) -> Processed.
 Runner = Callable[[GenerationParams, Any, dict], Processed]
@@ -125,9 +126,8 @@ class StableDiffusionProcessing:
         for key in ("_sd_model", "_job_model"):
             if self.__dict__.get(key) is not None:
                 return self.__dict__[key]
-        from modules import shared
-
-        return shared.sd_model
+        services = context.services()
+        return None if services is None else services.models.loaded_model
 
     @sd_model.setter
     def sd_model(self, value: Any) -> None:
@@ -173,11 +173,9 @@ class StableDiffusionProcessing:
         """Save an image a script made (a grid, a combined upscale) where this p's outputs go, with the
         user's format/naming settings. Returns the path, or None when not saved."""
         if self.runner is None or not hasattr(self.runner, "saver"):
-            from modules import shared
-
-            if shared.services is None:
+            if context.services() is None:
                 return None
-            save = shared.services.generation.saver(self.kind)
+            save = context.services().generation.saver(self.kind)
         else:
             save = self.runner.saver(self.kind)
         first_seed = seed if seed is not None else (self.all_seeds[0] if self.all_seeds else self.seed)
@@ -261,9 +259,7 @@ def wrap(params: GenerationParams, **kwargs: Any) -> StableDiffusionProcessing:
 
 def _queue_runner(p: StableDiffusionProcessing) -> Runner:
     """For a `p` an extension built itself (say in an API route): queue a job and wait for it."""
-    from modules import shared
-
-    services = shared.services
+    services = context.services()
     if services is None:
         raise RuntimeError("process_images(p): the app is not running, so there is no job queue to run p in")
     generation = services.generation

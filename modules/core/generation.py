@@ -9,12 +9,12 @@ import contextlib
 import logging
 from typing import Any, Callable, Iterator
 
-from modules import images
-from modules.jobs import Job, JobContext, JobQueue, JobState
-from modules.model_service import ModelService
-from modules.options import Options
-from modules.paths import AppPaths
-from modules.processing import (GenerationParams, Img2ImgParams, Processed, ProcessingHooks, RunContext, Txt2ImgParams,
+from modules.core import saving as images
+from modules.core.jobs import Job, JobContext, JobQueue, JobState
+from modules.core.model_service import ModelService
+from modules.core.options import Options
+from modules.core.paths import AppPaths
+from modules.core.pipeline import (GenerationParams, Img2ImgParams, Processed, ProcessingHooks, RunContext, Txt2ImgParams,
                                 process_images)
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ class GenerationService:
         self.save_hooks: tuple[Any, Any] = (None, None)
         # () -> sampling.SamplingHooks or None, per job: the on_cfg_denoiser/on_cfg_denoised callbacks.
         self.sampling_hooks: Any = None
+        # params -> A1111's `p` (what save callbacks get as params.p): set by build_services.
+        self.make_script_p: Callable[[Any], Any] | None = None
 
     @property
     def state(self) -> JobState:
@@ -131,13 +133,13 @@ class GenerationService:
         ctx = RunContext(model=model, encoder=self._encoder_for(model), options=self.options,
                          save=self.saver(params.kind), job=job,
                          hooks=self.sampling_hooks() if self.sampling_hooks is not None else None,
-                         processing_hooks=hooks, sets_job_count=sets_job_count)
+                         processing_hooks=hooks, sets_job_count=sets_job_count, make_script_p=self.make_script_p)
         if hooks is not None:
             hooks.bind_model(model)
         return process_images(params, ctx)
 
     def _encoder_for(self, model):
-        from modules.diffusion import prompt_encoder_for
+        from modules.engine.diffusion import prompt_encoder_for
 
         loaded = {id(m) for m in self.models.manager.loaded}
         for key in [k for k in self._encoders if k not in loaded]:
@@ -150,7 +152,7 @@ class GenerationService:
 
     @staticmethod
     def _preview_fn(model):
-        from modules.latent_preview import approx_rgb
+        from modules.engine.latent_preview import approx_rgb
 
         kind = "sdxl" if model.spec.is_sdxl else "sd"
         return lambda latents: approx_rgb(latents, kind)
@@ -175,7 +177,8 @@ class GenerationService:
 
     def count_tokens(self, text: str) -> tuple[int, int]:
         """Tokens used and the limit of the chunks they fill (A1111's "12/75"), without a model."""
-        from modules import conditioning, sd_configs
+        from modules.engine import conditioning
+        from modules.models import families as sd_configs
 
         if self._counting_tokenizer is None:  # CLIP-L and OpenCLIP share one vocab, so one tokenizer counts for all
             self._counting_tokenizer = sd_configs.load_tokenizer("clip-l")

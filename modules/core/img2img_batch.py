@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from modules.processing import Img2ImgParams, ProcessingError
+from modules.core.pipeline import Img2ImgParams, ProcessingError
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def _find_mask(image_path: Path, masks: list[tuple[Path, Image.Image]]) -> Image
 
 def _png_info_fields(image: Image.Image, path: Path, png_info_dir: str | None,
                      props: Iterable[str]) -> dict[str, Any]:
-    from modules.infotext import parse_infotext, read_info_from_image
+    from modules.core.infotext import parse_infotext, read_info_from_image
 
     source = image
     if png_info_dir:
@@ -225,7 +225,7 @@ def _save_named(processed: Any, out_dir: Path, stem: str, options: Any,
                 save_hooks: tuple[Any, Any] = (None, None)) -> list[str]:
     """`save_hooks`: the generation service's (before_save, after_save), so on_before_image_saved and
     on_image_saved fire for these files as for every other saved image."""
-    from modules import images as images_mod
+    from modules.core import saving as images_mod
 
     first = processed.index_of_first_image
     results = list(zip(processed.images[first:], processed.infotexts[first:]))

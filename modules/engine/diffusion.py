@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from modules import conditioning, rng, samplers
-from modules.sampling import GuidedDenoiser, InpaintBlend, StepConds, sample
+from modules.engine import conditioning, rng, scheduler_build
+from modules.engine import sampler_catalog as samplers
+from modules.engine.sampling import GuidedDenoiser, InpaintBlend, StepConds, sample
+from modules.engine.upscaling import LATENT_UPSCALE_MODES, resize_image
 
 LATENT_CHANNELS = 4
 
@@ -28,6 +30,20 @@ class InitImages:
     denoising_strength: float
     inpainting_fill: int                 # 0 fill, 1 original, 2 latent noise, 3 latent nothing
     latent_upscale: bool = False         # "Just resize (latent upscale)": resize in latent space
+
+
+@dataclass(frozen=True)
+class HiresPass:
+    """Hires fix's second pass: upscale the first pass to width x height, then img2img it."""
+    upscaler: str                      # a LATENT_UPSCALE_MODES key, or a PIL upscaler name
+    width: int
+    height: int
+    steps: int
+    denoising_strength: float
+    sampler_name: str = ""             # "": the first pass's sampler
+    scheduler: str = ""
+    prompt: str = ""                   # "": the first pass's prompts
+    negative_prompt: str = ""
 
 
 @dataclass
@@ -47,8 +63,7 @@ class BatchRequest:
     tiling: bool
     rng_source: str
     eta_noise_seed_delta: int
-    hires: Any = None                  # processing.HiresParams when enabled
-    hires_size: tuple[int, int] | None = None
+    hires: HiresPass | None = None     # hires fix's second pass, when enabled
     init: InitImages | None = None     # img2img / inpainting
 
 
@@ -161,7 +176,7 @@ def inpainting_txt2img_cond(model, batch: int, width: int, height: int, device, 
 
 def latent_masks(masks: list[Image.Image], width: int, height: int, device, dtype) -> torch.Tensor:
     """[B, 1, h/8, w/8], 1 = repaint, rounded to 0/1 as A1111 does for latent masking."""
-    from modules.masking import latent_mask_array
+    from modules.core.masking import latent_mask_array
 
     arrays = [latent_mask_array(m, width // 8, height // 8, round_mask=True) for m in masks]
     return torch.from_numpy(np.stack(arrays))[:, None].to(device=device, dtype=dtype)
@@ -190,11 +205,6 @@ def _upscale_latents(latents: torch.Tensor, size: tuple[int, int], mode: dict) -
     return F.interpolate(latents, size=(h // 8, w // 8), mode=mode["mode"], antialias=mode["antialias"])
 
 
-def _upscale_images(images: list[Image.Image], size: tuple[int, int], upscaler: str) -> list[Image.Image]:
-    resample = {"Nearest": Image.Resampling.NEAREST}.get(upscaler, Image.Resampling.LANCZOS)
-    return [img.resize(size, resample=resample) for img in images]
-
-
 def generate_batch(req: BatchRequest, ctx) -> list[Image.Image]:
     model = ctx.model
     unet = model.pipe.unet
@@ -209,7 +219,7 @@ def generate_batch(req: BatchRequest, ctx) -> list[Image.Image]:
         subseed_strength=req.subseed_strength, seed_resize_from=req.seed_resize_from, source=req.rng_source,
         device=device, eta_noise_seed_delta=req.eta_noise_seed_delta,
     )
-    hires_steps = (req.hires.steps or req.steps) if req.hires else None
+    hires_steps = req.hires.steps if req.hires else None
 
     def on_step(step: int, total: int, latents: torch.Tensor) -> None:
         if job is not None:
@@ -221,7 +231,7 @@ def generate_batch(req: BatchRequest, ctx) -> list[Image.Image]:
     with torch.inference_mode(), circular_padding([unet, model.pipe.vae], req.tiling):
         plan = ConditioningPlan(ctx.encoder, req.prompts, req.negative_prompts, req.steps, req.clip_skip,
                                 device, dtype, hires_steps=hires_steps)
-        scheduler = samplers.build_scheduler(req.sampler, model.pipe.scheduler.config)
+        scheduler = scheduler_build.build_scheduler(req.sampler, model.pipe.scheduler.config)
         scheduler.set_timesteps(req.steps, device=device)
         noise = image_rng.first(dtype=torch.float32).to(device)
         blend = None
@@ -279,31 +289,25 @@ def _img2img_start(req: BatchRequest, model, scheduler, noise: torch.Tensor, dev
 
 def _hires_pass(req: BatchRequest, ctx, model, latents, image_rng, on_step, should_stop) -> torch.Tensor:
     """A1111's hires fix: upscale the first pass, then img2img at the target size."""
-    from modules.processing import LATENT_UPSCALE_MODES
-
     h = req.hires
     unet = model.pipe.unet
     device, dtype = model.policy.device, unet.dtype
-    width, height = req.hires_size
+    width, height = h.width, h.height
     batch = latents.shape[0]
     if h.upscaler in LATENT_UPSCALE_MODES:
         latents = _upscale_latents(latents.float(), (width, height), LATENT_UPSCALE_MODES[h.upscaler])
     else:
-        images = decode(model, latents)
-        if h.upscaler != "None":
-            images = _upscale_images(images, (width, height), h.upscaler)
-        else:
-            images = [img.resize((width, height), Image.Resampling.LANCZOS) for img in images]
+        images = [resize_image(img, (width, height), h.upscaler) for img in decode(model, latents)]
         latents = encode(model, images).float()
 
     choice = req.sampler
     if h.sampler_name and h.sampler_name != "Use same sampler":
         choice = samplers.resolve_sampler(h.sampler_name, h.scheduler or None)
-    steps = h.steps or req.steps
+    steps = h.steps
     prompts = [h.prompt] * batch if h.prompt else req.prompts
     negatives = [h.negative_prompt] * batch if h.negative_prompt else req.negative_prompts
     plan = ConditioningPlan(ctx.encoder, prompts, negatives, steps, req.clip_skip, device, dtype)
-    scheduler = samplers.build_scheduler(choice, model.pipe.scheduler.config)
+    scheduler = scheduler_build.build_scheduler(choice, model.pipe.scheduler.config)
     # A1111 runs exactly the hires step count: the schedule is stretched to steps/strength and
     # its last `steps` entries are used.
     strength = min(h.denoising_strength, 0.999)

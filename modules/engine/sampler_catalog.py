@@ -7,27 +7,21 @@ scheduler class plus config flags.  This module owns that translation:
 * ``resolve_sampler(name, scheduler)`` parses what a user, an API client or a
   pasted infotext sends (names, ``k_*`` aliases, legacy merged names such as
   ``"DPM++ 2M Karras"``) into a typed :class:`SamplerChoice`.
-* ``build_scheduler(choice, base_config)`` returns a *fresh* scheduler for one job,
-  built from the model's own scheduler config so that everything that describes
-  the model (betas, prediction type, training timesteps, steps offset) is kept
-  while every solver/schedule option another job may have set is reset.
+* ``modules.engine.scheduler_build`` (heavy, imported when a job runs) turns a
+  choice into a *fresh* diffusers scheduler; this catalog never builds one.
 
 Fidelity notes (where diffusers cannot express A1111 exactly) are kept next to
 each entry in ``SamplerInfo.note`` so the UI/API can surface them.
 
 This module is imported at web UI startup (dropdowns, request validation), so
 it must not import torch, numpy or diffusers: the table names scheduler classes
-and ``modules.schedulers`` (heavy) resolves and builds them on first use.
+by string.
 """
 from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
-
-if TYPE_CHECKING:  # annotations only; importing diffusers here is what the split avoids
-    from diffusers.schedulers.scheduling_utils import SchedulerMixin
-
+from typing import Any, Mapping
 
 __all__ = [
     "SamplerInfo",
@@ -42,8 +36,6 @@ __all__ = [
     "resolve_sampler",
     "get_sampler",
     "get_schedule",
-    "build_scheduler",
-    "total_steps",
     "list_samplers",
     "list_schedulers",
     "sampler_names",
@@ -220,13 +212,6 @@ class SamplerInfo:
     @property
     def impl_class_name(self) -> str:
         return self.impl_name or self.scheduler_class_name
-
-    @property
-    def scheduler_cls(self) -> type[SchedulerMixin]:
-        """The scheduler class; imports diffusers (via modules.schedulers) on first use."""
-        from modules import schedulers
-
-        return schedulers.scheduler_class(self.impl_class_name)
 
 
 def _s(
@@ -491,25 +476,6 @@ def _check_supported(info: SamplerInfo, label: str) -> None:
         raise UnsupportedScheduleError(
             f"Sampler {info.name!r} with schedule type 'Beta' needs scipy, which is not installed"
         )
-
-
-# ---------------------------------------------------------------------------
-# Building (thin wrappers: modules.schedulers imports diffusers, so only on use)
-# ---------------------------------------------------------------------------
-
-
-def build_scheduler(choice: SamplerChoice, base_config: Mapping[str, Any]) -> SchedulerMixin:
-    """A fresh scheduler for one job; see ``modules.schedulers.build_scheduler``."""
-    from modules import schedulers
-
-    return schedulers.build_scheduler(choice, base_config)
-
-
-def total_steps(scheduler: SchedulerMixin) -> int:
-    """Model calls for the timesteps last set; see ``modules.schedulers.total_steps``."""
-    from modules import schedulers
-
-    return schedulers.total_steps(scheduler)
 
 
 # ---------------------------------------------------------------------------

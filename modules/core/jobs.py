@@ -299,7 +299,7 @@ class JobContext:
                 if len(out) == 1:
                     out = out[0]
                 else:
-                    from modules.images import image_grid  # lazy: jobs stays light to import
+                    from modules.core.saving import image_grid  # lazy: jobs stays light to import
 
                     out = image_grid(list(out))
             if out is not None:

@@ -154,7 +154,7 @@ class _Unsupported(Exception):
 
 def family_config_dir(family: str) -> Path:
     """The shipped diffusers config dir for a family (``configs/diffusers/<family>``)."""
-    from modules import sd_configs
+    from modules.models import families as sd_configs
 
     return sd_configs.get_family(family).diffusers_dir
 
@@ -176,7 +176,7 @@ def shapes_of(state_dict: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
 
 def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes of a checkpoint: the header for safetensors, a safe load for pickles."""
-    from modules import safe_pickle
+    from modules.models import weights_io as safe_pickle
 
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
@@ -772,7 +772,7 @@ def apply_sidecar_yaml(spec: ModelSpec, yaml_path: Path, shapes: Shapes, checkpo
     if scale is not None:
         vae["scaling_factor"] = float(scale)
 
-    from modules import sd_configs
+    from modules.models import families as sd_configs
 
     want_in = sd_configs.get_family(family).unet_in_channels
     got_in = built.unet_config["in_channels"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from modules.hashes import HashCache
+from modules.models.hashes import HashCache
 
 __all__ = [
     "CHECKPOINT_EXTENSIONS", "CheckpointInfo", "CheckpointRegistry", "natural_sort_key",

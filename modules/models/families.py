@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 DIFFUSERS_CONFIGS_DIR = CONFIGS_DIR / "diffusers"
 TOKENIZERS_DIR = CONFIGS_DIR / "tokenizers"
 

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
+from modules.engine.upscaling import resize_image
 from modules.processing import Img2ImgParams, Processed, ProcessingError
 
 TITLE = "SD upscale"
@@ -111,8 +112,7 @@ def upscale(image: Image.Image, args: SdUpscaleArgs) -> Image.Image:
     if args.upscaler == "None":  # A1111's "None" upscaler leaves the image as it is
         return image.convert("RGB")
     size = (int(image.width * args.scale_factor), int(image.height * args.scale_factor))
-    resample = Image.Resampling.NEAREST if args.upscaler == "Nearest" else Image.Resampling.LANCZOS
-    return image.convert("RGB").resize(size, resample)
+    return resize_image(image.convert("RGB"), size, args.upscaler)
 
 
 def run_sd_upscale(params: Img2ImgParams, args: SdUpscaleArgs, run: Callable[[Img2ImgParams], Processed],

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from modules import model_detection, sd_configs
-from modules.devices import DevicePolicy, torch_gc
-from modules.model_detection import ModelSpec
-from modules.safe_pickle import CheckpointLoadError, load_state_dict_file
+from modules.models import detection as model_detection, families as sd_configs
+from modules.models.devices import DevicePolicy, torch_gc
+from modules.models.detection import ModelSpec
+from modules.models.weights_io import CheckpointLoadError, load_state_dict_file
 
 __all__ = [
     "LoadedModel", "ModelManager", "UnsupportedCheckpointError", "load_model", "load_checkpoint",

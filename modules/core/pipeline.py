@@ -1,0 +1,623 @@
+"""Typed generation parameters -> images + infotexts. The one place a job runs.
+
+The UI and the API both build a `Txt2ImgParams`/`Img2ImgParams` and call `process_images`
+through the job queue; they never touch models or samplers themselves.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from PIL import Image
+
+from modules.core import infotext as infotext_mod
+from modules.engine import sampler_catalog as samplers
+from modules.core.version import VERSION
+from modules.engine.upscaling import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, resize_image
+
+
+
+def get_fixed_seed(seed: int | str | None) -> int:
+    """A1111's name: -1 (random) becomes a concrete seed; others are kept."""
+    from modules.core.seeds import resolve_seed
+
+    return resolve_seed(seed)
+
+
+def fix_seed(p: Any) -> None:
+    """A1111's fix_seed(p): pick the random seed and subseed now, so several renders share them."""
+    p.seed = get_fixed_seed(p.seed)
+    p.subseed = get_fixed_seed(p.subseed)
+
+
+class ProcessingError(ValueError):
+    """Bad parameters; the message is shown to the user as-is."""
+
+
+@dataclass
+class HiresParams:
+    enabled: bool = False
+    upscaler: str = "Latent"
+    scale: float = 2.0
+    resize_x: int = 0           # "resize width to" (0: use scale)
+    resize_y: int = 0
+    steps: int = 0              # 0: the same number as the first pass
+    denoising_strength: float = 0.7
+    sampler_name: str = ""      # "": the first pass's sampler
+    scheduler: str = ""
+    prompt: str = ""            # "": the first pass's prompt
+    negative_prompt: str = ""
+
+
+@dataclass
+class GenerationParams:
+    """Fields shared by txt2img and img2img (A1111's StableDiffusionProcessing)."""
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] = field(default_factory=list)
+    steps: int = 20
+    sampler_name: str = "DPM++ 2M"
+    scheduler: str = "Automatic"
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    batch_size: int = 1
+    n_iter: int = 1
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_w: int = 0
+    seed_resize_from_h: int = 0
+    clip_skip: int | None = None        # None: the "Clip skip" setting
+    tiling: bool = False
+    save_images: bool = True
+    do_not_save_grid: bool = False
+    extra_generation_params: dict[str, Any] = field(default_factory=dict)
+
+    kind = "txt2img"  # outputs/<kind>-images; a class attribute, not a field
+
+    def validate(self) -> None:
+        if not 1 <= self.steps <= 150:
+            raise ProcessingError(f"steps must be between 1 and 150, got {self.steps}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if not 64 <= value <= 4096 or value % 8:
+                raise ProcessingError(f"{name} must be a multiple of 8 between 64 and 4096, got {value}")
+        if not 1 <= self.batch_size <= 64 or not 1 <= self.n_iter <= 1000:
+            raise ProcessingError("batch size must be 1-64 and batch count 1-1000")
+        if not 0 <= self.subseed_strength <= 1:
+            raise ProcessingError(f"variation strength must be between 0 and 1, got {self.subseed_strength}")
+        if self.cfg_scale < 0 or self.cfg_scale > 100:
+            raise ProcessingError(f"CFG scale must be between 0 and 100, got {self.cfg_scale}")
+        samplers.resolve_sampler(self.sampler_name, self.scheduler)  # raises with the valid names
+
+    @property
+    def denoising_strength_for_info(self) -> float | None:
+        return None
+
+
+@dataclass
+class Txt2ImgParams(GenerationParams):
+    hires: HiresParams = field(default_factory=HiresParams)
+
+    @property
+    def denoising_strength_for_info(self) -> float | None:
+        return self.hires.denoising_strength if self.hires.enabled else None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.hires.enabled:
+            h = self.hires
+            if h.upscaler not in LATENT_UPSCALE_MODES and h.upscaler not in IMAGE_UPSCALERS:
+                raise ProcessingError(f"unknown hires upscaler {h.upscaler!r}; choose one of "
+                                      f"{', '.join([*LATENT_UPSCALE_MODES, *IMAGE_UPSCALERS])}")
+            if not 0 <= h.denoising_strength <= 1:
+                raise ProcessingError("hires denoising strength must be between 0 and 1")
+            if h.sampler_name and h.sampler_name != "Use same sampler":
+                samplers.resolve_sampler(h.sampler_name, h.scheduler or None)
+
+
+RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
+MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
+
+
+@dataclass
+class Img2ImgParams(GenerationParams):
+    """img2img and inpainting. Defaults are the UI's; the API sets its own (A1111 differs there)."""
+    init_images: list[Any] = field(default_factory=list)   # PIL images; cycled over the batch
+    resize_mode: int = 0                # index into RESIZE_MODES
+    denoising_strength: float = 0.75
+    mask: Any = None                    # PIL image; white = repaint
+    mask_blur: int = 4
+    inpainting_mask_invert: bool = False    # "Inpaint not masked"
+    inpainting_fill: int = 1            # index into MASKED_CONTENT
+    inpaint_full_res: bool = False      # "Only masked"
+    inpaint_full_res_padding: int = 32
+
+    kind = "img2img"
+
+    @property
+    def denoising_strength_for_info(self) -> float | None:
+        return self.denoising_strength
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.init_images:
+            raise ProcessingError("img2img needs an init image")
+        if not 0 <= self.denoising_strength <= 1:
+            raise ProcessingError(f"denoising strength must be between 0 and 1, got {self.denoising_strength}")
+        if self.resize_mode not in range(len(RESIZE_MODES)):
+            raise ProcessingError(f"resize mode must be 0-{len(RESIZE_MODES) - 1}, got {self.resize_mode}")
+        if self.inpainting_fill not in range(len(MASKED_CONTENT)):
+            raise ProcessingError(f"masked content must be 0-{len(MASKED_CONTENT) - 1}, got {self.inpainting_fill}")
+        if not 0 <= self.mask_blur <= 64 or not 0 <= self.inpaint_full_res_padding <= 256:
+            raise ProcessingError("mask blur must be 0-64 and masked area padding 0-256")
+
+
+class Processed:
+    """What a job returns; `js()` has the fields of A1111's Processed.js().
+
+    The constructor takes A1111's positional form too, `Processed(p, images, seed, info, ...)`, so
+    scripts written for A1111 can build one; `p` is typed params or a script's `p` object.
+    """
+
+    def __init__(self, p: Any = None, images_list: list[Any] | None = None, seed: int = -1, info: str = "",
+                 subseed: int | None = None, all_prompts: list[str] | None = None,
+                 all_negative_prompts: list[str] | None = None, all_seeds: list[int] | None = None,
+                 all_subseeds: list[int] | None = None, index_of_first_image: int = 0,
+                 infotexts: list[str] | None = None, comments: str = "", extra_images_list: Any = (), *,
+                 images: list[Any] | None = None, params: Any = None, sd_model_name: str | None = None,
+                 sd_model_hash: str | None = None, sd_vae_name: str | None = None, sd_vae_hash: str | None = None,
+                 clip_skip: int = 1, saved_paths: list[str] | None = None, job_timestamp: str = "",
+                 interrupted: bool = False, extra_generation_params: dict[str, Any] | None = None,
+                 is_using_inpainting_conditioning: bool = False):
+        source = params if params is not None else p
+        typed = getattr(source, "params", source)  # a script's `p` wraps typed params
+        self.images = list(images if images is not None else images_list or [])
+        if extra_images_list:
+            self.images += list(extra_images_list)
+        self.params: GenerationParams = typed
+        self.infotexts = list(infotexts) if infotexts is not None else [info] * len(self.images)
+        self.info = info or (self.infotexts[index_of_first_image] if len(self.infotexts) > index_of_first_image
+                             else (self.infotexts[0] if self.infotexts else ""))
+
+        def run_list(name: str, default: list[Any]) -> list[Any]:
+            value = getattr(source, name, None) if source is not None else None
+            return list(value) if isinstance(value, list) and value else default
+        self.seed = seed
+        self.subseed = subseed if subseed is not None else getattr(typed, "subseed", -1)
+        self.all_prompts = list(all_prompts) if all_prompts is not None else run_list(
+            "all_prompts", [getattr(typed, "prompt", "")])
+        self.all_negative_prompts = list(all_negative_prompts) if all_negative_prompts is not None else run_list(
+            "all_negative_prompts", [getattr(typed, "negative_prompt", "")])
+        self.all_seeds = list(all_seeds) if all_seeds is not None else run_list("all_seeds", [seed])
+        self.all_subseeds = list(all_subseeds) if all_subseeds is not None else run_list(
+            "all_subseeds", [self.subseed])
+        model_info = getattr(getattr(source, "sd_model", None), "info", None)
+        self.sd_model_name = sd_model_name or getattr(model_info, "name_for_extra", None)
+        self.sd_model_hash = sd_model_hash or getattr(model_info, "shorthash", None)
+        self.sd_vae_name = sd_vae_name
+        self.sd_vae_hash = sd_vae_hash
+        self.clip_skip = clip_skip
+        self.index_of_first_image = index_of_first_image
+        self.saved_paths = list(saved_paths or [])
+        self.job_timestamp = job_timestamp
+        self.interrupted = interrupted
+        self.extra_generation_params = dict(extra_generation_params if extra_generation_params is not None
+                                            else getattr(typed, "extra_generation_params", None) or {})
+        self.comments = comments
+        self.is_using_inpainting_conditioning = is_using_inpainting_conditioning
+
+    def __repr__(self) -> str:
+        return (f"Processed({len(self.images)} image(s), seed={self.seed}, "
+                f"index_of_first_image={self.index_of_first_image}, interrupted={self.interrupted})")
+
+    def copy_with(self, **changes: Any) -> "Processed":
+        out = copy.copy(self)
+        for key, value in changes.items():
+            if not hasattr(out, key):
+                raise AttributeError(f"Processed has no field {key!r}")
+            setattr(out, key, value)
+        return out
+
+    def saved_images_for_gallery(self) -> list[Any]:
+        """Saved files where there are some (their PNG chunk survives the browser), else the images."""
+        if self.saved_paths and len(self.saved_paths) == len(self.images) - self.index_of_first_image:
+            return self.images[:self.index_of_first_image] + list(self.saved_paths)
+        return list(self.images)
+
+    def js(self) -> dict[str, Any]:
+        p = self.params
+        return {
+            "prompt": self.all_prompts[0] if self.all_prompts else p.prompt,
+            "all_prompts": self.all_prompts,
+            "negative_prompt": self.all_negative_prompts[0] if self.all_negative_prompts else p.negative_prompt,
+            "all_negative_prompts": self.all_negative_prompts,
+            "seed": self.seed,
+            "all_seeds": self.all_seeds,
+            "subseed": self.subseed,
+            "all_subseeds": self.all_subseeds,
+            "subseed_strength": p.subseed_strength,
+            "width": p.width,
+            "height": p.height,
+            "sampler_name": p.sampler_name,
+            "cfg_scale": p.cfg_scale,
+            "steps": p.steps,
+            "batch_size": p.batch_size,
+            "restore_faces": False,
+            "face_restoration_model": None,
+            "sd_model_name": self.sd_model_name,
+            "sd_model_hash": self.sd_model_hash,
+            "sd_vae_name": self.sd_vae_name,
+            "sd_vae_hash": self.sd_vae_hash,
+            "seed_resize_from_w": p.seed_resize_from_w,
+            "seed_resize_from_h": p.seed_resize_from_h,
+            "denoising_strength": p.denoising_strength_for_info,
+            "extra_generation_params": self.extra_generation_params,
+            "index_of_first_image": self.index_of_first_image,
+            "infotexts": self.infotexts,
+            "styles": p.styles,
+            "job_timestamp": self.job_timestamp,
+            "clip_skip": self.clip_skip,
+            "is_using_inpainting_conditioning": self.is_using_inpainting_conditioning,
+            "version": VERSION,
+        }
+
+
+@dataclass
+class RunContext:
+    """What a job may use: the loaded model and its encoder, settings, saving, progress.
+
+    Built by the generation service for each job; processing holds no state of its own.
+    """
+    model: Any                      # model_loader.LoadedModel
+    encoder: Any                    # conditioning.PromptEncoder for that model
+    options: Any                    # options.Options
+    save: Callable[..., Any] | None     # (image, seed, prompt, info, grid) -> saved path or None
+    job: Any = None                 # jobs.JobContext (progress, interrupt, skip)
+    preview: Callable[[Any], Any] | None = None  # latents -> list of PIL images
+    hooks: Any = None               # sampling.SamplingHooks
+    processing_hooks: "ProcessingHooks | None" = None   # scripts' per-run/batch/image hooks
+    # False when a script renders several runs in one job and has set the job count itself.
+    sets_job_count: bool = True
+    # params -> A1111's `p` over them, for the save callbacks (the extension host's adapter).
+    make_script_p: Callable[[Any], Any] | None = None
+
+
+@dataclass
+class ProcessingRun:
+    """The per-run lists A1111 keeps on `p` (all_prompts, all_seeds, ... and the current batch's slices).
+
+    Hooks may edit them: `process` the all_* lists, `before_process_batch` the batch's lists.
+    """
+    all_prompts: list[str]
+    all_negative_prompts: list[str]
+    all_seeds: list[int]
+    all_subseeds: list[int]
+    prompts: list[str] = field(default_factory=list)
+    negative_prompts: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    subseeds: list[int] = field(default_factory=list)
+    iteration: int = 0
+    batch_index: int = 0
+
+
+class ProcessingHooks:
+    """Called by process_images at A1111's points; the no-op base. modules/scripts.py implements it
+    for extension scripts. `postprocess_batch` may return replacement images for the batch."""
+
+    def bind_model(self, model: Any) -> None:
+        """The loaded model the run uses, before `process`."""
+
+    def process(self, run: ProcessingRun) -> None: ...
+
+    def before_process_batch(self, run: ProcessingRun, batch_number: int) -> None: ...
+
+    def process_batch(self, run: ProcessingRun, batch_number: int) -> None: ...
+
+    def postprocess_batch(self, run: ProcessingRun, images: list[Any], batch_number: int) -> list[Any]:
+        return images
+
+    def postprocess_image(self, run: ProcessingRun, image: Any) -> Any:
+        return image
+
+    def postprocess(self, run: ProcessingRun, processed: "Processed") -> None: ...
+
+
+def _fmt_number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def create_infotext(p: GenerationParams, ctx: RunContext, *, prompt: str, negative_prompt: str, seed: int,
+                    subseed: int, choice: samplers.SamplerChoice, clip_skip: int,
+                    extra: dict[str, Any]) -> str:
+    model = ctx.model
+    info = getattr(model, "info", None)
+    vae_file = getattr(model, "vae_file", None)
+    params: dict[str, Any] = {
+        "Steps": p.steps,
+        "Sampler": choice.name,
+        "Schedule type": choice.effective_schedule,
+        "CFG scale": _fmt_number(p.cfg_scale),
+        "Seed": seed,
+        "Size": f"{p.width}x{p.height}",
+        "Model hash": getattr(info, "shorthash", None),
+        "Model": getattr(info, "name_for_extra", None) or (model.path.stem if getattr(model, "path", None) else None),
+        "VAE": vae_file.stem if vae_file else None,
+        "Variation seed": subseed if p.subseed_strength > 0 else None,
+        "Variation seed strength": _fmt_number(p.subseed_strength) if p.subseed_strength > 0 else None,
+        "Seed resize from": (f"{p.seed_resize_from_w}x{p.seed_resize_from_h}"
+                             if p.seed_resize_from_w > 0 and p.seed_resize_from_h > 0 else None),
+        "Denoising strength": (_fmt_number(p.denoising_strength_for_info)
+                               if p.denoising_strength_for_info is not None else None),
+        "Clip skip": clip_skip if clip_skip > 1 else None,
+        "ENSD": ctx.options.eta_noise_seed_delta or None,
+        "RNG": ctx.options.randn_source if ctx.options.randn_source != "GPU" else None,
+        "Tiling": True if p.tiling else None,
+    }
+    params.update(extra)
+    params.update(p.extra_generation_params)
+    params["Version"] = VERSION
+    return infotext_mod.build_infotext(prompt, negative_prompt, params)
+
+
+def _img2img_extra(p: Img2ImgParams) -> dict[str, Any]:
+    """A1111's inpainting keys, present when a mask is used."""
+    if p.mask is None:
+        return {}
+    out: dict[str, Any] = {
+        "Mask blur": p.mask_blur,
+        "Mask mode": "Inpaint not masked" if p.inpainting_mask_invert else "Inpaint masked",
+        "Masked content": MASKED_CONTENT[p.inpainting_fill],
+        "Inpaint area": "Only masked" if p.inpaint_full_res else "Whole picture",
+    }
+    if p.inpaint_full_res:
+        out["Masked area padding"] = p.inpaint_full_res_padding
+    return out
+
+
+def _extra_params(p: GenerationParams) -> dict[str, Any]:
+    if isinstance(p, Img2ImgParams):
+        return _img2img_extra(p)
+    return _hires_extra(p) if isinstance(p, Txt2ImgParams) else {}
+
+
+def _hires_extra(p: Txt2ImgParams) -> dict[str, Any]:
+    h = p.hires
+    if not h.enabled:
+        return {}
+    out: dict[str, Any] = {}
+    if h.resize_x or h.resize_y:
+        out["Hires resize"] = f"{h.resize_x}x{h.resize_y}"
+    else:
+        out["Hires upscale"] = _fmt_number(h.scale)
+    if h.steps:
+        out["Hires steps"] = h.steps
+    out["Hires upscaler"] = h.upscaler
+    if h.sampler_name and h.sampler_name not in ("Use same sampler", p.sampler_name):
+        out["Hires sampler"] = h.sampler_name
+    if h.scheduler and h.scheduler not in ("Use same scheduler", p.scheduler):
+        out["Hires schedule type"] = h.scheduler
+    if h.prompt and h.prompt != p.prompt:
+        out["Hires prompt"] = h.prompt
+    if h.negative_prompt and h.negative_prompt != p.negative_prompt:
+        out["Hires negative prompt"] = h.negative_prompt
+    return out
+
+
+def hires_target_size(p: Txt2ImgParams) -> tuple[int, int]:
+    """A1111's rules: resize-to wins; one side 0 keeps the aspect; multiples of 8."""
+    h = p.hires
+    if h.resize_x == 0 and h.resize_y == 0:
+        w, ht = int(p.width * h.scale), int(p.height * h.scale)
+    elif h.resize_y == 0:
+        w, ht = h.resize_x, int(h.resize_x * p.height / p.width)
+    elif h.resize_x == 0:
+        w, ht = int(h.resize_y * p.width / p.height), h.resize_y
+    else:
+        w, ht = h.resize_x, h.resize_y
+    return max(64, w // 8 * 8), max(64, ht // 8 * 8)
+
+
+def _hires_pass(p: Txt2ImgParams):
+    """The engine's request for the second pass of hires fix."""
+    from modules.engine.diffusion import HiresPass
+
+    h = p.hires
+    width, height = hires_target_size(p)
+    return HiresPass(upscaler=h.upscaler, width=width, height=height, steps=h.steps or p.steps,
+                     denoising_strength=h.denoising_strength, sampler_name=h.sampler_name, scheduler=h.scheduler,
+                     prompt=h.prompt, negative_prompt=h.negative_prompt)
+
+
+def _prepare_init(p: Img2ImgParams, index: int):
+    """The init image (and inpaint plan) for image `index` of the job."""
+    from modules.core import masking
+
+    image = p.init_images[index % len(p.init_images)].convert("RGB")
+    if p.mask is None:
+        if p.resize_mode == 3:  # latent upscale: encode at the image's own size (multiple of 8)
+            w, h = max(64, image.width // 8 * 8), max(64, image.height // 8 * 8)
+            return resize_image(image, (w, h)), None
+        return masking.resize_image(image, p.width, p.height, p.resize_mode), None
+    plan = masking.plan_inpaint(image, p.mask, width=p.width, height=p.height, resize_mode=p.resize_mode,
+                                mask_blur=p.mask_blur, invert=p.inpainting_mask_invert,
+                                inpainting_fill=p.inpainting_fill, full_res=p.inpaint_full_res,
+                                padding=p.inpaint_full_res_padding)
+    return plan.init_image, plan
+
+
+def _per_image(value: Any, n_images: int, what: str) -> list[Any]:
+    """A1111 lets scripts set p.prompt / p.seed to a list (one per image); otherwise one value for all."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ProcessingError(f"{what} is an empty list")
+        return [value[i % len(value)] for i in range(n_images)]
+    return [value] * n_images
+
+
+def process_images(p: Any, ctx: RunContext | None = None) -> Processed:
+    """Run a job: n_iter batches of batch_size images, plus the grid.
+
+    Called with a script's `p` and no context (A1111's `processing.process_images(p)`), it runs
+    through that object instead: inside the current job, with the scripts' hooks.
+    """
+    if ctx is None:
+        run_for_script = getattr(p, "process_images", None)
+        if run_for_script is None:
+            raise TypeError("process_images(p) needs a RunContext unless p is a script's processing object")
+        return run_for_script()
+    return _process(p, ctx)
+
+
+def _save_owner(p: GenerationParams, ctx: RunContext) -> Any:
+    """What on_before_image_saved / on_image_saved get as `params.p`: the scripts' `p` when scripts
+    run, else A1111's `p` over these params."""
+    owner = getattr(ctx.processing_hooks, "p", None)
+    if owner is not None:
+        return owner
+    return ctx.make_script_p(p) if ctx.make_script_p is not None else None
+
+
+def _process(p: GenerationParams, ctx: RunContext) -> Processed:
+    from modules.engine import diffusion, rng  # torch-heavy; imported when a job runs, not at startup
+
+    p.validate()
+    if getattr(ctx.model, "needs_depth_map", False):
+        raise ProcessingError(
+            f"{ctx.model.title} is an SD2 depth model: it needs a depth map of the init image, and the "
+            "MiDaS depth estimator it uses is not available offline yet. Pick another checkpoint.")
+    options = ctx.options
+    hooks = ctx.processing_hooks or ProcessingHooks()
+    choice = samplers.resolve_sampler(p.sampler_name, p.scheduler)
+    clip_skip = int(p.clip_skip if p.clip_skip is not None else options.CLIP_stop_at_last_layers)
+    # A prompt list (A1111's prompt matrix, prompts from file) sets the image count, as in A1111: the
+    # last batch may be short. Otherwise it is batch_size * n_iter.
+    if isinstance(p.prompt, (list, tuple)):
+        if not p.prompt:
+            raise ProcessingError("prompt is an empty list")
+        all_prompts = [str(x) for x in p.prompt]
+    else:
+        all_prompts = [p.prompt] * (p.batch_size * p.n_iter)
+    n_images = len(all_prompts)
+    n_batches = -(-n_images // p.batch_size)
+    if isinstance(p.seed, (list, tuple)):
+        all_seeds = [rng.resolve_seed(int(s)) for s in _per_image(p.seed, n_images, "seed")]
+    else:
+        all_seeds = rng.batch_seeds(rng.resolve_seed(p.seed), n_batches, p.batch_size,
+                                    subseed_strength=p.subseed_strength)[:n_images]
+    if isinstance(p.subseed, (list, tuple)):
+        all_subseeds = [rng.resolve_seed(int(s)) for s in _per_image(p.subseed, n_images, "subseed")]
+    else:
+        all_subseeds = rng.batch_subseeds(rng.resolve_seed(p.subseed), n_batches, p.batch_size)[:n_images]
+    run = ProcessingRun(all_prompts=all_prompts,
+                        all_negative_prompts=_per_image(p.negative_prompt, n_images, "negative prompt"),
+                        all_seeds=all_seeds, all_subseeds=all_subseeds)
+    hooks.process(run)
+    extra = _extra_params(p)
+    is_img2img = isinstance(p, Img2ImgParams)
+    hires = p.hires if isinstance(p, Txt2ImgParams) and p.hires.enabled else None
+    job = ctx.job
+    save_p = _save_owner(p, ctx)
+    if job is not None and ctx.sets_job_count:
+        job.set_job_count(p.n_iter)
+
+    images, infotexts, saved = [], [], []
+    interrupted = False
+    started = time.time()
+    for n in range(p.n_iter):
+        if job is not None and job.should_stop():
+            interrupted = True
+            break
+        run.iteration = n
+        sl = slice(n * p.batch_size, (n + 1) * p.batch_size)
+        run.prompts, run.negative_prompts = run.all_prompts[sl], run.all_negative_prompts[sl]
+        run.seeds, run.subseeds = run.all_seeds[sl], run.all_subseeds[sl]
+        hooks.before_process_batch(run, n)
+        if not run.prompts:
+            break
+        init = None
+        plans: list[Any] = []
+        if is_img2img:
+            prepared = [_prepare_init(p, i) for i in range(sl.start, sl.start + len(run.prompts))]
+            plans = [plan for _, plan in prepared]
+            init = diffusion.InitImages(
+                images=[image for image, _ in prepared],
+                masks=[plan.mask_for_latents for plan in plans] if p.mask is not None else None,
+                denoising_strength=p.denoising_strength, inpainting_fill=p.inpainting_fill,
+                latent_upscale=p.resize_mode == 3 and p.mask is None,
+            )
+        hooks.process_batch(run, n)
+        batch = diffusion.BatchRequest(
+            prompts=list(run.prompts), negative_prompts=list(run.negative_prompts),
+            seeds=list(run.seeds), subseeds=list(run.subseeds), subseed_strength=p.subseed_strength,
+            seed_resize_from=(p.seed_resize_from_w, p.seed_resize_from_h),
+            width=p.width, height=p.height, steps=p.steps, cfg_scale=p.cfg_scale,
+            sampler=choice, clip_skip=clip_skip, tiling=p.tiling,
+            rng_source=options.randn_source, eta_noise_seed_delta=int(options.eta_noise_seed_delta),
+            hires=_hires_pass(p) if hires else None, init=init,
+        )
+        batch_images = diffusion.generate_batch(batch, ctx)
+        if is_img2img and p.mask is not None:
+            from modules.core.masking import paste_back
+
+            batch_images = [paste_back(image, plan) for image, plan in zip(batch_images, plans)]
+        batch_images = hooks.postprocess_batch(run, batch_images, n)
+        for i, image in enumerate(batch_images):
+            run.batch_index = i
+            image = hooks.postprocess_image(run, image)
+            index = min(n * p.batch_size + i, len(run.all_prompts) - 1)
+            text = create_infotext(p, ctx, prompt=run.all_prompts[index],
+                                   negative_prompt=run.all_negative_prompts[index],
+                                   seed=run.all_seeds[index], subseed=run.all_subseeds[index], choice=choice,
+                                   clip_skip=clip_skip, extra=extra)
+            image.info["parameters"] = text
+            if p.save_images and options.samples_save and ctx.save is not None:
+                path = ctx.save(image, seed=run.all_seeds[index], prompt=run.all_prompts[index], info=text,
+                                grid=False, p=save_p)
+                if path:
+                    saved.append(str(path))
+            images.append(image)
+            infotexts.append(text)
+        if job is not None:
+            if job.should_stop():
+                interrupted = True
+                break
+            job.nextjob()
+
+    index_of_first_image = 0
+    if len(images) > 1 and (options.return_grid or options.grid_save) and not p.do_not_save_grid:
+        from modules.core.saving import image_grid
+
+        grid = image_grid(images, rows=options.n_rows, batch_size=p.batch_size,
+                          prevent_empty_spots=options.grid_prevent_empty_spots,
+                          background=options.grid_background_color)
+        grid_text = infotexts[0]
+        grid.info["parameters"] = grid_text
+        if options.grid_save and p.save_images and ctx.save is not None:
+            ctx.save(grid, seed=run.all_seeds[0], prompt=run.all_prompts[0], info=grid_text, grid=True, p=save_p)
+        if options.return_grid:
+            images.insert(0, grid)
+            infotexts.insert(0, grid_text)
+            index_of_first_image = 1
+
+    info = getattr(ctx.model, "info", None)
+    processed = Processed(
+        images=images, infotexts=infotexts, params=p, all_prompts=run.all_prompts,
+        all_negative_prompts=run.all_negative_prompts, all_seeds=run.all_seeds, all_subseeds=run.all_subseeds,
+        seed=run.all_seeds[0], subseed=run.all_subseeds[0],
+        sd_model_name=getattr(info, "name_for_extra", None), sd_model_hash=getattr(info, "shorthash", None),
+        sd_vae_name=ctx.model.vae_file.stem if getattr(ctx.model, "vae_file", None) else None,
+        clip_skip=clip_skip, index_of_first_image=index_of_first_image, saved_paths=saved,
+        job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(started)), interrupted=interrupted,
+        extra_generation_params={**extra, **p.extra_generation_params},
+        is_using_inpainting_conditioning=bool(getattr(ctx.model.spec, "is_inpaint", False)) and is_img2img,
+    )
+    hooks.postprocess(run, processed)
+    return processed
+
+
+def params_to_dict(p: GenerationParams) -> dict[str, Any]:
+    return asdict(p)
