@@ -15,6 +15,9 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
+# Every playwright wait that names no timeout (clicks, fills, wait_for, goto...) waits this long, not
+# playwright's 30 s: on a busy 2-core machine the page, and the server behind it, can take longer.
+PAGE_TIMEOUT_MS = 120_000
 
 # Built-in scripts keep their own logic beside them (outpainting_lib, sd_upscale_lib); the extension
 # loader puts these folders on sys.path at run time, and the tests import the libraries the same way.
@@ -67,11 +70,12 @@ def start_server(data_dir: Path, *args: str, port: int | None = None, ready_path
     cmd = [sys.executable, str(ROOT / "webui.py"), "--data-dir", str(data_dir), "--port", str(port), *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     server = ServerProcess(proc=proc, url=f"http://127.0.0.1:{port}", port=port, data_dir=data_dir)
-    threading.Thread(target=lambda: server.lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    reader = threading.Thread(target=lambda: server.lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            time.sleep(0.2)
+            reader.join(timeout=15)  # its last lines: the reader ends at the end of its output
             raise RuntimeError(f"server exited with {proc.returncode}:\n{server.output}")
         if "Running on local URL" in server.output:
             try:
@@ -112,6 +116,7 @@ def browser():
 @pytest.fixture
 def page(browser, tmp_path):
     context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(PAGE_TIMEOUT_MS)
     pg = context.new_page()
     yield pg
     context.close()

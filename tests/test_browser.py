@@ -19,7 +19,7 @@ def test_page_shows_the_tabs(server, page, tmp_path):
 
 def test_settings_apply_persists_to_config_json(server, page):
     page.goto(server.url + "/")
-    page.get_by_role("tab", name="Settings").click()
+    page.get_by_role("tab", name="Settings").click(timeout=60000)
     checkbox = page.locator("#setting_save_txt input[type=checkbox]")
     checkbox.wait_for(timeout=60000)
     assert not checkbox.is_checked()

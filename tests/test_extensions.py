@@ -239,10 +239,10 @@ def test_extensions_load_into_a_running_server(ext_server):
 @pytest.mark.browser
 def test_extension_javascript_runs_and_its_tab_shows_in_the_browser(ext_server, page):
     page.goto(ext_server.url + "/")
-    page.get_by_role("tab", name="MyExtTab").wait_for(timeout=30000)
-    page.wait_for_function("window.myExtMarker === 'jsMarker8142'", timeout=15000)
-    page.get_by_role("tab", name="Extensions").click()
-    page.get_by_text("kaboom-7731", exact=False).first.wait_for(state="attached", timeout=15000)
+    page.get_by_role("tab", name="MyExtTab").wait_for(timeout=60000)
+    page.wait_for_function("window.myExtMarker === 'jsMarker8142'", timeout=60000)
+    page.get_by_role("tab", name="Extensions").click(timeout=60000)
+    page.get_by_text("kaboom-7731", exact=False).first.wait_for(state="attached", timeout=60000)
 
 
 def test_skip_install_and_disable_all(ext_data):

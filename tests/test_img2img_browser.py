@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import time
 
 import numpy as np
 import pytest
@@ -37,9 +39,44 @@ def set_number(page, elem_id: str, value: str) -> None:
 
 def upload_to_editor(page, editor, path) -> None:
     # Gradio 6's ImageEditor: clicking its empty canvas opens the file chooser.
-    with page.expect_file_chooser() as chooser:
-        editor.get_by_text("Upload an image").click()
+    with page.expect_file_chooser(timeout=60000) as chooser:
+        editor.get_by_text("Upload an image").click(timeout=60000)
     chooser.value.set_files(str(path))
+
+
+def wait_for_editor_tool(page, elem_id: str, tool: str, *extra_buttons: str, timeout: float = 60000) -> None:
+    """Wait until the ImageEditor `elem_id` has its drawing canvas laid out and sized and `tool` (a toolbar
+    button's label) selected. The editor selects "Image" once its canvases are ready, and "Brush" only at
+    the end of an upload, after the picture is added to them and the view is zoomed to fit it;
+    `extra_buttons` are the labels of the tool's options, shown with it."""
+    page.wait_for_function(
+        """([id, tool, extra]) => {
+            const ed = document.getElementById(id);
+            const canvas = ed && ed.querySelector('canvas');
+            const button = ed && ed.querySelector(`button[aria-label="${tool}"]`);
+            return !!(canvas && canvas.width > 0 && canvas.height > 0 && canvas.clientWidth > 0
+                      && canvas.clientHeight > 0 && button && button.classList.contains('highlight')
+                      && extra.every((label) => ed.querySelector(`button[aria-label="${label}"]`)));
+        }""", arg=[elem_id, tool, list(extra_buttons)], timeout=timeout)
+
+
+def canvas_pixels(canvas) -> np.ndarray:
+    """What the canvas shows on screen (RGB, one row per CSS pixel: the viewport's scale is 1)."""
+    return np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB"), dtype=np.int16)
+
+
+def wait_for_canvas(canvas, shows, what: str, timeout_s: float = 60) -> np.ndarray:
+    """Screenshot the canvas until two shots in a row are the same picture and `shows(picture)` holds: the
+    canvas is drawn and settled (every screenshot waits for a new frame, so this is no fixed sleep)."""
+    deadline = time.monotonic() + timeout_s
+    previous = None
+    while True:
+        shot = canvas_pixels(canvas)
+        if previous is not None and np.array_equal(shot, previous) and shows(shot):
+            return shot
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the editor's canvas did not show {what} within {timeout_s:.0f}s")
+        previous = shot
 
 
 def test_inpaint_a_stroke_drawn_with_the_mouse(img2img_server, page, tmp_path):
@@ -47,17 +84,23 @@ def test_inpaint_a_stroke_drawn_with_the_mouse(img2img_server, page, tmp_path):
     gradient().save(source)
     page.goto(img2img_server.url + "/")
     page.get_by_role("tab", name="img2img", exact=True).click(timeout=60000)
-    page.get_by_role("tab", name="Inpaint", exact=True).click()
+    page.get_by_role("tab", name="Inpaint", exact=True).click(timeout=60000)
     editor = page.locator("#img2maskimg")
-    editor.wait_for()
-    page.locator("#img2img_mask_blur").wait_for()  # the inpaint controls appear with the tab
-    page.wait_for_timeout(500)
+    editor.wait_for(timeout=60000)
+    # The server answers the sub-tab's select event: the inpaint controls appear and the mode becomes inpaint.
+    page.locator("#img2img_mask_blur").wait_for(timeout=120000)
+    wait_for_editor_tool(page, "img2maskimg", "Image")  # the editor's canvases are ready for a picture
     upload_to_editor(page, editor, source)
+    # The upload is done (picture added, view fitted, brush selected), and the canvas shows the picture and
+    # has stopped changing: its middle is the gradient's grey, where the stroke goes.
+    wait_for_editor_tool(page, "img2maskimg", "Brush", "Brush Size")
     canvas = editor.locator("canvas").first
-    canvas.wait_for()
-    page.wait_for_timeout(1000)
+    size = canvas.bounding_box()
+    mid_x, mid_y = int(size["width"] / 2), int(size["height"] / 2)
+    wait_for_canvas(canvas, lambda shot: (np.abs(shot[mid_y, mid_x] - 128) <= 16).all(), "the uploaded picture")
 
-    # A short horizontal stroke through the middle of the picture (the brush is the active tool).
+    # A short horizontal stroke through the middle of the picture (the brush is the active tool). The
+    # screenshots scrolled the canvas into view: the mouse goes where it is now.
     box = canvas.bounding_box()
     cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     page.mouse.move(cx - 30, cy)
@@ -65,7 +108,10 @@ def test_inpaint_a_stroke_drawn_with_the_mouse(img2img_server, page, tmp_path):
     for dx in range(-30, 31, 6):
         page.mouse.move(cx + dx, cy, steps=2)
     page.mouse.up()
-    page.wait_for_timeout(500)
+    # The stroke is committed to the mask layer: the editor shows it in white (its one brush colour) once the
+    # mouse is released (a stroke the editor drops disappears with its preview).
+    wait_for_canvas(canvas, lambda shot: (shot[mid_y - 2:mid_y + 3, mid_x - 25:mid_x + 26] >= 245).all(),
+                    "the white stroke")
     page.screenshot(path=str(tmp_path / "inpaint-mask.png"), full_page=True)
 
     page.locator("#img2img_prompt textarea").fill("a lighthouse")
@@ -97,6 +143,8 @@ def test_inpaint_a_stroke_drawn_with_the_mouse(img2img_server, page, tmp_path):
 
 
 def test_png_info_send_to_txt2img_fills_the_fields_and_picks_the_checkpoint(img2img_server, page, tmp_path):
+    from playwright.sync_api import expect
+
     from modules.core import saving as images
 
     other = img2img_server.data_dir / "models" / "Stable-diffusion" / "zz-other-sd1.safetensors"
@@ -112,21 +160,23 @@ def test_png_info_send_to_txt2img_fills_the_fields_and_picks_the_checkpoint(img2
     page.locator("#pnginfo_html_info").get_by_text("Seed: 98765", exact=False).wait_for(timeout=60000)
     page.screenshot(path=str(tmp_path / "pnginfo.png"), full_page=True)
 
-    page.locator("#pnginfo_send_to_txt2img").click()
+    page.locator("#pnginfo_send_to_txt2img").click(timeout=60000)
     prompt = page.locator("#txt2img_prompt textarea")
     prompt.wait_for(state="visible", timeout=60000)
     page.wait_for_function(
         "() => document.querySelector('#txt2img_prompt textarea').value.startsWith('a photo of a lighthouse')",
         timeout=60000)
-    assert prompt.input_value() == "a photo of a lighthouse, (dusk:1.2)"
-    assert page.locator("#txt2img_neg_prompt textarea").input_value() == "fog"
-    assert page.locator("#txt2img_seed input").input_value() == "98765"
-    assert page.locator("#txt2img_steps input[type=number]").input_value() == "7"
-    assert page.locator("#txt2img_cfg_scale input[type=number]").input_value() == "5.5"
-    assert page.locator("#txt2img_height input[type=number]").input_value() == "96"
-    assert page.locator("#txt2img_sampling input").input_value() == "Euler a"
+    # One server answer fills every field; each is checked once the page shows it.
+    expect(prompt).to_have_value("a photo of a lighthouse, (dusk:1.2)", timeout=60000)
+    expect(page.locator("#txt2img_neg_prompt textarea")).to_have_value("fog", timeout=60000)
+    expect(page.locator("#txt2img_seed input")).to_have_value("98765", timeout=60000)
+    expect(page.locator("#txt2img_steps input[type=number]")).to_have_value("7", timeout=60000)
+    expect(page.locator("#txt2img_cfg_scale input[type=number]")).to_have_value("5.5", timeout=60000)
+    expect(page.locator("#txt2img_height input[type=number]")).to_have_value("96", timeout=60000)
+    expect(page.locator("#txt2img_sampling input")).to_have_value("Euler a", timeout=60000)
     # Clip skip is a setting: it comes back as an override for the next generation.
-    assert "Clip skip: 2" in page.locator("#txt2img_override_settings").inner_text(timeout=10000)
+    expect(page.locator("#txt2img_override_settings")).to_contain_text("Clip skip: 2", use_inner_text=True,
+                                                                        timeout=60000)
     # The checkpoint named by the hash is selected and loaded.
     page.wait_for_function(
         "() => (document.querySelector('#setting_sd_model_checkpoint input') || {}).value?.includes('zz-other-sd1')",
