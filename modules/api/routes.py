@@ -42,38 +42,6 @@ log = logging.getLogger(__name__)
 API_PREFIX = "/sdapi/v1"
 USE_SAME = ("", "Use same sampler", "Use same scheduler", "Use same checkpoint", "None")
 
-# Infotext label -> (request field, type): what A1111's API takes from `infotext` (its paste fields);
-# a field the request model lacks (hires fields on img2img, mask blur on txt2img) is skipped.
-INFOTEXT_FIELDS: dict[str, tuple[str, type]] = {
-    "Prompt": ("prompt", str),
-    "Negative prompt": ("negative_prompt", str),
-    "Steps": ("steps", int),
-    "Sampler": ("sampler_name", str),
-    "Schedule type": ("scheduler", str),
-    "CFG scale": ("cfg_scale", float),
-    "Seed": ("seed", int),
-    "Size-1": ("width", int),
-    "Size-2": ("height", int),
-    "Batch size": ("batch_size", int),
-    "Variation seed": ("subseed", int),
-    "Variation seed strength": ("subseed_strength", float),
-    "Seed resize from-1": ("seed_resize_from_w", int),
-    "Seed resize from-2": ("seed_resize_from_h", int),
-    "Denoising strength": ("denoising_strength", float),
-    "Mask blur": ("mask_blur", int),
-    "Tiling": ("tiling", bool),
-    "Hires upscale": ("hr_scale", float),
-    "Hires upscaler": ("hr_upscaler", str),
-    "Hires steps": ("hr_second_pass_steps", int),
-    "Hires resize-1": ("hr_resize_x", int),
-    "Hires resize-2": ("hr_resize_y", int),
-    "Hires sampler": ("hr_sampler_name", str),
-    "Hires schedule type": ("hr_scheduler", str),
-    "Hires prompt": ("hr_prompt", str),
-    "Hires negative prompt": ("hr_negative_prompt", str),
-}
-
-
 # --------------------------------------------------------------------------- errors
 
 def error_body(kind: str, detail: Any, body: Any = "", errors: Any = "") -> dict[str, Any]:
@@ -268,34 +236,37 @@ def _or(value: Any, default: Any) -> Any:
 
 
 def apply_infotext(req: m._ProcessingBase, options: Any) -> None:
-    """A1111's `infotext` field: its values fill every field the request did not set."""
+    """A1111's `infotext` field: its values fill every field the request did not set (the `api`
+    column of infotext.INFOTEXT_FIELDS); the settings it names become override_settings."""
     if not req.infotext:
         return
-    from modules.core.infotext import parse_infotext
+    from modules.core import infotext
 
     try:
-        parsed = dict(parse_infotext(req.infotext) or {})
+        parsed = dict(infotext.parse_infotext(req.infotext) or {})
     except Exception as err:  # noqa: BLE001 - any parser failure is the client's text, not our fault
         raise bad_request(f"infotext could not be parsed: {err}") from None
-    size = parsed.get("Size")
-    if "Size-1" not in parsed and isinstance(size, str) and "x" in size:
-        parsed["Size-1"], _, parsed["Size-2"] = size.partition("x")
+    kind = infotext.IMG2IMG if isinstance(req, m.StableDiffusionProcessingImg2Img) else infotext.TXT2IMG
     explicit = set(req.model_fields_set)
-    for label, (name, kind) in INFOTEXT_FIELDS.items():
-        if name in explicit or label not in parsed or name not in type(req).model_fields:
+    for field, target, raw in infotext.read_fields(parsed, kind, "api"):
+        if target.api in explicit or target.api not in type(req).model_fields:
             continue
         try:
-            value = _convert(parsed[label], kind)
+            value = field.parse(raw)
         except (TypeError, ValueError):
-            log.warning("infotext: ignoring %s=%r (not a %s)", label, parsed[label], kind.__name__)
+            log.warning("infotext: ignoring %s=%r (not a valid %s)", target.key, raw, target.api)
             continue
         if value is not None and value != "":
-            setattr(req, name, value)
-    if ("enable_hr" not in explicit and hasattr(req, "enable_hr") and "Denoising strength" in parsed
-            and any(k in parsed for k in ("Hires upscale", "Hires upscaler", "Hires resize-1"))):
+            setattr(req, target.api, value)
+    if "enable_hr" not in explicit and hasattr(req, "enable_hr") and infotext.hires_enabled(parsed):
         req.enable_hr = True
-    # Settings recorded in the infotext (Clip skip, ENSD, RNG) become overrides for this request.
-    overrides = dict(req.override_settings or {})
+    req.override_settings = _infotext_overrides(parsed, req.override_settings, options)
+
+
+def _infotext_overrides(parsed: dict[str, Any], given: dict[str, Any] | None, options: Any) -> dict[str, Any]:
+    """Settings recorded in the infotext (Clip skip, ENSD, RNG) that differ from the current ones,
+    added to the request's own override_settings (which win)."""
+    overrides = dict(given or {})
     for key, info in options.templates.items():
         label = info.infotext
         if not label or label not in parsed or key in overrides:
@@ -306,7 +277,7 @@ def apply_infotext(req: m._ProcessingBase, options: Any) -> None:
             continue
         if value != options.get(key):
             overrides[key] = value
-    req.override_settings = overrides
+    return overrides
 
 
 def fill_null_defaults(req: Any) -> None:
