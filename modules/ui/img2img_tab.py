@@ -22,6 +22,7 @@ from PIL import Image
 
 from modules.engine import sampler_catalog as samplers
 from modules.core.img2img_batch import PNG_INFO_PROPS, run_batch
+from modules.core.infotext import INPAINT_AREAS, MASK_MODES
 from modules.core.masking import flatten, prepare_mask
 from modules.core.pipeline import MASKED_CONTENT, RESIZE_MODES, Img2ImgParams, ProcessingError
 from modules.services import Services
@@ -85,9 +86,9 @@ class Img2ImgControls(ControlsBase):
             seed_resize_from_w=int(v["seed_resize_from_w"]), seed_resize_from_h=int(v["seed_resize_from_h"]),
             tiling=bool(v["tiling"]),
             init_images=list(init_images or []), mask=mask, mask_blur=int(v["mask_blur"]),
-            inpainting_mask_invert=_index(paste.MASK_MODES, v["mask_mode"]) == 1,
+            inpainting_mask_invert=_index(MASK_MODES, v["mask_mode"]) == 1,
             inpainting_fill=_index(MASKED_CONTENT, v["inpainting_fill"]),
-            inpaint_full_res=_index(paste.INPAINT_AREAS, v["inpaint_full_res"]) == 1,
+            inpaint_full_res=_index(INPAINT_AREAS, v["inpaint_full_res"]) == 1,
             inpaint_full_res_padding=int(v["inpaint_full_res_padding"]),
         )
 
@@ -275,12 +276,12 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
                 tiling = gr.Checkbox(False, label="Tiling", elem_id="img2img_tiling")
             with gr.Group(visible=False, elem_id="img2img_inpaint_controls") as inpaint_controls:
                 mask_blur = gr.Slider(0, 64, value=4, step=1, label="Mask blur", elem_id="img2img_mask_blur")
-                mask_mode = gr.Radio(list(paste.MASK_MODES), value=paste.MASK_MODES[0], label="Mask mode",
+                mask_mode = gr.Radio(list(MASK_MODES), value=MASK_MODES[0], label="Mask mode",
                                      elem_id="img2img_mask_mode")
                 inpainting_fill = gr.Radio(list(MASKED_CONTENT), value="original", label="Masked content",
                                            elem_id="img2img_inpainting_fill")
                 with gr.Row():
-                    inpaint_full_res = gr.Radio(list(paste.INPAINT_AREAS), value=paste.INPAINT_AREAS[0],
+                    inpaint_full_res = gr.Radio(list(INPAINT_AREAS), value=INPAINT_AREAS[0],
                                                 label="Inpaint area", elem_id="img2img_inpaint_full_res")
                     inpaint_full_res_padding = gr.Slider(0, 256, value=32, step=4, label="Only masked padding, pixels",
                                                          elem_id="img2img_inpaint_full_res_padding")
