@@ -116,20 +116,22 @@ def _png_info_fields(image: Image.Image, path: Path, png_info_dir: str | None,
 
 
 def _apply_png_info(p: Img2ImgParams, info: dict[str, Any]) -> None:
-    if info.get("Prompt"):
-        p.prompt = f"{p.prompt} {info['Prompt']}".strip()
-    if info.get("Negative prompt"):
-        p.negative_prompt = f"{p.negative_prompt} {info['Negative prompt']}".strip()
-    if "Seed" in info:
-        p.seed = int(float(info["Seed"]))
-    if "CFG scale" in info:
-        p.cfg_scale = float(info["CFG scale"])
-    if "Steps" in info:
-        p.steps = int(float(info["Steps"]))
-    if info.get("Sampler"):
-        p.sampler_name = str(info["Sampler"])
-    if info.get("Schedule type"):
-        p.scheduler = str(info["Schedule type"])
+    """The prompts are appended to the UI's; the other PNG_INFO_PROPS replace theirs (the `param`
+    column of infotext.INFOTEXT_FIELDS). A value that does not convert is skipped."""
+    from modules.core import infotext
+
+    wanted = {k: v for k, v in info.items() if k in PNG_INFO_PROPS}
+    for field, target, raw in infotext.read_fields(wanted, infotext.IMG2IMG, "param"):
+        try:
+            value = field.parse(raw)
+        except (TypeError, ValueError):
+            log.warning("img2img batch: ignoring PNG info %s=%r", target.key, raw)
+            continue
+        if value == "":
+            continue
+        if target.key in ("Prompt", "Negative prompt"):
+            value = f"{getattr(p, target.param)} {value}".strip()
+        setattr(p, target.param, value)
 
 
 def _size_for(image: Image.Image, scale_by: float) -> tuple[int, int]:
