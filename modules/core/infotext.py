@@ -462,12 +462,27 @@ def parse_infotext(
     compatibility flags implied by ``Version`` are added. ``skip`` removes keys
     (A1111's "infotext_skip_pasting" setting).
     """
-    res: dict[str, Any] = {}
+    prompt_lines, params_line = _split_parameters_line(text)
+    res = _parse_prompts(prompt_lines)
+    res.update(_parse_pairs(params_line))
+    _split_legacy_samplers(res)
+    _fill_defaults(res)
+    if backcompat:
+        _apply_backcompat(res)
+    skipped = set(skip)
+    return {k: v for k, v in res.items() if k not in skipped}
+
+
+def _split_parameters_line(text: str) -> tuple[list[str], str]:
+    """(prompt lines, parameters line or "")."""
     *lines, last = text.strip().split("\n")
     if len(_re_pair.findall(last)) < 3:
         lines.append(last)
         last = ""
+    return lines, last
 
+
+def _parse_prompts(lines: list[str]) -> dict[str, Any]:
     prompt_lines: list[str] = []
     negative_lines: list[str] = []
     in_negative = False
@@ -477,17 +492,22 @@ def parse_infotext(
             in_negative = True
             line = line[len(_NEGATIVE_PREFIX):].strip()
         (negative_lines if in_negative else prompt_lines).append(line)
-    res["Prompt"] = "\n".join(prompt_lines)
-    res["Negative prompt"] = "\n".join(negative_lines)
+    return {"Prompt": "\n".join(prompt_lines), "Negative prompt": "\n".join(negative_lines)}
 
-    for m in _re_pair.finditer(last):
+
+def _parse_pairs(line: str) -> dict[str, Any]:
+    res: dict[str, Any] = {}
+    for m in _re_pair.finditer(line):
         key, value = m.group("key"), m.group("value")
         value = unquote(value) if value.startswith('"') else value
         size = _re_size.match(value)
         if size:
             res[f"{key}-1"], res[f"{key}-2"] = size.group(1), size.group(2)
         res[key] = value
+    return res
 
+
+def _split_legacy_samplers(res: dict[str, Any]) -> None:
     for field in ("Sampler", "Hires sampler"):
         sampler = res.get(field)
         if isinstance(sampler, str):
@@ -497,7 +517,9 @@ def parse_infotext(
                 # the glued-on name is what the image was made with, so it wins
                 res["Schedule type" if field == "Sampler" else "Hires schedule type"] = schedule
 
-    # Defaults for keys older versions did not write; values as A1111 fills them.
+
+def _fill_defaults(res: dict[str, Any]) -> None:
+    """Defaults for keys older versions did not write; values (and types) as A1111 fills them."""
     res.setdefault("Clip skip", "1")
     hypernet = res.get("Hypernet")
     if hypernet is not None:
@@ -524,12 +546,6 @@ def parse_infotext(
     res.setdefault("FP8 weight", "Disable")
     if res["FP8 weight"] != "Disable":
         res.setdefault("Cache FP16 weight for LoRA", False)
-
-    if backcompat:
-        _apply_backcompat(res)
-
-    skipped = set(skip)
-    return {k: v for k, v in res.items() if k not in skipped}
 
 
 parse_generation_parameters = parse_infotext  # A1111's name
