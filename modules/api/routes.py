@@ -449,10 +449,19 @@ class Api:
             images = await run_in_threadpool(lambda: [encode_pil_to_base64(i, self.options) for i in processed.images])
         return images, json.dumps(processed.js(), default=str)
 
-    # -- routes ------------------------------------------------------------------------
-    def _add_routes(self) -> None:  # noqa: C901 - a flat list of small routes reads best here
+    # -- routes: one registration function per area, called in the order /docs lists them --
+    def _add_routes(self) -> None:
+        self._add_generation_routes()
+        self._add_extras_routes()
+        self._add_progress_routes()
+        self._add_options_routes()
+        self._add_list_routes()
+        self._add_script_routes()
+        self._add_model_routes()
+
+    def _add_generation_routes(self) -> None:
+        """txt2img and img2img: one generation job each, through the queue."""
         r = self.router
-        options, models, gen = self.options, self.models, self.generation
 
         @r.post("/txt2img", response_model=m.TextToImageResponse)
         async def text2imgapi(txt2imgreq: m.StableDiffusionProcessingTxt2Img) -> m.TextToImageResponse:
@@ -477,6 +486,11 @@ class Api:
                 parameters["init_images"] = None
                 parameters["mask"] = None
             return m.ImageToImageResponse(images=images, parameters=parameters, info=info)
+
+    def _add_extras_routes(self) -> None:
+        """Extras (upscaling) and PNG info: image in, image or infotext out."""
+        r = self.router
+        options, gen = self.options, self.generation
 
         @r.post("/extra-single-image", response_model=m.ExtrasSingleImageResponse)
         async def extras_single_image_api(req: m.ExtrasSingleImageRequest) -> m.ExtrasSingleImageResponse:
@@ -516,6 +530,11 @@ class Api:
             return m.PNGInfoResponse(info=text, items=_json_safe_items(items or {}),
                                      parameters=jsonable_encoder(parse_infotext(text)) if text else {})
 
+    def _add_progress_routes(self) -> None:
+        """The running job: progress (with the live preview), interrupt, skip."""
+        r = self.router
+        gen = self.generation
+
         @r.get("/progress", response_model=m.ProgressResponse)
         def progressapi(skip_current_image: bool = False) -> m.ProgressResponse:
             state = gen.state
@@ -536,6 +555,11 @@ class Api:
             gen.queue.skip()
             return {}
 
+    def _add_options_routes(self) -> None:
+        """Settings and command-line flags."""
+        r = self.router
+        options = self.options
+
         @r.get("/options", response_model=self.OptionsModel)
         def get_config() -> JSONResponse:
             data = options.as_dict()
@@ -550,6 +574,11 @@ class Api:
         @r.get("/cmd-flags", response_model=self.FlagsModel)
         def get_cmd_flags() -> JSONResponse:
             return JSONResponse(jsonable_encoder(vars(self.services.cmd_opts)))
+
+    def _add_list_routes(self) -> None:
+        """What can be picked: samplers, schedulers, upscalers, models, styles..."""
+        r = self.router
+        models = self.models
 
         @r.get("/samplers", response_model=list[m.SamplerItem])
         def get_samplers() -> list[dict]:
@@ -596,6 +625,10 @@ class Api:
         def get_embeddings() -> dict:
             return {"loaded": {}, "skipped": {}}
 
+    def _add_script_routes(self) -> None:
+        """Scripts and extensions."""
+        r = self.router
+
         @r.get("/scripts", response_model=m.ScriptsList)
         def get_scripts_list() -> dict:
             return {"txt2img": [s.name for s in self.services.script_runner(False).scripts],
@@ -618,6 +651,11 @@ class Api:
                 info = git_info(ext.path)
                 out.append({"name": ext.name, **info, "version": info["commit_hash"][:8], "enabled": ext.enabled})
             return out
+
+    def _add_model_routes(self) -> None:
+        """Memory use, and refreshing, loading and unloading checkpoints (loads go through the queue)."""
+        r = self.router
+        models, gen = self.models, self.generation
 
         @r.get("/memory", response_model=m.MemoryResponse)
         def get_memory() -> dict:
