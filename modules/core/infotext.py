@@ -129,7 +129,6 @@ class Target(NamedTuple):
     ui: str | None      # Txt2ImgControls / Img2ImgControls field
 
 
-
 @dataclass(frozen=True)
 class InfotextField:
     """One infotext key: how create_infotext writes it, and what a pasted value sets in the params,
