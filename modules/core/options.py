@@ -246,6 +246,11 @@ class Options:
                 out.setdefault(key, value)
             return out
 
+    def snapshot(self, overrides: dict[str, Any] | None = None) -> OptionsSnapshot:
+        """The current values, frozen for one job, with that job's overrides applied."""
+        with self._lock:
+            return OptionsSnapshot(self.templates, self.as_dict()).with_overrides(overrides)
+
     # -- persistence --------------------------------------------------
     def load(self) -> list[str]:
         """Read the file; returns user-facing warnings. Never raises on bad content."""
@@ -282,6 +287,46 @@ class Options:
             return
         with self._lock:
             atomic_write_json(self.path, dict(self.data))
+
+
+class OptionsSnapshot:
+    """Settings as one job sees them: the values when it started, with its own overrides.
+
+    Read-only and never saved, so a request's override_settings are invisible to every other
+    client and never reach config.json; a settings change made while the job runs applies
+    to the next job.
+    """
+
+    def __init__(self, templates: dict[str, OptionInfo], values: dict[str, Any]):
+        object.__setattr__(self, "_templates", templates)
+        object.__setattr__(self, "_values", values)
+
+    def __getattr__(self, key: str) -> Any:
+        values = object.__getattribute__(self, "_values")
+        if key in values:
+            return values[key]
+        raise AttributeError(f"no setting named {key!r}")
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise OptionError(f"a job's settings are read-only ({key!r}); pass override_settings instead")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._values.get(key, default)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def with_overrides(self, overrides: dict[str, Any] | None) -> "OptionsSnapshot":
+        """A new snapshot with `overrides` validated and applied (this one is unchanged)."""
+        if not overrides:
+            return self
+        values = dict(self._values)
+        for key, value in overrides.items():
+            info = self._templates.get(key)
+            if info is None:
+                raise OptionError(f"unknown setting {key!r}")
+            values[key] = _coerce(key, info, value)
+        return OptionsSnapshot(self._templates, values)
 
 
 SAVING = ("saving-images", "Saving images/grids")
