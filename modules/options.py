@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 
 Section = tuple[str, str]  # (id, label), as in A1111
 
+COMPAT_NOTE = "kept for compatibility, no effect"
+"""Shown with every `compat_only` setting (an A1111 key this product stores but does not use)."""
+
 
 class OptionError(ValueError):
     """A value that does not fit its setting; the message names both."""
@@ -48,6 +51,8 @@ class OptionInfo:
         step: float | None = None,
         restart_required: bool = False,
         hidden: bool = False,
+        compat_only: bool = False,
+        value_type: type | None = None,
     ):
         self.default = default
         self.label = label
@@ -66,6 +71,12 @@ class OptionInfo:
         self.minimum, self.maximum, self.step = minimum, maximum, step
         self.restart_required = restart_required
         self.hidden = hidden
+        # An A1111 key kept so clients can read and write it; nothing here reads it.
+        self.compat_only = compat_only
+        if compat_only:
+            self.comment_after = f" ({COMPAT_NOTE})" + self.comment_after
+        # For a None default: the type of the other values (None stays allowed).
+        self.value_type = value_type
 
     # A1111's fluent helpers, used by extensions.
     def info(self, text: str) -> "OptionInfo":
@@ -108,6 +119,10 @@ def _guess_kind(default: Any, choices: Any, minimum: Any) -> str:
 def _coerce(key: str, info: OptionInfo, value: Any) -> Any:
     """Bring a value (from JSON, the API or a UI widget) to the setting's type."""
     default = info.default
+    if default is None and info.value_type is not None:
+        if value is None or value == "":
+            return None  # "nothing chosen"
+        default = info.value_type()
     try:
         if isinstance(default, bool):
             if isinstance(value, str) and value.lower() in ("true", "false"):
@@ -294,7 +309,16 @@ EXT = ("extensions", "Extensions")
 
 
 def default_templates() -> list[tuple[str, OptionInfo]]:
-    """The settings the core knows; extensions add theirs with add_option."""
+    """The settings the core knows, then the rest of A1111's keys (modules/options_a1111.py);
+    extensions add theirs with add_option."""
+    from modules.options_a1111 import a1111_templates
+
+    core = _core_templates()
+    defined = {key for key, _ in core}
+    return core + [(key, info) for key, info in a1111_templates() if key not in defined]
+
+
+def _core_templates() -> list[tuple[str, OptionInfo]]:
     return [
         ("samples_save", OptionInfo(True, "Always save all generated images", section=SAVING)),
         ("samples_format", OptionInfo("png", "File format for images", choices=("png", "jpg", "jpeg", "webp"), section=SAVING)),
@@ -322,9 +346,9 @@ def default_templates() -> list[tuple[str, OptionInfo]]:
         ("CLIP_stop_at_last_layers", OptionInfo(1, "Clip skip", minimum=1, maximum=12, step=1, section=SD, infotext="Clip skip")),
         ("eta_ancestral", OptionInfo(1.0, "Eta for ancestral samplers", minimum=0.0, maximum=1.0, step=0.01, section=SAMPLER)),
         ("eta_noise_seed_delta", OptionInfo(0, "Eta noise seed delta (ENSD)", section=SAMPLER, infotext="ENSD")),
-        ("randn_source", OptionInfo("GPU", "Random number generator source", choices=("GPU", "CPU"), section=SAMPLER, infotext="RNG")),
+        ("randn_source", OptionInfo("GPU", "Random number generator source", choices=("GPU", "CPU", "NV"), section=SAMPLER, infotext="RNG")),
         ("quicksettings_list", OptionInfo(["sd_model_checkpoint"], "Quicksettings list (settings shown at the top of the page)", kind="multiselect", section=UI).needs_restart()),
-        ("show_progress_every_n_steps", OptionInfo(10, "Live preview display period (steps; 0 disables)", minimum=0, maximum=32, step=1, section=LIVE)),
+        ("show_progress_every_n_steps", OptionInfo(10, "Live preview display period (steps; 0 or -1: none while sampling)", minimum=-1, maximum=32, step=1, section=LIVE)),
         ("live_previews_enable", OptionInfo(True, "Show live previews of the created image", section=LIVE)),
         ("disabled_extensions", OptionInfo([], "Disabled extensions", section=EXT, hidden=True)),
         ("disable_all_extensions", OptionInfo("none", "Disable all extensions (preserves the list of disabled extensions)", choices=("none", "extra", "all"), section=EXT)),
