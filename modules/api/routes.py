@@ -714,8 +714,9 @@ class Api:
             if key == "sd_vae":
                 self._checked_vae(value, key)
             else:
-                choices = info.current_choices() if info.kind == "dropdown" else None
-                if choices and value not in choices:
+                choices = info.current_choices() if info.kind in ("dropdown", "multiselect") else None
+                items = [value] if info.kind == "dropdown" else (value if isinstance(value, list) else [])
+                if choices and any(item not in choices for item in items):
                     raise bad_request(f"setting {key!r}: {value!r} is not one of {', '.join(map(str, choices))}")
             changes[key] = value
         if ignored:
