@@ -11,7 +11,7 @@ from typing import Any
 from modules.core.options import OptionInfo, Options  # noqa: F401 - re-exported for extensions
 from modules.extensions import context
 
-opts: Options | None = None
+opts: Any = None           # the settings; inside a job, that job's view of them (context.JobAwareOptions)
 state: Any = None          # modules.core.jobs.JobState of the running job
 cmd_opts: Any = None       # argparse.Namespace of the parsed flags
 
@@ -22,7 +22,7 @@ def bind(services: Any) -> None:
     if services is None:
         opts = state = cmd_opts = None
         return
-    opts = services.options
+    opts = context.JobAwareOptions(services.options, services.generation.current_options)
     state = services.generation.state
     cmd_opts = services.cmd_opts
     # A1111's modules.paths strings, which extensions read (models_path, data_path, script_path).

@@ -27,8 +27,9 @@ def test_shared_bind_sets_a1111_path_strings(tmp_path):
     from modules.core.flags import parse_args
 
     app_paths = paths.AppPaths.from_opts(parse_args(["--data-dir", str(tmp_path)], env={}).opts)
-    fake = SimpleNamespace(options=object(), generation=SimpleNamespace(state=object()), cmd_opts=object(),
-                           paths=app_paths)
+    options = object()
+    fake = SimpleNamespace(options=options, generation=SimpleNamespace(state=object(), current_options=lambda: options),
+                           cmd_opts=object(), paths=app_paths)
     saved = context.services()
     try:
         shared.bind(fake)

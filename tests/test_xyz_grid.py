@@ -80,8 +80,8 @@ def renders(monkeypatch):
     calls: list[str] = []
     original = GenerationService._run
 
-    def counting(self, params, job, **kwargs):
-        processed = original(self, params, job, **kwargs)
+    def counting(self, params, job, *args, **kwargs):
+        processed = original(self, params, job, *args, **kwargs)
         calls.append(processed.sd_model_name)
         return processed
     monkeypatch.setattr(GenerationService, "_run", counting)

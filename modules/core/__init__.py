@@ -1,0 +1,1 @@
+"""Torch-free domain: typed params, the generation pipeline, jobs, infotext, saving, options, flags, paths."""

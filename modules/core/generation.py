@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from typing import Any, Callable, Iterator
 
 from modules.core import saving as images
 from modules.core.jobs import Job, JobContext, JobQueue, JobState
 from modules.core.model_service import ModelService
-from modules.core.options import Options
+from modules.core.options import Options, OptionsSnapshot
 from modules.core.paths import AppPaths
 from modules.core.pipeline import (GenerationParams, Img2ImgParams, Processed, ProcessingHooks, RunContext, Txt2ImgParams,
                                 process_images)
@@ -23,21 +24,22 @@ log = logging.getLogger(__name__)
 class JobRunner:
     """What a `script` given to GenerationService.submit renders with, inside its one queued job."""
 
-    def __init__(self, service: "GenerationService", job: JobContext):
-        self.service, self.job = service, job
+    def __init__(self, service: "GenerationService", job: JobContext, options: OptionsSnapshot):
+        self.service, self.job, self.options = service, job, options
 
     def __call__(self, params: GenerationParams, hooks: ProcessingHooks | None = None,
                  override_settings: dict[str, Any] | None = None) -> Processed:
-        """process_images for `params`, with scripts' hooks and per-call settings (X/Y/Z's checkpoint axis)."""
-        service = self.service
-        service.options.validate_values(override_settings or {})
-        with service.overridden(override_settings or {}):
+        """process_images for `params`, with scripts' hooks and per-call settings (X/Y/Z's checkpoint axis)
+        applied over the job's own snapshot."""
+        options = self.options.with_overrides(override_settings)
+        with self.service._job_options(options):
             # A script that set the job count itself (X/Y/Z: cells x batches) keeps it.
-            return service._run(params, self.job, hooks=hooks, sets_job_count=self.job.state.job_count == -1)
+            return self.service._run(params, self.job, options, hooks=hooks,
+                                     sets_job_count=self.job.state.job_count == -1)
 
     def saver(self, kind: str):
-        """save(image, *, seed, prompt, info, grid) into the outputs folders of `kind`, with the settings."""
-        return self.service.saver(kind)
+        """save(image, *, seed, prompt, info, grid) into the outputs folders of `kind`, with the job's settings."""
+        return self.service.saver(kind, self.options)
 
 
 class GenerationService:
@@ -47,6 +49,7 @@ class GenerationService:
         self.paths = paths
         self.queue = queue
         self._encoders: dict[int, tuple[Any, Any]] = {}   # id(LoadedModel) -> (model, PromptEncoder)
+        self._running = threading.local()   # .options: the settings snapshot of the job on this thread
         self._counting_tokenizer = None
         # (before_save, after_save) given to images.save_image: webui.py points them at the
         # on_before_image_saved / on_image_saved callbacks.
@@ -64,18 +67,24 @@ class GenerationService:
     def submit(self, params: GenerationParams, *, override_settings: dict[str, Any] | None = None,
                restore_settings: bool = True, job_id: str | None = None,
                script: Callable[[GenerationParams, "JobRunner", JobContext], Processed] | None = None) -> Job[Processed]:
-        """Queue a txt2img or img2img job. `override_settings` apply for this job only (unless not restored),
-        inside the job, so concurrent requests never see each other's overrides. A `script` (extension
-        scripts, SD upscale) replaces the plain run and may render several images through the
-        `JobRunner` it is given, all inside this one job."""
+        """Queue a txt2img or img2img job. The job reads a snapshot of the settings taken when it starts,
+        with `override_settings` applied to that snapshot only: no other client ever sees them. With
+        `restore_settings=False` (A1111's override_settings_restore_afterwards) they are saved as the
+        settings once the job is done. A `script` (extension scripts, SD upscale) replaces the plain
+        run and may render several images through the `JobRunner` it is given, all in this one job."""
         params.validate()  # bad input fails here, before it waits in the queue
         self.options.validate_values(override_settings or {})
 
         def run(job: JobContext) -> Processed:
-            with self.overridden(override_settings or {}, restore=restore_settings):
+            options = self.options.snapshot(override_settings)
+            with self._job_options(options):
                 if script is None:
-                    return self._run(params, job)
-                return script(params, JobRunner(self, job), job)
+                    result = self._run(params, job, options)
+                else:
+                    result = script(params, JobRunner(self, job, options), job)
+            if not restore_settings:
+                self._keep_overrides(override_settings or {})
+            return result
         return self.queue.submit(run, name=params.kind, job_count=params.n_iter, job_id=job_id)
 
     def in_job_thread(self) -> bool:
@@ -93,20 +102,30 @@ class GenerationService:
     def img2img(self, params: Img2ImgParams, **kwargs: Any) -> Processed:
         return self.submit(params, **kwargs).result()
 
+    def current_options(self) -> Options | OptionsSnapshot:
+        """The settings as the calling thread should see them: its job's snapshot inside a job (so an
+        extension reading shared.opts sees that job's overrides), else the live settings."""
+        return getattr(self._running, "options", None) or self.options
+
     @contextlib.contextmanager
-    def overridden(self, overrides: dict[str, Any], *, restore: bool = True) -> Iterator[None]:
-        """Apply settings for the duration of a job (A1111's override_settings), then put them back."""
-        saved = {key: self.options.get(key) for key in overrides}
-        for key, value in overrides.items():
-            self.options.set(key, value)
+    def _job_options(self, options: OptionsSnapshot) -> Iterator[None]:
+        outer = getattr(self._running, "options", None)
+        self._running.options = options
         try:
             yield
         finally:
-            if restore:
-                for key, value in saved.items():
-                    self.options.set(key, value)
-            elif overrides:
-                self.options.save()
+            self._running.options = outer
+
+    def _keep_overrides(self, overrides: dict[str, Any]) -> None:
+        """A1111's override_settings_restore_afterwards=False: the overrides become the settings."""
+        if not overrides:
+            return
+        if self.options.frozen:
+            log.info("Settings are frozen (--freeze-settings): overrides were used for the job but not saved.")
+            return
+        for key, value in overrides.items():
+            self.options.set(key, value)
+        self.options.save()
 
     def submit_model_switch(self, title: str) -> Job[Any]:
         """Load a checkpoint as a queued job, so it never races a running generation."""
@@ -123,15 +142,15 @@ class GenerationService:
         return self.queue.submit(lambda job: self.models.current(), name="load checkpoint")
 
     # -- internals -----------------------------------------------------------------------------
-    def _run(self, params: GenerationParams, job: JobContext, *, hooks: ProcessingHooks | None = None,
-             sets_job_count: bool = True) -> Processed:
+    def _run(self, params: GenerationParams, job: JobContext, options: OptionsSnapshot, *,
+             hooks: ProcessingHooks | None = None, sets_job_count: bool = True) -> Processed:
         job.state.set_textinfo("Loading model…")
-        model = self.models.current()
+        model = self.models.current(options)
         job.state.set_textinfo(None)
-        job.set_preview(self._preview_fn(model), self.options.show_progress_every_n_steps
-                        if self.options.live_previews_enable else 0)
-        ctx = RunContext(model=model, encoder=self._encoder_for(model), options=self.options,
-                         save=self.saver(params.kind), job=job,
+        job.set_preview(self._preview_fn(model), options.show_progress_every_n_steps
+                        if options.live_previews_enable else 0)
+        ctx = RunContext(model=model, encoder=self._encoder_for(model), options=options,
+                         save=self.saver(params.kind, options), job=job,
                          hooks=self.sampling_hooks() if self.sampling_hooks is not None else None,
                          processing_hooks=hooks, sets_job_count=sets_job_count, make_script_p=self.make_script_p)
         if hooks is not None:
@@ -157,8 +176,8 @@ class GenerationService:
         kind = "sdxl" if model.spec.is_sdxl else "sd"
         return lambda latents: approx_rgb(latents, kind)
 
-    def saver(self, kind: str):
-        options, paths = self.options, self.paths
+    def saver(self, kind: str, options: Options | OptionsSnapshot | None = None):
+        options, paths = options or self.current_options(), self.paths
 
         def save(image, *, seed: int, prompt: str, info: str | None, grid: bool, p: Any = None):
             images_dir, grids_dir = images.output_dirs(paths, options, kind)

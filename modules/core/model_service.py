@@ -79,9 +79,10 @@ class ModelService:
         return ["Automatic", "None", *self.vaes.names()]
 
     # -- selection -------------------------------------------------------------------------
-    def selected_info(self) -> CheckpointInfo:
-        """The checkpoint named in settings, else --ckpt, else the first one found."""
-        wanted = self.options.sd_model_checkpoint
+    def selected_info(self, options: Any = None) -> CheckpointInfo:
+        """The checkpoint named in settings (a job's snapshot, else the live ones), else --ckpt, else
+        the first one found."""
+        wanted = (options or self.options).sd_model_checkpoint
         if wanted:
             info = self.registry.get_closest(wanted)
             if info is not None:
@@ -96,10 +97,10 @@ class ModelService:
             raise NoCheckpointError(self.registry.empty_message())
         return found[0]
 
-    def vae_file_for(self, info: CheckpointInfo) -> Path | None:
+    def vae_file_for(self, info: CheckpointInfo, options: Any = None) -> Path | None:
         if self.vae_override is not None:
             return self.vae_override
-        vae = self.vaes.resolve(self.options.sd_vae, info.filename, strict=False)
+        vae = self.vaes.resolve((options or self.options).sd_vae, info.filename, strict=False)
         return Path(vae.filename) if vae is not None else None
 
     def select(self, title: str, *, load: bool = True):
@@ -115,11 +116,11 @@ class ModelService:
             self.options.save()
         return model
 
-    def current(self):
-        """The loaded model for the selected checkpoint, loading it if needed."""
-        return self._load(self.selected_info())
+    def current(self, options: Any = None):
+        """The loaded model for the checkpoint and VAE the settings select, loading it if needed."""
+        return self._load(self.selected_info(options), options)
 
-    def _load(self, info: CheckpointInfo):
+    def _load(self, info: CheckpointInfo, options: Any = None):
         if self.registry.hashing:
             try:
                 self.registry.calculate_shorthash(info)
@@ -129,7 +130,7 @@ class ModelService:
         from modules.models.weights_io import CheckpointLoadError
 
         try:
-            return self.manager.get(info, self.vae_file_for(info))
+            return self.manager.get(info, self.vae_file_for(info, options))
         except (CheckpointLoadError, ModelConfigMismatchError, OSError) as err:
             raise ModelLoadError(str(err)) from err
 

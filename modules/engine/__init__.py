@@ -1,0 +1,1 @@
+"""The diffusion engine: sampling loop, conditioning, prompt grammar, noise, previews, sampler catalog."""

@@ -1,6 +1,6 @@
-"""The diffusers side of ``modules.samplers``: scheduler classes and building.
+"""The diffusers side of the sampler catalog: scheduler classes, and a fresh scheduler per job.
 
-Split out of ``modules.samplers`` so that the name-level half (dropdowns,
+Kept apart from ``sampler_catalog`` so that the name-level half (dropdowns,
 request validation, ``/sdapi/v1/samplers``) can be imported at web UI startup
 without torch/numpy/diffusers; this module pulls them in and is only imported
 when a job actually builds a scheduler.
