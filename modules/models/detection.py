@@ -90,6 +90,13 @@ class ModelSpec:
     tensor_count: int = 0
 
     @property
+    def family_info(self):
+        """The family's registry record (None for files that are not supported checkpoints)."""
+        from modules.models import families
+
+        return families.get_family(self.family) if self.family else None
+
+    @property
     def is_sdxl(self) -> bool:
         return bool(self.family and self.family.startswith("sdxl"))
 
