@@ -123,7 +123,7 @@ def test_family_and_configs_from_keys(tmp_path_factory, family):
     assert spec.supported, spec.reason
     assert spec.family == _expected_family_from_keys(family)
     assert spec.detected_by == "keys"
-    assert spec.is_sdxl == family.startswith("sdxl")
+    assert spec.family_info.is_sdxl == family.startswith("sdxl")
     assert spec.is_inpaint == family.endswith("inpaint")
     assert spec.needs_v_probe == (family in ("sd2", "sd2-v"))
     assert spec.prediction_type == "epsilon"
