@@ -95,6 +95,15 @@ def test_family_loads_and_renders(tmp_path_factory, family):
     assert lm.pipe is None and not lm.components
 
 
+def test_sdxl_with_a_non_standard_time_embedding_loads_and_renders(tmp_path_factory):
+    ck = tiny_checkpoint(tmp_path_factory, "sdxl", addition_time_embed_dim=8)
+    lm = ml.load_model(ck.path, md.identify(ck.path, None), cpu_policy())
+    assert lm.pipe.unet.config.addition_time_embed_dim == 8
+    _assert_weights_equal(lm, ck)
+    image = _render(lm)
+    assert image.shape == (1, PX, PX, 3) and np.isfinite(image).all()
+
+
 def test_ckpt_loads_through_the_safe_reader(tmp_path_factory, monkeypatch):
     ck = tiny_checkpoint(tmp_path_factory, "sd1", fmt="ckpt")
     real_load = torch.load

@@ -342,8 +342,9 @@ def _transformer_depths(levels: list[list[_Layer]], up_levels: list[list[_Layer]
     return down, up
 
 
-def _infer_unet(shapes: Shapes, fam: FamilyInfo, notes: list[str]) -> dict[str, Any]:
-    """The UNet config from shapes, starting from the family's stock config."""
+def _infer_unet(shapes: Shapes, fam: FamilyInfo, notes: list[str], pooled_width: int | None) -> dict[str, Any]:
+    """The UNet config from shapes, starting from the family's stock config. ``pooled_width``: the
+    pooled text embedding's width, which the SDXL add-embedding takes before the time ids."""
     stock = _family_json(fam.id, "unet")
     cfg = copy.deepcopy(stock)
     _unet_conv_io(shapes, cfg)
@@ -363,7 +364,7 @@ def _infer_unet(shapes: Shapes, fam: FamilyInfo, notes: list[str]) -> dict[str, 
         cfg["reverse_transformer_layers_per_block"] = reverse
 
     _unet_attention(shapes, cfg, fam, stock, widths)
-    _unet_added_embeddings(shapes, cfg, fam, stock, widths)
+    _unet_added_embeddings(shapes, cfg, fam, widths, pooled_width)
     _note_diff(notes, "UNet", stock, cfg, ("block_out_channels", "layers_per_block", "down_block_types",
                                            "transformer_layers_per_block", "cross_attention_dim", "mid_block_type"))
     return cfg
@@ -455,19 +456,25 @@ def _unet_attention(shapes: Shapes, cfg: dict[str, Any], fam: FamilyInfo, stock:
     cfg.pop("num_attention_heads", None)
 
 
-def _unet_added_embeddings(shapes: Shapes, cfg: dict[str, Any], fam: FamilyInfo, stock: dict,
-                           widths: list[int]) -> None:
-    """Time embedding width, and SDXL's add-embedding (pooled text embedding plus time ids)."""
+def _unet_added_embeddings(shapes: Shapes, cfg: dict[str, Any], fam: FamilyInfo, widths: list[int],
+                           pooled_width: int | None) -> None:
+    """Time embedding width, and SDXL's add-embedding: the pooled text embedding followed by one
+    sinusoidal embedding per time id, all into label_emb.0.0. Its input width gives the per-id width."""
     time_in = shapes.get(UNET + "time_embed.0.weight")
     if time_in is not None and time_in[0] != 4 * widths[0]:
         cfg["time_embedding_dim"] = time_in[0]
-    if fam.time_ids == families.TimeIds.NONE:
+    n_ids = fam.time_ids.n_ids
+    if not n_ids:
         return
     label = shapes.get(UNET + "label_emb.0.0.weight")
     if label is None:
         raise _Unsupported("unknown", f"{fam.label}-like checkpoint without the size/crop embedding (label_emb)")
+    extra = label[1] - (pooled_width or 0)
+    if not pooled_width or extra <= 0 or extra % n_ids:
+        raise _Unsupported("unknown", f"the size/crop embedding takes {label[1]} inputs: not the pooled text "
+                           f"width {pooled_width} plus {n_ids} time ids of equal width")
     cfg["addition_embed_type"] = "text_time"
-    cfg["addition_time_embed_dim"] = stock.get("addition_time_embed_dim") or 256
+    cfg["addition_time_embed_dim"] = extra // n_ids
     cfg["projection_class_embeddings_input_dim"] = label[1]
 
 
@@ -567,8 +574,9 @@ def _build(shapes: Shapes, family: str) -> ModelSpec:
             raise _Unsupported("unknown", f"{fam.label} checkpoint without its {_ORDINALS[n]} ({slot.tokenizer}) "
                                "text encoder")
         te_cfgs[slot.component] = _infer_text_encoder(shapes, slot, fam.id, te_notes)
+    pooled = fam.text.pooled_slot
     notes: list[str] = []
-    unet = _infer_unet(shapes, fam, notes)
+    unet = _infer_unet(shapes, fam, notes, te_cfgs[pooled.component].get("projection_dim") if pooled else None)
     vae_prefix = VAE if (VAE + "encoder.conv_in.weight") in shapes else None
     vae = _infer_vae(shapes, VAE, fam.id, notes) if vae_prefix else copy.deepcopy(_family_json(fam.id, "vae"))
     if not vae_prefix:
