@@ -258,16 +258,48 @@ def test_img2img_sd_upscale_script(api):
 
 
 def test_options_get_post_round_trip(api):
+    txt2img(api, seed=1)  # the model is loaded
     before = get(api, "options").json()
     titles = [m["title"] for m in get(api, "sd-models").json()]
     assert before["sd_model_checkpoint"] in titles
     assert before["samples_format"] == "png" and before["CLIP_stop_at_last_layers"] == 1
+    # A1111 1.10.1's whole key set, with its defaults (as Open WebUI reads and posts it back)
+    assert len(before) >= 250
+    assert before["send_seed"] is True and before["js_modal_lightbox"] is True and before["show_progressbar"] is True
+    assert before["img2img_fix_steps"] is False and before["sd_vae_as_default"] is True
+    assert before["lora_preferred_name"] == "Alias from file" and before["upscaler_for_img2img"] is None
+    config = api.data_dir / "config.json"
+    stored = config.read_text() if config.exists() else None
+    loads = api.output.count(" loaded in ")
     response = post(api, "options", before)
     assert response.status_code == 200, response.text
     assert get(api, "options").json() == before
+    assert (config.read_text() if config.exists() else None) == stored  # nothing changed, nothing written
+    assert api.output.count(" loaded in ") == loads  # the unchanged sd_model_checkpoint did not reload it
 
 
-def test_options_post_validates_and_ignores_unknown_keys(api):
+def test_options_post_checks_types_choices_and_ranges_of_a1111_keys(api):
+    before = get(api, "options").json()
+    assert_error(post(api, "options", {"send_seed": "sometimes"}), 422, "send_seed")
+    assert_error(post(api, "options", {"uni_pc_order": "three"}), 422, "uni_pc_order")
+    assert_error(post(api, "options", {"eta_ddim": [0.5]}), 422, "eta_ddim")
+    assert_error(post(api, "options", {"notification_volume": 101}), 422, "notification_volume")
+    assert_error(post(api, "options", {"canvas_hotkey_zoom": "Meta"}), 422, "canvas_hotkey_zoom")
+    assert_error(post(api, "options", {"canvas_disabled_functions": ["Overlap", "Nope"]}), 422,
+                 "canvas_disabled_functions")
+    # a bad value anywhere in the dict: nothing of it is applied
+    assert_error(post(api, "options", {**before, "send_size": False, "eta_ddim": "x"}), 422, "eta_ddim")
+    assert get(api, "options").json() == before
+    # values A1111 accepts and this product uses: the NV generator, "-1: no previews while sampling"
+    for key, value in (("randn_source", "NV"), ("show_progress_every_n_steps", -1)):
+        assert post(api, "options", {key: value}).status_code == 200
+        assert post(api, "options", {key: before[key]}).status_code == 200
+    # settings A1111 refuses through the API are left alone, as there
+    assert post(api, "options", {"api_useragent": "evil"}).status_code == 200
+    assert get(api, "options").json()["api_useragent"] == ""
+
+
+def test_options_post_validates_and_refuses_unknown_keys(api):
     assert_error(post(api, "options", {"jpeg_quality": "high"}), 422, "jpeg_quality")
     assert_error(post(api, "options", {"jpeg_quality": 1000}), 422, "jpeg_quality")
     assert_error(post(api, "options", {"samples_format": "gif"}), 422, "samples_format")
@@ -275,9 +307,11 @@ def test_options_post_validates_and_ignores_unknown_keys(api):
     assert_error(post(api, "options", {"sd_vae": "missing.vae.pt"}), 422, "missing.vae.pt")
     assert_error(requests.post(url(api, "options"), data=b"not json", timeout=30,
                                headers={"Content-Type": "application/json"}), 422)
-    response = post(api, "options", {"some_extension_setting": 5, "jpeg_quality": 91})
+    assert_error(post(api, "options", {"some_extension_setting": 5, "jpeg_quality": 91}), 422,
+                 "some_extension_setting")
+    assert get(api, "options").json()["jpeg_quality"] != 91   # nothing applied
+    response = post(api, "options", {"jpeg_quality": 91})
     assert response.status_code == 200, response.text
-    assert "some_extension_setting" in api.output  # logged as ignored
     after = get(api, "options").json()
     assert after["jpeg_quality"] == 91 and "some_extension_setting" not in after
     assert json.loads((api.data_dir / "config.json").read_text())["jpeg_quality"] == 91
@@ -584,5 +618,41 @@ def test_nowebui_serves_the_api_alone(tmp_path):
         # no checkpoint at all: a clear error, not a crash
         assert_error(requests.post(srv.url + "/sdapi/v1/txt2img", json=TINY, timeout=60), 503, "Stable-diffusion")
         assert requests.get(srv.url + "/sdapi/v1/progress", timeout=30).status_code == 200
+    finally:
+        srv.stop()
+
+
+# --------------------------------------------------------------------------- A1111 keys kept for compatibility
+
+def test_a_compat_only_setting_is_stored_survives_a_restart_and_says_it_has_no_effect(tmp_path):
+    srv = start_server(tmp_path, "--api")
+    try:
+        response = post(srv, "options", {"send_seed": False, "hypertile_max_tile_vae": 256})
+        assert response.status_code == 200, response.text
+        assert {k: get(srv, "options").json()[k] for k in ("send_seed", "hypertile_max_tile_vae")} == \
+            {"send_seed": False, "hypertile_max_tile_vae": 256}
+        # only what was set is written, not the ~300 defaults
+        assert json.loads((tmp_path / "config.json").read_text()) == {"send_seed": False, "hypertile_max_tile_vae": 256}
+        # the settings metadata says so: the Settings tab's entry and the API schema
+        components = requests.get(srv.url + "/config", timeout=30).json()["components"]
+        props = next(c["props"] for c in components if c.get("props", {}).get("elem_id") == "setting_send_seed")
+        assert props["info"] == "kept for compatibility, no effect"
+        used = next(c["props"] for c in components if c.get("props", {}).get("elem_id") == "setting_jpeg_quality")
+        assert "no effect" not in (used.get("info") or "")
+        schema = requests.get(srv.url + "/openapi.json", timeout=30).json()["components"]["schemas"]["OptionsModel"]
+        assert schema["properties"]["send_seed"]["description"] == "kept for compatibility, no effect"
+        assert "description" not in schema["properties"]["jpeg_quality"]
+    finally:
+        srv.stop()
+    # a setting of an extension that is not installed now is kept, returned and round-trips unchanged
+    stored = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**stored, "gone_extension_setting": 3}))
+    srv = start_server(tmp_path, "--nowebui", ready_path="/sdapi/v1/options")
+    try:
+        after = get(srv, "options").json()
+        assert after["send_seed"] is False and after["hypertile_max_tile_vae"] == 256 and after["send_size"] is True
+        assert after["gone_extension_setting"] == 3
+        assert post(srv, "options", after).status_code == 200
+        assert_error(post(srv, "options", {**after, "gone_extension_setting": 4}), 422, "gone_extension_setting")
     finally:
         srv.stop()

@@ -334,10 +334,11 @@ def make_options_model(options) -> type[BaseModel]:
         if not key.isidentifier() or key.startswith("_"):
             continue
         default = info.default if not callable(info.default) else None
+        meta = dict(title=info.label or key, description=info.comment_after.strip(" ()") or None)
         if isinstance(default, (list, dict)):
-            fields[key] = (_field_type(default), Field(default_factory=lambda d=default: type(d)(d), title=info.label or key))
+            fields[key] = (_field_type(default), Field(default_factory=lambda d=default: type(d)(d), **meta))
         else:
-            fields[key] = (_field_type(default), Field(default, title=info.label or key))
+            fields[key] = (_field_type(default), Field(default, **meta))
     return create_model("OptionsModel", __config__=ConfigDict(extra="allow", protected_namespaces=()), **fields)
 
 

@@ -679,19 +679,23 @@ class Api:
     async def _set_options(self, req: dict[str, Any]) -> None:
         """A1111's POST /options: the whole GET dict must round-trip.
 
-        Unknown and API-restricted keys are skipped and logged; unchanged values are not
-        touched (so a frozen or odd stored value still round-trips); a bad value is a 422
-        naming the key and nothing is applied; a new `sd_model_checkpoint` is loaded (through
-        the job queue) before the answer.
+        An unknown key is a 422 naming it (a key stored in config.json by an extension that is not
+        loaded now round-trips when unchanged); API-restricted keys are skipped and logged;
+        unchanged values are not touched (so a frozen or odd stored value still round-trips); a
+        bad value is a 422 naming the key and nothing is applied; a new `sd_model_checkpoint` is
+        loaded (through the job queue) before the answer.
         """
         options, models = self.options, self.models
+        unknown = [key for key in req if key not in options.templates
+                   and not (key in options.data and options.data[key] == req[key])]
+        if unknown:
+            raise bad_request(f"unknown setting(s): {', '.join(map(repr, unknown))}")
         ignored: list[str] = []
         changes: dict[str, Any] = {}
         checkpoint = None
         for key, value in req.items():
             info = options.templates.get(key)
             if info is None:
-                ignored.append(key)
                 continue
             if key == "sd_model_checkpoint":
                 if value in (None, "") or value == self._selected_title():
@@ -712,12 +716,13 @@ class Api:
             if key == "sd_vae":
                 self._checked_vae(value, key)
             else:
-                choices = info.current_choices() if info.kind == "dropdown" else None
-                if choices and value not in choices:
+                choices = info.current_choices() if info.kind in ("dropdown", "multiselect") else None
+                items = [value] if info.kind == "dropdown" else (value if isinstance(value, list) else [])
+                if choices and any(item not in choices for item in items):
                     raise bad_request(f"setting {key!r}: {value!r} is not one of {', '.join(map(str, choices))}")
             changes[key] = value
         if ignored:
-            log.warning("POST /options: ignored unknown or read-only settings: %s", ", ".join(ignored))
+            log.warning("POST /options: ignored settings the API may not change: %s", ", ".join(ignored))
         if (changes or checkpoint is not None) and options.frozen:
             raise bad_request("settings are frozen (--freeze-settings)", 403)
         for key, value in changes.items():

@@ -1,9 +1,7 @@
-"""Typed settings persisted to config.json.
+"""Typed settings persisted to config.json, and the read-only snapshot each job sees.
 
-`OptionInfo` keeps A1111's constructor shape because extensions build it
-positionally (`OptionInfo(default, label, gr.Slider, {...}, section=...)`).
-The core never imports gradio: a component given by an extension is stored
-as-is and only the UI layer interprets it.
+What a setting is (OptionInfo, sections) lives in option_info.py; A1111's full key set in
+options_a1111.py.
 """
 from __future__ import annotations
 
@@ -15,99 +13,20 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from modules.core.atomic import atomic_write_json
+from modules.core.option_info import (  # noqa: F401 - the settings API is imported from here
+    COMPAT_NOTE, EXT, LIVE, PATHS, SAMPLER, SAVING, SD, UI, OptionError, OptionInfo, Section,
+)
 
 log = logging.getLogger(__name__)
-
-Section = tuple[str, str]  # (id, label), as in A1111
-
-
-class OptionError(ValueError):
-    """A value that does not fit its setting; the message names both."""
-
-
-class OptionInfo:
-    def __init__(
-        self,
-        default: Any = None,
-        label: str = "",
-        component: Any = None,
-        component_args: dict | Callable[[], dict] | None = None,
-        onchange: Callable[[], None] | None = None,
-        section: Section | None = None,
-        refresh: Callable[[], None] | None = None,
-        comment_before: str = "",
-        comment_after: str = "",
-        infotext: str | None = None,
-        restrict_api: bool = False,
-        category_id: str | None = None,
-        *,
-        choices: Iterable[Any] | Callable[[], Iterable[Any]] | None = None,
-        kind: str | None = None,
-        minimum: float | None = None,
-        maximum: float | None = None,
-        step: float | None = None,
-        restart_required: bool = False,
-        hidden: bool = False,
-    ):
-        self.default = default
-        self.label = label
-        self.component = component
-        self.component_args = component_args
-        self.onchange = onchange
-        self.section = section or ("other", "Other")
-        self.refresh = refresh
-        self.comment_before = comment_before
-        self.comment_after = comment_after
-        self.infotext = infotext
-        self.restrict_api = restrict_api
-        self.category_id = category_id
-        self.choices = choices
-        self.kind = kind or _guess_kind(default, choices, minimum)
-        self.minimum, self.maximum, self.step = minimum, maximum, step
-        self.restart_required = restart_required
-        self.hidden = hidden
-
-    # A1111's fluent helpers, used by extensions.
-    def info(self, text: str) -> "OptionInfo":
-        self.comment_after += f" ({text})"
-        return self
-
-    def html(self, text: str) -> "OptionInfo":
-        self.comment_after += " " + text
-        return self
-
-    def needs_restart(self) -> "OptionInfo":
-        self.restart_required = True
-        return self
-
-    def needs_reload_ui(self) -> "OptionInfo":
-        self.restart_required = True
-        return self
-
-    def current_choices(self) -> list[Any] | None:
-        if self.choices is None:
-            args = self.component_args() if callable(self.component_args) else self.component_args
-            if isinstance(args, dict) and "choices" in args:
-                return list(args["choices"])
-            return None
-        return list(self.choices() if callable(self.choices) else self.choices)
-
-
-def _guess_kind(default: Any, choices: Any, minimum: Any) -> str:
-    if choices is not None:
-        return "multiselect" if isinstance(default, list) else "dropdown"
-    if isinstance(default, bool):
-        return "checkbox"
-    if isinstance(default, (int, float)):
-        return "slider" if minimum is not None else "number"
-    if isinstance(default, list):
-        return "multiselect"
-    return "text"
 
 
 def _coerce(key: str, info: OptionInfo, value: Any) -> Any:
     """Bring a value (from JSON, the API or a UI widget) to the setting's type."""
     default = info.default
+    if default is None and info.value_type is not None:
+        if value is None or value == "":
+            return None  # "nothing chosen"
+        default = info.value_type()
     try:
         if isinstance(default, bool):
             if isinstance(value, str) and value.lower() in ("true", "false"):
@@ -329,17 +248,17 @@ class OptionsSnapshot:
         return OptionsSnapshot(self._templates, values)
 
 
-SAVING = ("saving-images", "Saving images/grids")
-PATHS = ("saving-paths", "Paths for saving")
-SD = ("sd", "Stable Diffusion")
-SAMPLER = ("sampler-params", "Sampler parameters")
-UI = ("ui", "User interface")
-LIVE = ("ui_live", "Live previews")
-EXT = ("extensions", "Extensions")
-
-
 def default_templates() -> list[tuple[str, OptionInfo]]:
-    """The settings the core knows; extensions add theirs with add_option."""
+    """The settings the core knows, then the rest of A1111's keys (modules/core/options_a1111.py);
+    extensions add theirs with add_option."""
+    from modules.core.options_a1111 import a1111_templates
+
+    core = _core_templates()
+    defined = {key for key, _ in core}
+    return core + [(key, info) for key, info in a1111_templates() if key not in defined]
+
+
+def _core_templates() -> list[tuple[str, OptionInfo]]:
     return [
         ("samples_save", OptionInfo(True, "Always save all generated images", section=SAVING)),
         ("samples_format", OptionInfo("png", "File format for images", choices=("png", "jpg", "jpeg", "webp"), section=SAVING)),
@@ -367,9 +286,9 @@ def default_templates() -> list[tuple[str, OptionInfo]]:
         ("CLIP_stop_at_last_layers", OptionInfo(1, "Clip skip", minimum=1, maximum=12, step=1, section=SD, infotext="Clip skip")),
         ("eta_ancestral", OptionInfo(1.0, "Eta for ancestral samplers", minimum=0.0, maximum=1.0, step=0.01, section=SAMPLER)),
         ("eta_noise_seed_delta", OptionInfo(0, "Eta noise seed delta (ENSD)", section=SAMPLER, infotext="ENSD")),
-        ("randn_source", OptionInfo("GPU", "Random number generator source", choices=("GPU", "CPU"), section=SAMPLER, infotext="RNG")),
+        ("randn_source", OptionInfo("GPU", "Random number generator source", choices=("GPU", "CPU", "NV"), section=SAMPLER, infotext="RNG")),
         ("quicksettings_list", OptionInfo(["sd_model_checkpoint"], "Quicksettings list (settings shown at the top of the page)", kind="multiselect", section=UI).needs_restart()),
-        ("show_progress_every_n_steps", OptionInfo(10, "Live preview display period (steps; 0 disables)", minimum=0, maximum=32, step=1, section=LIVE)),
+        ("show_progress_every_n_steps", OptionInfo(10, "Live preview display period (steps; 0 or -1: none while sampling)", minimum=-1, maximum=32, step=1, section=LIVE)),
         ("live_previews_enable", OptionInfo(True, "Show live previews of the created image", section=LIVE)),
         ("disabled_extensions", OptionInfo([], "Disabled extensions", section=EXT, hidden=True)),
         ("disable_all_extensions", OptionInfo("none", "Disable all extensions (preserves the list of disabled extensions)", choices=("none", "extra", "all"), section=EXT)),

@@ -481,20 +481,67 @@ def _save_owner(p: GenerationParams, ctx: RunContext) -> Any:
     return ctx.make_script_p(p) if ctx.make_script_p is not None else None
 
 
-def _process(p: GenerationParams, ctx: RunContext) -> Processed:
-    from modules.engine import diffusion, rng  # torch-heavy; imported when a job runs, not at startup
+@dataclass
+class _JobPlan:
+    """What every batch of one run shares: the resolved sampler, clip skip, extra infotext keys."""
+    choice: Any                  # sampler_catalog.SamplerChoice
+    clip_skip: int
+    extra: dict[str, Any]
+    save_p: Any                  # what the save callbacks get as params.p
 
+
+@dataclass
+class _Rendered:
+    images: list[Any] = field(default_factory=list)
+    infotexts: list[str] = field(default_factory=list)
+    saved: list[str] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def _process(p: GenerationParams, ctx: RunContext) -> Processed:
+    """1. check the model can run it, 2. plan prompts and seeds, 3. render batch by batch,
+    4. add the grid, 5. hand the result to the scripts' postprocess."""
+    _check_model(p, ctx)
+    hooks = ctx.processing_hooks or ProcessingHooks()
+    clip_skip = int(p.clip_skip if p.clip_skip is not None else ctx.options.CLIP_stop_at_last_layers)
+    plan = _JobPlan(choice=samplers.resolve_sampler(p.sampler_name, p.scheduler), clip_skip=clip_skip,
+                    extra=_extra_params(p), save_p=_save_owner(p, ctx))
+    run = _plan_run(p)
+    hooks.process(run)
+    if ctx.job is not None and ctx.sets_job_count:
+        ctx.job.set_job_count(p.n_iter)
+    started = time.time()
+    rendered = _Rendered()
+    for n in range(p.n_iter):
+        if ctx.job is not None and ctx.job.should_stop():
+            rendered.interrupted = True
+            break
+        if not _render_batch(p, ctx, plan, run, hooks, n, rendered):
+            break
+        if ctx.job is not None:
+            if ctx.job.should_stop():
+                rendered.interrupted = True
+                break
+            ctx.job.nextjob()
+    index_of_first_image = _add_grid(p, ctx, run, plan, rendered)
+    processed = _processed(p, ctx, run, plan, rendered, index_of_first_image, started)
+    hooks.postprocess(run, processed)
+    return processed
+
+
+def _check_model(p: GenerationParams, ctx: RunContext) -> None:
     p.validate()
     if getattr(ctx.model, "needs_depth_map", False):
         raise ProcessingError(
             f"{ctx.model.title} is an SD2 depth model: it needs a depth map of the init image, and the "
             "MiDaS depth estimator it uses is not available offline yet. Pick another checkpoint.")
-    options = ctx.options
-    hooks = ctx.processing_hooks or ProcessingHooks()
-    choice = samplers.resolve_sampler(p.sampler_name, p.scheduler)
-    clip_skip = int(p.clip_skip if p.clip_skip is not None else options.CLIP_stop_at_last_layers)
-    # A prompt list (A1111's prompt matrix, prompts from file) sets the image count, as in A1111: the
-    # last batch may be short. Otherwise it is batch_size * n_iter.
+
+
+def _plan_run(p: GenerationParams) -> ProcessingRun:
+    """Every image's prompt and seeds. A prompt list (A1111's prompt matrix, prompts from file) sets
+    the image count, as in A1111: the last batch may be short. Otherwise it is batch_size * n_iter."""
+    from modules.engine import rng  # torch-heavy; imported when a job runs, not at startup
+
     if isinstance(p.prompt, (list, tuple)):
         if not p.prompt:
             raise ProcessingError("prompt is an empty list")
@@ -512,111 +559,115 @@ def _process(p: GenerationParams, ctx: RunContext) -> Processed:
         all_subseeds = [rng.resolve_seed(int(s)) for s in _per_image(p.subseed, n_images, "subseed")]
     else:
         all_subseeds = rng.batch_subseeds(rng.resolve_seed(p.subseed), n_batches, p.batch_size)[:n_images]
-    run = ProcessingRun(all_prompts=all_prompts,
-                        all_negative_prompts=_per_image(p.negative_prompt, n_images, "negative prompt"),
-                        all_seeds=all_seeds, all_subseeds=all_subseeds)
-    hooks.process(run)
-    extra = _extra_params(p)
-    is_img2img = isinstance(p, Img2ImgParams)
-    hires = p.hires if isinstance(p, Txt2ImgParams) and p.hires.enabled else None
-    job = ctx.job
-    save_p = _save_owner(p, ctx)
-    if job is not None and ctx.sets_job_count:
-        job.set_job_count(p.n_iter)
+    return ProcessingRun(all_prompts=all_prompts,
+                         all_negative_prompts=_per_image(p.negative_prompt, n_images, "negative prompt"),
+                         all_seeds=all_seeds, all_subseeds=all_subseeds)
 
-    images, infotexts, saved = [], [], []
-    interrupted = False
-    started = time.time()
-    for n in range(p.n_iter):
-        if job is not None and job.should_stop():
-            interrupted = True
-            break
-        run.iteration = n
-        sl = slice(n * p.batch_size, (n + 1) * p.batch_size)
-        run.prompts, run.negative_prompts = run.all_prompts[sl], run.all_negative_prompts[sl]
-        run.seeds, run.subseeds = run.all_seeds[sl], run.all_subseeds[sl]
-        hooks.before_process_batch(run, n)
-        if not run.prompts:
-            break
-        init = None
-        plans: list[Any] = []
-        if is_img2img:
-            prepared = [_prepare_init(p, i) for i in range(sl.start, sl.start + len(run.prompts))]
-            plans = [plan for _, plan in prepared]
-            init = diffusion.InitImages(
-                images=[image for image, _ in prepared],
-                masks=[plan.mask_for_latents for plan in plans] if p.mask is not None else None,
-                denoising_strength=p.denoising_strength, inpainting_fill=p.inpainting_fill,
-                latent_upscale=p.resize_mode == 3 and p.mask is None,
-            )
-        hooks.process_batch(run, n)
-        batch = diffusion.BatchRequest(
-            prompts=list(run.prompts), negative_prompts=list(run.negative_prompts),
-            seeds=list(run.seeds), subseeds=list(run.subseeds), subseed_strength=p.subseed_strength,
-            seed_resize_from=(p.seed_resize_from_w, p.seed_resize_from_h),
-            width=p.width, height=p.height, steps=p.steps, cfg_scale=p.cfg_scale,
-            sampler=choice, clip_skip=clip_skip, tiling=p.tiling,
-            rng_source=options.randn_source, eta_noise_seed_delta=int(options.eta_noise_seed_delta),
-            hires=_hires_pass(p) if hires else None, init=init,
-        )
-        batch_images = diffusion.generate_batch(batch, ctx)
-        if is_img2img and p.mask is not None:
-            from modules.core.masking import paste_back
 
-            batch_images = [paste_back(image, plan) for image, plan in zip(batch_images, plans)]
-        batch_images = hooks.postprocess_batch(run, batch_images, n)
-        for i, image in enumerate(batch_images):
-            run.batch_index = i
-            image = hooks.postprocess_image(run, image)
-            index = min(n * p.batch_size + i, len(run.all_prompts) - 1)
-            text = create_infotext(p, ctx, prompt=run.all_prompts[index],
-                                   negative_prompt=run.all_negative_prompts[index],
-                                   seed=run.all_seeds[index], subseed=run.all_subseeds[index], choice=choice,
-                                   clip_skip=clip_skip, extra=extra)
-            image.info["parameters"] = text
-            if p.save_images and options.samples_save and ctx.save is not None:
-                path = ctx.save(image, seed=run.all_seeds[index], prompt=run.all_prompts[index], info=text,
-                                grid=False, p=save_p)
-                if path:
-                    saved.append(str(path))
-            images.append(image)
-            infotexts.append(text)
-        if job is not None:
-            if job.should_stop():
-                interrupted = True
-                break
-            job.nextjob()
+def _render_batch(p: GenerationParams, ctx: RunContext, plan: _JobPlan, run: ProcessingRun,
+                  hooks: ProcessingHooks, n: int, rendered: _Rendered) -> bool:
+    """Batch `n`: the engine renders it, then each image gets its infotext and is saved.
+    False when the scripts left this batch no prompts (the run ends)."""
+    from modules.engine import diffusion  # torch-heavy; imported when a job runs, not at startup
 
-    index_of_first_image = 0
-    if len(images) > 1 and (options.return_grid or options.grid_save) and not p.do_not_save_grid:
-        from modules.core.saving import image_grid
+    run.iteration = n
+    sl = slice(n * p.batch_size, (n + 1) * p.batch_size)
+    run.prompts, run.negative_prompts = run.all_prompts[sl], run.all_negative_prompts[sl]
+    run.seeds, run.subseeds = run.all_seeds[sl], run.all_subseeds[sl]
+    hooks.before_process_batch(run, n)
+    if not run.prompts:
+        return False
+    init, plans = _init_images(p, sl.start, len(run.prompts)) if isinstance(p, Img2ImgParams) else (None, [])
+    hooks.process_batch(run, n)
+    options = ctx.options
+    batch = diffusion.BatchRequest(
+        prompts=list(run.prompts), negative_prompts=list(run.negative_prompts),
+        seeds=list(run.seeds), subseeds=list(run.subseeds), subseed_strength=p.subseed_strength,
+        seed_resize_from=(p.seed_resize_from_w, p.seed_resize_from_h),
+        width=p.width, height=p.height, steps=p.steps, cfg_scale=p.cfg_scale,
+        sampler=plan.choice, clip_skip=plan.clip_skip, tiling=p.tiling,
+        rng_source=options.randn_source, eta_noise_seed_delta=int(options.eta_noise_seed_delta),
+        hires=_hires_pass(p) if isinstance(p, Txt2ImgParams) and p.hires.enabled else None, init=init,
+    )
+    batch_images = diffusion.generate_batch(batch, ctx)
+    if plans:
+        from modules.core.masking import paste_back
 
-        grid = image_grid(images, rows=options.n_rows, batch_size=p.batch_size,
-                          prevent_empty_spots=options.grid_prevent_empty_spots,
-                          background=options.grid_background_color)
-        grid_text = infotexts[0]
-        grid.info["parameters"] = grid_text
-        if options.grid_save and p.save_images and ctx.save is not None:
-            ctx.save(grid, seed=run.all_seeds[0], prompt=run.all_prompts[0], info=grid_text, grid=True, p=save_p)
-        if options.return_grid:
-            images.insert(0, grid)
-            infotexts.insert(0, grid_text)
-            index_of_first_image = 1
+        batch_images = [paste_back(image, plan_) for image, plan_ in zip(batch_images, plans)]
+    for i, image in enumerate(hooks.postprocess_batch(run, batch_images, n)):
+        run.batch_index = i
+        _finish_image(p, ctx, plan, run, hooks.postprocess_image(run, image),
+                      min(n * p.batch_size + i, len(run.all_prompts) - 1), rendered)
+    return True
 
+
+def _init_images(p: Img2ImgParams, start: int, count: int):
+    """The engine's img2img input for images start..start+count, and their inpaint plans (for paste-back)."""
+    from modules.engine import diffusion
+
+    prepared = [_prepare_init(p, i) for i in range(start, start + count)]
+    plans = [plan for _, plan in prepared] if p.mask is not None else []
+    init = diffusion.InitImages(
+        images=[image for image, _ in prepared],
+        masks=[plan.mask_for_latents for plan in plans] if p.mask is not None else None,
+        denoising_strength=p.denoising_strength, inpainting_fill=p.inpainting_fill,
+        latent_upscale=p.resize_mode == 3 and p.mask is None,
+    )
+    return init, plans
+
+
+def _finish_image(p: GenerationParams, ctx: RunContext, plan: _JobPlan, run: ProcessingRun, image: Any,
+                  index: int, rendered: _Rendered) -> None:
+    """Image `index` of the run: its infotext in the PNG, saved when the job saves."""
+    text = create_infotext(p, ctx, prompt=run.all_prompts[index], negative_prompt=run.all_negative_prompts[index],
+                           seed=run.all_seeds[index], subseed=run.all_subseeds[index], choice=plan.choice,
+                           clip_skip=plan.clip_skip, extra=plan.extra)
+    image.info["parameters"] = text
+    if p.save_images and ctx.options.samples_save and ctx.save is not None:
+        path = ctx.save(image, seed=run.all_seeds[index], prompt=run.all_prompts[index], info=text,
+                        grid=False, p=plan.save_p)
+        if path:
+            rendered.saved.append(str(path))
+    rendered.images.append(image)
+    rendered.infotexts.append(text)
+
+
+def _add_grid(p: GenerationParams, ctx: RunContext, run: ProcessingRun, plan: _JobPlan, rendered: _Rendered) -> int:
+    """The grid of several images, saved and/or shown first as the settings say; the index of the
+    first real image in the gallery (1 when the grid is shown)."""
+    options = ctx.options
+    if len(rendered.images) <= 1 or not (options.return_grid or options.grid_save) or p.do_not_save_grid:
+        return 0
+    from modules.core.saving import image_grid
+
+    grid = image_grid(rendered.images, rows=options.n_rows, batch_size=p.batch_size,
+                      prevent_empty_spots=options.grid_prevent_empty_spots, background=options.grid_background_color)
+    grid_text = rendered.infotexts[0]
+    grid.info["parameters"] = grid_text
+    if options.grid_save and p.save_images and ctx.save is not None:
+        ctx.save(grid, seed=run.all_seeds[0], prompt=run.all_prompts[0], info=grid_text, grid=True, p=plan.save_p)
+    if not options.return_grid:
+        return 0
+    rendered.images.insert(0, grid)
+    rendered.infotexts.insert(0, grid_text)
+    return 1
+
+
+def _processed(p: GenerationParams, ctx: RunContext, run: ProcessingRun, plan: _JobPlan, rendered: _Rendered,
+               index_of_first_image: int, started: float) -> Processed:
     info = getattr(ctx.model, "info", None)
-    processed = Processed(
-        images=images, infotexts=infotexts, params=p, all_prompts=run.all_prompts,
+    return Processed(
+        images=rendered.images, infotexts=rendered.infotexts, params=p, all_prompts=run.all_prompts,
         all_negative_prompts=run.all_negative_prompts, all_seeds=run.all_seeds, all_subseeds=run.all_subseeds,
         seed=run.all_seeds[0], subseed=run.all_subseeds[0],
         sd_model_name=getattr(info, "name_for_extra", None), sd_model_hash=getattr(info, "shorthash", None),
         sd_vae_name=ctx.model.vae_file.stem if getattr(ctx.model, "vae_file", None) else None,
-        clip_skip=clip_skip, index_of_first_image=index_of_first_image, saved_paths=saved,
-        job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(started)), interrupted=interrupted,
-        extra_generation_params={**extra, **p.extra_generation_params},
-        is_using_inpainting_conditioning=bool(getattr(ctx.model.spec, "is_inpaint", False)) and is_img2img,
+        clip_skip=plan.clip_skip, index_of_first_image=index_of_first_image, saved_paths=rendered.saved,
+        job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(started)), interrupted=rendered.interrupted,
+        extra_generation_params={**plan.extra, **p.extra_generation_params},
+        is_using_inpainting_conditioning=bool(getattr(ctx.model.spec, "is_inpaint", False))
+        and isinstance(p, Img2ImgParams),
     )
-    hooks.postprocess(run, processed)
-    return processed
 
 
 def params_to_dict(p: GenerationParams) -> dict[str, Any]:

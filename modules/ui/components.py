@@ -29,6 +29,8 @@ def component_for_option(key: str, info: OptionInfo, value: Any, *, interactive:
             value = None  # "nothing chosen": an empty string is not a valid choice for Gradio
         elif not multiselect and value not in choices:
             choices = [value, *choices]
+        elif multiselect and value:
+            choices = list(dict.fromkeys([*choices, *value]))  # stored items stay selectable
         return gr.Dropdown(choices=choices, value=value, multiselect=multiselect,
                            allow_custom_value=info.choices is None, **common)
     return gr.Textbox(value="" if value is None else str(value), lines=1, **common)

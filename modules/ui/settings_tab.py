@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import gradio as gr
 
-from modules.core.options import OptionError
+from modules.core.options import COMPAT_NOTE, OptionError, Section
 from modules.services import Services
 from modules.ui.components import component_for_option
+
+COMPAT_TAB_LABEL = "Compatibility (no effect)"
 
 
 def build_settings_tab(services: Services) -> None:
@@ -16,13 +18,31 @@ def build_settings_tab(services: Services) -> None:
     with gr.Row():
         apply = gr.Button("Apply settings", variant="primary", elem_id="settings_submit", interactive=not frozen)
     result = gr.Markdown("Settings are frozen (--freeze-settings)." if frozen else "", elem_id="settings_result")
+
+    def add(key: str) -> None:
+        components.append(component_for_option(key, options.templates[key], options.get(key), interactive=not frozen))
+        keys.append(key)
+
+    # Settings this product reads get a tab per section; the A1111 keys it only keeps
+    # (compat_only) share one last tab, a closed accordion per section.
+    used: dict[Section, list[str]] = {}
+    compat: dict[Section, list[str]] = {}
+    for section, section_keys in options.sections().items():
+        for key in section_keys:
+            (compat if options.templates[key].compat_only else used).setdefault(section, []).append(key)
     with gr.Tabs(elem_id="settings_sections"):
-        for (section_id, section_label), section_keys in options.sections().items():
+        for (section_id, section_label), section_keys in used.items():
             with gr.Tab(section_label, elem_id=f"settings_{section_id}"):
                 for key in section_keys:
-                    info = options.templates[key]
-                    components.append(component_for_option(key, info, options.get(key), interactive=not frozen))
-                    keys.append(key)
+                    add(key)
+        if compat:
+            with gr.Tab(COMPAT_TAB_LABEL, elem_id="settings_compat_only"):
+                gr.Markdown(f"A1111 settings that API clients can read and write here. They are stored and "
+                            f"returned, but this program does not use them ({COMPAT_NOTE}).")
+                for (section_id, section_label), section_keys in compat.items():
+                    with gr.Accordion(section_label, open=False, elem_id=f"settings_compat_{section_id}"):
+                        for key in section_keys:
+                            add(key)
 
     def apply_settings(*values):
         changed, errors = [], []
