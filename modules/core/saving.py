@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 import numpy as np
 from PIL import Image, ImageColor, PngImagePlugin
 
-from modules.core.atomic import atomic_output, atomic_write_text
+from modules.core.atomic import atomic_output, atomic_write_text, remove_stale_temp_files
 
 if TYPE_CHECKING:
     from modules.core.options import Options
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "OMIT",
+    "atomic_write_folders",
     "ImageSaveParams",
     "SavedImage",
     "apply_filename_pattern",
@@ -40,6 +41,7 @@ __all__ = [
     "image_grid",
     "next_sequence_number",
     "output_dirs",
+    "remove_leftover_temp_files",
     "sanitize_filename_part",
     "save_image",
 ]
@@ -49,7 +51,7 @@ __all__ = [
 _SAVE_LOCK = threading.RLock()
 
 MAX_PART_LENGTH = 128  # one substituted tag, as in A1111
-# NAME_MAX is 255 bytes on common filesystems; the atomic temp file adds ~20 bytes to the name.
+# NAME_MAX is 255 bytes on common filesystems; the atomic temp file adds ~30 bytes to the name.
 MAX_NAME_BYTES = 220
 MAX_PROMPT_WORDS = 8  # A1111's directories_max_prompt_words default
 DEFAULT_DATETIME_FORMAT = "%Y%m%d%H%M%S"
@@ -518,6 +520,40 @@ def output_dirs(paths: "AppPaths", options: "Options", kind: Kind, *, dated: boo
     if dated:
         images, grids = date_dir(images, now), date_dir(grids, now)
     return images, grids
+
+
+def atomic_write_folders(paths: "AppPaths", options: "Options", *, recent_subfolders: int = 2) -> list[Path]:
+    """The folders atomic writes go to, for the startup clean-up of temp files a killed process left.
+
+    config.json's, cache.json's and the styles files' folders; each output folder (images, grids,
+    extras) and its ``recent_subfolders`` most recently modified sub-folders (the date folders a
+    killed run was writing to: a temp file's creation is the folder's last change). Older date
+    folders are never listed, so a huge output tree costs one listing of its top folder.
+    """
+    folders = [paths.config_file.parent, paths.cache_file.parent, *(p.parent for p in paths.styles_files)]
+    for kind in ("txt2img", "img2img", "extras"):
+        for root in output_dirs(paths, options, kind, dated=False):
+            if root is None:
+                continue
+            folders.append(root)
+            try:
+                with os.scandir(root) as entries:
+                    subs = [(e.stat().st_mtime, e.path) for e in entries if e.is_dir(follow_symlinks=False)]
+            except OSError:
+                continue
+            folders += [Path(p) for _, p in sorted(subs, reverse=True)[:recent_subfolders]]
+    unique: dict[str, Path] = {}
+    for folder in folders:
+        unique.setdefault(os.path.normcase(os.path.abspath(folder)), folder)
+    return list(unique.values())
+
+
+def remove_leftover_temp_files(paths: "AppPaths", options: "Options") -> list[Path]:
+    """Remove stale atomic-write temp files (older than a minute) from ``atomic_write_folders``."""
+    removed: list[Path] = []
+    for folder in atomic_write_folders(paths, options):
+        removed += remove_stale_temp_files(folder)
+    return removed
 
 
 # --------------------------------------------------------------------------- grids

@@ -1,10 +1,11 @@
 """Checkpoint file -> diffusers pipeline, offline, one component at a time; plus the loaded-model cache.
 
 Why per component rather than ``Pipeline.from_single_file``: we already know every config
-(``model_detection`` inferred it from the shapes), ``.ckpt`` files must go through our restricted
-unpickler, and building each model on the meta device then assigning the loaded tensors
-(``load_state_dict(assign=True)``) skips random initialisation entirely: 0.1 s instead of ~9 s for an
-SD1.5 UNet on the 2-core CPU, with no second copy of the weights.
+(``model_detection`` inferred it from the shapes), ``.ckpt`` files must be read only by
+``weights_io`` (torch's weights-only unpickler), and building each model on the meta device then
+assigning the loaded tensors (``load_state_dict(assign=True)``) skips random initialisation
+entirely: 0.1 s instead of ~9 s for an SD1.5 UNet on the 2-core CPU, with no second copy of the
+weights.
 
 Nothing here can reach the network: configs come from ``configs/diffusers/<family>/`` via
 ``ModelSpec``, tokenizers from ``families.load_tokenizer``, weights from the local file.
