@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from modules.core import saving as images_mod
+from modules.core import saving
 from modules.engine import sampler_catalog as samplers
 from modules.api import models as m
 from modules.core.model_service import ModelLoadError, NoCheckpointError, UnknownCheckpointError
@@ -131,15 +131,15 @@ def decode_base64_to_image(encoding: str, *, field: str = "image") -> Image.Imag
 def encode_pil_to_base64(image: Image.Image, options: Any) -> str:
     """A1111's rule: the `samples_format` setting, with the infotext in the PNG chunks / EXIF."""
     fmt_name = (options.samples_format or "png").lower()
-    fmt = images_mod._pil_format(fmt_name)  # noqa: SLF001 - the one encoder the saver uses too
+    fmt = saving._pil_format(fmt_name)  # noqa: SLF001 - the one encoder the saver uses too
     info = image.info or {}
     if fmt == "PNG":
         chunks = {k: v for k, v in info.items() if isinstance(k, str) and isinstance(v, str)}
-        data = images_mod._encode(image, "PNG", chunks, None, embed=True,  # noqa: SLF001
+        data = saving._encode(image, "PNG", chunks, None, embed=True,  # noqa: SLF001
                                   jpeg_quality=options.jpeg_quality, webp_lossless=options.webp_lossless)
     else:
         parameters = info.get("parameters")
-        data = images_mod._encode(image, fmt, {}, parameters if isinstance(parameters, str) else None,  # noqa: SLF001
+        data = saving._encode(image, fmt, {}, parameters if isinstance(parameters, str) else None,  # noqa: SLF001
                                   embed=True, jpeg_quality=options.jpeg_quality, webp_lossless=options.webp_lossless)
     return base64.b64encode(data).decode("ascii")
 

@@ -252,7 +252,7 @@ def _save_named(processed: Any, out_dir: Path, stem: str, options: Any,
                 save_hooks: tuple[Any, Any] = (None, None)) -> list[str]:
     """`save_hooks`: the generation service's (before_save, after_save), so on_before_image_saved and
     on_image_saved fire for these files as for every other saved image."""
-    from modules.core import saving as images_mod
+    from modules.core import saving
 
     first = processed.index_of_first_image
     results = list(zip(processed.images[first:], processed.infotexts[first:]))
@@ -260,7 +260,7 @@ def _save_named(processed: Any, out_dir: Path, stem: str, options: Any,
     saved = []
     for n, (image, text) in enumerate(results):
         name = stem if len(results) == 1 else f"{stem}-{n + 1}"
-        out = images_mod.save_image(
+        out = saving.save_image(
             image, out_dir, seed=None, info=text, extension=get("samples_format", "png"), forced_filename=name,
             jpeg_quality=get("jpeg_quality", 80), webp_lossless=get("webp_lossless", False),
             save_txt=get("save_txt", False), embed_info=get("enable_pnginfo", True),
