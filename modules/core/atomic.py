@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-__all__ = ["atomic_output", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "is_temp_file_name",
+__all__ = ["atomic_create_bytes", "atomic_output", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "is_temp_file_name",
            "remove_stale_temp_files", "TEMP_MARKER", "STALE_AFTER_SECONDS"]
 
 TEMP_MARKER = ".atomic-tmp"
@@ -191,3 +191,44 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | N
     """Serialise first, so an unserialisable object never touches the file at all."""
     text = json.dumps(obj, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
     atomic_write_text(path, text + "\n")
+
+
+def atomic_create_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to a *new* file ``path``: FileExistsError if anything (a file, a folder, a
+    symlink, even a dangling one) already has that name; an existing file is never replaced.
+
+    The data goes to a temp file beside the target first, which is then hard-linked to the final
+    name (``link`` fails when the name exists, atomically with respect to other writers) and
+    removed. Where the filesystem has no hard links, the final name is created with ``O_EXCL``.
+    """
+    target = Path(path)
+    directory = target.parent
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=f"{TEMP_MARKER}{target.suffix}")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp_name, 0o666 & ~_UMASK)
+        try:
+            os.link(tmp_name, target)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here (FAT, some network shares): exclusive create instead
+            _exclusive_write(target, data)
+    finally:
+        _silent_unlink(tmp_name)
+    _fsync_dir(directory)
+
+
+def _exclusive_write(target: Path, data: bytes) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(target, flags, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        _silent_unlink(str(target))
+        raise

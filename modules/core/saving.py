@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 import numpy as np
 from PIL import Image, ImageColor, PngImagePlugin
 
-from modules.core.atomic import atomic_output, atomic_write_text, remove_stale_temp_files
+from modules.core.atomic import atomic_create_bytes, remove_stale_temp_files
 
 if TYPE_CHECKING:
     from modules.core.options import Options
@@ -257,14 +257,45 @@ def next_sequence_number(directory: str | os.PathLike[str], basename: str = "") 
     return highest + 1
 
 
-def _free_variant(path: Path) -> Path:
+def _taken(path: Path, sidecar: bool = False) -> bool:
+    """Whether ``path`` (or, with ``sidecar``, its ``.txt`` beside it) already exists."""
+    return os.path.lexists(path) or (sidecar and os.path.lexists(path.with_suffix(".txt")))
+
+
+def _variants(path: Path, limit: int = 100000):
+    """``path``, then ``name-1.ext``, ``name-2.ext``, ..."""
+    yield path
+    for i in range(1, limit):
+        yield path.with_name(f"{path.stem}-{i}{path.suffix}")
+
+
+def _free_variant(path: Path, sidecar: bool = False) -> Path:
     """``path`` if it is free, else ``name-1.ext``, ``name-2.ext``, ...: we never overwrite."""
-    if not os.path.lexists(path):
-        return path
-    for i in range(1, 100000):
-        candidate = path.with_name(f"{path.stem}-{i}{path.suffix}")
-        if not os.path.lexists(candidate):
+    for candidate in _variants(path):
+        if not _taken(candidate, sidecar):
             return candidate
+    raise FileExistsError(f"no free file name near {path}")
+
+
+def _create_files(path: Path, data: bytes, txt_data: bytes | None) -> tuple[Path, Path | None]:
+    """Create ``path`` (and its ``.txt`` sidecar, same stem) as new files; the first free variant
+    of the name when another writer got there first. Never replaces an existing file."""
+    for candidate in _variants(path, 1000):
+        txt_path = candidate.with_suffix(".txt") if txt_data is not None else None
+        if _taken(candidate, txt_data is not None):
+            continue
+        try:
+            atomic_create_bytes(candidate, data)
+        except FileExistsError:
+            continue
+        if txt_path is None:
+            return candidate, None
+        try:
+            atomic_create_bytes(txt_path, txt_data)
+        except FileExistsError:
+            os.unlink(candidate)
+            continue
+        return candidate, txt_path
     raise FileExistsError(f"no free file name near {path}")
 
 
@@ -400,20 +431,20 @@ def save_image(
 
     with _SAVE_LOCK:
         directory.mkdir(parents=True, exist_ok=True)
+        sidecar = bool(save_txt and info is not None)
         path = _free_path(directory, ext, forced_filename=forced_filename, numbered=add_number or decoration == "",
-                          basename=basename, decoration=decoration)
+                          basename=basename, decoration=decoration, sidecar=sidecar)
+        if path.parent != directory:  # names are cleaned of separators; this never happens
+            raise ValueError(f"refusing to save outside {directory}: {path}")
         params = ImageSaveParams(image=image, filename=str(path), pnginfo=pnginfo, p=p)
         if before_save is not None:
-            path, fmt = _run_before_save(before_save, params, path, fmt)
+            path, fmt = _run_before_save(before_save, params, path, fmt, sidecar)
         info = params.pnginfo.get(pnginfo_section)
         data = _encode(params.image, fmt, params.pnginfo, None if info is None else str(info),
                        embed=embed_info, jpeg_quality=jpeg_quality, webp_lossless=webp_lossless)
-        with atomic_output(path, "wb") as fh:
-            fh.write(data)
-        txt_path = None
-        if save_txt and info is not None:
-            txt_path = path.with_suffix(".txt")
-            atomic_write_text(txt_path, f"{info}\n")
+        txt_data = f"{info}\n".encode("utf-8") if save_txt and info is not None else None
+        path, txt_path = _create_files(path, data, txt_data)
+        params.filename = str(path)
 
     if after_save is not None:
         after_save(params)
@@ -441,15 +472,15 @@ def _decoration(image: Image.Image, *, seed: int | None, prompt: str, pattern: s
 
 
 def _free_path(directory: Path, ext: str, *, forced_filename: str | None, numbered: bool, basename: str,
-               decoration: str) -> Path:
+               decoration: str, sidecar: bool = False) -> Path:
     if forced_filename is not None:
-        return _free_variant(directory / f"{_fit_name(_clean_name(forced_filename) or 'image', ext)}.{ext}")
+        return _free_variant(directory / f"{_fit_name(_clean_name(forced_filename) or 'image', ext)}.{ext}", sidecar)
     if numbered:
-        return _numbered_path(directory, basename, decoration, ext)
-    return _free_variant(directory / f"{_fit_name(decoration, ext)}.{ext}")
+        return _numbered_path(directory, basename, decoration, ext, sidecar)
+    return _free_variant(directory / f"{_fit_name(decoration, ext)}.{ext}", sidecar)
 
 
-def _numbered_path(directory: Path, basename: str, decoration: str, ext: str) -> Path:
+def _numbered_path(directory: Path, basename: str, decoration: str, ext: str, sidecar: bool = False) -> Path:
     """The first free ``NNNNN[-decoration].ext`` (``basename-NNNN...`` with a basename) from the
     folder's next sequence number on."""
     start = next_sequence_number(directory, basename)
@@ -457,19 +488,19 @@ def _numbered_path(directory: Path, basename: str, decoration: str, ext: str) ->
     for n in range(start, start + 500):
         head = f"{n:05}" if not basename else f"{basename}-{n:04}"
         candidate = directory / f"{_fit_name(head + tail, ext)}.{ext}"
-        if not os.path.lexists(candidate):
+        if not _taken(candidate, sidecar):
             return candidate
     raise FileExistsError(f"no free numbered file name in {directory}")
 
 
 def _run_before_save(before_save: Callable[[ImageSaveParams], None], params: ImageSaveParams, path: Path,
-                     fmt: str) -> tuple[Path, str]:
+                     fmt: str, sidecar: bool = False) -> tuple[Path, str]:
     """The callback may replace the image, file name or pnginfo; returns the (path, format) to write."""
     before_save(params)
     chosen = Path(params.filename)
     if chosen != path:
         # A callback may rename (and so change the format); still never overwrite.
-        path = _free_variant(chosen)
+        path = _free_variant(chosen, sidecar)
         new_ext = path.suffix.lstrip(".").lower()
         if new_ext:
             fmt = _pil_format(new_ext)
