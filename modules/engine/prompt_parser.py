@@ -19,6 +19,7 @@ Two passes, as in A1111:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -69,7 +70,12 @@ class _Alternate:
     options: list  # list of node lists, cycled one per step
 
 
-_Node = Union[str, _Scheduled, _Alternate]
+@dataclass
+class _Group:
+    nodes: list  # a bracketed construct's inside, kept by reference: nesting never copies node lists
+
+
+_Node = Union[str, _Scheduled, _Alternate, _Group]
 
 # lark's SIGNED_NUMBER, which is what A1111 accepts as `when`.
 _NUMBER = r"[+-]?(?:\d+[eE][+-]?\d+|(?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?|\d+)"
@@ -192,18 +198,18 @@ class _ScheduleParser:
         # "(" prompt ")" or "(" prompt ":" prompt ")": kept verbatim here
         first, j = self._prompt(i + 1)
         if self._at(j) == ")":
-            return ["(", *first, ")"], j + 1
+            return ["(", _Group(first), ")"], j + 1
         if self._at(j) == ":":
             second, k = self._prompt(j + 1)
             if self._at(k) == ")":
-                return ["(", *first, ":", *second, ")"], k + 1
+                return ["(", _Group(first), ":", _Group(second), ")"], k + 1
         return None
 
     def _square(self, i: int):
         first, j = self._prompt(i + 1)
         sep = self._at(j)
         if sep == "]":
-            return ["[", *first, "]"], j + 1
+            return ["[", _Group(first), "]"], j + 1
         if sep == "|":
             options = [first]
             bars = []
@@ -286,31 +292,46 @@ class _ScheduleParser:
         return out
 
 
+def _children(node: _Node, step: int | None) -> list | None:
+    """The node list inside `node` (at `step`; every one with None), or None for text."""
+    if isinstance(node, _Group):
+        return [node.nodes]
+    if isinstance(node, _Scheduled):
+        if step is None:
+            return [node.after] if node.before is None else [node.before, node.after]
+        chosen = node.before if step <= node.when else node.after
+        return [] if chosen is None else [chosen]
+    if isinstance(node, _Alternate):
+        return list(node.options) if step is None else [node.options[(step - 1) % len(node.options)]]
+    return None
+
+
 def _walk(nodes: list[_Node]):
-    for node in nodes:
-        if isinstance(node, _Scheduled):
-            yield node
-            if node.before is not None:
-                yield from _walk(node.before)
-            yield from _walk(node.after)
-        elif isinstance(node, _Alternate):
-            yield node
-            for option in node.options:
-                yield from _walk(option)
+    """Every _Scheduled and _Alternate node, however deep (iterative: no recursion limit)."""
+    stack = [nodes]
+    while stack:
+        for node in stack.pop():
+            if isinstance(node, (_Scheduled, _Alternate)):
+                yield node
+            inner = _children(node, None)
+            if inner:
+                stack.extend(inner)
 
 
 def _render(nodes: list[_Node], step: int, out: list[str]) -> None:
-    for node in nodes:
-        if isinstance(node, str):
-            out.append(node)
-        elif isinstance(node, _Scheduled):
-            if step <= node.when:
-                if node.before is not None:
-                    _render(node.before, step, out)
-            else:
-                _render(node.after, step, out)
+    """The text of `nodes` at `step`, in order (iterative: no recursion limit)."""
+    stack = [iter(nodes)]
+    while stack:
+        for node in stack[-1]:
+            if isinstance(node, str):
+                out.append(node)
+                continue
+            inner = _children(node, step)
+            if inner:
+                stack.append(iter(inner[0]))
+                break
         else:
-            _render(node.options[(step - 1) % len(node.options)], step, out)
+            stack.pop()
 
 
 def get_prompt_schedule(
@@ -466,7 +487,15 @@ def parse_prompt_attention(text: str) -> list[list]:
     while i < len(text):
         i = scan.token(text, i)
     scan.close_unclosed()
+    scan.apply_deferred()
     return _merge_equal_weights(scan.res) if scan.res else [["", 1.0]]
+
+
+# Multiplications parse_prompt_attention does one by one (A1111's exact float order). A prompt needing
+# more (only hostile ones: thousands of brackets, each around text, never closed) has its remaining
+# brackets applied in one linear pass instead, with products taken in log space: the same weights to
+# within float rounding, in time linear in the prompt's length.
+_EXACT_BUDGET = 100_000
 
 
 class _AttentionScan:
@@ -476,6 +505,8 @@ class _AttentionScan:
         self.res: list[list] = []
         self.round_open: list[int] = []     # index into res where each unclosed "(" began
         self.square_open: list[int] = []
+        self.cost = 0                       # multiplications done exactly so far
+        self.deferred: list[tuple[int, int, float]] | None = None   # (start, end, factor) past the budget
 
     def token(self, text: str, i: int) -> int:
         """Read the token at `i`; returns where the next one starts."""
@@ -527,8 +558,54 @@ class _AttentionScan:
             self.add_text(char)  # a closer with no opener is text
 
     def scale_from(self, start: int, factor: float) -> None:
-        for item in self.res[start:]:
-            item[1] *= factor
+        count = len(self.res) - start
+        if self.deferred is None and self.cost + count <= _EXACT_BUDGET:
+            self.cost += count
+            for item in self.res[start:]:
+                item[1] *= factor
+            return
+        if self.deferred is None:
+            self.deferred = []
+        self.deferred.append((start, len(self.res), factor))
+
+    def apply_deferred(self) -> None:
+        """The scalings past the budget, each over res[start:end], in one pass: sums of logarithms
+        (zero, negative and infinite factors counted apart) over a difference array."""
+        if not self.deferred:
+            return
+        n = len(self.res)
+        logs = [0.0] * (n + 1)
+        zeros, negatives, infinite = [0] * (n + 1), [0] * (n + 1), [0] * (n + 1)
+        for start, end, factor in self.deferred:
+            if factor == 0:
+                zeros[start] += 1
+                zeros[end] -= 1
+                continue
+            if factor < 0:
+                negatives[start] += 1
+                negatives[end] -= 1
+            size = abs(factor)
+            if math.isinf(size):
+                infinite[start] += 1
+                infinite[end] -= 1
+            else:
+                logs[start] += math.log(size)
+                logs[end] -= math.log(size)
+        total, z, neg, inf = 0.0, 0, 0, 0
+        for i, item in enumerate(self.res):
+            total, z, neg, inf = total + logs[i], z + zeros[i], neg + negatives[i], inf + infinite[i]
+            sign = -1.0 if neg % 2 else 1.0
+            if z and inf:
+                item[1] = math.nan
+            elif z:
+                item[1] = item[1] * 0.0 * sign
+            elif inf:
+                item[1] = item[1] * math.inf * sign
+            else:
+                try:
+                    item[1] = item[1] * math.exp(total) * sign
+                except OverflowError:
+                    item[1] = item[1] * math.inf * sign
 
     def add_text(self, chunk: str) -> None:
         for n, part in enumerate(re_break.split(chunk)):
