@@ -13,6 +13,7 @@ from modules.models.checkpoints import CheckpointRegistry
 from modules.core.generation import GenerationService
 from modules.models.hashes import HashCache
 from modules.core.jobs import JobQueue, JobState
+from modules.core.limits import Limits
 from modules.core.model_service import ModelService
 from modules.core.options import Options
 from modules.core.paths import AppPaths
@@ -32,6 +33,7 @@ class Services:
     callbacks: Any = None  # script_callbacks.CallbackRegistry, set by webui.py when extensions are loaded
     scripts: Any = None    # scripts.ScriptRegistry of the loaded extensions (None: no scripts)
     extensions: list[Any] = field(default_factory=list)   # extensions.Extension, in load order
+    limits: Limits = field(default_factory=Limits)        # input limits and folder rules, from the flags
 
     def script_runner(self, is_img2img: bool):
         """The tab's scripts.ScriptRunner; an empty one when no extensions were loaded."""
@@ -68,8 +70,11 @@ def build_services(opts: argparse.Namespace, paths: AppPaths, options: Options) 
                           vae_override=Path(opts.vae_path).expanduser().resolve() if opts.vae_path else None)
     options.templates["sd_model_checkpoint"].choices = models.titles
     options.templates["sd_vae"].choices = models.vae_choices
-    generation = GenerationService(models=models, options=options, paths=paths, queue=JobQueue(state=JobState()))
+    limits = Limits.from_opts(opts)
+    generation = GenerationService(models=models, options=options, paths=paths, queue=JobQueue(state=JobState()),
+                                   limits=limits)
     generation.make_script_p = wrap_params
     styles = StyleDatabase(paths.styles_files)
+    options.lock_dir_config(limits.dir_config_locked)
     return Services(cmd_opts=opts, paths=paths, options=options, models=models, generation=generation,
-                    styles=styles)
+                    styles=styles, limits=limits)

@@ -59,7 +59,6 @@ LEGACY_FLAGS: dict[str, tuple[bool, str]] = {
     "--disable-model-loading-ram-optimization": (False, "loading already streams weights"),
     "--medvram-sdxl": (False, "use --medvram"),
     "--allow-code": (False, "custom code execution is not offered"),
-    "--hide-ui-dir-config": (False, "output folders are set in config.json"),
     "--ngrok": (True, "tunnels are not offered; use --listen on your LAN"),
     "--ngrok-region": (True, "tunnels are not offered"),
     "--ngrok-options": (True, "tunnels are not offered"),
@@ -130,6 +129,20 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     launch.add_argument("--theme", choices=("light", "dark"), default=None, help="force the UI theme")
     launch.add_argument("--freeze-settings", action="store_true", help="make the Settings tab read-only")
     launch.add_argument("--loglevel", default=None, help="log level: DEBUG, INFO, WARNING, ERROR")
+
+    # Input limits and who may choose folders (docs/security.md); the defaults live in core/limits.py.
+    lim = parser.add_argument_group("input limits and folders")
+    lim.add_argument("--allow-dir-config", action="store_true", help="let the UI change output folders, file name patterns, formats and batch folders even when the server is reachable from other machines, and batch folders outside the data dir")
+    lim.add_argument("--hide-ui-dir-config", action="store_true", help="lock output folders, file name patterns, formats and batch folders in the UI even on a local server")
+    lim.add_argument("--max-pixels", type=int, default=None, help="largest output image in pixels, width x height (default 4194304 = 2048x2048)")
+    lim.add_argument("--max-steps", type=int, default=None, help="most sampling steps (default 150)")
+    lim.add_argument("--max-images", type=int, default=None, help="most images per request, batch size x batch count (default 64)")
+    lim.add_argument("--max-xyz-cells", type=int, default=None, help="most cells of one X/Y/Z plot (default 256)")
+    lim.add_argument("--max-prompt-length", type=int, default=None, help="most characters in a prompt or negative prompt (default 20000)")
+    lim.add_argument("--max-input-images", type=int, default=None, help="most input images per request: init images, extras batch (default 16)")
+    lim.add_argument("--max-input-pixels", type=int, default=None, help="largest input image in pixels, read from its header (default 16777216 = 4096x4096)")
+    lim.add_argument("--max-body-mb", type=float, default=None, help="largest HTTP request body in MB (default 50)")
+    lim.add_argument("--max-upload-mb", type=float, default=None, help="largest file uploaded to the UI in MB (default 50)")
 
 
 class _Parser(argparse.ArgumentParser):

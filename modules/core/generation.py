@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator
 
 from modules.core import saving
 from modules.core.jobs import Job, JobContext, JobQueue, JobState
+from modules.core.limits import Limits
 from modules.core.model_service import ModelService
 from modules.core.options import Options, OptionsSnapshot
 from modules.core.paths import AppPaths
@@ -43,8 +44,10 @@ class JobRunner:
 
 
 class GenerationService:
-    def __init__(self, *, models: ModelService, options: Options, paths: AppPaths, queue: JobQueue):
+    def __init__(self, *, models: ModelService, options: Options, paths: AppPaths, queue: JobQueue,
+                 limits: Limits | None = None):
         self.models = models
+        self.limits = limits or Limits()   # the server's input limits (docs/security.md)
         self.options = options
         self.paths = paths
         self.queue = queue
@@ -72,7 +75,7 @@ class GenerationService:
         `restore_settings=False` (A1111's override_settings_restore_afterwards) they are saved as the
         settings once the job is done. A `script` (extension scripts, SD upscale) replaces the plain
         run and may render several images through the `JobRunner` it is given, all in this one job."""
-        params.validate()  # bad input fails here, before it waits in the queue
+        params.validate(self.limits)  # bad input fails here, before it waits in the queue
         self.options.validate_values(override_settings or {})
 
         def run(job: JobContext) -> Processed:
@@ -199,6 +202,7 @@ class GenerationService:
         from modules.engine import conditioning
         from modules.models import families
 
+        text = (text or "")[:self.limits.max_prompt_length]  # a hostile length never stalls the counter
         if self._counting_tokenizer is None:  # CLIP-L and OpenCLIP share one vocab, so one tokenizer counts for all
             self._counting_tokenizer = families.load_tokenizer("clip-l")
         counted = conditioning.count_prompt_tokens(text, self._counting_tokenizer)

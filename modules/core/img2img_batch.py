@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -144,8 +145,17 @@ def run_batch(generation: Any, base: Img2ImgParams, input_dir: str | Path, outpu
               png_info_props: Iterable[str] = PNG_INFO_PROPS, png_info_dir: str | None = None,
               scale_by: float | None = None, should_stop: Callable[[], bool] | None = None,
               on_file: Callable[[int, int, str], None] | None = None,
-              submit_kwargs: dict[str, Any] | None = None) -> BatchResult:
-    """Run `base` (its init image and mask ignored) on every image of `input_dir`."""
+              submit_kwargs: dict[str, Any] | None = None, root: str | Path | None = None) -> BatchResult:
+    """Run `base` (its init image and mask ignored) on every image of `input_dir`.
+
+    With `root` (the data dir, unless --allow-dir-config), every folder (input, output, mask, PNG
+    info) must lie inside it once resolved, symlinks included; a ProcessingError names the one that
+    does not."""
+    if root is not None:
+        input_dir = check_inside("input directory", input_dir, Path(root))
+        output_dir = check_inside("output directory", output_dir, Path(root))
+        mask_dir = check_inside("mask directory", mask_dir, Path(root))
+        png_info_dir = check_inside("PNG info directory", png_info_dir, Path(root)) or None
     in_dir, out_dir, masks = _batch_dirs(input_dir, output_dir, mask_dir)
     files, skipped = list_images(in_dir)
     result = BatchResult(input_dir=str(in_dir), output_dir=str(out_dir) if out_dir else "", skipped=skipped)
@@ -173,6 +183,21 @@ def run_batch(generation: Any, base: Img2ImgParams, input_dir: str | Path, outpu
             result.interrupted = True
             break
     return result
+
+
+def check_inside(name: str, folder: str | Path | None, root: Path) -> str:
+    """`folder` as an absolute path (a relative one is taken from `root`; empty stays ""), or a
+    ProcessingError unless it resolves to `root` or below it."""
+    text = str(folder or "").strip()
+    if not text:
+        return ""
+    real_root = os.path.realpath(root)
+    path = Path(text).expanduser()
+    real = os.path.realpath(path if path.is_absolute() else Path(root) / path)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise ProcessingError(f"{name}: {text} is outside the data folder {root}; batch folders must lie "
+                              f"inside it on this server (--allow-dir-config lifts this)")
+    return real
 
 
 def _batch_dirs(input_dir: str | Path, output_dir: str | Path | None,

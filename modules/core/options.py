@@ -6,6 +6,7 @@ options_a1111.py.
 from __future__ import annotations
 
 import json
+import math
 import logging
 import threading
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from modules.core.atomic import atomic_write_json
+from modules.core.limits import is_dir_config_key
 from modules.core.option_info import (  # noqa: F401 - the settings API is imported from here
     COMPAT_NOTE, EXT, LIVE, PATHS, SAMPLER, SAVING, SD, UI, OptionError, OptionInfo, Section,
 )
@@ -57,6 +59,13 @@ def _coerce(key: str, info: OptionInfo, value: Any) -> Any:
             value = str(value)
     except (TypeError, ValueError):
         raise OptionError(f"setting {key!r} expects a {type(default).__name__}, got {value!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise OptionError(f"setting {key!r}: {value} is not a finite number")
+    if info.choices is not None and not callable(info.choices) and value is not None:
+        allowed = list(info.choices)
+        items = value if isinstance(value, list) else [value]
+        if allowed and any(item not in allowed for item in items):
+            raise OptionError(f"setting {key!r}: {value!r} is not one of {', '.join(map(str, allowed))}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if info.minimum is not None and value < info.minimum or info.maximum is not None and value > info.maximum:
             raise OptionError(f"setting {key!r} must be between {info.minimum} and {info.maximum}, got {value}")
@@ -77,6 +86,7 @@ class Options:
         object.__setattr__(self, "templates", {})
         object.__setattr__(self, "data", {})
         object.__setattr__(self, "_listeners", {})
+        object.__setattr__(self, "dir_config_locked", False)  # set by build_services from the flags
         for key, info in templates:
             self.add_option(key, info)
 
@@ -114,6 +124,20 @@ class Options:
         else:
             self.set(key, value)
 
+    def lock_dir_config(self, locked: bool = True) -> None:
+        """Folders, file name patterns and formats may not be changed at all (a network-reachable
+        server without --allow-dir-config, or --hide-ui-dir-config)."""
+        object.__setattr__(self, "dir_config_locked", bool(locked))
+
+    def is_locked(self, key: str) -> bool:
+        """Whether the UI may not change `key` (the API never may: see `api_restricted`)."""
+        return self.dir_config_locked and is_dir_config_key(key)
+
+    def api_restricted(self, key: str) -> bool:
+        """Whether the API (POST /options, override_settings) may not change `key`."""
+        info = self.templates.get(key)
+        return is_dir_config_key(key) or bool(info is not None and info.restrict_api)
+
     def get(self, key: str, default: Any = None) -> Any:
         try:
             return getattr(self, key)
@@ -131,13 +155,16 @@ class Options:
         info = self.templates.get(key)
         if info is None:
             raise OptionError(f"unknown setting {key!r}")
-        if is_api and info.restrict_api:
+        if is_api and self.api_restricted(key):
             raise OptionError(f"setting {key!r} cannot be changed through the API")
         value = _coerce(key, info, value)
         with self._lock:
             old = self.get(key)
             if old == value:
                 return False
+            if self.is_locked(key):
+                raise OptionError(f"setting {key!r} can only be changed in config.json on this server "
+                                  f"(it is reachable from other machines; see --allow-dir-config)")
             self.data[key] = value
         if run_callbacks:
             for func in self._listeners.get(key, []):

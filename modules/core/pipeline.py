@@ -14,6 +14,7 @@ from PIL import Image
 
 from modules.core import infotext as infotext_mod
 from modules.engine import sampler_catalog as samplers
+from modules.core.limits import LimitError, Limits, check_finite
 from modules.core.version import VERSION
 from modules.engine.upscaling import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, resize_image
 
@@ -78,20 +79,48 @@ class GenerationParams:
 
     kind = "txt2img"  # outputs/<kind>-images; a class attribute, not a field
 
-    def validate(self) -> None:
-        if not 1 <= self.steps <= 150:
-            raise ProcessingError(f"steps must be between 1 and 150, got {self.steps}")
+    def validate(self, limits: Limits | None = None) -> None:
+        """Refuse bad or oversized input (ProcessingError naming the field); `limits`: the server's
+        (docs/security.md), the defaults when not given."""
+        limits = limits or Limits()
+        try:
+            self._check_limits(limits)
+        except LimitError as err:
+            raise ProcessingError(str(err)) from None
+        if not 1 <= self.steps <= limits.max_steps:
+            raise ProcessingError(f"steps must be between 1 and {limits.max_steps}, got {self.steps}")
         for name in ("width", "height"):
             value = getattr(self, name)
-            if not 64 <= value <= 4096 or value % 8:
-                raise ProcessingError(f"{name} must be a multiple of 8 between 64 and 4096, got {value}")
+            if not 64 <= value <= limits.max_side or value % 8:
+                raise ProcessingError(f"{name} must be a multiple of 8 between 64 and {limits.max_side}, got {value}")
         if not 1 <= self.batch_size <= 64 or not 1 <= self.n_iter <= 1000:
-            raise ProcessingError("batch size must be 1-64 and batch count 1-1000")
+            raise ProcessingError(f"batch size must be 1-64 and batch count 1-1000 (batch_size={self.batch_size}, "
+                                  f"n_iter={self.n_iter})")
+        if self.batch_size * self.n_iter > limits.max_images:
+            raise ProcessingError(f"batch_size x n_iter: {self.batch_size * self.n_iter} images; at most "
+                                  f"{limits.max_images} per request (--max-images)")
         if not 0 <= self.subseed_strength <= 1:
             raise ProcessingError(f"variation strength must be between 0 and 1, got {self.subseed_strength}")
         if self.cfg_scale < 0 or self.cfg_scale > 100:
             raise ProcessingError(f"CFG scale must be between 0 and 100, got {self.cfg_scale}")
         samplers.resolve_sampler(self.sampler_name, self.scheduler)  # raises with the valid names
+
+    def _check_limits(self, limits: Limits) -> None:
+        """Non-finite numbers, prompt lengths, output and seed-resize pixels."""
+        for name, value in vars(self).items():
+            check_finite(name, value)
+        for name, value in (getattr(self, "hires", None).__dict__.items() if getattr(self, "hires", None) else ()):
+            check_finite(f"hires.{name}", value)
+        for name in ("prompt", "negative_prompt"):
+            limits.check_prompt(name, getattr(self, name))
+        limits.check_pixels("width x height", self.width, self.height)
+        if self.seed_resize_from_w < 0 or self.seed_resize_from_h < 0:
+            raise LimitError("seed_resize_from_w/h: must not be negative")
+        if self.seed_resize_from_w > 0 and self.seed_resize_from_h > 0:
+            limits.check_pixels("seed_resize_from_w x seed_resize_from_h", self.seed_resize_from_w,
+                                self.seed_resize_from_h)
+        elif max(self.seed_resize_from_w, self.seed_resize_from_h) > limits.max_side:
+            raise LimitError(f"seed_resize_from_w/h: at most {limits.max_side}")
 
     @property
     def denoising_strength_for_info(self) -> float | None:
@@ -106,10 +135,23 @@ class Txt2ImgParams(GenerationParams):
     def denoising_strength_for_info(self) -> float | None:
         return self.hires.denoising_strength if self.hires.enabled else None
 
-    def validate(self) -> None:
-        super().validate()
+    def validate(self, limits: Limits | None = None) -> None:
+        limits = limits or Limits()
+        super().validate(limits)
         if self.hires.enabled:
             h = self.hires
+            try:
+                for name in ("prompt", "negative_prompt"):
+                    limits.check_prompt(f"hr_{name}", getattr(h, name))
+                if not 0 < h.scale <= 8 and not (h.resize_x or h.resize_y):
+                    raise LimitError(f"hr_scale: must be more than 0 and at most 8, got {h.scale}")
+                if h.resize_x < 0 or h.resize_y < 0 or h.steps < 0:
+                    raise LimitError("hr_resize_x/hr_resize_y/hr_second_pass_steps: must not be negative")
+                if h.steps > limits.max_steps:
+                    raise LimitError(f"hr_second_pass_steps: {h.steps}; at most {limits.max_steps} (--max-steps)")
+                limits.check_pixels("hires target (hr_scale, hr_resize_x, hr_resize_y)", *hires_target_size(self))
+            except LimitError as err:
+                raise ProcessingError(str(err)) from None
             if h.upscaler not in LATENT_UPSCALE_MODES and h.upscaler not in IMAGE_UPSCALERS:
                 raise ProcessingError(f"unknown hires upscaler {h.upscaler!r}; choose one of "
                                       f"{', '.join([*LATENT_UPSCALE_MODES, *IMAGE_UPSCALERS])}")
@@ -142,10 +184,14 @@ class Img2ImgParams(GenerationParams):
     def denoising_strength_for_info(self) -> float | None:
         return self.denoising_strength
 
-    def validate(self) -> None:
-        super().validate()
+    def validate(self, limits: Limits | None = None) -> None:
+        limits = limits or Limits()
+        super().validate(limits)
         if not self.init_images:
             raise ProcessingError("img2img needs an init image")
+        if len(self.init_images) > limits.max_input_images:
+            raise ProcessingError(f"init_images: {len(self.init_images)} images; at most {limits.max_input_images} "
+                                  f"(--max-input-images)")
         if not 0 <= self.denoising_strength <= 1:
             raise ProcessingError(f"denoising strength must be between 0 and 1, got {self.denoising_strength}")
         if self.resize_mode not in range(len(RESIZE_MODES)):

@@ -411,7 +411,7 @@ def _run_one(services: Services, script_runner: Any, extra: dict[str, Any], cont
         if mask is not None and params.inpaint_full_res and _mask_empty(mask, params.inpainting_mask_invert):
             params.inpaint_full_res = False  # nothing to crop to: A1111 falls back to the whole picture
         apply_styles_to_params(params, services.styles, extra["styles"])
-        params.validate()
+        params.validate(services.limits)
         job = generation.submit_img2img(params, override_settings=overrides,
                                         script=script_job(script_runner, script_args))
     except (ProcessingError, ValueError) as err:
@@ -428,7 +428,10 @@ def _run_batch_mode(services: Services, script_runner: Any, running_batches: set
     try:
         base = Img2ImgControls.to_params(control_values, init_images=[Image.new("RGB", (64, 64))])
         apply_styles_to_params(base, services.styles, extra["styles"])
-        base.validate()
+        base.validate(services.limits)
+        if services.options.dir_config_locked:
+            raise ProcessingError("Batch: input/output folders cannot be chosen on a server reachable from other "
+                                  "machines (start it with --allow-dir-config to allow this)")
     except (ProcessingError, ValueError) as err:
         yield error_updates(str(err))
         return
@@ -445,7 +448,8 @@ def _run_batch_mode(services: Services, script_runner: Any, running_batches: set
                 scale_by=float(control_values["scale_by"]) if extra["scale_tab"] == 1 else None,
                 should_stop=stop.is_set,
                 on_file=lambda i, n, name: where.update(file=f"file {i + 1}/{n}: {name}"),
-                submit_kwargs={"override_settings": overrides, "script": script_job(script_runner, script_args)})
+                submit_kwargs={"override_settings": overrides, "script": script_job(script_runner, script_args)},
+                root=None if services.limits.allow_dir_config else services.paths.data_dir)
         except Exception as err:  # noqa: BLE001 - shown to the user
             outcome["error"] = err
 

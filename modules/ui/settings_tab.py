@@ -20,7 +20,10 @@ def build_settings_tab(services: Services) -> None:
     result = gr.Markdown("Settings are frozen (--freeze-settings)." if frozen else "", elem_id="settings_result")
 
     def add(key: str) -> None:
-        components.append(component_for_option(key, options.templates[key], options.get(key), interactive=not frozen))
+        # Folders, file names and formats are read-only on a server others can reach (--allow-dir-config).
+        locked = options.is_locked(key)
+        components.append(component_for_option(key, options.templates[key], options.get(key),
+                                                interactive=not frozen and not locked))
         keys.append(key)
 
     # Settings this product reads get a tab per section; the A1111 keys it only keeps

@@ -159,7 +159,7 @@ def _connect_generate(services: Services, top: Any, controls: Txt2ImgControls, s
             params = Txt2ImgControls.to_params(list(values[:n_controls]))
             script_args = list(values[n_controls:])
             apply_styles_to_params(params, services.styles, styles)
-            params.validate()
+            params.validate(services.limits)
             job = generation.submit_txt2img(params, override_settings=paste.overrides_from_choices(
                 overrides, services.options), script=script_job(script_runner, script_args))
         except (ProcessingError, ValueError) as err:
