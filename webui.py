@@ -87,7 +87,12 @@ def prepare(parsed: cmd_args.ParsedArgs) -> tuple[Services, list[str]]:
                  ", ".join(str(p) for p in removed[:5]) + (" ..." if len(removed) > 5 else ""))
     if opts.ckpt and not Path(opts.ckpt).expanduser().is_file():
         raise StartupError(f"--ckpt: no such file: {opts.ckpt}")
-    return build_services(opts, paths, options), warnings
+    services = build_services(opts, paths, options)
+    from PIL import Image
+
+    # PIL's own decompression-bomb guard, as a backstop behind the header checks (core/limits.py).
+    Image.MAX_IMAGE_PIXELS = 4 * max(services.limits.max_input_pixels, services.limits.max_pixels)
+    return services, warnings
 
 
 def create_app(services: Services, *, callbacks=None, extensions=()):
@@ -141,9 +146,15 @@ def create_app(services: Services, *, callbacks=None, extensions=()):
             footer_links=["api", "settings"] if opts.api else ["settings"],
             css=ui.css, js=ui.js, head=ui.head,
             show_error=True, ssr_mode=False, mcp_server=False, pwa=False,
+            max_file_size=services.limits.max_upload_bytes,
         )
         # API: the UI has its own login (--gradio-auth); Basic auth leaves its routes alone.
         api.exempt_ui([r for r in app.routes if not any(r is old for old in routes_before_ui)])
+    # Input limits (docs/security.md): the outermost middleware, so an oversized body is refused first.
+    from modules.api.body_limit import BodySizeLimit
+
+    app.add_middleware(BodySizeLimit, max_bytes=services.limits.max_body_bytes,
+                       upload_bytes=services.limits.max_upload_bytes)
     if callbacks is not None:
         _run_app_started(app, callbacks, None if opts.nowebui else ui.blocks)
     return app

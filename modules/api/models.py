@@ -12,11 +12,47 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+import math
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+# Generous static bounds on numbers (the server's own, adjustable limits are checked after parsing:
+# modules/core/limits.py); a value outside them is a 422 naming the field.
+_SIDE = dict(ge=0, le=65536)
+_COUNT = dict(ge=1, le=100000)
+_SEED = dict(ge=-1, le=2**64 - 1)
+_UNIT = dict(ge=0, le=1)
+
+
+def _non_finite(value: Any, path: str, depth: int = 0) -> str | None:
+    """The path of the first NaN or infinity in a JSON value (Python's json reads them), or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path
+    if depth > 32:
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _non_finite(item, f"{path}.{key}" if path else str(key), depth + 1)
+        if found:
+            return found
+    return None
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finite_numbers(cls, data: Any) -> Any:
+        where = _non_finite(data, "")
+        if where:
+            raise ValueError(f"{where}: NaN and infinite numbers are not allowed")
+        return data
 
 
 class _Response(BaseModel):
@@ -29,25 +65,25 @@ class _ProcessingBase(_Request):
     prompt: Optional[str] = ""
     negative_prompt: Optional[str] = ""
     styles: Optional[list[str]] = None
-    seed: Optional[int] = -1
-    subseed: Optional[int] = -1
-    subseed_strength: Optional[float] = 0
-    seed_resize_from_h: Optional[int] = -1
-    seed_resize_from_w: Optional[int] = -1
+    seed: Optional[int] = Field(-1, **_SEED)
+    subseed: Optional[int] = Field(-1, **_SEED)
+    subseed_strength: Optional[float] = Field(0, **_UNIT)
+    seed_resize_from_h: Optional[int] = Field(-1, ge=-1, le=65536)
+    seed_resize_from_w: Optional[int] = Field(-1, ge=-1, le=65536)
     sampler_name: Optional[str] = None
     scheduler: Optional[str] = None
-    batch_size: Optional[int] = 1
-    n_iter: Optional[int] = 1
-    steps: Optional[int] = 50
-    cfg_scale: Optional[float] = 7.0
-    width: Optional[int] = 512
-    height: Optional[int] = 512
+    batch_size: Optional[int] = Field(1, **_COUNT)
+    n_iter: Optional[int] = Field(1, **_COUNT)
+    steps: Optional[int] = Field(50, **_COUNT)
+    cfg_scale: Optional[float] = Field(7.0, ge=0, le=100)
+    width: Optional[int] = Field(512, **_SIDE)
+    height: Optional[int] = Field(512, **_SIDE)
     restore_faces: Optional[bool] = None
     tiling: Optional[bool] = None
     do_not_save_samples: Optional[bool] = False
     do_not_save_grid: Optional[bool] = False
     eta: Optional[float] = None
-    denoising_strength: Optional[float] = None
+    denoising_strength: Optional[float] = Field(None, **_UNIT)
     s_min_uncond: Optional[float] = None
     s_churn: Optional[float] = None
     s_tmax: Optional[float] = None
@@ -72,15 +108,15 @@ class _ProcessingBase(_Request):
 
 
 class StableDiffusionProcessingTxt2Img(_ProcessingBase):
-    denoising_strength: Optional[float] = 0.75
+    denoising_strength: Optional[float] = Field(0.75, **_UNIT)
     enable_hr: Optional[bool] = False
-    firstphase_width: Optional[int] = 0
-    firstphase_height: Optional[int] = 0
-    hr_scale: Optional[float] = 2.0
+    firstphase_width: Optional[int] = Field(0, **_SIDE)
+    firstphase_height: Optional[int] = Field(0, **_SIDE)
+    hr_scale: Optional[float] = Field(2.0, ge=0, le=16)
     hr_upscaler: Optional[str] = None
-    hr_second_pass_steps: Optional[int] = 0
-    hr_resize_x: Optional[int] = 0
-    hr_resize_y: Optional[int] = 0
+    hr_second_pass_steps: Optional[int] = Field(0, ge=0, le=100000)
+    hr_resize_x: Optional[int] = Field(0, **_SIDE)
+    hr_resize_y: Optional[int] = Field(0, **_SIDE)
     hr_checkpoint_name: Optional[str] = None
     hr_sampler_name: Optional[str] = None
     hr_scheduler: Optional[str] = None
@@ -93,17 +129,17 @@ StableDiffusionTxt2ImgProcessingAPI = StableDiffusionProcessingTxt2Img
 
 class StableDiffusionProcessingImg2Img(_ProcessingBase):
     init_images: Optional[list[str]] = Field(None, description="Base64 images (data: URIs accepted)")
-    denoising_strength: Optional[float] = 0.75
-    resize_mode: Optional[int] = 0
+    denoising_strength: Optional[float] = Field(0.75, **_UNIT)
+    resize_mode: Optional[int] = Field(0, ge=0, le=3)
     image_cfg_scale: Optional[float] = None
     mask: Optional[str] = None
-    mask_blur_x: Optional[int] = 4
-    mask_blur_y: Optional[int] = 4
-    mask_blur: Optional[int] = None
+    mask_blur_x: Optional[int] = Field(4, ge=0, le=64)
+    mask_blur_y: Optional[int] = Field(4, ge=0, le=64)
+    mask_blur: Optional[int] = Field(None, ge=0, le=64)
     mask_round: Optional[bool] = True
-    inpainting_fill: Optional[int] = 0
+    inpainting_fill: Optional[int] = Field(0, ge=0, le=3)
     inpaint_full_res: Optional[bool] = True
-    inpaint_full_res_padding: Optional[int] = 0
+    inpaint_full_res_padding: Optional[int] = Field(0, ge=0, le=256)
     inpainting_mask_invert: Optional[int] = 0
     initial_noise_multiplier: Optional[float] = None
     latent_mask: Optional[str] = None
@@ -132,8 +168,8 @@ class ExtrasBaseRequest(_Request):
     codeformer_visibility: float = Field(0, ge=0, le=1)
     codeformer_weight: float = Field(0, ge=0, le=1)
     upscaling_resize: float = Field(2, ge=1, le=8)
-    upscaling_resize_w: int = Field(512, ge=1)
-    upscaling_resize_h: int = Field(512, ge=1)
+    upscaling_resize_w: int = Field(512, ge=1, le=65536)
+    upscaling_resize_h: int = Field(512, ge=1, le=65536)
     upscaling_crop: bool = True
     upscaler_1: str = "None"
     upscaler_2: str = "None"

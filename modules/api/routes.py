@@ -30,6 +30,7 @@ from modules.core import saving
 from modules.engine import sampler_catalog as samplers
 from modules.api import models as m
 from modules.core.model_service import ModelLoadError, NoCheckpointError, UnknownCheckpointError
+from modules.core.limits import LimitError, Limits, is_dir_config_key
 from modules.core.options import OptionError
 from modules.core.pipeline import (IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, HiresParams, Img2ImgParams, ProcessingError,
                                 Txt2ImgParams)
@@ -64,6 +65,7 @@ ERROR_STATUS: list[tuple[type[BaseException], int]] = [
     (samplers.SamplerError, 422),
     (ProcessingError, 422),
     (OptionError, 422),
+    (LimitError, 422),
     (UnknownVaeError, 422),
     (ModelLoadError, 422),                 # the user's file is bad, not the server
     (NoCheckpointError, 503),              # nothing to load: the server is not ready to generate
@@ -109,8 +111,12 @@ def bad_request(detail: str, status: int = 422) -> HTTPException:
 
 # --------------------------------------------------------------------------- images
 
-def decode_base64_to_image(encoding: str, *, field: str = "image") -> Image.Image:
-    """Base64 (optionally a data: URI) -> a loaded PIL image; 422 naming the field otherwise."""
+def decode_base64_to_image(encoding: str, *, field: str = "image", limits: Limits | None = None) -> Image.Image:
+    """Base64 (optionally a data: URI) -> a loaded PIL image; 422 naming the field otherwise.
+
+    The image's size is read from its header and checked against ``limits.max_input_pixels``
+    before a single pixel is decoded."""
+    limits = limits or Limits()
     text = (encoding or "").strip()
     if text.startswith(("http://", "https://")):
         # A1111 can fetch URLs; a server that fetches what clients name is an SSRF risk, and ours is offline.
@@ -122,6 +128,10 @@ def decode_base64_to_image(encoding: str, *, field: str = "image") -> Image.Imag
     try:
         data = base64.b64decode(text)
         image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > limits.max_input_pixels:
+            raise bad_request(f"{field}: the image is {width}x{height} = {width * height} pixels; at most "
+                              f"{limits.max_input_pixels} (--max-input-pixels)", 413)
         image.load()
     except (binascii.Error, ValueError, OSError, Image.DecompressionBombError, SyntaxError) as err:
         raise bad_request(f"{field}: invalid encoded image ({err})") from None
@@ -171,8 +181,11 @@ def _resize(image: Image.Image, upscaler: str, scale: float, round_to_8: bool) -
     return out if out.size == target else resize_image(out, target)
 
 
-def postprocess_image(image: Image.Image, req: m.ExtrasBaseRequest) -> tuple[Image.Image, dict[str, Any]]:
-    """Extras on one image with the built-in upscalers; returns the image and its info fields."""
+def postprocess_image(image: Image.Image, req: m.ExtrasBaseRequest,
+                      limits: Limits | None = None) -> tuple[Image.Image, dict[str, Any]]:
+    """Extras on one image with the built-in upscalers; returns the image and its info fields.
+    The upscale target is checked against ``limits.max_pixels`` before anything is resized."""
+    limits = limits or Limits()
     for name in (req.upscaler_1, req.upscaler_2):
         if name not in IMAGE_UPSCALERS:
             raise bad_request(f"upscaler {name!r} not found; available: {', '.join(IMAGE_UPSCALERS)}", 404)
@@ -187,6 +200,13 @@ def postprocess_image(image: Image.Image, req: m.ExtrasBaseRequest) -> tuple[Ima
         else:
             scale = req.upscaling_resize
             info["Postprocess upscale by"] = scale
+        target = (int(image.width * scale), int(image.height * scale))
+        if req.resize_mode == 1:
+            target = (max(target[0], w), max(target[1], h))
+        try:
+            limits.check_pixels("upscale target (upscaling_resize, upscaling_resize_w/h)", *target)
+        except LimitError as err:
+            raise bad_request(str(err), 413) from None
         first = _resize(image, req.upscaler_1, scale, round_to_8=req.resize_mode != 1)
         info["Postprocess upscaler"] = req.upscaler_1
         if req.upscaler_2 != "None" and req.extras_upscaler_2_visibility > 0:
@@ -378,6 +398,7 @@ class Api:
         self.options = services.options
         self.models = services.models
         self.generation = services.generation
+        self.limits = getattr(services, "limits", None) or Limits()
         self.router = APIRouter(prefix=API_PREFIX, tags=["sdapi"],
                                 responses={422: {"model": m.ErrorResponse}, 500: {"model": m.ErrorResponse}})
         self.OptionsModel = m.make_options_model(self.options)
@@ -398,6 +419,25 @@ class Api:
             return
         raise bad_request(f"{key}: VAE {name!r} not found; choices: {', '.join(self.models.vae_choices())}")
 
+    def _check_count(self, field: str, count: int) -> None:
+        if count > self.limits.max_input_images:
+            raise bad_request(f"{field}: {count} images; at most {self.limits.max_input_images} per request "
+                              f"(--max-input-images)", 413)
+
+    def _check_extras_target(self, image: Image.Image, req: m.ExtrasBaseRequest) -> None:
+        """The upscale target of `image`, refused before the job is queued (413 naming the fields)."""
+        if req.upscaler_1 == "None":
+            return
+        if req.resize_mode == 1:
+            scale = max(req.upscaling_resize_w / image.width, req.upscaling_resize_h / image.height)
+        else:
+            scale = req.upscaling_resize
+        target = (int(image.width * scale), int(image.height * scale))
+        try:
+            self.limits.check_pixels("upscale target (upscaling_resize, upscaling_resize_w/h)", *target)
+        except LimitError as err:
+            raise bad_request(str(err), 413) from None
+
     def override_settings(self, raw: dict[str, Any] | None) -> dict[str, Any]:
         """Per-request settings: unknown and API-restricted keys are skipped (logged), values checked."""
         out: dict[str, Any] = {}
@@ -406,6 +446,12 @@ class Api:
             if info is None:
                 log.warning("override_settings: unknown setting %r ignored", key)
                 continue
+            if is_dir_config_key(key):
+                self.options.validate_values({key: value})  # a bad value is a 422 naming the key
+                if value == self.options.get(key):
+                    continue  # an echo of the current value (A1111 clients send the whole set back)
+                raise bad_request(f"override_settings.{key}: folders, file names and formats are set only "
+                                  f"in the server's own UI, not through the API", 403)
             if info.restrict_api:
                 log.warning("override_settings: %r cannot be changed through the API; ignored", key)
                 continue
@@ -474,11 +520,13 @@ class Api:
             if not img2imgreq.init_images:
                 raise bad_request("Init image not found", 404)  # A1111's answer
             req = self._prepare(img2imgreq)
+            self._check_count("init_images", len(req.init_images))
+            limits = self.limits
 
             def decode_all() -> tuple[list[Image.Image], Image.Image | None]:
-                inits = [decode_base64_to_image(data, field=f"init_images[{i}]")
+                inits = [decode_base64_to_image(data, field=f"init_images[{i}]", limits=limits)
                          for i, data in enumerate(req.init_images)]
-                return inits, decode_base64_to_image(req.mask, field="mask") if req.mask else None
+                return inits, decode_base64_to_image(req.mask, field="mask", limits=limits) if req.mask else None
             init_images, mask = await run_in_threadpool(decode_all)
             images, info = await self._generate(req, img2img_params(req, init_images, mask))
             parameters = req.model_dump()
@@ -494,24 +542,29 @@ class Api:
 
         @r.post("/extra-single-image", response_model=m.ExtrasSingleImageResponse)
         async def extras_single_image_api(req: m.ExtrasSingleImageRequest) -> m.ExtrasSingleImageResponse:
-            image = await run_in_threadpool(decode_base64_to_image, req.image)
+            image = await run_in_threadpool(lambda: decode_base64_to_image(req.image, limits=self.limits))
+            self._check_extras_target(image, req)
 
             def run(job: Any) -> tuple[str, str]:
-                out, info = postprocess_image(image, req)
+                out, info = postprocess_image(image, req, self.limits)
                 return encode_pil_to_base64(out, options), _html_info(info)
             encoded, html_info = await wait_for(gen.queue.submit(run, name="extras"))
             return m.ExtrasSingleImageResponse(image=encoded, html_info=html_info)
 
         @r.post("/extra-batch-images", response_model=m.ExtrasBatchImagesResponse)
         async def extras_batch_images_api(req: m.ExtrasBatchImagesRequest) -> m.ExtrasBatchImagesResponse:
+            self._check_count("imageList", len(req.imageList))
             sources = await run_in_threadpool(
-                lambda: [decode_base64_to_image(f.data, field=f"imageList[{i}].data") for i, f in enumerate(req.imageList)])
+                lambda: [decode_base64_to_image(f.data, field=f"imageList[{i}].data", limits=self.limits)
+                         for i, f in enumerate(req.imageList)])
+            for image in sources:
+                self._check_extras_target(image, req)
 
             def run(job: Any) -> tuple[list[str], str]:
                 job.set_job_count(len(sources))
                 out, last_info = [], {}
                 for image in sources:
-                    result, last_info = postprocess_image(image, req)
+                    result, last_info = postprocess_image(image, req, self.limits)
                     out.append(encode_pil_to_base64(result, options))
                     job.nextjob()
                 return out, _html_info(last_info)
@@ -524,7 +577,7 @@ class Api:
                 return m.PNGInfoResponse(info="", items={}, parameters={})
             from modules.core.infotext import parse_infotext, read_info_from_image
 
-            image = decode_base64_to_image(req.image)
+            image = decode_base64_to_image(req.image, limits=self.limits)
             text, items = read_info_from_image(image)
             text = text or ""
             return m.PNGInfoResponse(info=text, items=_json_safe_items(items or {}),
@@ -718,10 +771,13 @@ class Api:
                 continue
             if value == options.get(key):
                 continue
-            if info.restrict_api:
+            if info.restrict_api and not is_dir_config_key(key):
                 ignored.append(key)
                 continue
             options.validate_values({key: value})
+            if is_dir_config_key(key):
+                raise bad_request(f"setting {key!r}: folders, file names and formats are set only in the "
+                                  f"server's own UI, not through the API", 403)
             if key == "sd_vae":
                 self._checked_vae(value, key)
             else:
