@@ -67,16 +67,26 @@ def _num(text: str) -> str:
     return re.sub(r"\s+", "", text)
 
 
-def expand_int_ranges(values: list[str]) -> list[int]:
-    """"1-5" -> 1..5, "1-10 (+2)" -> 1,3,..9, "10-1 [4]" -> 10,7,4,1; other values as ints."""
+def _room(out: list, adding: int, limit: int | None, value: str) -> None:
+    """Refuse a range that would take the axis past `limit` values, before it is expanded."""
+    if limit is not None and len(out) + adding > limit:
+        raise ProcessingError(f"{value!r} gives {len(out) + adding} values; at most {limit} cells per plot "
+                              f"(--max-xyz-cells)")
+
+
+def expand_int_ranges(values: list[str], limit: int | None = None) -> list[int]:
+    """"1-5" -> 1..5, "1-10 (+2)" -> 1,3,..9, "10-1 [4]" -> 10,7,4,1; other values as ints.
+    With `limit`, more values than that are refused (counted before any range is expanded)."""
     out: list[int] = []
     for value in values:
         m = _INT_RANGE.fullmatch(value)
         if m is None:
+            _room(out, 1, limit, value)
             out.append(_to_int(value))
             continue
         start, end = int(_num(m["start"])), int(_num(m["end"]))
         if m["count"] is not None:
+            _room(out, int(m["count"]), limit, value)
             out += [int(round(start + (end - start) * i / max(1, int(m["count"]) - 1)))
                     for i in range(int(m["count"]))]
             continue
@@ -84,28 +94,38 @@ def expand_int_ranges(values: list[str]) -> list[int]:
         step = int(_num(m["step"])) if m["step"] is not None else (1 if end >= start else -1)
         if step == 0:
             raise ProcessingError(f"range {value!r} has a step of 0")
-        out += list(range(start, end + (1 if step > 0 else -1), step))
+        span = range(start, end + (1 if step > 0 else -1), step)
+        _room(out, len(span), limit, value)  # len() of a range is O(1): nothing is built yet
+        out += list(span)
     return out
 
 
-def expand_float_ranges(values: list[str]) -> list[float]:
-    """"0.5-1 (+0.25)" -> 0.5,0.75,1.0, "1-2 [3]" -> 1.0,1.5,2.0; other values as floats."""
+def expand_float_ranges(values: list[str], limit: int | None = None) -> list[float]:
+    """"0.5-1 (+0.25)" -> 0.5,0.75,1.0, "1-2 [3]" -> 1.0,1.5,2.0; other values as floats.
+    With `limit`, more values than that are refused (counted before any range is expanded)."""
     out: list[float] = []
     for value in values:
         m = _FLOAT_RANGE.fullmatch(value)
         if m is None:
+            _room(out, 1, limit, value)
             out.append(_to_float(value))
             continue
         start, end = float(_num(m["start"])), float(_num(m["end"]))
+        if not (math.isfinite(start) and math.isfinite(end)):
+            raise ProcessingError(f"range {value!r} is not finite")
         if m["count"] is not None:
             n = int(m["count"])
+            _room(out, n, limit, value)
             out += [round(start + (end - start) * i / max(1, n - 1), 8) for i in range(n)]
             continue
         step = float(_num(m["step"])) if m["step"] is not None else (1.0 if end >= start else -1.0)
         if step == 0:
             raise ProcessingError(f"range {value!r} has a step of 0")
         # Count the steps up front so float error neither adds nor drops the end value.
+        if not math.isfinite(step):
+            raise ProcessingError(f"range {value!r} is not finite")
         n = math.floor((end - start) / step + 1e-9) + 1
+        _room(out, max(0, n), limit, value)
         out += [round(start + step * i, 8) for i in range(max(0, n))]
     return out
 
@@ -133,6 +153,13 @@ def _to_float(value: str) -> float:
 # -- axes ---------------------------------------------------------------------------------------
 def _services() -> Any:
     return shared.services
+
+
+def _limits() -> Any:
+    """The server's input limits (the defaults when no server is bound, as in unit tests)."""
+    from modules.core.limits import Limits
+
+    return getattr(_services(), "limits", None) or Limits()
 
 
 def _format_label(axis: "Axis", value: Any) -> str:
@@ -325,7 +352,7 @@ class Axis:
     tabs: tuple[str, ...] = ("txt2img", "img2img")
     keep_blank: bool = False                    # Prompt S/R may replace with ""
 
-    def values(self, text: Any, dropdown: Any, csv_mode: bool, p: Any) -> list[Any]:
+    def values(self, text: Any, dropdown: Any, csv_mode: bool, p: Any, limit: int | None = None) -> list[Any]:
         if self.label == "Nothing":
             return [None]
         picked = [str(v) for v in dropdown] if isinstance(dropdown, (list, tuple)) else []
@@ -334,10 +361,12 @@ class Axis:
             raw = [v for v in raw if v != ""]
         if not raw:
             raise ProcessingError("no values given")
+        if limit is not None and len(raw) > limit:
+            raise ProcessingError(f"{len(raw)} values; at most {limit} cells per plot (--max-xyz-cells)")
         if self.kind == "int":
-            parsed: list[Any] = expand_int_ranges(raw)
+            parsed: list[Any] = expand_int_ranges(raw, limit)
         elif self.kind == "float":
-            parsed = expand_float_ranges(raw)
+            parsed = expand_float_ranges(raw, limit)
         else:
             parsed = raw
         if not parsed:
@@ -499,12 +528,17 @@ def _axis_runs(axes: list[Axis], p: Any, selections: tuple[tuple[str, Any, Any, 
                no_fixed_seeds: bool) -> list[_AxisRun]:
     """X, Y and Z: the axis each selects and its parsed, checked values."""
     runs: list[_AxisRun] = []
+    limit = _limits().max_xyz_cells
+    cells = 1
     for name, selected, text, dropdown in selections:
         axis = find_axis(axes, selected, name)
         try:
-            values = axis.values(text, dropdown, csv_mode, p)
+            values = axis.values(text, dropdown, csv_mode, p, limit=max(1, limit // cells))
         except ProcessingError as err:
             raise ProcessingError(f"{TITLE}: {name} axis ({axis.label}): {err}") from None
+        cells *= len(values)
+        if cells > limit:  # counted from the axis values, before any cell is built
+            raise ProcessingError(f"{TITLE}: {cells} cells; at most {limit} per plot (--max-xyz-cells)")
         if axis.label in ("Seed", "Var. seed") and not no_fixed_seeds:
             values = [processing.get_fixed_seed(v) for v in values]
         runs.append(_AxisRun(name, axis, values, _source_text(axis, text, dropdown, csv_mode)))
@@ -514,6 +548,7 @@ def _axis_runs(axes: list[Axis], p: Any, selections: tuple[tuple[str, Any, Any, 
 def _build_cells(p: Any, runs: list[_AxisRun], opts: Any, vary: tuple[bool, bool, bool]) -> list[_Cell]:
     """Every cell's params, checked before any renders, so a bad value fails at once."""
     xr, yr, zr = runs
+    limits = _limits()
     nx, ny = len(xr.values), len(yr.values)
     vary_x, vary_y, vary_z = vary
     cells: list[_Cell] = []
@@ -529,7 +564,7 @@ def _build_cells(p: Any, runs: list[_AxisRun], opts: Any, vary: tuple[bool, bool
                 try:
                     for run, value in ((xr, x), (yr, y), (zr, z)):
                         run.axis.apply(pc, value, run.values)
-                    pc.params.validate()
+                    pc.params.validate(limits)
                     if opts is not None and pc.override_settings:
                         opts.validate_values(pc.override_settings)
                 except ValueError as err:
