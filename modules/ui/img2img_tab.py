@@ -185,7 +185,7 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
     scale_tab = gr.State(0)
     with gr.Row():
         with gr.Column(scale=1):
-            inputs = _build_mode_tabs()
+            inputs = _build_mode_tabs(services.options.dir_config_locked)
             resize_mode = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[0], label="Resize mode",
                                    elem_id="resize_mode")
             sampling = build_sampling_controls("img2img")
@@ -254,7 +254,7 @@ def _editor(label: str, elem_id: str, colors: list[str], color_mode: str) -> Any
                           layers=False, transforms=())
 
 
-def _build_mode_tabs() -> _ModeInputs:
+def _build_mode_tabs(locked: bool = False) -> _ModeInputs:
     mode_tabs = []
 
     def mode_tab(i: int) -> Any:
@@ -278,23 +278,26 @@ def _build_mode_tabs() -> _ModeInputs:
             upload_mask = gr.Image(label="Mask", type="pil", image_mode="RGBA", format="png",
                                    sources=["upload", "clipboard"], elem_id="img_inpaint_mask", height=300)
         with mode_tab(5):
-            batch = _build_batch_inputs()
+            batch = _build_batch_inputs(locked)
     return _ModeInputs(tabs=tabs, mode_tabs=mode_tabs, init_img=init_img, sketch=sketch, inpaint=inpaint,
                        inpaint_sketch=inpaint_sketch, upload_img=upload_img, upload_mask=upload_mask, batch=batch)
 
 
-def _build_batch_inputs() -> dict[str, Any]:
+def _build_batch_inputs(locked: bool = False) -> dict[str, Any]:
+    """`locked`: a server reachable from other machines without --allow-dir-config; its folders are read-only."""
     gr.Markdown("Process every image of a folder on the server. Leave the output folder empty "
                 "to save into the usual img2img output folder. Add a mask folder for batch "
-                "inpainting (one mask for all, or one per image with the same file name).")
-    batch_input = gr.Textbox(label="Input directory", elem_id="img2img_batch_input_dir")
-    batch_output = gr.Textbox(label="Output directory", elem_id="img2img_batch_output_dir")
+                "inpainting (one mask for all, or one per image with the same file name)."
+                + (" Folders cannot be chosen on this server (it is reachable from other machines; "
+                   "see --allow-dir-config)." if locked else ""))
+    batch_input = gr.Textbox(label="Input directory", elem_id="img2img_batch_input_dir", interactive=not locked)
+    batch_output = gr.Textbox(label="Output directory", elem_id="img2img_batch_output_dir", interactive=not locked)
     batch_mask = gr.Textbox(label="Inpaint batch mask directory (required for inpaint batch processing only)",
-                            elem_id="img2img_batch_inpaint_mask_dir")
+                            elem_id="img2img_batch_inpaint_mask_dir", interactive=not locked)
     with gr.Accordion("PNG info", open=False):
         batch_use_png = gr.Checkbox(False, label="Append png info to prompts", elem_id="img2img_batch_use_png_info")
         batch_png_dir = gr.Textbox(label="PNG info directory (empty: the input images)",
-                                   elem_id="img2img_batch_png_info_dir")
+                                   elem_id="img2img_batch_png_info_dir", interactive=not locked)
         batch_png_props = gr.CheckboxGroup(list(PNG_INFO_PROPS), value=list(PNG_INFO_PROPS),
                                            label="Parameters to take from png info",
                                            elem_id="img2img_batch_png_info_props")

@@ -178,10 +178,10 @@ def test_core_options_refuse_api_and_locked_changes(tmp_path):
 
 # --------------------------------------------------------------------------- network-reachable: UI locked too
 
-def _settings_component(srv, key: str) -> dict:
+def _settings_component(srv, key: str, prefix: str = "setting_") -> dict:
     config = requests.get(f"{srv.url}/config", timeout=60).json()
     for comp in config["components"]:
-        if comp.get("props", {}).get("elem_id") == f"setting_{key}":
+        if comp.get("props", {}).get("elem_id") == f"{prefix}{key}":
             return comp["props"]
     raise AssertionError(f"no component for {key}")
 
@@ -197,6 +197,8 @@ def test_ui_folder_settings_locked_on_a_reachable_server(tmp_path, flags, locked
     try:
         for key in ("outdir_samples", "outdir_txt2img_samples", "samples_filename_pattern", "save_txt", "samples_format"):
             assert _settings_component(srv, key)["interactive"] is (not locked), key
+        for elem in ("input_dir", "output_dir", "inpaint_mask_dir", "png_info_dir"):
+            assert _settings_component(srv, elem, "img2img_batch_")["interactive"] is (not locked), elem
         assert _settings_component(srv, "jpeg_quality")["interactive"] is True
     finally:
         srv.stop()
