@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modules.core.callers import CallerPolicy
 from modules.models.checkpoints import CheckpointRegistry
 from modules.core.generation import GenerationService
 from modules.models.hashes import HashCache
@@ -32,6 +33,7 @@ class Services:
     callbacks: Any = None  # script_callbacks.CallbackRegistry, set by webui.py when extensions are loaded
     scripts: Any = None    # scripts.ScriptRegistry of the loaded extensions (None: no scripts)
     extensions: list[Any] = field(default_factory=list)   # extensions.Extension, in load order
+    callers: CallerPolicy | None = None  # request -> Caller (who owns and may stop which job)
 
     def script_runner(self, is_img2img: bool):
         """The tab's scripts.ScriptRunner; an empty one when no extensions were loaded."""
@@ -68,8 +70,17 @@ def build_services(opts: argparse.Namespace, paths: AppPaths, options: Options) 
                           vae_override=Path(opts.vae_path).expanduser().resolve() if opts.vae_path else None)
     options.templates["sd_model_checkpoint"].choices = models.titles
     options.templates["sd_vae"].choices = models.vae_choices
-    generation = GenerationService(models=models, options=options, paths=paths, queue=JobQueue(state=JobState()))
+    callers = CallerPolicy(opts)
+    # The one user of a local server has nobody to share with: only the total bound applies to it.
+    per_client = None if callers.single_user else _bound(getattr(opts, "queue_max_per_client", None))
+    generation = GenerationService(models=models, options=options, paths=paths, queue=JobQueue(
+        state=JobState(), max_per_owner=per_client, max_total=_bound(getattr(opts, "queue_max_total", None))))
     generation.make_script_p = wrap_params
     styles = StyleDatabase(paths.styles_files)
     return Services(cmd_opts=opts, paths=paths, options=options, models=models, generation=generation,
-                    styles=styles)
+                    styles=styles, callers=callers)
+
+
+def _bound(value: int | None) -> int | None:
+    """A queue bound flag: None or 0 or less means no bound."""
+    return value if value is not None and value > 0 else None
