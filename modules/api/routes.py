@@ -731,7 +731,17 @@ class Api:
         unchanged values are not touched (so a frozen or odd stored value still round-trips); a
         bad value is a 422 naming the key and nothing is applied; a new `sd_model_checkpoint` is
         loaded (through the job queue) before the answer.
+
+        Checking and saving run on a worker thread (a setting's onchange callback may wait for the
+        model manager while a checkpoint loads), and the switch is awaited without holding the event loop.
         """
+        checkpoint = await run_in_threadpool(self._apply_options, req)
+        if checkpoint is not None:
+            await wait_for(self.generation.submit_model_switch(checkpoint.title))
+        return None
+
+    def _apply_options(self, req: dict[str, Any]) -> Any:
+        """_set_options' checks and changes; returns the checkpoint to switch to, or None."""
         options, models = self.options, self.models
         unknown = [key for key in req if key not in options.templates
                    and not (key in options.data and options.data[key] == req[key])]
@@ -776,9 +786,7 @@ class Api:
             options.set(key, value, is_api=True)
         if changes:
             options.save()
-        if checkpoint is not None:
-            await wait_for(self.generation.submit_model_switch(checkpoint.title))
-        return None
+        return checkpoint
 
     # -- styles --------------------------------------------------------------------------
     def _read_styles(self) -> list[dict[str, Any]]:
