@@ -459,3 +459,12 @@ def test_caller_policy_names_and_admins():
     # A user named like an address is not that address.
     assert authed.caller("127.0.0.1", None).name != authed.caller(None, "127.0.0.1").name
     assert basic_auth_user("Bearer x") is None and basic_auth_user("Basic !!") is None
+
+
+def test_stop_takes_out_that_job_even_when_another_has_the_same_client_chosen_id(queue):
+    _, release = blocker_owned(queue, "a")
+    theirs = queue.submit(lambda ctx: "theirs", name="x", job_id="same", owner="a")
+    mine = queue.submit(lambda ctx: "mine", name="x", job_id="same", owner="b")
+    assert queue.stop(mine) and mine.status == "cancelled" and theirs.status == "queued"
+    release.set()
+    assert theirs.result(TIMEOUT) == "theirs"

@@ -503,7 +503,11 @@ class JobQueue:
     def stop(self, job: Job[Any]) -> bool:
         """``job`` is no longer wanted (its client left): cancelled if queued, interrupted if running."""
         with self._cond:
-            if self.cancel(job):
+            # By identity, not id: a client-chosen id (force_task_id) may repeat another client's.
+            if any(queued is job for queued in self._queue):
+                self._queue.remove(job)
+                job._finish("cancelled")
+                self._remember(job)
                 return True
             if self._running is job:
                 self.state.interrupt()
