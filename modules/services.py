@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modules.core.callers import CallerPolicy
 from modules.models.checkpoints import CheckpointRegistry
 from modules.core.generation import GenerationService
 from modules.models.hashes import HashCache
@@ -34,6 +35,7 @@ class Services:
     scripts: Any = None    # scripts.ScriptRegistry of the loaded extensions (None: no scripts)
     extensions: list[Any] = field(default_factory=list)   # extensions.Extension, in load order
     limits: Limits = field(default_factory=Limits)        # input limits and folder rules, from the flags
+    callers: CallerPolicy | None = None  # request -> Caller (who owns and may stop which job)
 
     def script_runner(self, is_img2img: bool):
         """The tab's scripts.ScriptRunner; an empty one when no extensions were loaded."""
@@ -71,10 +73,19 @@ def build_services(opts: argparse.Namespace, paths: AppPaths, options: Options) 
     options.templates["sd_model_checkpoint"].choices = models.titles
     options.templates["sd_vae"].choices = models.vae_choices
     limits = Limits.from_opts(opts)
-    generation = GenerationService(models=models, options=options, paths=paths, queue=JobQueue(state=JobState()),
-                                   limits=limits)
+    callers = CallerPolicy(opts)
+    # The one user of a local server has nobody to share with: only the total bound applies to it.
+    per_client = None if callers.single_user else _bound(getattr(opts, "queue_max_per_client", None))
+    generation = GenerationService(models=models, options=options, paths=paths, queue=JobQueue(
+        state=JobState(), max_per_owner=per_client, max_total=_bound(getattr(opts, "queue_max_total", None))),
+        limits=limits)
     generation.make_script_p = wrap_params
     styles = StyleDatabase(paths.styles_files)
     options.lock_dir_config(limits.dir_config_locked)
     return Services(cmd_opts=opts, paths=paths, options=options, models=models, generation=generation,
-                    styles=styles, limits=limits)
+                    styles=styles, callers=callers, limits=limits)
+
+
+def _bound(value: int | None) -> int | None:
+    """A queue bound flag: None or 0 or less means no bound."""
+    return value if value is not None and value > 0 else None

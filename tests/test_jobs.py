@@ -325,3 +325,146 @@ def test_progress_bar_in_terminal(capfd):
     err = capfd.readouterr().err
     # one bar per image, cleared afterwards (leave=False); tqdm throttles the redraws in between
     assert err.count("barjob:") >= 2 and "/3 [" in err
+
+
+# --------------------------------------------------------------------------- bounds and ownership
+
+def bounded_queue(per_owner, total):
+    return JobQueue("test-bounds", progress_bar=False, max_per_owner=per_owner, max_total=total)
+
+
+def test_per_owner_bound_counts_queued_and_running_jobs_and_frees_as_they_finish():
+    from modules.core.jobs import QueueFullError
+
+    q = bounded_queue(2, 10)
+    try:
+        first, release = blocker_owned(q, "a")
+        second = q.submit(lambda ctx: "a2", name="a2", owner="a")
+        assert q.owned("a") == 2
+        with pytest.raises(QueueFullError, match=r"limit per client is 2 \(--queue-max-per-client\)") as err:
+            q.submit(lambda ctx: "a3", name="a3", owner="a")
+        assert err.value.limit == "per client"
+        q.submit(lambda ctx: "b1", name="b1", owner="b")     # another client is not held back by a's jobs
+        q.submit(lambda ctx: "sys", name="internal")           # jobs without an owner are not per-owner counted
+        assert q.cancel(second) and q.owned("a") == 1          # a cancelled job frees its place
+        third = q.submit(lambda ctx: "a3", name="a3", owner="a")
+        release.set()
+        assert third.result(TIMEOUT) == "a3" and first.result(TIMEOUT) == "blocker"
+        assert q.owned("a") == 0
+    finally:
+        q.shutdown(cancel_pending=True, interrupt=True, timeout=TIMEOUT)
+
+
+def test_total_bound_counts_waiting_jobs_of_everybody():
+    from modules.core.jobs import QueueFullError
+
+    q = bounded_queue(None, 2)
+    try:
+        _, release = blocker_owned(q, "a")                     # running: not waiting
+        q.submit(lambda ctx: 1, name="x", owner="b")
+        q.submit(lambda ctx: 2, name="y", owner="c")
+        with pytest.raises(QueueFullError, match=r"limit is 2 \(--queue-max-total\)") as err:
+            q.submit(lambda ctx: 3, name="z", owner="d")
+        assert err.value.limit == "total"
+        with pytest.raises(QueueFullError):
+            q.submit(lambda ctx: 3, name="z")                  # internal jobs too
+        release.set()
+    finally:
+        q.shutdown(cancel_pending=True, interrupt=True, timeout=TIMEOUT)
+
+
+def test_no_bounds_by_default(queue):
+    _, release = blocker_owned(queue, "a")
+    jobs = [queue.submit(lambda ctx: 1, name="x", owner="a") for _ in range(50)]
+    release.set()
+    assert all(j.result(TIMEOUT) == 1 for j in jobs)
+
+
+def blocker_owned(queue: JobQueue, owner: str):
+    started, release = threading.Event(), threading.Event()
+
+    def fn(ctx):
+        started.set()
+        while not release.wait(0.01):
+            if ctx.should_stop() or ctx.should_skip():
+                return "stopped"
+        return "blocker"
+    job = queue.submit(fn, name="blocker", owner=owner)
+    assert started.wait(TIMEOUT)
+    return job, release
+
+
+def test_control_acts_only_on_the_callers_own_job(queue):
+    from modules.core.jobs import Caller
+
+    assert queue.control(Caller("a"), "interrupt") == "idle"
+    job, release = blocker_owned(queue, "a")
+    try:
+        assert queue.control(Caller("b"), "interrupt") == "not yours"
+        assert queue.control(Caller("b"), "skip") == "not yours"
+        assert queue.control(Caller(None), "interrupt") == "not yours"   # no name owns nothing
+        assert not queue.state.interrupted and not queue.state.skipped and not job.wait(0.1)
+        assert queue.control(Caller("a"), "skip") == "done" and queue.state.skipped
+        assert job.result(TIMEOUT) == "stopped"
+    finally:
+        release.set()
+    job, release = blocker_owned(queue, "a")
+    assert queue.control(Caller("root", admin=True), "interrupt") == "done"
+    assert job.result(TIMEOUT) == "stopped" and job.status == "interrupted"
+    release.set()
+
+
+def test_an_ownerless_job_is_controlled_only_by_an_admin(queue):
+    from modules.core.jobs import Caller
+
+    job, release = blocker_owned(queue, None)
+    assert queue.control(Caller("a"), "interrupt") == "not yours"
+    assert queue.control(Caller("a", admin=True), "interrupt") == "done"
+    assert job.result(TIMEOUT) == "stopped"
+    release.set()
+
+
+def test_stop_cancels_a_queued_job_and_interrupts_a_running_one(queue):
+    running, release = blocker_owned(queue, "a")
+    queued = queue.submit(lambda ctx: "never", name="queued", owner="b")
+    assert queue.stop(queued) and queued.status == "cancelled"
+    with pytest.raises(CancelledError):
+        queued.result(0)
+    assert queue.stop(running)
+    assert running.result(TIMEOUT) == "stopped" and running.status == "interrupted"
+    assert not queue.stop(running)   # finished: nothing to do
+    release.set()
+
+
+def test_caller_policy_names_and_admins():
+    import argparse
+
+    from modules.core.callers import CallerPolicy, basic_auth_user
+
+    def opts(**kw):
+        base = dict(api_auth=None, gradio_auth=None, gradio_auth_path=None, admin_users=None,
+                    listen=False, share=False, server_name=None)
+        return argparse.Namespace(**{**base, **kw})
+    local = CallerPolicy(opts())
+    assert local.caller(None, "127.0.0.1").admin                       # the one user of a local server
+    assert local.api_caller("Basic " + __import__("base64").b64encode(b"x:y").decode(), "1.2.3.4").name == "addr:1.2.3.4"
+    exposed = CallerPolicy(opts(listen=True))
+    assert not exposed.caller(None, "10.0.0.2").admin
+    assert exposed.caller(None, "10.0.0.2").name != exposed.caller(None, "10.0.0.3").name
+    authed = CallerPolicy(opts(api_auth="a:pa,b:pb,root:pr", admin_users="root, ops"))
+    header = "Basic " + __import__("base64").b64encode(b"a:pa").decode()
+    assert authed.api_caller(header, "127.0.0.1").name == "user:a" and not authed.api_caller(header, None).admin
+    root = "Basic " + __import__("base64").b64encode(b"root:pr").decode()
+    assert authed.api_caller(root, "127.0.0.1").admin
+    # A user named like an address is not that address.
+    assert authed.caller("127.0.0.1", None).name != authed.caller(None, "127.0.0.1").name
+    assert basic_auth_user("Bearer x") is None and basic_auth_user("Basic !!") is None
+
+
+def test_stop_takes_out_that_job_even_when_another_has_the_same_client_chosen_id(queue):
+    _, release = blocker_owned(queue, "a")
+    theirs = queue.submit(lambda ctx: "theirs", name="x", job_id="same", owner="a")
+    mine = queue.submit(lambda ctx: "mine", name="x", job_id="same", owner="b")
+    assert queue.stop(mine) and mine.status == "cancelled" and theirs.status == "queued"
+    release.set()
+    assert theirs.result(TIMEOUT) == "theirs"

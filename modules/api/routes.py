@@ -29,6 +29,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from modules.core import saving
 from modules.engine import sampler_catalog as samplers
 from modules.api import models as m
+from modules.core.callers import CallerPolicy
+from modules.core.jobs import Caller, QueueFullError
 from modules.core.model_service import ModelLoadError, NoCheckpointError, UnknownCheckpointError
 from modules.core.limits import LimitError, Limits, is_dir_config_key
 from modules.core.options import OptionError
@@ -93,6 +95,12 @@ def install_error_handlers(app: FastAPI) -> None:
             return JSONResponse(error_body(type(exc).__name__, text, "", text), status_code=status)
         return handler
 
+    async def queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
+        # One client over its share: 429 (retry later); the whole queue full: 503.
+        status = 429 if exc.limit == "per client" else 503
+        return JSONResponse(error_body(type(exc).__name__, str(exc), "", str(exc)), status_code=status,
+                            headers={"Retry-After": "5"})
+
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
         log.error("API error on %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse(error_body(type(exc).__name__, str(exc) or type(exc).__name__, "", str(exc)),
@@ -100,6 +108,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(QueueFullError, queue_full)
     for cls, status in ERROR_STATUS:
         app.add_exception_handler(cls, domain_error(status))
     app.add_exception_handler(Exception, server_error)
@@ -379,12 +388,20 @@ def img2img_params(req: m.StableDiffusionProcessingImg2Img, init_images: list[Im
     )
 
 
-async def wait_for(job: Any) -> Any:
-    """The job's result, without holding a thread while it waits in the queue."""
+async def wait_for(job: Any, request: Request | None = None, queue: Any = None) -> Any:
+    """The job's result, without holding a thread while it waits in the queue.
+
+    Given the `request` and the `queue`, a client that goes away stops its job: cancelled while
+    queued, interrupted while running (nobody would read the answer)."""
     delay = 0.01
     while not job.done():
         await asyncio.sleep(delay)
         delay = min(delay * 1.5, 0.1)
+        if request is not None and queue is not None and await request.is_disconnected():
+            stopped = queue.stop(job)
+            log.info("client %s left: job %s %s", request.client.host if request.client else "?", job.id,
+                     ("cancelled or interrupted" if stopped else "already finished"))
+            raise CancelledError(f"job {job.id} stopped: the client disconnected")
     return job.result(timeout=0)
 
 
@@ -399,6 +416,7 @@ class Api:
         self.models = services.models
         self.generation = services.generation
         self.limits = getattr(services, "limits", None) or Limits()
+        self.callers = getattr(services, "callers", None) or CallerPolicy(services.cmd_opts)
         self.router = APIRouter(prefix=API_PREFIX, tags=["sdapi"],
                                 responses={422: {"model": m.ErrorResponse}, 500: {"model": m.ErrorResponse}})
         self.OptionsModel = m.make_options_model(self.options)
@@ -438,6 +456,11 @@ class Api:
         except LimitError as err:
             raise bad_request(str(err), 413) from None
 
+    def caller(self, request: Request) -> Caller:
+        """Who sent `request`: its Basic-auth user when the API requires a login, else its address."""
+        return self.callers.api_caller(request.headers.get("authorization"),
+                                       request.client.host if request.client else None)
+
     def override_settings(self, raw: dict[str, Any] | None) -> dict[str, Any]:
         """Per-request settings: unknown and API-restricted keys are skipped (logged), values checked."""
         out: dict[str, Any] = {}
@@ -474,7 +497,7 @@ class Api:
         apply_infotext(req, self.options)
         return req
 
-    async def _generate(self, req: Any, params: Any) -> tuple[list[str], str]:
+    async def _generate(self, req: Any, params: Any, request: Request) -> tuple[list[str], str]:
         """Queue one generation job, wait for it; (base64 images or [], info JSON string)."""
         apply_styles_to_params(params, self.services.styles, req.styles)
         overrides = self.override_settings(req.override_settings)
@@ -488,8 +511,9 @@ class Api:
                                               req.alwayson_scripts)
         script = runner.job_script(script_args, is_api=True) if runner.has_work(script_args) else None
         job = self.generation.submit(params, override_settings=overrides, restore_settings=restore,
-                                     job_id=req.force_task_id or None, script=script)
-        processed = await wait_for(job)
+                                     job_id=req.force_task_id or None, script=script,
+                                     owner=self.caller(request).name)
+        processed = await wait_for(job, request, self.generation.queue)
         images: list[str] = []
         if _or(req.send_images, True):
             images = await run_in_threadpool(lambda: [encode_pil_to_base64(i, self.options) for i in processed.images])
@@ -510,13 +534,13 @@ class Api:
         r = self.router
 
         @r.post("/txt2img", response_model=m.TextToImageResponse)
-        async def text2imgapi(txt2imgreq: m.StableDiffusionProcessingTxt2Img) -> m.TextToImageResponse:
+        async def text2imgapi(txt2imgreq: m.StableDiffusionProcessingTxt2Img, request: Request) -> m.TextToImageResponse:
             req = self._prepare(txt2imgreq)
-            images, info = await self._generate(req, txt2img_params(req))
+            images, info = await self._generate(req, txt2img_params(req), request)
             return m.TextToImageResponse(images=images, parameters=req.model_dump(), info=info)
 
         @r.post("/img2img", response_model=m.ImageToImageResponse, responses={404: {"model": m.ErrorResponse}})
-        async def img2imgapi(img2imgreq: m.StableDiffusionProcessingImg2Img) -> m.ImageToImageResponse:
+        async def img2imgapi(img2imgreq: m.StableDiffusionProcessingImg2Img, request: Request) -> m.ImageToImageResponse:
             if not img2imgreq.init_images:
                 raise bad_request("Init image not found", 404)  # A1111's answer
             req = self._prepare(img2imgreq)
@@ -528,7 +552,7 @@ class Api:
                          for i, data in enumerate(req.init_images)]
                 return inits, decode_base64_to_image(req.mask, field="mask", limits=limits) if req.mask else None
             init_images, mask = await run_in_threadpool(decode_all)
-            images, info = await self._generate(req, img2img_params(req, init_images, mask))
+            images, info = await self._generate(req, img2img_params(req, init_images, mask), request)
             parameters = req.model_dump()
             if not req.include_init_images:  # A1111 leaves the (large) inputs out of the echo
                 parameters["init_images"] = None
@@ -541,18 +565,21 @@ class Api:
         options, gen = self.options, self.generation
 
         @r.post("/extra-single-image", response_model=m.ExtrasSingleImageResponse)
-        async def extras_single_image_api(req: m.ExtrasSingleImageRequest) -> m.ExtrasSingleImageResponse:
+        async def extras_single_image_api(req: m.ExtrasSingleImageRequest,
+                                          request: Request) -> m.ExtrasSingleImageResponse:
             image = await run_in_threadpool(lambda: decode_base64_to_image(req.image, limits=self.limits))
             self._check_extras_target(image, req)
 
             def run(job: Any) -> tuple[str, str]:
                 out, info = postprocess_image(image, req, self.limits)
                 return encode_pil_to_base64(out, options), _html_info(info)
-            encoded, html_info = await wait_for(gen.queue.submit(run, name="extras"))
+            job = gen.queue.submit(run, name="extras", owner=self.caller(request).name)
+            encoded, html_info = await wait_for(job, request, gen.queue)
             return m.ExtrasSingleImageResponse(image=encoded, html_info=html_info)
 
         @r.post("/extra-batch-images", response_model=m.ExtrasBatchImagesResponse)
-        async def extras_batch_images_api(req: m.ExtrasBatchImagesRequest) -> m.ExtrasBatchImagesResponse:
+        async def extras_batch_images_api(req: m.ExtrasBatchImagesRequest,
+                                          request: Request) -> m.ExtrasBatchImagesResponse:
             self._check_count("imageList", len(req.imageList))
             sources = await run_in_threadpool(
                 lambda: [decode_base64_to_image(f.data, field=f"imageList[{i}].data", limits=self.limits)
@@ -568,7 +595,8 @@ class Api:
                     out.append(encode_pil_to_base64(result, options))
                     job.nextjob()
                 return out, _html_info(last_info)
-            encoded, html_info = await wait_for(gen.queue.submit(run, name="extras", job_count=max(1, len(sources))))
+            job = gen.queue.submit(run, name="extras", job_count=max(1, len(sources)), owner=self.caller(request).name)
+            encoded, html_info = await wait_for(job, request, gen.queue)
             return m.ExtrasBatchImagesResponse(images=encoded if req.show_extras_results else [], html_info=html_info)
 
         @r.post("/png-info", response_model=m.PNGInfoResponse)
@@ -584,29 +612,39 @@ class Api:
                                      parameters=jsonable_encoder(parse_infotext(text)) if text else {})
 
     def _add_progress_routes(self) -> None:
-        """The running job: progress (with the live preview), interrupt, skip."""
+        """The running job: progress (the live preview and text only for its owner), interrupt, skip
+        (only of the caller's own job, unless the caller is an admin or the only user)."""
         r = self.router
         gen = self.generation
 
         @r.get("/progress", response_model=m.ProgressResponse)
-        def progressapi(skip_current_image: bool = False) -> m.ProgressResponse:
+        def progressapi(request: Request, skip_current_image: bool = False) -> m.ProgressResponse:
             state = gen.state
             snap = state.snapshot()
             preview, _ = state.current_preview()
-            current = encode_png_base64(preview) if preview is not None and not skip_current_image else None
+            task = snap.get("current_task")
+            owns = task is not None and self.caller(request).owns(gen.queue.get(task))
+            current = encode_png_base64(preview) if owns and preview is not None and not skip_current_image else None
             return m.ProgressResponse(progress=snap["progress"], eta_relative=snap["eta_relative"],
-                                      state=snap["state"], current_image=current, textinfo=snap["textinfo"],
-                                      current_task=snap.get("current_task"), queue_pending=gen.queue.pending())
+                                      state=snap["state"], current_image=current,
+                                      textinfo=snap["textinfo"] if owns else None,
+                                      current_task=task, queue_pending=gen.queue.pending())
+
+        def control(request: Request, action: Any) -> Any:
+            outcome = gen.queue.control(self.caller(request), action)
+            if outcome == "not yours":
+                # A1111 answers {} whatever runs; stopping another client's job is refused, and said so.
+                return JSONResponse(error_body("Conflict", f"the running job belongs to another client; "
+                                               f"only its owner or an admin may {action} it"), status_code=409)
+            return {}
 
         @r.post("/interrupt")
-        def interruptapi() -> dict:
-            gen.queue.interrupt()
-            return {}
+        def interruptapi(request: Request) -> Any:
+            return control(request, "interrupt")
 
         @r.post("/skip")
-        def skip() -> dict:
-            gen.queue.skip()
-            return {}
+        def skip(request: Request) -> Any:
+            return control(request, "skip")
 
     def _add_options_routes(self) -> None:
         """Settings and command-line flags."""
@@ -746,7 +784,17 @@ class Api:
         unchanged values are not touched (so a frozen or odd stored value still round-trips); a
         bad value is a 422 naming the key and nothing is applied; a new `sd_model_checkpoint` is
         loaded (through the job queue) before the answer.
+
+        Checking and saving run on a worker thread (a setting's onchange callback may wait for the
+        model manager while a checkpoint loads), and the switch is awaited without holding the event loop.
         """
+        checkpoint = await run_in_threadpool(self._apply_options, req)
+        if checkpoint is not None:
+            await wait_for(self.generation.submit_model_switch(checkpoint.title))
+        return None
+
+    def _apply_options(self, req: dict[str, Any]) -> Any:
+        """_set_options' checks and changes; returns the checkpoint to switch to, or None."""
         options, models = self.options, self.models
         unknown = [key for key in req if key not in options.templates
                    and not (key in options.data and options.data[key] == req[key])]
@@ -794,9 +842,7 @@ class Api:
             options.set(key, value, is_api=True)
         if changes:
             options.save()
-        if checkpoint is not None:
-            await wait_for(self.generation.submit_model_switch(checkpoint.title))
-        return None
+        return checkpoint
 
     # -- styles --------------------------------------------------------------------------
     def _read_styles(self) -> list[dict[str, Any]]:

@@ -94,6 +94,10 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--tls-certfile", default=None, help="TLS certificate file (with --tls-keyfile) to serve HTTPS")
     net.add_argument("--subpath", default=None, help="serve the UI under this URL path, e.g. /sd")
     net.add_argument("--timeout-keep-alive", type=int, default=30, help="HTTP keep-alive timeout in seconds")
+    # The job queue: bounds and who may act on any job (docs/security.md, "The queue").
+    net.add_argument("--queue-max-per-client", type=int, default=4, metavar="N", help="unfinished (queued or running) jobs one client may have; more are refused with 429 (client: the logged-in user, else the address)")
+    net.add_argument("--queue-max-total", type=int, default=32, metavar="N", help="jobs that may wait in the queue, all clients together; more are refused with 503")
+    net.add_argument("--admin-users", default=None, metavar="USERS", help='comma-separated logged-in users who may interrupt/skip any job and see every live preview')
 
     paths = parser.add_argument_group("paths")
     paths.add_argument("--data-dir", default=None, help="root for models/, outputs/, extensions/, config.json (default: the install folder)")

@@ -68,7 +68,7 @@ class GenerationService:
 
     # -- entry points ------------------------------------------------------------------------
     def submit(self, params: GenerationParams, *, override_settings: dict[str, Any] | None = None,
-               restore_settings: bool = True, job_id: str | None = None,
+               restore_settings: bool = True, job_id: str | None = None, owner: str | None = None,
                script: Callable[[GenerationParams, "JobRunner", JobContext], Processed] | None = None) -> Job[Processed]:
         """Queue a txt2img or img2img job. The job reads a snapshot of the settings taken when it starts,
         with `override_settings` applied to that snapshot only: no other client ever sees them. With
@@ -88,7 +88,8 @@ class GenerationService:
             if not restore_settings:
                 self._keep_overrides(override_settings or {})
             return result
-        return self.queue.submit(run, name=params.kind, job_count=params.n_iter, job_id=job_id)
+        return self.queue.submit(run, name=params.kind, job_count=params.n_iter, job_id=job_id,
+                                 owner=owner)
 
     def in_job_thread(self) -> bool:
         return self.queue.in_worker()
@@ -130,12 +131,12 @@ class GenerationService:
             self.options.set(key, value)
         self.options.save()
 
-    def submit_model_switch(self, title: str) -> Job[Any]:
+    def submit_model_switch(self, title: str, *, owner: str | None = None) -> Job[Any]:
         """Load a checkpoint as a queued job, so it never races a running generation."""
         def switch(job: JobContext):
             job.state.set_textinfo(f"Loading {title}…")
             return self.models.select(title)
-        return self.queue.submit(switch, name="load checkpoint")
+        return self.queue.submit(switch, name="load checkpoint", owner=owner)
 
     def preload(self) -> Job[Any] | None:
         """Load the selected checkpoint in the queue after startup, so the first Generate is quick.

@@ -25,11 +25,36 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CancelledError", "Job", "JobContext", "JobQueue", "JobState", "JobStatus"]
+__all__ = ["Caller", "CancelledError", "Job", "JobContext", "JobQueue", "JobState", "JobStatus", "QueueFullError"]
 
 T = TypeVar("T")
 JobStatus = Literal["queued", "running", "done", "failed", "interrupted", "cancelled"]
 PreviewFn = Callable[[Any], "Image.Image | list[Image.Image] | None"]
+
+
+# --------------------------------------------------------------------------- who asks
+
+class QueueFullError(RuntimeError):
+    """A submit over a queue bound; ``limit`` names the bound ("per client" or "total")."""
+
+    def __init__(self, message: str, *, limit: str):
+        super().__init__(message)
+        self.limit = limit
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who submits or controls jobs: a name (the authenticated user, else the client address) and
+    whether they may act on any job (an admin, or the only user of a local server)."""
+
+    name: str | None = None
+    admin: bool = False
+
+    def owns(self, job: "Job[Any] | None") -> bool:
+        """True when this caller may interrupt/skip ``job`` and see its preview."""
+        if job is None:
+            return False
+        return self.admin or (job.owner is not None and job.owner == self.name)
 
 
 # --------------------------------------------------------------------------- state
@@ -195,8 +220,9 @@ class Job(Generic[T]):
     """A handle on submitted work: its status, and its result once finished."""
 
     def __init__(self, fn: Callable[["JobContext"], T], *, name: str, job_count: int, job_id: str,
-                 preview_fn: PreviewFn | None, preview_every: int):
+                 preview_fn: PreviewFn | None, preview_every: int, owner: str | None = None):
         self.id = job_id
+        self.owner = owner
         self.name = name
         self.job_count = job_count
         self.status: JobStatus = "queued"
@@ -336,12 +362,17 @@ class JobQueue:
     """FIFO of jobs run one at a time by a single worker thread.
 
     Jobs submitted from any thread run in submission order; an exception in one job is stored
-    on that job and the worker carries on with the next.
+    on that job and the worker carries on with the next. ``max_per_owner`` bounds the unfinished
+    (queued or running) jobs of one owner, ``max_total`` the queued ones of everybody; a submit
+    over either raises :class:`QueueFullError` (None: no bound).
     """
 
     def __init__(self, worker_name: str = "jobs", *, state: JobState | None = None,
-                 progress_bar: bool = True, history: int = 256):
+                 progress_bar: bool = True, history: int = 256, max_per_owner: int | None = None,
+                 max_total: int | None = None):
         self.state = state or JobState()
+        self.max_per_owner = max_per_owner
+        self.max_total = max_total
         self.progress_bar = progress_bar
         self._cond = threading.Condition(threading.RLock())
         self._queue: collections.deque[Job[Any]] = collections.deque()
@@ -359,19 +390,40 @@ class JobQueue:
     # -- submitting ------------------------------------------------------
     def submit(self, fn: Callable[[JobContext], T], *, name: str, job_count: int = 1,
                job_id: str | None = None, preview_fn: PreviewFn | None = None,
-               preview_every: int = 0) -> Job[T]:
-        """Queue ``fn(ctx)``; ``job_id`` lets a client use its own task id (A1111's ``id_task``)."""
+               preview_every: int = 0, owner: str | None = None) -> Job[T]:
+        """Queue ``fn(ctx)``; ``job_id`` lets a client use its own task id (A1111's ``id_task``).
+
+        ``owner`` (a user name or client address) is who may stop the job and see its preview;
+        jobs with an owner count against the per-owner bound. Over a bound: :class:`QueueFullError`.
+        """
         job: Job[T] = Job(fn, name=name, job_count=max(1, int(job_count)),
                           job_id=job_id or uuid.uuid4().hex[:16],
-                          preview_fn=preview_fn, preview_every=preview_every)
+                          preview_fn=preview_fn, preview_every=preview_every, owner=owner)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the job queue is shut down")
+            self._check_bounds(owner)
             self._queue.append(job)
             self._cond.notify_all()
         return job
 
+    def _check_bounds(self, owner: str | None) -> None:
+        if self.max_total is not None and len(self._queue) >= self.max_total:
+            raise QueueFullError(f"the server's queue is full: {len(self._queue)} jobs are waiting, the limit is "
+                                 f"{self.max_total} (--queue-max-total); try again later", limit="total")
+        if owner is not None and self.max_per_owner is not None:
+            mine = self.owned(owner)
+            if mine >= self.max_per_owner:
+                raise QueueFullError(f"you have {mine} unfinished jobs, the limit per client is {self.max_per_owner} "
+                                     f"(--queue-max-per-client); wait for one to finish", limit="per client")
+
     # -- looking -----------------------------------------------------------
+    def owned(self, owner: str) -> int:
+        """Unfinished (queued or running) jobs of ``owner``."""
+        with self._cond:
+            running = 1 if self._running is not None and self._running.owner == owner else 0
+            return running + sum(1 for job in self._queue if job.owner == owner)
+
     def pending(self) -> int:
         """Jobs waiting to start (the running one not counted)."""
         with self._cond:
@@ -433,6 +485,34 @@ class JobQueue:
                 return False
             self.state.skip()
             return True
+
+    def control(self, caller: Caller, action: Literal["interrupt", "skip"]) -> str:
+        """Interrupt or skip the running job on behalf of ``caller``, only if it may (:meth:`Caller.owns`).
+
+        Returns "done", "idle" (nothing runs) or "not yours" (someone else's job runs: left alone).
+        """
+        with self._cond:
+            running = self._running
+            if running is None:
+                return "idle"
+            if not caller.owns(running):
+                return "not yours"
+            self.state.interrupt() if action == "interrupt" else self.state.skip()
+            return "done"
+
+    def stop(self, job: Job[Any]) -> bool:
+        """``job`` is no longer wanted (its client left): cancelled if queued, interrupted if running."""
+        with self._cond:
+            # By identity, not id: a client-chosen id (force_task_id) may repeat another client's.
+            if any(queued is job for queued in self._queue):
+                self._queue.remove(job)
+                job._finish("cancelled")
+                self._remember(job)
+                return True
+            if self._running is job:
+                self.state.interrupt()
+                return True
+            return False
 
     def shutdown(self, wait: bool = True, *, cancel_pending: bool = False, interrupt: bool = False,
                  timeout: float | None = None) -> None:

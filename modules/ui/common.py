@@ -116,11 +116,20 @@ def error_updates(message: str) -> tuple[Any, ...]:
     return gr.update(), "", f"<div class='error'>{html.escape(message)}</div>", gr.update()
 
 
+def ui_caller(services, request: Any):
+    """The core.jobs.Caller of a UI event: its Gradio login user, else its address."""
+    from modules.core.callers import CallerPolicy
+
+    policy = getattr(services, "callers", None) or CallerPolicy(services.cmd_opts)
+    client = getattr(request, "client", None)
+    return policy.caller(getattr(request, "username", None), getattr(client, "host", None))
+
+
 def poll_job(generation, job):
     """Yield (gallery, infotext, progress, generation info) updates while `job` waits and runs (the live
-    preview, progress and ETA), then its images and infotext, or its error."""
+    preview, progress and ETA: only while `job` itself runs), then its images and infotext, or its error."""
     while not job.wait(POLL_SECONDS):
-        preview = generation.state.current_image
+        preview = generation.state.current_image if generation.queue.running() is job else None
         shown = [preview] if preview is not None else gr.update()
         yield shown, "", progress_html(generation.state.snapshot(), generation.queue.queue_position(job)), gr.update()
     try:
@@ -223,13 +232,27 @@ def build_output_panel(tabname: str, buttons: Callable[[], Any] | None = None) -
 
 
 def connect_tab_helpers(top: Toprow, seeds: SeedControls, output: OutputPanel, services, *,
-                        interrupt: Callable[[], Any]) -> None:
-    """Interrupt and Skip, the seed buttons, the token counter and the styles' apply button."""
+                        on_interrupt: Callable[[Any], Any] | None = None) -> None:
+    """Interrupt and Skip (of the caller's own running job), the seed buttons, the token counter and the
+    styles' apply button. `on_interrupt(caller)` also stops what the tab runs outside the queue."""
     from modules.ui.styles_ui import connect_apply
 
     generation = services.generation
-    top.interrupt.click(interrupt, show_progress="hidden")
-    top.skip.click(lambda: generation.state.skip(), show_progress="hidden")
+
+    def control(request: gr.Request, action: str) -> None:
+        caller = ui_caller(services, request)
+        if action == "interrupt" and on_interrupt is not None:
+            on_interrupt(caller)
+        if generation.queue.control(caller, action) == "not yours":
+            gr.Warning(f"The running job is another user's: only its owner or an admin may {action} it.")
+
+    def do_interrupt(request: gr.Request) -> None:  # the name is the event's api_name
+        control(request, "interrupt")
+
+    def do_skip(request: gr.Request) -> None:
+        control(request, "skip")
+    top.interrupt.click(do_interrupt, show_progress="hidden")
+    top.skip.click(do_skip, show_progress="hidden")
     connect_seed_buttons(seed=seeds.seed, random_seed=seeds.random_seed, reuse_seed=seeds.reuse_seed,
                          generation_info=output.generation_info)
     connect_token_counter(generation, top.prompt, top.token_counter)

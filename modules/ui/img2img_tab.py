@@ -23,11 +23,13 @@ from PIL import Image
 from modules.core.img2img_batch import PNG_INFO_PROPS, run_batch
 from modules.core.infotext import INPAINT_AREAS, MASK_MODES
 from modules.core.masking import flatten, prepare_mask
+from modules.core.jobs import QueueFullError
 from modules.core.pipeline import MASKED_CONTENT, RESIZE_MODES, Img2ImgParams, ProcessingError
 from modules.services import Services
 from modules.ui.common import (POLL_SECONDS, ControlsBase, build_batch_controls, build_output_panel,
                                build_sampling_controls, build_seed_controls, build_toprow, connect_tab_helpers,
-                               error_updates, infotext_html, paste_targets, poll_job, progress_html, script_job)
+                               error_updates, infotext_html, paste_targets, poll_job, progress_html, script_job,
+                               ui_caller)
 from modules.core.styles import apply_styles_to_params
 from modules.ui import paste
 from modules.ui.styles_ui import StylesUi
@@ -209,12 +211,12 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
                                         {"mode": mode, "scale_tab": scale_tab, "styles": top.styles_ui.dropdown,
                                          "override_settings": top.override_settings, **inputs.values()})
 
-    def do_interrupt():  # the name is the event's api_name
-        for event in list(running_batches):
-            event.set()
-        services.generation.state.interrupt()
+    def stop_batches(caller: Any) -> None:  # the Batch tab's loops of the caller (an admin: all of them)
+        for event, owner in list(running_batches.items()):
+            if caller.admin or owner == caller.name:
+                event.set()
 
-    connect_tab_helpers(top, seeds, output, services, interrupt=do_interrupt)
+    connect_tab_helpers(top, seeds, output, services, on_interrupt=stop_batches)
     return Img2ImgUi(controls=controls, styles=top.styles_ui, override_settings=top.override_settings,
                      tabs=inputs.tabs, mode=mode, init_img=inputs.init_img, sketch=inputs.sketch,
                      inpaint=inputs.inpaint, inpaint_sketch=inputs.inpaint_sketch, upload_img=inputs.upload_img,
@@ -377,23 +379,24 @@ def _connect_mode_tabs(inputs: _ModeInputs, size: _SizeControls, mode: Any, scal
 
 
 def _connect_generate(services: Services, top: Any, controls: Img2ImgControls, script_runner: Any, output: Any,
-                      extra_inputs: dict[str, Any]) -> set[threading.Event]:
+                      extra_inputs: dict[str, Any]) -> dict[threading.Event, str | None]:
     """Generate: the sub-tab's image(s) or the Batch tab's folder -> jobs, polled into the output panel.
-    Returns the stop events of the running batches, for Interrupt."""
+    Returns the stop events of the running batches (with their owners), for Interrupt."""
     extra_names = list(extra_inputs)
     n_controls = len(controls.components())
-    running_batches: set[threading.Event] = set()
+    running_batches: dict[threading.Event, str | None] = {}
 
-    def run(*values):
+    def run(request: gr.Request, *values):
+        owner = ui_caller(services, request).name
         extra = dict(zip(extra_names, values[:len(extra_names)]))
         control_values = dict(zip(Img2ImgControls.names(), values[len(extra_names):len(extra_names) + n_controls]))
         script_args = list(values[len(extra_names) + n_controls:])
         overrides = paste.overrides_from_choices(extra["override_settings"], services.options)
         if int(extra["mode"] or 0) == 5:
             yield from _run_batch_mode(services, script_runner, running_batches, extra, control_values, overrides,
-                                       script_args)
+                                       script_args, owner)
         else:
-            yield from _run_one(services, script_runner, extra, control_values, overrides, script_args)
+            yield from _run_one(services, script_runner, extra, control_values, overrides, script_args, owner)
 
     top.generate.click(run, inputs=[*extra_inputs.values(), *controls.components(), *script_runner.script_inputs],
                        outputs=output.outputs(), concurrency_limit=None, show_progress="hidden")
@@ -401,7 +404,7 @@ def _connect_generate(services: Services, top: Any, controls: Img2ImgControls, s
 
 
 def _run_one(services: Services, script_runner: Any, extra: dict[str, Any], control_values: dict[str, Any],
-             overrides: dict[str, Any], script_args: list[Any]):
+             overrides: dict[str, Any], script_args: list[Any], owner: str | None = None):
     """One job on the sub-tab's image (and mask)."""
     generation = services.generation
     try:
@@ -416,16 +419,16 @@ def _run_one(services: Services, script_runner: Any, extra: dict[str, Any], cont
         apply_styles_to_params(params, services.styles, extra["styles"])
         params.validate(services.limits)
         job = generation.submit_img2img(params, override_settings=overrides,
-                                        script=script_job(script_runner, script_args))
-    except (ProcessingError, ValueError) as err:
+                                        script=script_job(script_runner, script_args), owner=owner)
+    except (ProcessingError, ValueError, QueueFullError) as err:
         yield error_updates(str(err))
         return
     yield from poll_job(generation, job)
 
 
-def _run_batch_mode(services: Services, script_runner: Any, running_batches: set[threading.Event],
+def _run_batch_mode(services: Services, script_runner: Any, running_batches: dict[threading.Event, str | None],
                     extra: dict[str, Any], control_values: dict[str, Any], overrides: dict[str, Any],
-                    script_args: list[Any]):
+                    script_args: list[Any], owner: str | None = None):
     """The Batch tab: run_batch in a thread (one queued job per file), its progress, then its summary."""
     generation = services.generation
     try:
@@ -451,12 +454,13 @@ def _run_batch_mode(services: Services, script_runner: Any, running_batches: set
                 scale_by=float(control_values["scale_by"]) if extra["scale_tab"] == 1 else None,
                 should_stop=stop.is_set,
                 on_file=lambda i, n, name: where.update(file=f"file {i + 1}/{n}: {name}"),
-                submit_kwargs={"override_settings": overrides, "script": script_job(script_runner, script_args)},
+                submit_kwargs={"override_settings": overrides, "script": script_job(script_runner, script_args),
+                               "owner": owner},
                 root=None if services.limits.allow_dir_config else services.paths.data_dir)
         except Exception as err:  # noqa: BLE001 - shown to the user
             outcome["error"] = err
 
-    running_batches.add(stop)
+    running_batches[stop] = owner
     thread = threading.Thread(target=work, name="img2img-batch", daemon=True)
     thread.start()
     try:
@@ -466,7 +470,7 @@ def _run_batch_mode(services: Services, script_runner: Any, running_batches: set
             yield (gr.update(), "", f"<div class='progress-text'>Batch: {text}</div>"
                    + progress_html(generation.state.snapshot(), 0), gr.update())
     finally:
-        running_batches.discard(stop)
+        running_batches.pop(stop, None)
     yield _batch_summary_updates(outcome)
 
 

@@ -7,11 +7,12 @@ from typing import Any
 import gradio as gr
 
 from modules.engine import sampler_catalog as samplers
+from modules.core.jobs import QueueFullError
 from modules.core.pipeline import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, HiresParams, ProcessingError, Txt2ImgParams
 from modules.services import Services
 from modules.ui.common import (ControlsBase, build_batch_controls, build_output_panel, build_sampling_controls,
                                build_seed_controls, build_toprow, connect_tab_helpers, error_updates, paste_targets,
-                               poll_job, script_job)
+                               poll_job, script_job, ui_caller)
 from modules.core.styles import apply_styles_to_params
 from modules.ui import paste
 
@@ -105,7 +106,7 @@ def build_txt2img_tab(services: Services) -> Txt2ImgUi:
     controls = Txt2ImgControls(prompt=top.prompt, negative_prompt=top.negative_prompt, **sampling, width=width,
                                height=height, **batch, cfg_scale=cfg_scale, **seeds.controls(), **hires)
     _connect_generate(services, top, controls, script_runner, output, gallery_index)
-    connect_tab_helpers(top, seeds, output, services, interrupt=lambda: services.generation.state.interrupt())
+    connect_tab_helpers(top, seeds, output, services)
     send_to_img2img, send_to_inpaint = output.buttons
     return Txt2ImgUi(controls=controls, styles=top.styles_ui, override_settings=top.override_settings,
                      paste_button=top.paste_button, send_to_img2img=send_to_img2img, send_to_inpaint=send_to_inpaint,
@@ -154,15 +155,16 @@ def _connect_generate(services: Services, top: Any, controls: Txt2ImgControls, s
     generation = services.generation
     n_controls = len(controls.components())
 
-    def run(styles, overrides, *values):
+    def run(request: gr.Request, styles, overrides, *values):
         try:
             params = Txt2ImgControls.to_params(list(values[:n_controls]))
             script_args = list(values[n_controls:])
             apply_styles_to_params(params, services.styles, styles)
             params.validate(services.limits)
             job = generation.submit_txt2img(params, override_settings=paste.overrides_from_choices(
-                overrides, services.options), script=script_job(script_runner, script_args))
-        except (ProcessingError, ValueError) as err:
+                overrides, services.options), script=script_job(script_runner, script_args),
+                owner=ui_caller(services, request).name)
+        except (ProcessingError, ValueError, QueueFullError) as err:
             yield error_updates(str(err))
             return
         yield from poll_job(generation, job)
