@@ -140,7 +140,7 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     lim.add_argument("--hide-ui-dir-config", action="store_true", help="lock output folders, file name patterns, formats and batch folders in the UI even on a local server")
     lim.add_argument("--max-pixels", type=int, default=None, help="largest output image in pixels, width x height (default 4194304 = 2048x2048)")
     lim.add_argument("--max-steps", type=int, default=None, help="most sampling steps (default 150)")
-    lim.add_argument("--max-images", type=int, default=None, help="most images per request, batch size x batch count (default 64)")
+    lim.add_argument("--max-images", type=int, default=None, help="most images per request, batch size x batch count (default 800, A1111's UI maximum of 8 x 100)")
     lim.add_argument("--max-xyz-cells", type=int, default=None, help="most cells of one X/Y/Z plot (default 256)")
     lim.add_argument("--max-prompt-length", type=int, default=None, help="most characters in a prompt or negative prompt (default 20000)")
     lim.add_argument("--max-input-images", type=int, default=None, help="most input images per request: init images, extras batch (default 16)")

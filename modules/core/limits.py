@@ -34,7 +34,7 @@ class Limits:
     max_pixels: int = 2048 * 2048           # output width x height (also hires target, extras, seed resize)
     max_side: int = 4096                    # one side of an output image (raised with --max-pixels)
     max_steps: int = 150
-    max_images: int = 64                    # batch size x batch count
+    max_images: int = 800                   # batch size x batch count (A1111's UI allows 8 x 100)
     max_xyz_cells: int = 256
     max_prompt_length: int = 20_000         # characters, prompt and negative prompt each
     max_input_images: int = 16              # init images, extras batch

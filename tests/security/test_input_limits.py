@@ -73,7 +73,7 @@ def _bomb_png_b64(width: int = 100_000, height: int = 100_000) -> str:
     ({"width": 2048, "height": 4096}, "width x height"),
     ({"steps": 151}, "steps"),
     ({"steps": 100000}, "steps"),
-    ({"batch_size": 8, "n_iter": 9}, "n_iter"),
+    ({"batch_size": 8, "n_iter": 101}, "n_iter"),
     ({"n_iter": 100000}, "n_iter"),
     ({"seed_resize_from_w": 8192, "seed_resize_from_h": 8192}, "seed_resize_from"),
     ({"enable_hr": True, "hr_scale": 8, "width": 512, "height": 512}, "hires target"),
@@ -261,7 +261,7 @@ def test_flags_raise_the_limits():
     from modules.core.limits import Limits
 
     default = Limits.from_opts(parse_args([], env={}).opts)
-    assert (default.max_pixels, default.max_steps, default.max_images, default.max_xyz_cells) == (2048 * 2048, 150, 64, 256)
+    assert (default.max_pixels, default.max_steps, default.max_images, default.max_xyz_cells) == (2048 * 2048, 150, 800, 256)
     assert (default.max_prompt_length, default.max_input_images, default.max_body_bytes) == (20_000, 16, 50 * 1024 * 1024)
     raised = Limits.from_opts(parse_args(["--max-pixels", "16777216", "--max-steps", "300", "--max-images", "100",
                                           "--max-xyz-cells", "1000", "--max-prompt-length", "50000",
