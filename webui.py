@@ -250,6 +250,14 @@ def main(argv: list[str] | None = None) -> int:
         print(notice, file=sys.stderr)
     if opts.exit or opts.test:
         return 0  # launcher-only modes; webui.sh acts on them before we run
+    refusal = cmd_args.login_required_error(opts)
+    if refusal:
+        print(f"webui: error: {refusal}", file=sys.stderr)
+        return 2
+    exposure = cmd_args.network_exposure(opts)
+    if exposure and not cmd_args.has_login(opts):
+        print(f"Warning: {exposure} with --insecure-no-auth: anyone who can reach this server can use it, "
+              f"including everything the API can do.", file=sys.stderr)
     try:
         if opts.share:
             print("Note: --share needs Gradio's public tunnel, which this server does not use; use --listen to reach it on your network.", file=sys.stderr)
