@@ -256,6 +256,28 @@ def is_non_local(opts: argparse.Namespace) -> bool:
     return bool(opts.listen or opts.share or opts.server_name)
 
 
+# Flags whose values are secrets: never shown (GET /sdapi/v1/cmd-flags, logs). Besides these, any
+# flag (an extension's too) whose name says password, token, secret or key is redacted; file
+# paths (--tls-keyfile, --gradio-auth-path) are not secrets.
+SECRET_FLAGS = frozenset({"gradio_auth", "api_auth"})
+SECRET_WORDS = ("password", "passwd", "token", "secret", "apikey", "api_key", "credential")
+NOT_SECRET_SUFFIXES = ("_path", "_file", "_keyfile", "_dir")
+REDACTED = "***"
+
+
+def is_secret_flag(name: str) -> bool:
+    name = name.lower()
+    if name in SECRET_FLAGS:
+        return True
+    return any(w in name for w in SECRET_WORDS) and not name.endswith(NOT_SECRET_SUFFIXES)
+
+
+def public_flags(opts: argparse.Namespace) -> dict:
+    """The flags as parsed, with every secret value replaced by "***" (unset ones stay None/empty)."""
+    return {key: (REDACTED if value and not isinstance(value, (bool, int, float)) and is_secret_flag(key) else value)
+            for key, value in vars(opts).items()}
+
+
 def is_loopback_name(name: str) -> bool:
     """localhost, ::1 or any 127.x address: only this machine can connect there."""
     import ipaddress
