@@ -62,17 +62,17 @@ def te_g():
 
 @pytest.fixture()
 def sd1(tok_l, te_l):
-    return C.PromptEncoder.from_components(tok_l, te_l, family_kind="sd1")
+    return C.PromptEncoder.from_components(tok_l, te_l, family="sd1")
 
 
 @pytest.fixture()
 def sd2(tok_oc, te_h):
-    return C.PromptEncoder.from_components(tok_oc, te_h, family_kind="sd2-v")
+    return C.PromptEncoder.from_components(tok_oc, te_h, family="sd2-v")
 
 
 @pytest.fixture()
 def sdxl(tok_l, te_l, tok_oc, te_g):
-    return C.PromptEncoder.from_components(tok_l, te_l, tok_oc, te_g, family_kind="sdxl")
+    return C.PromptEncoder.from_components(tok_l, te_l, tok_oc, te_g, family="sdxl")
 
 
 def _ids(tok, text, pad):
@@ -114,14 +114,14 @@ def test_weight_scales_only_that_token_then_renormalises(sd1, tok_l):
 
 
 def test_no_norm_and_ignore_emphasis(tok_l, te_l):
-    no_norm = C.PromptEncoder.from_components(tok_l, te_l, family_kind="sd1",
+    no_norm = C.PromptEncoder.from_components(tok_l, te_l, family="sd1",
                                               options=C.ConditioningOptions(emphasis="No norm"))
     plain = no_norm.encode_text("a cat photo").embeds[0]
     weighted = no_norm.encode_text("a (cat:1.5) photo").embeds[0]
     cat = _pos(tok_l, "a cat photo", "cat")
     torch.testing.assert_close(weighted[cat], plain[cat] * 1.5)
     assert torch.equal(weighted[:cat], plain[:cat])
-    ignore = C.PromptEncoder.from_components(tok_l, te_l, family_kind="sd1",
+    ignore = C.PromptEncoder.from_components(tok_l, te_l, family="sd1",
                                              options=C.ConditioningOptions(emphasis="Ignore"))
     assert torch.equal(ignore.encode_text("a (cat:1.5) photo").embeds, ignore.encode_text("a cat photo").embeds)
 
@@ -183,7 +183,7 @@ def test_comma_padding_backtrack(tok_l, te_l, sd1):
     assert t.token_count == 95
     far = "cat " * 50 + ", " + "dog " * 30  # comma 25 tokens before the edge: no backtrack
     assert [len(c.tokens) for c in sd1.tokenize(far).chunks] == [75, 6]
-    off = C.PromptEncoder.from_components(tok_l, te_l, family_kind="sd1",
+    off = C.PromptEncoder.from_components(tok_l, te_l, family="sd1",
                                           options=C.ConditioningOptions(comma_padding_backtrack=0))
     assert [len(c.tokens) for c in off.tokenize(near).chunks] == [75, 6]
     # the carried tokens keep their weights
@@ -258,7 +258,7 @@ def test_sdxl_empty_negative_is_zero(sdxl):
 
 
 def test_refiner_uses_te2_only(tok_oc, te_g, sdxl):
-    ref = C.PromptEncoder.from_components(None, None, tok_oc, te_g, family_kind="sdxl-refiner")
+    ref = C.PromptEncoder.from_components(None, None, tok_oc, te_g, family="sdxl-refiner")
     assert len(ref.encoders) == 1 and ref.width == 128
     out = ref.encode_text("a photo of a cat")
     full = sdxl.encode_text("a photo of a cat")
@@ -268,14 +268,14 @@ def test_refiner_uses_te2_only(tok_oc, te_g, sdxl):
 
 
 def test_family_ids_map_to_text_sides(tok_l, te_l, tok_oc, te_h, te_g):
-    assert C.PromptEncoder.from_components(tok_l, te_l, family_kind="sd1-inpaint").family == "sd1"
-    assert C.PromptEncoder.from_components(tok_oc, te_h, family_kind="sd2-depth").family == "sd2"
-    xl = C.PromptEncoder.from_components(tok_l, te_l, tok_oc, te_g, family_kind="sdxl-inpaint")
+    assert C.PromptEncoder.from_components(tok_l, te_l, family="sd1-inpaint").family == "sd1"
+    assert C.PromptEncoder.from_components(tok_oc, te_h, family="sd2-depth").family == "sd2"
+    xl = C.PromptEncoder.from_components(tok_l, te_l, tok_oc, te_g, family="sdxl-inpaint")
     assert xl.family == "sdxl" and xl.zero_empty_negative
     with pytest.raises(ValueError):
-        C.PromptEncoder.from_components(tok_l, te_l, family_kind="flux")
+        C.PromptEncoder.from_components(tok_l, te_l, family="flux")
     with pytest.raises(ValueError):
-        C.PromptEncoder.from_components(tok_l, te_l, family_kind="sdxl")
+        C.PromptEncoder.from_components(tok_l, te_l, family="sdxl")
 
 
 # --------------------------------------------------------------------------- schedules
@@ -331,7 +331,7 @@ def test_sdxl_schedule_carries_pooled(sdxl):
 
 
 def test_cache_hit_does_not_reencode(tok_l, te_l):
-    enc = C.PromptEncoder.from_components(tok_l, te_l, family_kind="sd1")
+    enc = C.PromptEncoder.from_components(tok_l, te_l, family="sd1")
     calls = []
     handle = te_l.register_forward_pre_hook(lambda *a, **k: calls.append(1))
     try:
@@ -350,7 +350,7 @@ def test_cache_hit_does_not_reencode(tok_l, te_l):
         assert len(calls) == 4
     finally:
         handle.remove()
-    small = C.PromptEncoder.from_components(tok_l, te_l, family_kind="sd1", cache_size=2)
+    small = C.PromptEncoder.from_components(tok_l, te_l, family="sd1", cache_size=2)
     for p in ("a", "b", "c"):
         small.encode_text(p)
     assert small.cache_info().size == 2

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modules.engine.latent_preview import approx_rgb, family_of
+from modules.engine.latent_preview import approx_rgb, latent_format_of
+from modules.models.families import SD_LATENT, SDXL_LATENT, get_family
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
@@ -37,7 +38,7 @@ def test_known_colours():
     # Zero latents: SD gives mid grey, SDXL gives grey shifted by its bias.
     zero = torch.zeros(1, 4, 2, 2)
     assert approx_rgb(zero, "sd")[0].getpixel((0, 0)) == (128, 128, 128)
-    r, g, b = approx_rgb(zero, "sdxl")[0].getpixel((0, 0))
+    r, g, b = approx_rgb(zero, get_family("sdxl-inpaint").latent)[0].getpixel((0, 0))
     assert (r, g, b) == (round((0.1084 + 1) * 127.5), round((-0.0175 + 1) * 127.5), round((-0.0011 + 1) * 127.5))
     # Channel 0 alone pushes every colour up with SD's factors.
     one = torch.zeros(1, 4, 1, 1)
@@ -47,9 +48,10 @@ def test_known_colours():
 
 
 def test_family_names_and_bad_shapes():
-    assert family_of("sd1") == "sd" and family_of("SD2-v") == "sd"
-    assert family_of("sdxl") == "sdxl" and family_of("sdxl-refiner") == "sdxl"
+    assert latent_format_of("sd1") is SD_LATENT and latent_format_of("SD2-v") is SD_LATENT
+    assert latent_format_of("sdxl") is SDXL_LATENT and latent_format_of("sdxl-refiner") is SDXL_LATENT
+    assert latent_format_of("sd") is SD_LATENT
     with pytest.raises(ValueError):
-        family_of("flux")
+        latent_format_of("flux")
     with pytest.raises(ValueError):
         approx_rgb(torch.zeros(1, 16, 4, 4), "sd")

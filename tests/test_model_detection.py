@@ -90,7 +90,7 @@ def _assert_configs_match(spec: md.ModelSpec, family: str, **tiny_kw) -> None:
     u, want = spec.unet_config, cfgs["unet"]
     for key in ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "cross_attention_dim",
                 "down_block_types", "up_block_types", "use_linear_projection", "attention_head_dim",
-                "addition_embed_type", "projection_class_embeddings_input_dim"):
+                "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim"):
         if key in want:
             assert _norm(u.get(key)) == _norm(want[key]), (family, key)
     tl_want = want.get("transformer_layers_per_block", 1)
@@ -123,7 +123,7 @@ def test_family_and_configs_from_keys(tmp_path_factory, family):
     assert spec.supported, spec.reason
     assert spec.family == _expected_family_from_keys(family)
     assert spec.detected_by == "keys"
-    assert spec.is_sdxl == family.startswith("sdxl")
+    assert spec.family_info.is_sdxl == family.startswith("sdxl")
     assert spec.is_inpaint == family.endswith("inpaint")
     assert spec.needs_v_probe == (family in ("sd2", "sd2-v"))
     assert spec.prediction_type == "epsilon"
@@ -178,6 +178,26 @@ def test_non_standard_widths_and_text_encoder_are_inferred(tmp_path_factory):
     _assert_configs_match(spec, "sd1", **kw)
     assert spec.text_encoder_config["num_attention_heads"] == 2  # head_dim 64
     assert any("non-standard UNet" in n for n in spec.notes)
+
+
+@pytest.mark.parametrize("family, dim", [("sdxl", 8), ("sdxl-refiner", 16)])
+def test_sdxl_time_embedding_width_is_read_from_the_weights(tmp_path_factory, family, dim):
+    """addition_time_embed_dim = (add-embedding input - pooled text width) / number of time ids, not a fixed 256."""
+    ck = tiny_checkpoint(tmp_path_factory, family, addition_time_embed_dim=dim)
+    spec = md.identify(ck.path, None)
+    assert spec.supported, spec.reason
+    assert spec.unet_config["addition_time_embed_dim"] == dim
+    _assert_configs_match(spec, family, addition_time_embed_dim=dim)
+    with_yaml = md.identify(ck.path, ck.yaml_path)  # the tiny yaml agrees; the width still comes from the weights
+    assert with_yaml.detected_by == "yaml" and with_yaml.unet_config["addition_time_embed_dim"] == dim
+
+
+def test_sdxl_add_embedding_that_fits_no_time_id_width_is_refused(tmp_path_factory):
+    shapes = _shapes(tiny_checkpoint(tmp_path_factory, "sdxl"))
+    out, width = shapes["model.diffusion_model.label_emb.0.0.weight"]
+    shapes["model.diffusion_model.label_emb.0.0.weight"] = (out, width + 1)  # pooled 128 + 6 x 256 + 1
+    spec = md.detect(shapes)
+    assert not spec.supported and "size/crop embedding takes" in spec.reason
 
 
 def test_pruned_unet_without_mid_block_and_one_resnet_per_level():

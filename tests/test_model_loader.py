@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from modules.models import devices, detection as md, loader as ml
 from modules.models.devices import DevicePolicy, cpu_policy, select_device_policy
+from modules.models.families import get_family
 from modules.models.loader import LoadedModel, ModelManager, UnsupportedCheckpointError
 from modules.models.weights_io import CheckpointLoadError
 from tests import tiny_models as tm
@@ -34,7 +35,7 @@ def _render(lm: LoadedModel, steps: int = 2) -> np.ndarray:
     kw: dict = dict(prompt="a photo of a cat", num_inference_steps=steps, generator=g, output_type="np",
                     guidance_scale=1.0)
     spec = lm.spec
-    if spec.is_refiner:
+    if spec.family == "sdxl-refiner":  # an img2img pipeline
         kw.update(image=img, strength=1.0)
     elif spec.is_depth:
         kw.update(image=img, strength=1.0, depth_map=torch.rand(1, PX, PX, generator=g))
@@ -75,7 +76,7 @@ def test_family_loads_and_renders(tmp_path_factory, family):
     lm = ml.load_model(ck.path, spec, cpu_policy())
     assert lm.family == family if family != "sd2-v" else lm.family == "sd2-v"
     pipe = lm.pipe
-    assert type(pipe).__name__ == ml._PIPELINES[family]
+    assert type(pipe).__name__ == get_family(family).pipeline_class
     if hasattr(pipe, "safety_checker"):
         assert pipe.safety_checker is None
     if family == "sd2":
@@ -92,6 +93,15 @@ def test_family_loads_and_renders(tmp_path_factory, family):
     assert image.shape == (1, PX, PX, 3) and np.isfinite(image).all()
     lm.unload()
     assert lm.pipe is None and not lm.components
+
+
+def test_sdxl_with_a_non_standard_time_embedding_loads_and_renders(tmp_path_factory):
+    ck = tiny_checkpoint(tmp_path_factory, "sdxl", addition_time_embed_dim=8)
+    lm = ml.load_model(ck.path, md.identify(ck.path, None), cpu_policy())
+    assert lm.pipe.unet.config.addition_time_embed_dim == 8
+    _assert_weights_equal(lm, ck)
+    image = _render(lm)
+    assert image.shape == (1, PX, PX, 3) and np.isfinite(image).all()
 
 
 def test_ckpt_loads_through_the_safe_reader(tmp_path_factory, monkeypatch):

@@ -21,12 +21,12 @@ from tiny_models import make_checkpoint
 SMALL = dict(width=64, height=64, steps=3, cfg_scale=7.0)
 
 
-def make_services(data_dir: Path, *families: str, extra_args: tuple[str, ...] = ()):
+def make_services(data_dir: Path, *families: str, extra_args: tuple[str, ...] = (), **checkpoint_kw):
     opts = parse_args(["--data-dir", str(data_dir), *extra_args], env={}).opts
     paths = AppPaths.from_opts(opts)
     paths.ensure_user_dirs()
     for family in families:
-        make_checkpoint(paths.ckpt_dir / f"tiny-{family}.safetensors", family, yaml=family == "sd2-v")
+        make_checkpoint(paths.ckpt_dir / f"tiny-{family}.safetensors", family, yaml=family == "sd2-v", **checkpoint_kw)
     options = Options(paths.config_file, default_templates())
     options.load()
     return build_services(opts, paths, options)
@@ -188,6 +188,17 @@ def test_each_family_renders_two_steps_through_processing(tmp_path, family):
         assert pixels(result.images[0]).std() > 0
         model = services.models.loaded_model
         assert model.spec.family == family
+    finally:
+        services.generation.queue.shutdown()
+
+
+def test_sdxl_with_a_non_standard_time_embedding_renders_through_processing(tmp_path):
+    """The time ids are embedded at the width the weights have (8 here, 256 in real SDXL)."""
+    services = make_services(tmp_path, "sdxl", addition_time_embed_dim=8)
+    try:
+        result = services.generation.txt2img(Txt2ImgParams(prompt="a cat", seed=5, width=64, height=64, steps=2))
+        assert result.images[0].size == (64, 64) and pixels(result.images[0]).std() > 0
+        assert services.models.loaded_model.pipe.unet.config.addition_time_embed_dim == 8
     finally:
         services.generation.queue.shutdown()
 

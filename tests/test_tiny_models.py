@@ -240,6 +240,17 @@ def test_diffusers_detects_tiny_sdxl_and_inpaint(tiny):
         assert infer_diffusers_model_type(tiny(family).ldm_state_dict) == mtype, family
 
 
+def test_diffusers_loads_a_non_standard_sdxl_time_embedding(tmp_path):
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    ck = tm.make_checkpoint(tmp_path / "t8.safetensors", "sdxl", addition_time_embed_dim=8)
+    assert infer_diffusers_model_type(ck.ldm_state_dict) == "xl_base"
+    loaded = _load_components(ck)
+    assert loaded["unet"].config.addition_time_embed_dim == 8
+    for comp, ref in ck.diffusers_state_dicts.items():
+        _assert_same(loaded[comp].state_dict(), ref, f"t8/{comp}")
+
+
 def test_ckpt_pickle_and_sidecar_yaml(tmp_path):
     ck = tm.make_checkpoint(tmp_path / "m" / "old.ckpt", "sd2", fmt="ckpt", yaml=True, seed=3)
     assert ck.yaml_path == tmp_path / "m" / "old.yaml" and ck.config_dir.is_dir()

@@ -1,6 +1,6 @@
 """Tiny, seeded-random Stable Diffusion checkpoints in the real A1111 single-file layout.
 
-For every family id of modules.sd_configs, `make_checkpoint` builds tiny diffusers
+For every family id of modules.models.families, `make_checkpoint` builds tiny diffusers
 components (same structure and conventions as the real models, tiny widths),
 converts them to the LDM key layout that A1111 checkpoints use and writes a
 `.safetensors` (or pickled `.ckpt`) file plus a tiny diffusers config dir beside it.
@@ -98,12 +98,14 @@ def _as_pair(v, default):
     return (v, default[1])
 
 
-def tiny_configs(family: str, *, unet_block_out_channels=None, te_width=None, te_layers=None) -> dict:
+def tiny_configs(family: str, *, unet_block_out_channels=None, te_width=None, te_layers=None,
+                 addition_time_embed_dim=None) -> dict:
     """Tiny diffusers config dicts {component: config} derived from the shipped real ones.
 
     te_width / te_layers apply to the first (or only) text encoder; for SDXL pass a
     pair to set both encoders. For SD2, te_layers counts diffusers layers (the LDM
-    file gets one more).
+    file gets one more). addition_time_embed_dim (SDXL families) sets the width of each
+    time-id embedding (stock 256) and the add-embedding's input width with it.
     """
     fam = get_family(family)
     real = _read_real_configs(family)
@@ -138,10 +140,14 @@ def tiny_configs(family: str, *, unet_block_out_channels=None, te_width=None, te
                 _diffusers_version="0.42.1")
     if not family.startswith("sd1"):
         unet["attention_head_dim"] = [_heads(c) for c in boc]
+    if addition_time_embed_dim is not None and not fam.time_ids.n_ids:
+        raise ValueError(f"{family} has no time ids: addition_time_embed_dim is for SDXL families")
     if fam.is_sdxl:
         tlpb = real["unet"]["transformer_layers_per_block"]
         unet["transformer_layers_per_block"] = 2 if isinstance(tlpb, int) else [1] + [2] * (len(boc) - 1)
-        n_time_ids = 5 if family == "sdxl-refiner" else 6
+        if addition_time_embed_dim is not None:
+            unet["addition_time_embed_dim"] = int(addition_time_embed_dim)
+        n_time_ids = fam.time_ids.n_ids
         unet["projection_class_embeddings_input_dim"] = (
             widths["text_encoder_2"] + n_time_ids * unet["addition_time_embed_dim"])
     out["unet"] = unet
@@ -167,7 +173,7 @@ def tiny_config_dir(family: str, dest, *, with_tokenizers: bool = False, **shape
     """Write the tiny diffusers config dir for `family` at `dest` (created) and return it.
 
     Like the shipped dirs it holds no tokenizer files unless with_tokenizers=True;
-    pass `modules.sd_configs.load_tokenizers(family)` to from_single_file instead.
+    pass `modules.models.families.load_tokenizers(family)` to from_single_file instead.
     """
     return _write_config_dir(tiny_configs(family, **shape_overrides), Path(dest), family, with_tokenizers)
 
@@ -454,6 +460,9 @@ def _tiny_yaml(family: str, cfgs: dict) -> str:
         up["transformer_depth"] = u["transformer_layers_per_block"]
     if "adm_in_channels" in up:
         up["adm_in_channels"] = u["projection_class_embeddings_input_dim"]
+        for emb in params["conditioner_config"]["params"]["emb_models"]:
+            if "outdim" in emb.get("params", {}):  # the time-id embedders
+                emb["params"]["outdim"] = u["addition_time_embed_dim"]
     dd = params["first_stage_config"]["params"]["ddconfig"]
     vb = v["block_out_channels"]
     dd["ch"] = vb[0]
@@ -464,7 +473,7 @@ def _tiny_yaml(family: str, cfgs: dict) -> str:
 
 
 def make_checkpoint(path, family: str, *, fmt: str = "safetensors", yaml: bool = False, seed: int = 0,
-                    unet_block_out_channels=None, te_width=None, te_layers=None,
+                    unet_block_out_channels=None, te_width=None, te_layers=None, addition_time_embed_dim=None,
                     dtype: torch.dtype | None = None) -> TinyCheckpoint:
     """Write a tiny A1111-layout checkpoint for `family` at `path`.
 
@@ -475,7 +484,7 @@ def make_checkpoint(path, family: str, *, fmt: str = "safetensors", yaml: bool =
     path = Path(path)
     get_family(family)
     cfgs = tiny_configs(family, unet_block_out_channels=unet_block_out_channels,
-                        te_width=te_width, te_layers=te_layers)
+                        te_width=te_width, te_layers=te_layers, addition_time_embed_dim=addition_time_embed_dim)
     models = build_components(cfgs, seed=seed, dtype=dtype)
     ldm = components_to_ldm(family, models, cfgs, seed=seed)
     _save(ldm, path, fmt)

@@ -173,8 +173,8 @@ class GenerationService:
     def _preview_fn(model):
         from modules.engine.latent_preview import approx_rgb
 
-        kind = "sdxl" if model.spec.is_sdxl else "sd"
-        return lambda latents: approx_rgb(latents, kind)
+        latent = model.spec.family_info.latent
+        return lambda latents: approx_rgb(latents, latent)
 
     def saver(self, kind: str, options: Options | OptionsSnapshot | None = None):
         options, paths = options or self.current_options(), self.paths
@@ -197,9 +197,9 @@ class GenerationService:
     def count_tokens(self, text: str) -> tuple[int, int]:
         """Tokens used and the limit of the chunks they fill (A1111's "12/75"), without a model."""
         from modules.engine import conditioning
-        from modules.models import families as sd_configs
+        from modules.models import families
 
         if self._counting_tokenizer is None:  # CLIP-L and OpenCLIP share one vocab, so one tokenizer counts for all
-            self._counting_tokenizer = sd_configs.load_tokenizer("clip-l")
+            self._counting_tokenizer = families.load_tokenizer("clip-l")
         counted = conditioning.count_prompt_tokens(text, self._counting_tokenizer)
         return counted.count, counted.max_length

@@ -17,7 +17,8 @@ What happens to one prompt (A1111 v1.10 behaviour):
 4. Each token's hidden state is multiplied by its weight; the "Original" emphasis mode then
    rescales the chunk so its mean is what it was before weighting.
 
-Which hidden state each family uses (``clip_skip`` is A1111's ``CLIP_stop_at_last_layers``):
+Which hidden state each family uses (``clip_skip`` is A1111's ``CLIP_stop_at_last_layers``); the
+policies live on the text-encoder slots of the family records (``modules/models/families.py``):
 
 =============  ==========================================================================
 sd1            CLIP-L ``hidden_states[-clip_skip]`` + final layer norm (clip skip 1 is the
@@ -53,13 +54,14 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from modules.engine import prompt_parser
+# LayerPolicy is the family registry's (the records hold each encoder's policy), re-exported here.
+from modules.models.families import FamilyInfo, LayerPolicy, TextEncoderSlot, get_family
 
 __all__ = [
     "CHUNK_LENGTH",
     "DEFAULT_COMMA_PADDING_BACKTRACK",
     "EMPHASIS_MODES",
     "EncoderKind",
-    "FamilyKind",
     "LayerPolicy",
     "EncoderSlot",
     "TextEncoderSpec",
@@ -93,33 +95,11 @@ Ignore = parse the brackets but apply no weights; None = brackets are literal te
 ``BREAK`` is an ordinary word)."""
 
 EncoderKind = Literal["clip-l", "openclip", "openclip-g-proj"]
-FamilyKind = Literal["sd1", "sd2", "sdxl", "sdxl-refiner"]
-ClipSkipMode = Literal["always", "never", "opt-in"]
 
 
 # ---------------------------------------------------------------------------
 # Encoder description
 # ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LayerPolicy:
-    """Which hidden state an encoder contributes.
-
-    ``layer`` counts from the end of transformers' ``hidden_states`` (1 = output of the model's
-    last block). ``clip_skip``: "always" means clip skip N selects ``hidden_states[-N]``
-    instead of ``layer``; "opt-in" does so only with ``ConditioningOptions.sdxl_clip_l_skip``;
-    "never" ignores clip skip.
-    """
-
-    layer: int = 1
-    final_layer_norm: bool = True
-    clip_skip: ClipSkipMode = "always"
-
-    def select(self, clip_skip: int, sdxl_clip_l_skip: bool) -> int:
-        if self.clip_skip == "always" or (self.clip_skip == "opt-in" and sdxl_clip_l_skip):
-            return clip_skip
-        return self.layer
 
 
 # Defaults per kind, when an EncoderSlot is built without a policy.
@@ -466,14 +446,22 @@ class _LRU:
 # ---------------------------------------------------------------------------
 
 
-def _base_family(family: str) -> FamilyKind:
-    """Map any sd_configs family id (sd1-inpaint, sd2-v, sdxl-inpaint, ...) to its text side."""
-    if family == "sdxl-refiner":
-        return "sdxl-refiner"
-    for base in ("sdxl", "sd2", "sd1"):
-        if family == base or family.startswith(base + "-"):
-            return base  # type: ignore[return-value]
-    raise ValueError(f"unknown model family {family!r} for text conditioning")
+def _family_record(family: FamilyInfo | str) -> FamilyInfo:
+    if isinstance(family, FamilyInfo):
+        return family
+    try:
+        return get_family(family)
+    except KeyError as exc:
+        raise ValueError(f"{exc.args[0]} (text conditioning)") from None
+
+
+def _encoder_kind(slot: TextEncoderSlot) -> EncoderKind:
+    """Padding follows the tokenizer kind; the pooled encoder is the projection model."""
+    return "openclip-g-proj" if slot.pooled else slot.tokenizer
+
+
+def _first(*candidates):
+    return next((c for c in candidates if c is not None), None)
 
 
 def _final_layer_norm(model) -> torch.nn.Module:
@@ -529,41 +517,34 @@ class PromptEncoder:
         tokenizer_2=None,
         text_encoder_2=None,
         *,
-        family_kind: str,
+        family: FamilyInfo | str,
         options: ConditioningOptions | None = None,
         cache_size: int = 32,
     ) -> PromptEncoder:
-        """Build from diffusers pipeline components; ``family_kind`` is sd1 / sd2 / sdxl /
-        sdxl-refiner or any sd_configs family id (sd2-v, sdxl-inpaint, ...)."""
-        base = _base_family(family_kind)
-        if base == "sd1":
-            slots = [EncoderSlot(tokenizer, text_encoder, "clip-l", LayerPolicy(1, True, "always"))]
-        elif base == "sd2":
-            # diffusers' SD2 text encoder has 23 blocks: its last output *is* OpenCLIP's penultimate.
-            slots = [EncoderSlot(tokenizer, text_encoder, "openclip", LayerPolicy(1, True, "never"))]
-        elif base == "sdxl":
-            if text_encoder_2 is None or tokenizer_2 is None:
-                raise ValueError("SDXL needs tokenizer_2 and text_encoder_2")
-            slots = [
-                EncoderSlot(tokenizer, text_encoder, "clip-l", LayerPolicy(2, False, "opt-in")),
-                EncoderSlot(tokenizer_2, text_encoder_2, "openclip-g-proj", LayerPolicy(2, False, "never")),
-            ]
-        else:  # the refiner pipeline has only the *_2 components; accept either naming
-            tok = tokenizer_2 if tokenizer_2 is not None else tokenizer
-            te = text_encoder_2 if text_encoder_2 is not None else text_encoder
-            slots = [EncoderSlot(tok, te, "openclip-g-proj", LayerPolicy(2, False, "never"))]
-        for slot in slots:
-            if slot.tokenizer is None or slot.text_model is None:
-                raise ValueError(f"{family_kind}: missing tokenizer or text encoder")
-        return cls(slots, options=options, zero_empty_negative=base in ("sdxl", "sdxl-refiner"),
-                   cache_size=cache_size, family=base)
+        """Build from diffusers pipeline components: one encoder per text-encoder slot of the family
+        record (``family``: the record or a family id such as ``sd2-v``)."""
+        fam = _family_record(family)
+        given = {"tokenizer": tokenizer, "text_encoder": text_encoder,
+                 "tokenizer_2": tokenizer_2, "text_encoder_2": text_encoder_2}
+        lone = len(fam.text.slots) == 1
+        encoders = []
+        for slot in fam.text.slots:
+            tok, te = given[slot.tokenizer_component], given[slot.component]
+            if lone:  # the refiner pipeline names its one encoder *_2; accept either naming
+                tok = _first(tok, tokenizer, tokenizer_2)
+                te = _first(te, text_encoder, text_encoder_2)
+            if tok is None or te is None:
+                raise ValueError(f"{fam.id}: missing {slot.tokenizer_component} or {slot.component}")
+            encoders.append(EncoderSlot(tok, te, _encoder_kind(slot), slot.layer))
+        return cls(encoders, options=options, zero_empty_negative=fam.text.zero_empty_negative,
+                   cache_size=cache_size, family=fam.text.name)
 
     @classmethod
-    def from_pipeline(cls, pipe, *, family_kind: str, **kwargs) -> PromptEncoder:
+    def from_pipeline(cls, pipe, *, family: FamilyInfo | str, **kwargs) -> PromptEncoder:
         return cls.from_components(
             getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None),
             getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None),
-            family_kind=family_kind, **kwargs,
+            family=family, **kwargs,
         )
 
     # --- facts ------------------------------------------------------------------------------

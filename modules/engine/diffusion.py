@@ -18,8 +18,7 @@ from modules.engine import conditioning, rng, scheduler_build
 from modules.engine import sampler_catalog as samplers
 from modules.engine.sampling import GuidedDenoiser, InpaintBlend, StepConds, sample
 from modules.engine.upscaling import LATENT_UPSCALE_MODES, resize_image
-
-LATENT_CHANNELS = 4
+from modules.models.families import LatentFormat, TimeIds
 
 
 @dataclass
@@ -67,22 +66,12 @@ class BatchRequest:
     init: InitImages | None = None     # img2img / inpainting
 
 
-def family_kind(model) -> str:
-    family = model.spec.family or "sd1"
-    if family == "sdxl-refiner":
-        return "sdxl-refiner"
-    if family.startswith("sdxl"):
-        return "sdxl"
-    return "sd2" if family.startswith("sd2") else "sd1"
-
-
 def prompt_encoder_for(model) -> conditioning.PromptEncoder:
-    pipe = model.pipe
-    return conditioning.PromptEncoder.from_components(
-        getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None),
-        getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None),
-        family_kind=family_kind(model),
-    )
+    return conditioning.PromptEncoder.from_pipeline(model.pipe, family=model.spec.family_info)
+
+
+def latent_format(model) -> LatentFormat:
+    return model.spec.family_info.latent
 
 
 class ConditioningPlan:
@@ -118,14 +107,14 @@ class ConditioningPlan:
         return out
 
 
-def sdxl_time_ids(model, batch: int, width: int, height: int, *, aesthetic: float, device, dtype) -> torch.Tensor | None:
-    """SDXL's size/crop micro-conditioning; the refiner adds an aesthetic score instead of a target size."""
-    if not model.spec.is_sdxl:
+def added_time_ids(model, batch: int, width: int, height: int, *, aesthetic: float, device,
+                   dtype) -> torch.Tensor | None:
+    """SDXL's size/crop micro-conditioning, as the family record says: original size, crop top-left,
+    then the target size (base) or an aesthetic score (refiner). None for families without it."""
+    kind = model.spec.family_info.time_ids
+    if kind == TimeIds.NONE:
         return None
-    if model.spec.is_refiner:
-        ids = [height, width, 0, 0, aesthetic]
-    else:
-        ids = [height, width, 0, 0, height, width]
+    ids = [height, width, 0, 0, aesthetic] if kind == TimeIds.REFINER else [height, width, 0, 0, height, width]
     return torch.tensor([ids] * batch, device=device, dtype=dtype)
 
 
@@ -170,15 +159,16 @@ def inpainting_txt2img_cond(model, batch: int, width: int, height: int, device, 
         return None
     grey = Image.new("RGB", (width, height), (127, 127, 127))
     masked = encode(model, [grey]).to(device=device, dtype=dtype).repeat(batch, 1, 1, 1)
-    mask = torch.ones(batch, 1, height // 8, width // 8, device=device, dtype=dtype)
+    f = latent_format(model).downscale
+    mask = torch.ones(batch, 1, height // f, width // f, device=device, dtype=dtype)
     return torch.cat([mask, masked], dim=1)
 
 
-def latent_masks(masks: list[Image.Image], width: int, height: int, device, dtype) -> torch.Tensor:
-    """[B, 1, h/8, w/8], 1 = repaint, rounded to 0/1 as A1111 does for latent masking."""
+def latent_masks(masks: list[Image.Image], width: int, height: int, downscale: int, device, dtype) -> torch.Tensor:
+    """[B, 1, h/downscale, w/downscale], 1 = repaint, rounded to 0/1 as A1111 does for latent masking."""
     from modules.core.masking import latent_mask_array
 
-    arrays = [latent_mask_array(m, width // 8, height // 8, round_mask=True) for m in masks]
+    arrays = [latent_mask_array(m, width // downscale, height // downscale, round_mask=True) for m in masks]
     return torch.from_numpy(np.stack(arrays))[:, None].to(device=device, dtype=dtype)
 
 
@@ -196,13 +186,13 @@ def inpainting_image_cond(model, images: list[Image.Image], masks: list[Image.Im
         pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
         blanked.append(Image.fromarray((pixels * keep + 127.5 * (1 - keep)).round().astype(np.uint8)))
     masked_latents = encode(model, blanked).to(device=device, dtype=dtype)
-    mask = (latent_masks(masks, width, height, device, dtype) > 0.5).to(dtype)
+    mask = (latent_masks(masks, width, height, latent_format(model).downscale, device, dtype) > 0.5).to(dtype)
     return torch.cat([mask, masked_latents], dim=1)
 
 
-def _upscale_latents(latents: torch.Tensor, size: tuple[int, int], mode: dict) -> torch.Tensor:
+def _upscale_latents(latents: torch.Tensor, size: tuple[int, int], downscale: int, mode: dict) -> torch.Tensor:
     w, h = size
-    return F.interpolate(latents, size=(h // 8, w // 8), mode=mode["mode"], antialias=mode["antialias"])
+    return F.interpolate(latents, size=(h // downscale, w // downscale), mode=mode["mode"], antialias=mode["antialias"])
 
 
 def generate_batch(req: BatchRequest, ctx) -> list[Image.Image]:
@@ -214,8 +204,10 @@ def generate_batch(req: BatchRequest, ctx) -> list[Image.Image]:
     batch = len(req.seeds)
     init = req.init
 
+    fmt = latent_format(model)
     image_rng = rng.ImageRNG(
-        shape=(LATENT_CHANNELS, req.height // 8, req.width // 8), seeds=req.seeds, subseeds=req.subseeds,
+        shape=(fmt.channels, req.height // fmt.downscale, req.width // fmt.downscale), seeds=req.seeds,
+        subseeds=req.subseeds,
         subseed_strength=req.subseed_strength, seed_resize_from=req.seed_resize_from, source=req.rng_source,
         device=device, eta_noise_seed_delta=req.eta_noise_seed_delta,
     )
@@ -241,10 +233,11 @@ def generate_batch(req: BatchRequest, ctx) -> list[Image.Image]:
             image_cond = inpainting_txt2img_cond(model, batch, req.width, req.height, device, dtype)
         else:
             timesteps, latents, blend, image_cond = _img2img_start(req, model, scheduler, noise, device, dtype)
+        size = (batch, req.width, req.height)
         denoiser = GuidedDenoiser(
             unet,
-            time_ids=sdxl_time_ids(model, batch, req.width, req.height, aesthetic=6.0, device=device, dtype=dtype),
-            uncond_time_ids=sdxl_time_ids(model, batch, req.width, req.height, aesthetic=2.5, device=device, dtype=dtype),
+            time_ids=added_time_ids(model, *size, aesthetic=6.0, device=device, dtype=dtype),
+            uncond_time_ids=added_time_ids(model, *size, aesthetic=2.5, device=device, dtype=dtype),
             image_cond=image_cond, hooks=ctx.hooks,
         )
         if len(timesteps):
@@ -262,9 +255,10 @@ def _img2img_start(req: BatchRequest, model, scheduler, noise: torch.Tensor, dev
     """Encode the init images and noise them to where the denoising strength starts, as diffusers'
     img2img does: the last `strength` fraction of the schedule is run."""
     init = req.init
+    f = latent_format(model).downscale
     init_latents = encode(model, init.images).float()
     if init.latent_upscale:
-        init_latents = F.interpolate(init_latents, size=(req.height // 8, req.width // 8), mode="bilinear")
+        init_latents = F.interpolate(init_latents, size=(req.height // f, req.width // f), mode="bilinear")
     steps = req.steps
     start = steps - min(int(steps * init.denoising_strength), steps)
     timesteps = scheduler.timesteps[start * scheduler.order:]
@@ -274,7 +268,7 @@ def _img2img_start(req: BatchRequest, model, scheduler, noise: torch.Tensor, dev
     blend = None
     image_cond = inpainting_image_cond(model, init.images, init.masks, device, dtype)
     if init.masks is not None:
-        mask = latent_masks(init.masks, req.width, req.height, device, torch.float32)
+        mask = latent_masks(init.masks, req.width, req.height, f, device, torch.float32)
         if init.inpainting_fill == 2:    # latent noise: the masked area starts from fresh noise
             init_latents = init_latents * (1 - mask) + noise * mask
         elif init.inpainting_fill == 3:  # latent nothing: the masked area starts empty
@@ -295,7 +289,8 @@ def _hires_pass(req: BatchRequest, ctx, model, latents, image_rng, on_step, shou
     width, height = h.width, h.height
     batch = latents.shape[0]
     if h.upscaler in LATENT_UPSCALE_MODES:
-        latents = _upscale_latents(latents.float(), (width, height), LATENT_UPSCALE_MODES[h.upscaler])
+        latents = _upscale_latents(latents.float(), (width, height), latent_format(model).downscale,
+                                   LATENT_UPSCALE_MODES[h.upscaler])
     else:
         images = [resize_image(img, (width, height), h.upscaler) for img in decode(model, latents)]
         latents = encode(model, images).float()
@@ -323,8 +318,8 @@ def _hires_pass(req: BatchRequest, ctx, model, latents, image_rng, on_step, shou
     latents = scheduler.add_noise(latents, noise.to(latents), timesteps[:1].repeat(batch))
     denoiser = GuidedDenoiser(
         unet,
-        time_ids=sdxl_time_ids(model, batch, width, height, aesthetic=6.0, device=device, dtype=dtype),
-        uncond_time_ids=sdxl_time_ids(model, batch, width, height, aesthetic=2.5, device=device, dtype=dtype),
+        time_ids=added_time_ids(model, batch, width, height, aesthetic=6.0, device=device, dtype=dtype),
+        uncond_time_ids=added_time_ids(model, batch, width, height, aesthetic=2.5, device=device, dtype=dtype),
         image_cond=inpainting_txt2img_cond(model, batch, width, height, device, dtype),
         hooks=ctx.hooks,
     )

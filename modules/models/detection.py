@@ -3,8 +3,8 @@
 ``detect(shapes)`` looks only at tensor names and shapes (from the safetensors header, or from a
 loaded ``.ckpt`` state dict) and returns a ``ModelSpec``:
 
-* the family (``sd1``, ``sd1-inpaint``, ``sd2``, ``sd2-v``, ``sd2-inpaint``, ``sd2-depth``, ``sdxl``,
-  ``sdxl-refiner``, ``sdxl-inpaint``), found with A1111's key rules;
+* the family (a ``families.FamilyId``), found with A1111's key rules; what that family *is*
+  (its text encoders, time ids, head width...) is read from its ``families`` record;
 * per-component diffusers configs: the family's shipped config, overridden by everything the
   shapes tell (widths, depths, attention placement, text-encoder size...). That is what lets
   pruned or distilled checkpoints (BK-SDM, SSD-1B, Vega, tiny test models) load with no yaml;
@@ -31,6 +31,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from modules.models import families
+from modules.models.families import TE_REFINER, TE_SD1, TE_SD2, TE_XL2, FamilyId, FamilyInfo
+
 Shapes = Mapping[str, tuple[int, ...]]
 
 __all__ = [
@@ -38,22 +41,11 @@ __all__ = [
     "shapes_of", "normalize_checkpoint_keys", "probe_v_prediction", "family_config_dir",
 ]
 
-FAMILY_IDS = (
-    "sd1", "sd1-inpaint", "sd2", "sd2-v", "sd2-inpaint", "sd2-depth", "sdxl", "sdxl-refiner", "sdxl-inpaint",
-)
+FAMILY_IDS = tuple(FamilyId)
 
-# LDM single-file prefixes.
+# LDM single-file prefixes (the text encoders' are on the family records' slots).
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
-TE_SD1 = "cond_stage_model.transformer.text_model."
-TE_SD2 = "cond_stage_model.model."
-TE_XL1 = "conditioner.embedders.0.transformer.text_model."
-TE_XL2 = "conditioner.embedders.1.model."
-TE_REFINER = "conditioner.embedders.0.model."
-
-# SD2 keeps OpenCLIP's 24th block in the file but runs the penultimate layer; diffusers'
-# converter drops these keys, and so must the layer count.
-_SD2_DROPPED_BLOCK = 23
 
 _V_PROBE_THRESHOLD = -1.0
 
@@ -73,7 +65,7 @@ class ModelSpec:
     supported: bool
     reason: str  # why unsupported, or a one-line summary of what was found
     kind: str = "checkpoint"  # checkpoint | lora | vae | embedding | flux | sd3 | controlnet | unknown | ...
-    family: str | None = None
+    family: FamilyId | None = None
     prediction_type: str = "epsilon"  # diffusers names: "epsilon" | "v_prediction"
     prediction_source: str = "default"  # "yaml" | "key" | "probe" | "family" | "default"
     needs_v_probe: bool = False
@@ -90,20 +82,17 @@ class ModelSpec:
     tensor_count: int = 0
 
     @property
-    def is_sdxl(self) -> bool:
-        return bool(self.family and self.family.startswith("sdxl"))
-
-    @property
-    def is_refiner(self) -> bool:
-        return self.family == "sdxl-refiner"
+    def family_info(self) -> FamilyInfo | None:
+        """The family's registry record (None for files that are not supported checkpoints)."""
+        return families.get_family(self.family) if self.family else None
 
     @property
     def is_inpaint(self) -> bool:
-        return bool(self.family and self.family.endswith("-inpaint"))
+        return bool(self.family and self.family_info.is_inpaint)
 
     @property
     def is_depth(self) -> bool:
-        return self.family == "sd2-depth"
+        return bool(self.family and self.family_info.is_depth)
 
     @property
     def is_v(self) -> bool:
@@ -113,24 +102,18 @@ class ModelSpec:
     def config_dir(self) -> Path | None:
         return family_config_dir(self.family) if self.family else None
 
-    @property
-    def tokenizer(self) -> str | None:
-        """Shipped tokenizer for ``text_encoder`` (``sd_configs.load_tokenizer`` name)."""
-        if self.family is None or self.is_refiner:
-            return None
-        return "openclip" if self.family.startswith("sd2") else "clip-l"
-
-    @property
-    def tokenizer_2(self) -> str | None:
-        return "openclip" if self.is_sdxl else None
+    def text_encoder_config_for(self, component: str) -> dict[str, Any] | None:
+        """The inferred config of a text-encoder slot ("text_encoder" or "text_encoder_2")."""
+        return {"text_encoder": self.text_encoder_config, "text_encoder_2": self.text_encoder_2_config}[component]
 
     def with_prediction(self, prediction_type: str, source: str) -> "ModelSpec":
-        """After the v probe: SD2 base with v becomes the ``sd2-v`` family (its configs differ)."""
+        """After the v probe: a probed family found v becomes its v family (SD2 -> sd2-v: its configs differ)."""
         family = self.family
         unet = dict(self.unet_config)
-        if family == "sd2" and prediction_type == "v_prediction":
-            family = "sd2-v"
-            stock = _family_json("sd2-v", "unet")
+        v_family = self.family_info.probe_v_as if self.family else None
+        if v_family is not None and prediction_type == "v_prediction":
+            family = v_family
+            stock = _family_json(v_family, "unet")
             # sd2-v's stock config upcasts attention (fp16 overflow in 768-v models).
             unet["upcast_attention"] = stock.get("upcast_attention", unet.get("upcast_attention"))
             unet["sample_size"] = stock.get("sample_size", unet.get("sample_size"))
@@ -154,9 +137,7 @@ class _Unsupported(Exception):
 
 def family_config_dir(family: str) -> Path:
     """The shipped diffusers config dir for a family (``configs/diffusers/<family>``)."""
-    from modules.models import families as sd_configs
-
-    return sd_configs.get_family(family).diffusers_dir
+    return families.get_family(family).diffusers_dir
 
 
 def _family_json(family: str, sub: str) -> dict[str, Any]:
@@ -269,54 +250,38 @@ def _vae_prefix(shapes: Shapes) -> str | None:
     return None
 
 
-def _text_group(shapes: Shapes) -> str | None:
+def _text_side(shapes: Shapes) -> families.TextEncoders | None:
+    """A1111's key rules: which text encoders the file holds (SDXL's bigG before the refiner's)."""
     if TE_XL2 + "ln_final.weight" in shapes or TE_XL2 + "token_embedding.weight" in shapes:
-        return "sdxl"
+        return families.SDXL_TEXT
     if TE_REFINER + "ln_final.weight" in shapes or TE_REFINER + "token_embedding.weight" in shapes:
-        return "sdxl-refiner"
+        return families.SDXL_REFINER_TEXT
     if TE_SD2 + "ln_final.weight" in shapes or _has_prefix(shapes, TE_SD2 + "transformer.resblocks."):
-        return "sd2"
+        return families.SD2_TEXT
     if TE_SD1 + "embeddings.token_embedding.weight" in shapes:
-        return "sd1"
+        return families.SD1_TEXT
     return None
 
 
-def _family_for(group: str, in_channels: int, shapes: Shapes) -> str:
-    """A1111's key rules, within a text-encoder group, by UNet input channels."""
-    if group == "sdxl":
-        if in_channels == 9:
-            return "sdxl-inpaint"
-        if in_channels == 4:
-            return "sdxl"
-    elif group == "sdxl-refiner":
-        if in_channels == 4:
-            return "sdxl-refiner"
-    elif group == "sd2":
-        if UNET + "label_emb.0.0.weight" in shapes or _has_prefix(shapes, "embedder.", "noise_augmentor."):
-            raise _Unsupported("sd2-unclip", "an SD 2.x unCLIP checkpoint: not supported yet")
-        if in_channels == 9:
-            return "sd2-inpaint"
-        if in_channels == 5:
-            return "sd2-depth"
-        if in_channels == 7:
-            raise _Unsupported("sd2-upscaler", "the SD 2.x x4 upscaler: not supported yet")
-        if in_channels == 4:
-            return "sd2"
-    elif group == "sd1":
-        if in_channels == 9:
-            return "sd1-inpaint"
-        if in_channels == 8:
-            raise _Unsupported("instruct-pix2pix", "an InstructPix2Pix checkpoint: not supported yet")
-        if in_channels == 4:
-            return "sd1"
-    raise _Unsupported("unknown", f"a {group} checkpoint whose UNet takes {in_channels} input channels: "
+# Relatives of the supported families, told apart by UNet input channels, refused by name.
+_UNSUPPORTED_BY_CHANNELS = {
+    (families.SD2_TEXT, 7): ("sd2-upscaler", "the SD 2.x x4 upscaler: not supported yet"),
+    (families.SD1_TEXT, 8): ("instruct-pix2pix", "an InstructPix2Pix checkpoint: not supported yet"),
+}
+
+
+def _family_for(text: families.TextEncoders, in_channels: int, shapes: Shapes) -> FamilyId:
+    """The registry family with these text encoders and UNet input channels."""
+    if text == families.SD2_TEXT and (
+            UNET + "label_emb.0.0.weight" in shapes or _has_prefix(shapes, "embedder.", "noise_augmentor.")):
+        raise _Unsupported("sd2-unclip", "an SD 2.x unCLIP checkpoint: not supported yet")
+    fam = families.family_for(text, in_channels)
+    if fam is not None:
+        return fam.id
+    if (text, in_channels) in _UNSUPPORTED_BY_CHANNELS:
+        raise _Unsupported(*_UNSUPPORTED_BY_CHANNELS[text, in_channels])
+    raise _Unsupported("unknown", f"a {text.name} checkpoint whose UNet takes {in_channels} input channels: "
                        "no known model type has that")
-
-
-def _group_of(family: str) -> str:
-    if family.startswith("sdxl"):
-        return "sdxl-refiner" if family == "sdxl-refiner" else "sdxl"
-    return family.split("-")[0]
 
 
 # ---------------------------------------------------------------- shape inference
@@ -377,10 +342,35 @@ def _transformer_depths(levels: list[list[_Layer]], up_levels: list[list[_Layer]
     return down, up
 
 
-def _infer_unet(shapes: Shapes, family: str, notes: list[str]) -> dict[str, Any]:
-    stock = _family_json(family, "unet")
+def _infer_unet(shapes: Shapes, fam: FamilyInfo, notes: list[str], pooled_width: int | None) -> dict[str, Any]:
+    """The UNet config from shapes, starting from the family's stock config. ``pooled_width``: the
+    pooled text embedding's width, which the SDXL add-embedding takes before the time ids."""
+    stock = _family_json(fam.id, "unet")
     cfg = copy.deepcopy(stock)
+    _unet_conv_io(shapes, cfg)
+    levels, layers_per_block, widths = _unet_down_levels(shapes)
+    up_levels = _unet_up_levels(shapes, len(levels), layers_per_block)
+    cfg["block_out_channels"] = widths
+    cfg["layers_per_block"] = layers_per_block
+    cfg["down_block_types"] = ["CrossAttnDownBlock2D" if lv[0].attn else "DownBlock2D" for lv in levels]
+    cfg["up_block_types"] = ["CrossAttnUpBlock2D" if lv[0].attn else "UpBlock2D" for lv in up_levels]
 
+    mid_depth = _unet_mid_block(shapes, cfg, notes)
+    cfg["transformer_layers_per_block"], reverse = _transformer_depths(levels, up_levels, mid_depth,
+                                                                        bool(cfg["mid_block_type"]))
+    if reverse is None:
+        cfg.pop("reverse_transformer_layers_per_block", None)
+    else:
+        cfg["reverse_transformer_layers_per_block"] = reverse
+
+    _unet_attention(shapes, cfg, fam, stock, widths)
+    _unet_added_embeddings(shapes, cfg, fam, widths, pooled_width)
+    _note_diff(notes, "UNet", stock, cfg, ("block_out_channels", "layers_per_block", "down_block_types",
+                                           "transformer_layers_per_block", "cross_attention_dim", "mid_block_type"))
+    return cfg
+
+
+def _unet_conv_io(shapes: Shapes, cfg: dict[str, Any]) -> None:
     conv_in = shapes[UNET + "input_blocks.0.0.weight"]
     cfg["in_channels"] = conv_in[1]
     cfg["conv_in_kernel"] = conv_in[-1] if len(conv_in) == 4 else 3
@@ -390,7 +380,10 @@ def _infer_unet(shapes: Shapes, family: str, notes: list[str]) -> dict[str, Any]
     cfg["out_channels"] = shapes[out_key][0]
     cfg["conv_out_kernel"] = shapes[out_key][-1] if len(shapes[out_key]) == 4 else 3
 
-    # Down path: input_blocks 1..N are resnet(+attention) layers, split into levels by downsamplers.
+
+def _unet_down_levels(shapes: Shapes) -> tuple[list[list[_Layer]], int, list[int]]:
+    """Down path: input_blocks 1..N are resnet(+attention) layers, split into levels by downsamplers.
+    Returns (levels, layers per level, width per level)."""
     levels: list[list[_Layer]] = [[]]
     i = 1
     while True:
@@ -408,20 +401,22 @@ def _infer_unet(shapes: Shapes, family: str, notes: list[str]) -> dict[str, Any]
     if not levels or 0 in counts or len(counts) != 1:
         raise _Unsupported("unknown", f"UNet with uneven resnets per level ({[len(lv) for lv in levels]}): "
                            "not a layout diffusers can build")
-    layers_per_block = counts.pop()
     widths = []
     for n, level in enumerate(levels):
         if len({layer.width for layer in level}) != 1 or len({layer.attn for layer in level}) != 1:
             raise _Unsupported("unknown", f"UNet level {n} mixes widths or attention: not a layout diffusers can build")
         widths.append(level[0].width)
+    return levels, counts.pop(), widths
 
-    # Up path: output_blocks in reverse level order, layers_per_block + 1 each.
+
+def _unet_up_levels(shapes: Shapes, n_levels: int, layers_per_block: int) -> list[list[_Layer]]:
+    """Up path: output_blocks in reverse level order, layers_per_block + 1 each."""
     n_out = _count(shapes, UNET + "output_blocks.")
-    if n_out != len(levels) * (layers_per_block + 1):
-        raise _Unsupported("unknown", f"UNet with {n_out} output blocks for {len(levels)} levels of "
+    if n_out != n_levels * (layers_per_block + 1):
+        raise _Unsupported("unknown", f"UNet with {n_out} output blocks for {n_levels} levels of "
                            f"{layers_per_block} resnets: not a layout diffusers can build")
     up_levels: list[list[_Layer]] = []
-    for lv in range(len(levels)):
+    for lv in range(n_levels):
         up = []
         for j in range(layers_per_block + 1):
             layer = _unet_layer(shapes, f"output_blocks.{lv * (layers_per_block + 1) + j}")
@@ -431,58 +426,56 @@ def _infer_unet(shapes: Shapes, family: str, notes: list[str]) -> dict[str, Any]
         if len({layer.attn for layer in up}) != 1:
             raise _Unsupported("unknown", f"UNet up level {lv} mixes attention and plain layers")
         up_levels.append(up)
+    return up_levels
 
-    cfg["block_out_channels"] = widths
-    cfg["layers_per_block"] = layers_per_block
-    cfg["down_block_types"] = ["CrossAttnDownBlock2D" if lv[0].attn else "DownBlock2D" for lv in levels]
-    cfg["up_block_types"] = ["CrossAttnUpBlock2D" if lv[0].attn else "UpBlock2D" for lv in up_levels]
 
-    # Mid block: resnet, attention, resnet; pruned models (BK-SDM small/tiny) drop it.
-    mid_depth = 0
-    if UNET + "middle_block.0.out_layers.3.weight" in shapes:
-        if UNET + "middle_block.1.proj_in.weight" not in shapes:
-            raise _Unsupported("unknown", "UNet mid block without attention: not a layout the LDM converter reads")
-        cfg["mid_block_type"] = "UNetMidBlock2DCrossAttn"
-        mid_depth = _count(shapes, UNET + "middle_block.1.transformer_blocks.")
-    else:
+def _unet_mid_block(shapes: Shapes, cfg: dict[str, Any], notes: list[str]) -> int:
+    """Mid block: resnet, attention, resnet; pruned models (BK-SDM small/tiny) drop it. Returns its depth."""
+    if UNET + "middle_block.0.out_layers.3.weight" not in shapes:
         cfg["mid_block_type"] = None
         notes.append("UNet has no mid block")
+        return 0
+    if UNET + "middle_block.1.proj_in.weight" not in shapes:
+        raise _Unsupported("unknown", "UNet mid block without attention: not a layout the LDM converter reads")
+    cfg["mid_block_type"] = "UNetMidBlock2DCrossAttn"
+    return _count(shapes, UNET + "middle_block.1.transformer_blocks.")
 
-    cfg["transformer_layers_per_block"], reverse = _transformer_depths(levels, up_levels, mid_depth,
-                                                                        bool(cfg["mid_block_type"]))
-    if reverse is None:
-        cfg.pop("reverse_transformer_layers_per_block", None)
-    else:
-        cfg["reverse_transformer_layers_per_block"] = reverse
 
+def _unet_attention(shapes: Shapes, cfg: dict[str, Any], fam: FamilyInfo, stock: dict, widths: list[int]) -> None:
     attn_key = next((k for k in shapes if k.startswith(UNET) and k.endswith("attn2.to_k.weight")), None)
     if attn_key is None:
         raise _Unsupported("unknown", "UNet without cross-attention: not a text-to-image model")
     cfg["cross_attention_dim"] = shapes[attn_key][1]
     proj_key = next(k for k in shapes if k.startswith(UNET) and k.endswith(".proj_in.weight"))
     cfg["use_linear_projection"] = len(shapes[proj_key]) == 2
-
-    # Heads are invisible in weights: SD1 uses 8 heads everywhere, SD2/SDXL a head size of 64.
-    if family.startswith("sd1"):
+    # Heads are invisible in weights: the record says (SD1: 8 heads everywhere, SD2/SDXL: 64 channels each).
+    if fam.unet_head_width is None:
         cfg["attention_head_dim"] = stock.get("attention_head_dim", 8)
     else:
-        cfg["attention_head_dim"] = [max(1, w // 64) for w in widths]
+        cfg["attention_head_dim"] = [max(1, w // fam.unet_head_width) for w in widths]
     cfg.pop("num_attention_heads", None)
 
+
+def _unet_added_embeddings(shapes: Shapes, cfg: dict[str, Any], fam: FamilyInfo, widths: list[int],
+                           pooled_width: int | None) -> None:
+    """Time embedding width, and SDXL's add-embedding: the pooled text embedding followed by one
+    sinusoidal embedding per time id, all into label_emb.0.0. Its input width gives the per-id width."""
     time_in = shapes.get(UNET + "time_embed.0.weight")
     if time_in is not None and time_in[0] != 4 * widths[0]:
         cfg["time_embedding_dim"] = time_in[0]
+    n_ids = fam.time_ids.n_ids
+    if not n_ids:
+        return
     label = shapes.get(UNET + "label_emb.0.0.weight")
-    if family.startswith("sdxl"):
-        if label is None:
-            raise _Unsupported("unknown", "SDXL-like checkpoint without the size/crop embedding (label_emb)")
-        cfg["addition_embed_type"] = "text_time"
-        cfg["addition_time_embed_dim"] = stock.get("addition_time_embed_dim") or 256
-        cfg["projection_class_embeddings_input_dim"] = label[1]
-
-    _note_diff(notes, "UNet", stock, cfg, ("block_out_channels", "layers_per_block", "down_block_types",
-                                           "transformer_layers_per_block", "cross_attention_dim", "mid_block_type"))
-    return cfg
+    if label is None:
+        raise _Unsupported("unknown", f"{fam.label}-like checkpoint without the size/crop embedding (label_emb)")
+    extra = label[1] - (pooled_width or 0)
+    if not pooled_width or extra <= 0 or extra % n_ids:
+        raise _Unsupported("unknown", f"the size/crop embedding takes {label[1]} inputs: not the pooled text "
+                           f"width {pooled_width} plus {n_ids} time ids of equal width")
+    cfg["addition_embed_type"] = "text_time"
+    cfg["addition_time_embed_dim"] = extra // n_ids
+    cfg["projection_class_embeddings_input_dim"] = label[1]
 
 
 def _infer_vae(shapes: Shapes, prefix: str, family: str, notes: list[str]) -> dict[str, Any]:
@@ -532,14 +525,15 @@ def _infer_clip(shapes: Shapes, prefix: str, family: str, sub: str, notes: list[
     return cfg
 
 
-def _infer_open_clip(shapes: Shapes, prefix: str, family: str, sub: str, notes: list[str]) -> dict[str, Any]:
+def _infer_open_clip(shapes: Shapes, slot: families.TextEncoderSlot, family: str, notes: list[str]) -> dict[str, Any]:
     """OpenCLIP layout (SD2, SDXL encoder 2, refiner)."""
+    prefix, sub = slot.ldm_prefix, slot.component
     stock = _family_json(family, sub)
     cfg = copy.deepcopy(stock)
     vocab, width = shapes[prefix + "token_embedding.weight"]
     layers = _count(shapes, prefix + "transformer.resblocks.")
-    if prefix == TE_SD2 and layers == _SD2_DROPPED_BLOCK + 1:
-        layers -= 1
+    if slot.dropped_block is not None and layers == slot.dropped_block + 1:
+        layers -= 1  # the file keeps a block the model never runs; diffusers' converter drops it
     cfg.update(
         vocab_size=vocab,
         hidden_size=width,
@@ -549,10 +543,17 @@ def _infer_open_clip(shapes: Shapes, prefix: str, family: str, sub: str, notes: 
         num_attention_heads=max(1, width // 64),
     )
     proj = shapes.get(prefix + "text_projection")
-    if proj is not None and prefix != TE_SD2:  # SD2's projection is unused and dropped
+    if proj is not None and slot.pooled:  # without a pooled output (SD2) the projection is unused and dropped
         cfg["projection_dim"] = proj[1] if len(proj) == 2 else proj[0]
     _note_diff(notes, sub, stock, cfg, ("hidden_size", "num_hidden_layers", "intermediate_size"))
     return cfg
+
+
+def _infer_text_encoder(shapes: Shapes, slot: families.TextEncoderSlot, family: str,
+                        notes: list[str]) -> dict[str, Any]:
+    if slot.tokenizer == "clip-l":
+        return _infer_clip(shapes, slot.ldm_prefix, family, slot.component, notes)
+    return _infer_open_clip(shapes, slot, family, notes)
 
 
 def _note_diff(notes: list[str], what: str, stock: dict, cfg: dict, keys: tuple[str, ...]) -> None:
@@ -561,49 +562,54 @@ def _note_diff(notes: list[str], what: str, stock: dict, cfg: dict, keys: tuple[
         notes.append(f"non-standard {what}: " + ", ".join(diffs))
 
 
+_ORDINALS = ("first", "second", "third")
+
+
 def _build(shapes: Shapes, family: str) -> ModelSpec:
+    fam = families.get_family(family)
+    te_notes: list[str] = []
+    te_cfgs: dict[str, dict[str, Any]] = {}
+    for n, slot in enumerate(fam.text.slots):
+        if slot.token_embedding_key not in shapes:
+            raise _Unsupported("unknown", f"{fam.label} checkpoint without its {_ORDINALS[n]} ({slot.tokenizer}) "
+                               "text encoder")
+        te_cfgs[slot.component] = _infer_text_encoder(shapes, slot, fam.id, te_notes)
+    pooled = fam.text.pooled_slot
     notes: list[str] = []
-    unet = _infer_unet(shapes, family, notes)
+    unet = _infer_unet(shapes, fam, notes, te_cfgs[pooled.component].get("projection_dim") if pooled else None)
     vae_prefix = VAE if (VAE + "encoder.conv_in.weight") in shapes else None
-    vae = _infer_vae(shapes, VAE, family, notes) if vae_prefix else copy.deepcopy(_family_json(family, "vae"))
+    vae = _infer_vae(shapes, VAE, fam.id, notes) if vae_prefix else copy.deepcopy(_family_json(fam.id, "vae"))
     if not vae_prefix:
         notes.append("no VAE weights in the file: a separate VAE is required")
-    te1 = te2 = None
-    if family.startswith("sd1"):
-        te1 = _infer_clip(shapes, TE_SD1, family, "text_encoder", notes)
-    elif family.startswith("sd2"):
-        te1 = _infer_open_clip(shapes, TE_SD2, family, "text_encoder", notes)
-    elif family == "sdxl-refiner":
-        te2 = _infer_open_clip(shapes, TE_REFINER, family, "text_encoder_2", notes)
-    else:
-        if TE_XL1 + "embeddings.token_embedding.weight" not in shapes:
-            raise _Unsupported("unknown", "SDXL checkpoint without its first (CLIP-L) text encoder")
-        te1 = _infer_clip(shapes, TE_XL1, family, "text_encoder", notes)
-        te2 = _infer_open_clip(shapes, TE_XL2, family, "text_encoder_2", notes)
-        if unet["cross_attention_dim"] != te1["hidden_size"] + te2["hidden_size"]:
-            raise _Unsupported("unknown", f"UNet cross-attention width {unet['cross_attention_dim']} is not the sum "
-                               f"of the text encoder widths {te1['hidden_size']}+{te2['hidden_size']}")
-    te_main = te1 if te1 is not None else te2
-    if not family.startswith("sdxl") and unet["cross_attention_dim"] != te_main["hidden_size"]:
-        raise _Unsupported("unknown", f"UNet cross-attention width {unet['cross_attention_dim']} does not match the "
-                           f"text encoder width {te_main['hidden_size']}")
+    notes += te_notes
+    _check_cross_attention(unet, [te_cfgs[s.component]["hidden_size"] for s in fam.text.slots])
 
-    prediction, source, probe = "epsilon", "family", False
-    if family.startswith("sdxl") and "v_pred" in shapes:
+    prediction, source, probe = fam.prediction_type, "family", False
+    if fam.v_pred_key is not None and fam.v_pred_key in shapes:
         prediction, source = "v_prediction", "key"
-    elif family == "sd2":
+    elif fam.probe_v_as is not None:
         source, probe = "default", True  # decided by yaml or by the UNet probe at load
-    elif family == "sd2-v":  # only reachable through a yaml
-        prediction = "v_prediction"
 
-    summary = f"{family} ({'v-prediction' if prediction == 'v_prediction' else prediction}"
+    summary = f"{fam.id} ({'v-prediction' if prediction == 'v_prediction' else prediction}"
     summary += ", prediction to be probed at load)" if probe else ")"
     return ModelSpec(
-        supported=True, reason=summary, kind="checkpoint", family=family, prediction_type=prediction,
+        supported=True, reason=summary, kind="checkpoint", family=fam.id, prediction_type=prediction,
         prediction_source=source, needs_v_probe=probe, zero_terminal_snr="ztsnr" in shapes,
-        has_vae=vae_prefix is not None, unet_config=unet, vae_config=vae, text_encoder_config=te1,
-        text_encoder_2_config=te2, notes=tuple(notes), tensor_count=len(shapes),
+        has_vae=vae_prefix is not None, unet_config=unet, vae_config=vae,
+        text_encoder_config=te_cfgs.get("text_encoder"), text_encoder_2_config=te_cfgs.get("text_encoder_2"),
+        notes=tuple(notes), tensor_count=len(shapes),
     )
+
+
+def _check_cross_attention(unet: dict[str, Any], te_widths: list[int]) -> None:
+    """The UNet attends to the text encoders' outputs concatenated on the feature axis."""
+    if unet["cross_attention_dim"] == sum(te_widths):
+        return
+    if len(te_widths) > 1:
+        raise _Unsupported("unknown", f"UNet cross-attention width {unet['cross_attention_dim']} is not the sum "
+                           f"of the text encoder widths {'+'.join(map(str, te_widths))}")
+    raise _Unsupported("unknown", f"UNet cross-attention width {unet['cross_attention_dim']} does not match the "
+                       f"text encoder width {te_widths[0]}")
 
 
 def detect(shapes: Shapes) -> ModelSpec:
@@ -614,17 +620,17 @@ def detect(shapes: Shapes) -> ModelSpec:
         return other
     if "edm_mean" in shapes or "edm_vpred.sigma_max" in shapes:
         return _unsupported("playground", "an EDM model (Playground v2.5 style): not supported yet", shapes)
-    group = _text_group(shapes)
-    if group is None:
+    text = _text_side(shapes)
+    if text is None:
         return _unsupported("unknown", f"a diffusion UNet without text encoder weights ({len(shapes)} tensors): "
                             "a UNet-only file cannot be loaded as a checkpoint", shapes)
     try:
-        family = _family_for(group, shapes[UNET + "input_blocks.0.0.weight"][1], shapes)
+        family = _family_for(text, shapes[UNET + "input_blocks.0.0.weight"][1], shapes)
         return _build(shapes, family)
     except _Unsupported as exc:
         return _unsupported(exc.kind, exc.reason, shapes)
     except (KeyError, IndexError, ValueError) as exc:  # a key the rules rely on is missing or malformed
-        return _unsupported("unknown", f"a {group}-like checkpoint with an unexpected layout ({exc!r}): "
+        return _unsupported("unknown", f"a {text.name}-like checkpoint with an unexpected layout ({exc!r}): "
                             "cannot infer its configuration", shapes)
 
 
@@ -656,8 +662,9 @@ def _yaml_unet_params(cfg: dict) -> dict[str, Any]:
     return _get(params, "unet_config", "params") or _get(params, "network_config", "params") or {}
 
 
-def family_from_yaml(cfg: dict, yaml_path: Path) -> tuple[str, str]:
-    """(family, prediction_type) described by an LDM/SGM yaml."""
+def family_from_yaml(cfg: dict, yaml_path: Path) -> tuple[FamilyId, str]:
+    """(family, prediction_type) described by an LDM/SGM yaml: its text encoders and UNet input
+    channels name a registry family, as the keys do for the weights."""
     model = cfg["model"]
     params = model.get("params") or {}
     target = str(model.get("target", ""))
@@ -671,34 +678,29 @@ def family_from_yaml(cfg: dict, yaml_path: Path) -> tuple[str, str]:
         targets = [str(e.get("target", "")) for e in (conditioner or []) if isinstance(e, dict)]
         has_clip = any(t.endswith("FrozenCLIPEmbedder") for t in targets)
         has_open = any("FrozenOpenCLIPEmbedder" in t for t in targets)
-        if (has_open and not has_clip) or (not targets and context == 1280):
-            family = "sdxl-refiner"
-        else:
-            family = "sdxl-inpaint" if in_ch == 9 else "sdxl"
+        refiner = (has_open and not has_clip) or (not targets and context == 1280)
+        text = families.SDXL_REFINER_TEXT if refiner else families.SDXL_TEXT
         scaling = str(_get(params, "denoiser_config", "params", "scaling_config", "target") or "")
         v = "VScaling" in scaling or params.get("parameterization") == "v"
-        return family, ("v_prediction" if v else "epsilon")
-
-    cond = str(_get(params, "cond_stage_config", "target") or "")
-    if "OpenCLIP" in cond or (not cond and context == 1024):
-        group = "sd2"
-    elif "CLIPEmbedder" in cond or (not cond and context == 768):
-        group = "sd1"
     else:
-        raise ModelConfigMismatchError(yaml_path, [f"cannot tell the model type from it "
-                                                   f"(cond_stage {cond or 'missing'}, "
-                                                   f"context_dim {context})"])
-    v = params.get("parameterization") == "v"
-    if group == "sd2":
-        if "depth_stage_config" in params or "Depth2Image" in target or in_ch == 5:
-            family = "sd2-depth"
-        elif in_ch == 9:
-            family = "sd2-inpaint"
+        cond = str(_get(params, "cond_stage_config", "target") or "")
+        if "OpenCLIP" in cond or (not cond and context == 1024):
+            text = families.SD2_TEXT
+        elif "CLIPEmbedder" in cond or (not cond and context == 768):
+            text = families.SD1_TEXT
         else:
-            family = "sd2-v" if v else "sd2"
-    else:
-        family = "sd1-inpaint" if in_ch == 9 else "sd1"
-    return family, ("v_prediction" if v else "epsilon")
+            raise ModelConfigMismatchError(yaml_path, [f"cannot tell the model type from it "
+                                                       f"(cond_stage {cond or 'missing'}, "
+                                                       f"context_dim {context})"])
+        v = params.get("parameterization") == "v"
+        if "depth_stage_config" in params or "Depth2Image" in target:
+            in_ch = 5
+    # Other widths get the plain family, so the in_channels check against the weights names the mismatch.
+    fam = families.family_for(text, in_ch) or families.family_for(text, 4)
+    assert fam is not None
+    if v and fam.probe_v_as is not None:
+        fam = families.get_family(fam.probe_v_as)
+    return fam.id, ("v_prediction" if v else "epsilon")
 
 
 def _meta_checkpoint(shapes: Shapes) -> dict[str, Any]:
@@ -715,50 +717,76 @@ def apply_sidecar_yaml(spec: ModelSpec, yaml_path: Path, shapes: Shapes, checkpo
     shapes = normalize_checkpoint_keys(shapes)
     cfg = _read_yaml(yaml_path)
     family, prediction = family_from_yaml(cfg, yaml_path)
-    problems: list[str] = []
-    assert spec.family is not None
-    if _group_of(family) != _group_of(spec.family):
-        problems.append(f"the yaml describes {family}, the weights are {_group_of(spec.family)}")
-        raise ModelConfigMismatchError(yaml_path, problems, checkpoint)
+    fam, found = families.get_family(family), spec.family_info
+    assert found is not None
+    if fam.text != found.text:
+        raise ModelConfigMismatchError(yaml_path, [f"the yaml describes {family}, the weights are {found.text.name}"],
+                                       checkpoint)
     try:
         built = _build(shapes, family)
     except _Unsupported as exc:
         raise ModelConfigMismatchError(yaml_path, [exc.reason], checkpoint) from exc
 
-    unet = dict(built.unet_config)
-    yaml_unet = _yaml_unet_params(cfg)
-    if yaml_unet:
-        from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
+    problems: list[str] = []
+    unet = _yaml_unet_config(cfg, shapes, built.unet_config, problems, yaml_path, checkpoint)
+    vae = _yaml_vae_config(cfg, built, problems)
+    got_in = built.unet_config["in_channels"]
+    if fam.unet_in_channels != got_in and not any("in_channels" in p for p in problems):
+        problems.append(f"the yaml describes {family} (UNet in_channels {fam.unet_in_channels}), "
+                        f"the weights have in_channels {got_in}")
+    if problems:
+        raise ModelConfigMismatchError(yaml_path, problems, checkpoint)
 
-        meta = _meta_checkpoint(shapes)
-        try:
-            ycfg = create_unet_diffusers_config_from_ldm(cfg, meta)
-        except (KeyError, TypeError, AssertionError) as exc:
-            raise ModelConfigMismatchError(yaml_path, [f"incomplete unet config ({exc!r})"], checkpoint) from exc
-        for key in ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "cross_attention_dim",
-                    "use_linear_projection", "down_block_types", "projection_class_embeddings_input_dim"):
-            if ycfg.get(key) is None or key not in unet:
-                continue
-            a, b = _plain(ycfg[key]), _plain(unet[key])
-            if a != b:
-                problems.append(f"unet {key} {a} in the yaml, {b} in the weights")
-        ydepth = ycfg.get("transformer_layers_per_block")
-        if ydepth is not None and not problems:
-            levels = len(unet["block_out_channels"])
-            ylist = ydepth if isinstance(ydepth, list) else [ydepth] * levels
-            wdepth = unet["transformer_layers_per_block"]
-            wdepths = wdepth if isinstance(wdepth, list) else [wdepth] * levels
-            wlist = [d if isinstance(d, int) else d[0] for d in wdepths]
-            for n, kind in enumerate(unet["down_block_types"]):
-                if kind.startswith("CrossAttn") and n < len(ylist) and ylist[n] != wlist[n]:
-                    problems.append(f"unet transformer depth at level {n}: {ylist[n]} in the yaml, "
-                                    f"{wlist[n]} in the weights")
-        # What the weights cannot show comes from the yaml.
-        if ycfg.get("attention_head_dim") is not None:
-            unet["attention_head_dim"] = ycfg["attention_head_dim"]
-        if "upcast_attention" in ycfg:
-            unet["upcast_attention"] = ycfg["upcast_attention"]
+    return replace(
+        built, detected_by="yaml", yaml_path=Path(yaml_path), prediction_type=prediction, prediction_source="yaml",
+        needs_v_probe=False, unet_config=unet, vae_config=vae, scheduler_overrides=_yaml_scheduler(cfg),
+        zero_terminal_snr=spec.zero_terminal_snr,
+        reason=f"{family} ({'v-prediction' if prediction == 'v_prediction' else 'epsilon'}, "
+               f"from {Path(yaml_path).name})",
+    )
 
+
+def _yaml_unet_config(cfg: dict, shapes: Shapes, inferred: dict[str, Any], problems: list[str], yaml_path: Path,
+                      checkpoint: Path | None) -> dict[str, Any]:
+    """The inferred UNet config checked against the yaml's, plus what only the yaml can tell."""
+    unet = dict(inferred)
+    if not _yaml_unet_params(cfg):
+        return unet
+    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
+
+    try:
+        ycfg = create_unet_diffusers_config_from_ldm(cfg, _meta_checkpoint(shapes))
+    except (KeyError, TypeError, AssertionError) as exc:
+        raise ModelConfigMismatchError(yaml_path, [f"incomplete unet config ({exc!r})"], checkpoint) from exc
+    for key in ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "cross_attention_dim",
+                "use_linear_projection", "down_block_types", "projection_class_embeddings_input_dim"):
+        if ycfg.get(key) is None or key not in unet:
+            continue
+        a, b = _plain(ycfg[key]), _plain(unet[key])
+        if a != b:
+            problems.append(f"unet {key} {a} in the yaml, {b} in the weights")
+    if ycfg.get("transformer_layers_per_block") is not None and not problems:
+        _compare_transformer_depths(ycfg["transformer_layers_per_block"], unet, problems)
+    # What the weights cannot show comes from the yaml.
+    if ycfg.get("attention_head_dim") is not None:
+        unet["attention_head_dim"] = ycfg["attention_head_dim"]
+    if "upcast_attention" in ycfg:
+        unet["upcast_attention"] = ycfg["upcast_attention"]
+    return unet
+
+
+def _compare_transformer_depths(ydepth: Any, unet: dict[str, Any], problems: list[str]) -> None:
+    levels = len(unet["block_out_channels"])
+    ylist = ydepth if isinstance(ydepth, list) else [ydepth] * levels
+    wdepth = unet["transformer_layers_per_block"]
+    wdepths = wdepth if isinstance(wdepth, list) else [wdepth] * levels
+    wlist = [d if isinstance(d, int) else d[0] for d in wdepths]
+    for n, kind in enumerate(unet["down_block_types"]):
+        if kind.startswith("CrossAttn") and n < len(ylist) and ylist[n] != wlist[n]:
+            problems.append(f"unet transformer depth at level {n}: {ylist[n]} in the yaml, {wlist[n]} in the weights")
+
+
+def _yaml_vae_config(cfg: dict, built: ModelSpec, problems: list[str]) -> dict[str, Any]:
     vae = dict(built.vae_config)
     ddconfig = _get(cfg, "model", "params", "first_stage_config", "params", "ddconfig")
     if isinstance(ddconfig, dict) and built.has_vae and "ch" in ddconfig and "ch_mult" in ddconfig:
@@ -771,17 +799,10 @@ def apply_sidecar_yaml(spec: ModelSpec, yaml_path: Path, shapes: Shapes, checkpo
     scale = _get(cfg, "model", "params", "scale_factor")
     if scale is not None:
         vae["scaling_factor"] = float(scale)
+    return vae
 
-    from modules.models import families as sd_configs
 
-    want_in = sd_configs.get_family(family).unet_in_channels
-    got_in = built.unet_config["in_channels"]
-    if want_in != got_in and not any("in_channels" in p for p in problems):
-        problems.append(f"the yaml describes {family} (UNet in_channels {want_in}), "
-                        f"the weights have in_channels {got_in}")
-    if problems:
-        raise ModelConfigMismatchError(yaml_path, problems, checkpoint)
-
+def _yaml_scheduler(cfg: dict) -> dict[str, Any]:
     sched: dict[str, Any] = {}
     params = _get(cfg, "model", "params") or {}
     if "linear_start" in params:
@@ -790,14 +811,7 @@ def apply_sidecar_yaml(spec: ModelSpec, yaml_path: Path, shapes: Shapes, checkpo
         sched["beta_end"] = float(params["linear_end"])
     if "timesteps" in params:
         sched["num_train_timesteps"] = int(params["timesteps"])
-
-    return replace(
-        built, detected_by="yaml", yaml_path=Path(yaml_path), prediction_type=prediction, prediction_source="yaml",
-        needs_v_probe=False, unet_config=unet, vae_config=vae, scheduler_overrides=sched,
-        zero_terminal_snr=spec.zero_terminal_snr,
-        reason=f"{family} ({'v-prediction' if prediction == 'v_prediction' else 'epsilon'}, "
-               f"from {Path(yaml_path).name})",
-    )
+    return sched
 
 
 def _plain(value: Any) -> Any:

@@ -7,7 +7,10 @@ unpickler, and building each model on the meta device then assigning the loaded 
 SD1.5 UNet on the 2-core CPU, with no second copy of the weights.
 
 Nothing here can reach the network: configs come from ``configs/diffusers/<family>/`` via
-``ModelSpec``, tokenizers from ``sd_configs.load_tokenizer``, weights from the local file.
+``ModelSpec``, tokenizers from ``families.load_tokenizer``, weights from the local file.
+
+What to build comes from the family record (``spec.family_info``): the pipeline class and one
+text encoder per slot, each built by the entry for its weight layout in ``_TEXT_ENCODER_LOADERS``.
 """
 from __future__ import annotations
 
@@ -21,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from modules.models import detection as model_detection, families as sd_configs
+from modules.models import detection as model_detection, families
 from modules.models.devices import DevicePolicy, torch_gc
 from modules.models.detection import ModelSpec
+from modules.models.families import FamilyId, FamilyInfo, TextEncoderSlot
 from modules.models.weights_io import CheckpointLoadError, load_state_dict_file
 
 __all__ = [
@@ -69,12 +73,27 @@ class LoadedModel:
         return self.spec.family or ""
 
     @property
+    def family_info(self) -> FamilyInfo:
+        info = self.spec.family_info
+        assert info is not None  # only supported checkpoints are loaded
+        return info
+
+    @property
     def prediction_type(self) -> str:
         return self.spec.prediction_type
 
+    # A1111's model-type flags: extensions read them off shared.sd_model.
     @property
     def is_sdxl(self) -> bool:
-        return self.spec.is_sdxl
+        return self.family_info.is_sdxl
+
+    @property
+    def is_sd2(self) -> bool:
+        return self.family_info.is_sd2
+
+    @property
+    def is_sd1(self) -> bool:
+        return self.family_info.is_sd1
 
     @property
     def is_inpaint(self) -> bool:
@@ -223,34 +242,42 @@ def _load_vae_weights(sd: dict[str, Any], cfg: dict, path: Path, to: tuple[Any, 
     return vae
 
 
-def _load_clip(sd: dict[str, Any], cfg: dict, path: Path, what: str, to: tuple[Any, Any] | None = None) -> Any:
+def _load_clip(sd: dict[str, Any], cfg: dict, slot: TextEncoderSlot, path: Path, what: str,
+               to: tuple[Any, Any] | None = None) -> Any:
     """transformers-layout CLIP-L (SD1 / SDXL encoder 1) -> CLIPTextModel."""
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    weights = convert_ldm_clip_checkpoint(sd)
+    # only this encoder's keys, renamed to the transformers layout (text_model.*)
+    own = {k: v for k, v in sd.items() if k.startswith(slot.ldm_prefix)}
+    weights = convert_ldm_clip_checkpoint(own, remove_prefix=slot.ldm_prefix.removesuffix("text_model."))
     model = _build_empty(lambda: CLIPTextModel(CLIPTextConfig.from_dict(cfg)))
     weights = _fit_text_model_prefix(model, weights)
     _assign(model, weights, path, what, sd, to)
     return model
 
 
-def _load_open_clip(sd: dict[str, Any], cfg: dict, prefix: str, path: Path, what: str, projection: bool,
+def _load_open_clip(sd: dict[str, Any], cfg: dict, slot: TextEncoderSlot, path: Path, what: str,
                     to: tuple[Any, Any] | None = None) -> Any:
-    """OpenCLIP layout -> CLIPTextModel (SD2) or CLIPTextModelWithProjection (SDXL)."""
+    """OpenCLIP layout -> CLIPTextModel (SD2) or CLIPTextModelWithProjection (SDXL's pooled encoder)."""
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    cls = CLIPTextModelWithProjection if slot.pooled else CLIPTextModel
     model = _build_empty(lambda: cls(CLIPTextConfig.from_dict(cfg)))
     # only this encoder's keys: the converter scans every key it is given
-    own = {k: v for k, v in sd.items() if k.startswith(prefix)}
-    weights = convert_open_clip_checkpoint(model, own, prefix=prefix)
-    if not projection:
+    own = {k: v for k, v in sd.items() if k.startswith(slot.ldm_prefix)}
+    weights = convert_open_clip_checkpoint(model, own, prefix=slot.ldm_prefix)
+    if not slot.pooled:
         weights.pop("text_projection.weight", None)
     weights = _fit_text_model_prefix(model, weights)
     _assign(model, weights, path, what, sd, to)
     return model
+
+
+# One entry per text-encoder weight layout (a slot's tokenizer kind); a family with a new kind of
+# encoder (SD3's T5...) adds its builder here.
+_TEXT_ENCODER_LOADERS: dict[str, Callable[..., Any]] = {"clip-l": _load_clip, "openclip": _load_open_clip}
 
 
 def _fit_text_model_prefix(model: Any, weights: dict[str, Any]) -> dict[str, Any]:
@@ -277,23 +304,11 @@ def _scheduler(spec: ModelSpec) -> Any:
     return getattr(diffusers, cls_name).from_config(cfg)
 
 
-_PIPELINES = {
-    "sd1": "StableDiffusionPipeline",
-    "sd2": "StableDiffusionPipeline",
-    "sd2-v": "StableDiffusionPipeline",
-    "sd1-inpaint": "StableDiffusionInpaintPipeline",
-    "sd2-inpaint": "StableDiffusionInpaintPipeline",
-    "sd2-depth": "StableDiffusionDepth2ImgPipeline",
-    "sdxl": "StableDiffusionXLPipeline",
-    "sdxl-refiner": "StableDiffusionXLImg2ImgPipeline",
-    "sdxl-inpaint": "StableDiffusionXLInpaintPipeline",
-}
-
-
 def _assemble(spec: ModelSpec, components: dict[str, Any]) -> Any:
     import diffusers
 
-    cls = getattr(diffusers, _PIPELINES[spec.family or ""])
+    assert spec.family_info is not None
+    cls = getattr(diffusers, spec.family_info.pipeline_class)
     index = json.loads((spec.config_dir / "model_index.json").read_text(encoding="utf-8"))  # type: ignore[operator]
     accepted = inspect.signature(cls.__init__).parameters
     kwargs: dict[str, Any] = {k: v for k, v in components.items() if k in accepted}
@@ -327,7 +342,7 @@ def load_vae(vae_file: Path, spec: ModelSpec, policy: DevicePolicy, progress: Pr
     cfg = dict(spec.vae_config)
     if not _is_diffusers_vae(shapes):
         try:
-            inferred = model_detection.infer_vae_config(shapes, spec.family or "sd1")
+            inferred = model_detection.infer_vae_config(shapes, spec.family or FamilyId.SD1)
         except (ValueError, KeyError) as exc:
             raise CheckpointLoadError(vae_file, f"not a VAE file ({len(shapes)} tensors, first keys "
                                                f"{_few(list(shapes)[:5])})") from exc
@@ -359,98 +374,13 @@ def load_model(
     if not spec.supported:
         raise UnsupportedCheckpointError(path, spec)
     say = progress or (lambda _msg: None)
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def lap(name: str, since: float) -> float:
-        now = time.perf_counter()
-        timings[name] = round(now - since, 3)
-        return now
-
-    if state_dict is None:
-        say(f"Reading {path.name}")
-        state_dict = load_state_dict_file(path)
-        t = lap("read", t0)
-    else:
-        t = t0
-    sd = model_detection.normalize_checkpoint_keys(state_dict)
-    if sd is not state_dict and isinstance(state_dict, dict):
-        state_dict.clear()  # the renamed copy holds the same tensors; keep one owner so they can be dropped
-    if not spec.has_vae and vae_file is None:
-        raise CheckpointLoadError(path, "the file has no VAE weights: choose a VAE in settings (SD VAE)")
+    laps = _Laps()
+    sd = _read_weights(path, spec, vae_file, state_dict, say, laps)
+    state_dict = None
 
     components: dict[str, Any] = {}
-    dev = policy.device
     try:
-        say("Loading UNet")
-        unet = _load_unet(sd, spec.unet_config, path, (dev, policy.dtype))
-        if spec.needs_v_probe:
-            unet = _finish(unet, dev, policy.dtype)
-            is_v, score = model_detection.probe_v_prediction(unet)
-            new_spec = spec.with_prediction("v_prediction" if is_v else "epsilon", "probe")
-            log.info("%s: v-prediction probe score %.3f -> %s", path.name, score, new_spec.prediction_type)
-            if new_spec.unet_config != spec.unet_config:
-                from diffusers import UNet2DConditionModel
-
-                # same tensors, new config (sd2-v upcasts attention): rebuild around them, no copy
-                weights = unet.state_dict()
-                unet = _build_empty(lambda: UNet2DConditionModel.from_config(new_spec.unet_config))
-                _assign(unet, weights, path, "UNet")
-            spec = new_spec
-        components["unet"] = _finish(unet, dev, policy.dtype)
-        del unet
-        _release(sd, (model_detection.UNET, "model_ema."))
-        t = lap("unet", t)
-
-        say("Loading text encoder")
-        te_dtype = policy.text_encoder_dtype
-        fam = spec.family or ""
-        to = (dev, te_dtype)
-        if fam.startswith("sd1"):
-            te = _load_clip(sd, spec.text_encoder_config, path, "text encoder", to)
-            components["text_encoder"] = _finish(te, dev, te_dtype)
-        elif fam.startswith("sd2"):
-            te = _load_open_clip(sd, spec.text_encoder_config, model_detection.TE_SD2, path, "text encoder",
-                                 projection=False, to=to)
-            components["text_encoder"] = _finish(te, dev, te_dtype)
-        elif fam == "sdxl-refiner":
-            te2 = _load_open_clip(sd, spec.text_encoder_2_config, model_detection.TE_REFINER, path, "text encoder 2",
-                                  projection=True, to=to)
-            components["text_encoder_2"] = _finish(te2, dev, te_dtype)
-        else:
-            te = _load_clip(sd, spec.text_encoder_config, path, "text encoder", to)
-            components["text_encoder"] = _finish(te, dev, te_dtype)
-            te2 = _load_open_clip(sd, spec.text_encoder_2_config, model_detection.TE_XL2, path, "text encoder 2",
-                                  projection=True, to=to)
-            components["text_encoder_2"] = _finish(te2, dev, te_dtype)
-        t = lap("text_encoders", t)
-        _release(sd, ("cond_stage_model.", "conditioner."))
-
-        baked = None
-        if spec.has_vae:
-            say("Loading VAE")
-            baked = _load_vae_weights(sd, spec.vae_config, path, (dev, policy.vae_dtype))
-            baked = _finish(baked, dev, policy.vae_dtype)
-        sd.clear()  # everything we keep now lives in the modules
-        del sd, state_dict
-        if vae_file is not None:
-            components["vae"] = load_vae(Path(vae_file), spec, policy, progress)
-        else:
-            components["vae"] = baked
-            baked = None
-        t = lap("vae", t)
-
-        if spec.tokenizer:
-            components["tokenizer"] = sd_configs.load_tokenizer(spec.tokenizer)
-        if spec.tokenizer_2:
-            components["tokenizer_2"] = sd_configs.load_tokenizer(spec.tokenizer_2)
-        _check_vocab(components, path)
-        components["scheduler"] = _scheduler(spec)
-        t = lap("tokenizers_scheduler", t)
-
-        say("Assembling pipeline")
-        pipe = _assemble(spec, components)
-        lap("pipeline", t)
+        spec, baked, pipe = _build_pipeline(sd, spec, path, policy, vae_file, progress, components, laps)
     except CheckpointLoadError:
         components.clear()
         raise
@@ -463,11 +393,110 @@ def load_model(
         status = ("loaded; generation needs a depth map (the MiDaS depth estimator in the checkpoint is not "
                   "loaded: pass depth_map to the pipeline)")
         needs_depth = True
-    seconds = round(time.perf_counter() - t0, 3)
+    seconds = round(time.perf_counter() - laps.start, 3)
     say(f"Model loaded in {seconds:.1f}s")
     return LoadedModel(info=info, path=path, spec=spec, policy=policy, pipe=pipe, components=components,
-                       vae_file=Path(vae_file) if vae_file else None, load_seconds=seconds, timings=timings,
+                       vae_file=Path(vae_file) if vae_file else None, load_seconds=seconds, timings=laps.timings,
                        status=status, needs_depth_map=needs_depth, baked_vae=baked)
+
+
+class _Laps:
+    """Seconds per load stage (``LoadedModel.timings``)."""
+
+    def __init__(self) -> None:
+        self.start = self._last = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self._last, 3)
+        self._last = now
+
+
+def _read_weights(path: Path, spec: ModelSpec, vae_file: Path | None, state_dict: Mapping[str, Any] | None,
+                  say: Progress, laps: _Laps) -> dict[str, Any]:
+    if state_dict is None:
+        say(f"Reading {path.name}")
+        state_dict = load_state_dict_file(path)
+        laps("read")
+    sd = model_detection.normalize_checkpoint_keys(state_dict)
+    if sd is not state_dict and isinstance(state_dict, dict):
+        state_dict.clear()  # the renamed copy holds the same tensors; keep one owner so they can be dropped
+    if not spec.has_vae and vae_file is None:
+        raise CheckpointLoadError(path, "the file has no VAE weights: choose a VAE in settings (SD VAE)")
+    return sd
+
+
+def _build_pipeline(sd: dict[str, Any], spec: ModelSpec, path: Path, policy: DevicePolicy, vae_file: Path | None,
+                    progress: Progress | None, components: dict[str, Any], laps: _Laps) -> tuple[ModelSpec, Any, Any]:
+    """Every component into ``components``, then the pipeline. Returns (spec after the v probe,
+    the checkpoint's own VAE when a separate one is used, the pipeline)."""
+    say = progress or (lambda _msg: None)
+    say("Loading UNet")
+    components["unet"], spec = _load_denoiser(sd, spec, path, policy)
+    _release(sd, (model_detection.UNET, "model_ema."))
+    laps("unet")
+
+    say("Loading text encoder")
+    _load_text_encoders(sd, spec, path, policy, components)
+    laps("text_encoders")
+    _release(sd, ("cond_stage_model.", "conditioner."))
+
+    baked = None
+    if spec.has_vae:
+        say("Loading VAE")
+        baked = _finish(_load_vae_weights(sd, spec.vae_config, path, (policy.device, policy.vae_dtype)),
+                        policy.device, policy.vae_dtype)
+    sd.clear()  # everything we keep now lives in the modules
+    if vae_file is not None:
+        components["vae"] = load_vae(Path(vae_file), spec, policy, progress)
+    else:
+        components["vae"], baked = baked, None
+    laps("vae")
+
+    assert spec.family_info is not None
+    for slot in spec.family_info.text.slots:
+        components[slot.tokenizer_component] = families.load_tokenizer(slot.tokenizer)
+    _check_vocab(components, path)
+    components["scheduler"] = _scheduler(spec)
+    laps("tokenizers_scheduler")
+
+    say("Assembling pipeline")
+    pipe = _assemble(spec, components)
+    laps("pipeline")
+    return spec, baked, pipe
+
+
+def _load_denoiser(sd: dict[str, Any], spec: ModelSpec, path: Path, policy: DevicePolicy) -> tuple[Any, ModelSpec]:
+    """The UNet; where the weights cannot tell eps from v (SD2), the probe decides and may change the spec."""
+    dev = policy.device
+    unet = _load_unet(sd, spec.unet_config, path, (dev, policy.dtype))
+    if spec.needs_v_probe:
+        unet = _finish(unet, dev, policy.dtype)
+        is_v, score = model_detection.probe_v_prediction(unet)
+        new_spec = spec.with_prediction("v_prediction" if is_v else "epsilon", "probe")
+        log.info("%s: v-prediction probe score %.3f -> %s", path.name, score, new_spec.prediction_type)
+        if new_spec.unet_config != spec.unet_config:
+            from diffusers import UNet2DConditionModel
+
+            # same tensors, new config (sd2-v upcasts attention): rebuild around them, no copy
+            weights = unet.state_dict()
+            unet = _build_empty(lambda: UNet2DConditionModel.from_config(new_spec.unet_config))
+            _assign(unet, weights, path, "UNet")
+        spec = new_spec
+    return _finish(unet, dev, policy.dtype), spec
+
+
+def _load_text_encoders(sd: dict[str, Any], spec: ModelSpec, path: Path, policy: DevicePolicy,
+                        components: dict[str, Any]) -> None:
+    """One model per text-encoder slot of the family record, built by the loader for its layout."""
+    assert spec.family_info is not None
+    dev, te_dtype = policy.device, policy.text_encoder_dtype
+    for slot in spec.family_info.text.slots:
+        cfg = spec.text_encoder_config_for(slot.component)
+        what = slot.component.replace("_", " ")
+        model = _TEXT_ENCODER_LOADERS[slot.tokenizer](sd, cfg, slot, path, what, (dev, te_dtype))
+        components[slot.component] = _finish(model, dev, te_dtype)
 
 
 def _release(sd: dict[str, Any], prefixes: tuple[str, ...]) -> None:
