@@ -25,6 +25,7 @@ from modules.core import flags as cmd_args
 from modules.core.flags import FlagError
 from modules.core.options import Options, default_templates
 from modules.core.paths import AppPaths
+from modules.core.saving import remove_leftover_temp_files
 from modules.services import Services, build_services
 
 log = logging.getLogger("webui")
@@ -80,6 +81,10 @@ def prepare(parsed: cmd_args.ParsedArgs) -> tuple[Services, list[str]]:
     options = Options(paths.config_file, default_templates(), frozen=False)
     warnings = options.load()
     object.__setattr__(options, "frozen", bool(opts.freeze_settings))
+    removed = remove_leftover_temp_files(paths, options)
+    if removed:
+        log.info("Removed %d temp file(s) left by an interrupted write: %s", len(removed),
+                 ", ".join(str(p) for p in removed[:5]) + (" ..." if len(removed) > 5 else ""))
     if opts.ckpt and not Path(opts.ckpt).expanduser().is_file():
         raise StartupError(f"--ckpt: no such file: {opts.ckpt}")
     return build_services(opts, paths, options), warnings

@@ -27,7 +27,7 @@ from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modules.core import flags as cmd_args
-from modules.core import saving as images_mod
+from modules.core import saving
 from modules.engine import sampler_catalog as samplers
 from modules.api import models as m
 from modules.core.model_service import ModelLoadError, NoCheckpointError, UnknownCheckpointError
@@ -42,38 +42,6 @@ log = logging.getLogger(__name__)
 
 API_PREFIX = "/sdapi/v1"
 USE_SAME = ("", "Use same sampler", "Use same scheduler", "Use same checkpoint", "None")
-
-# Infotext label -> (request field, type): what A1111's API takes from `infotext` (its paste fields);
-# a field the request model lacks (hires fields on img2img, mask blur on txt2img) is skipped.
-INFOTEXT_FIELDS: dict[str, tuple[str, type]] = {
-    "Prompt": ("prompt", str),
-    "Negative prompt": ("negative_prompt", str),
-    "Steps": ("steps", int),
-    "Sampler": ("sampler_name", str),
-    "Schedule type": ("scheduler", str),
-    "CFG scale": ("cfg_scale", float),
-    "Seed": ("seed", int),
-    "Size-1": ("width", int),
-    "Size-2": ("height", int),
-    "Batch size": ("batch_size", int),
-    "Variation seed": ("subseed", int),
-    "Variation seed strength": ("subseed_strength", float),
-    "Seed resize from-1": ("seed_resize_from_w", int),
-    "Seed resize from-2": ("seed_resize_from_h", int),
-    "Denoising strength": ("denoising_strength", float),
-    "Mask blur": ("mask_blur", int),
-    "Tiling": ("tiling", bool),
-    "Hires upscale": ("hr_scale", float),
-    "Hires upscaler": ("hr_upscaler", str),
-    "Hires steps": ("hr_second_pass_steps", int),
-    "Hires resize-1": ("hr_resize_x", int),
-    "Hires resize-2": ("hr_resize_y", int),
-    "Hires sampler": ("hr_sampler_name", str),
-    "Hires schedule type": ("hr_scheduler", str),
-    "Hires prompt": ("hr_prompt", str),
-    "Hires negative prompt": ("hr_negative_prompt", str),
-}
-
 
 # --------------------------------------------------------------------------- errors
 
@@ -164,15 +132,15 @@ def decode_base64_to_image(encoding: str, *, field: str = "image") -> Image.Imag
 def encode_pil_to_base64(image: Image.Image, options: Any) -> str:
     """A1111's rule: the `samples_format` setting, with the infotext in the PNG chunks / EXIF."""
     fmt_name = (options.samples_format or "png").lower()
-    fmt = images_mod._pil_format(fmt_name)  # noqa: SLF001 - the one encoder the saver uses too
+    fmt = saving._pil_format(fmt_name)  # noqa: SLF001 - the one encoder the saver uses too
     info = image.info or {}
     if fmt == "PNG":
         chunks = {k: v for k, v in info.items() if isinstance(k, str) and isinstance(v, str)}
-        data = images_mod._encode(image, "PNG", chunks, None, embed=True,  # noqa: SLF001
+        data = saving._encode(image, "PNG", chunks, None, embed=True,  # noqa: SLF001
                                   jpeg_quality=options.jpeg_quality, webp_lossless=options.webp_lossless)
     else:
         parameters = info.get("parameters")
-        data = images_mod._encode(image, fmt, {}, parameters if isinstance(parameters, str) else None,  # noqa: SLF001
+        data = saving._encode(image, fmt, {}, parameters if isinstance(parameters, str) else None,  # noqa: SLF001
                                   embed=True, jpeg_quality=options.jpeg_quality, webp_lossless=options.webp_lossless)
     return base64.b64encode(data).decode("ascii")
 
@@ -269,34 +237,37 @@ def _or(value: Any, default: Any) -> Any:
 
 
 def apply_infotext(req: m._ProcessingBase, options: Any) -> None:
-    """A1111's `infotext` field: its values fill every field the request did not set."""
+    """A1111's `infotext` field: its values fill every field the request did not set (the `api`
+    column of infotext.INFOTEXT_FIELDS); the settings it names become override_settings."""
     if not req.infotext:
         return
-    from modules.core.infotext import parse_infotext
+    from modules.core import infotext
 
     try:
-        parsed = dict(parse_infotext(req.infotext) or {})
+        parsed = dict(infotext.parse_infotext(req.infotext) or {})
     except Exception as err:  # noqa: BLE001 - any parser failure is the client's text, not our fault
         raise bad_request(f"infotext could not be parsed: {err}") from None
-    size = parsed.get("Size")
-    if "Size-1" not in parsed and isinstance(size, str) and "x" in size:
-        parsed["Size-1"], _, parsed["Size-2"] = size.partition("x")
+    kind = infotext.IMG2IMG if isinstance(req, m.StableDiffusionProcessingImg2Img) else infotext.TXT2IMG
     explicit = set(req.model_fields_set)
-    for label, (name, kind) in INFOTEXT_FIELDS.items():
-        if name in explicit or label not in parsed or name not in type(req).model_fields:
+    for field, target, raw in infotext.read_fields(parsed, kind, "api"):
+        if target.api in explicit or target.api not in type(req).model_fields:
             continue
         try:
-            value = _convert(parsed[label], kind)
+            value = field.parse(raw)
         except (TypeError, ValueError):
-            log.warning("infotext: ignoring %s=%r (not a %s)", label, parsed[label], kind.__name__)
+            log.warning("infotext: ignoring %s=%r (not a valid %s)", target.key, raw, target.api)
             continue
         if value is not None and value != "":
-            setattr(req, name, value)
-    if ("enable_hr" not in explicit and hasattr(req, "enable_hr") and "Denoising strength" in parsed
-            and any(k in parsed for k in ("Hires upscale", "Hires upscaler", "Hires resize-1"))):
+            setattr(req, target.api, value)
+    if "enable_hr" not in explicit and hasattr(req, "enable_hr") and infotext.hires_enabled(parsed):
         req.enable_hr = True
-    # Settings recorded in the infotext (Clip skip, ENSD, RNG) become overrides for this request.
-    overrides = dict(req.override_settings or {})
+    req.override_settings = _infotext_overrides(parsed, req.override_settings, options)
+
+
+def _infotext_overrides(parsed: dict[str, Any], given: dict[str, Any] | None, options: Any) -> dict[str, Any]:
+    """Settings recorded in the infotext (Clip skip, ENSD, RNG) that differ from the current ones,
+    added to the request's own override_settings (which win)."""
+    overrides = dict(given or {})
     for key, info in options.templates.items():
         label = info.infotext
         if not label or label not in parsed or key in overrides:
@@ -307,7 +278,7 @@ def apply_infotext(req: m._ProcessingBase, options: Any) -> None:
             continue
         if value != options.get(key):
             overrides[key] = value
-    req.override_settings = overrides
+    return overrides
 
 
 def fill_null_defaults(req: Any) -> None:
@@ -479,10 +450,19 @@ class Api:
             images = await run_in_threadpool(lambda: [encode_pil_to_base64(i, self.options) for i in processed.images])
         return images, json.dumps(processed.js(), default=str)
 
-    # -- routes ------------------------------------------------------------------------
-    def _add_routes(self) -> None:  # noqa: C901 - a flat list of small routes reads best here
+    # -- routes: one registration function per area, called in the order /docs lists them --
+    def _add_routes(self) -> None:
+        self._add_generation_routes()
+        self._add_extras_routes()
+        self._add_progress_routes()
+        self._add_options_routes()
+        self._add_list_routes()
+        self._add_script_routes()
+        self._add_model_routes()
+
+    def _add_generation_routes(self) -> None:
+        """txt2img and img2img: one generation job each, through the queue."""
         r = self.router
-        options, models, gen = self.options, self.models, self.generation
 
         @r.post("/txt2img", response_model=m.TextToImageResponse)
         async def text2imgapi(txt2imgreq: m.StableDiffusionProcessingTxt2Img) -> m.TextToImageResponse:
@@ -507,6 +487,11 @@ class Api:
                 parameters["init_images"] = None
                 parameters["mask"] = None
             return m.ImageToImageResponse(images=images, parameters=parameters, info=info)
+
+    def _add_extras_routes(self) -> None:
+        """Extras (upscaling) and PNG info: image in, image or infotext out."""
+        r = self.router
+        options, gen = self.options, self.generation
 
         @r.post("/extra-single-image", response_model=m.ExtrasSingleImageResponse)
         async def extras_single_image_api(req: m.ExtrasSingleImageRequest) -> m.ExtrasSingleImageResponse:
@@ -546,6 +531,11 @@ class Api:
             return m.PNGInfoResponse(info=text, items=_json_safe_items(items or {}),
                                      parameters=jsonable_encoder(parse_infotext(text)) if text else {})
 
+    def _add_progress_routes(self) -> None:
+        """The running job: progress (with the live preview), interrupt, skip."""
+        r = self.router
+        gen = self.generation
+
         @r.get("/progress", response_model=m.ProgressResponse)
         def progressapi(skip_current_image: bool = False) -> m.ProgressResponse:
             state = gen.state
@@ -566,6 +556,11 @@ class Api:
             gen.queue.skip()
             return {}
 
+    def _add_options_routes(self) -> None:
+        """Settings and command-line flags."""
+        r = self.router
+        options = self.options
+
         @r.get("/options", response_model=self.OptionsModel)
         def get_config() -> JSONResponse:
             data = options.as_dict()
@@ -580,6 +575,11 @@ class Api:
         @r.get("/cmd-flags", response_model=self.FlagsModel)
         def get_cmd_flags() -> JSONResponse:
             return JSONResponse(jsonable_encoder(cmd_args.public_flags(self.services.cmd_opts)))
+
+    def _add_list_routes(self) -> None:
+        """What can be picked: samplers, schedulers, upscalers, models, styles..."""
+        r = self.router
+        models = self.models
 
         @r.get("/samplers", response_model=list[m.SamplerItem])
         def get_samplers() -> list[dict]:
@@ -626,6 +626,10 @@ class Api:
         def get_embeddings() -> dict:
             return {"loaded": {}, "skipped": {}}
 
+    def _add_script_routes(self) -> None:
+        """Scripts and extensions."""
+        r = self.router
+
         @r.get("/scripts", response_model=m.ScriptsList)
         def get_scripts_list() -> dict:
             return {"txt2img": [s.name for s in self.services.script_runner(False).scripts],
@@ -648,6 +652,11 @@ class Api:
                 info = git_info(ext.path)
                 out.append({"name": ext.name, **info, "version": info["commit_hash"][:8], "enabled": ext.enabled})
             return out
+
+    def _add_model_routes(self) -> None:
+        """Memory use, and refreshing, loading and unloading checkpoints (loads go through the queue)."""
+        r = self.router
+        models, gen = self.models, self.generation
 
         @r.get("/memory", response_model=m.MemoryResponse)
         def get_memory() -> dict:

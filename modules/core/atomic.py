@@ -3,6 +3,13 @@
 A reader (or a crash, or a second process) sees either the old complete file or the new
 complete file, never a half-written one. Used for config.json, cache.json, images and
 anything else that must not be truncated by a kill mid-write.
+
+A write through a symlink (a ``config.json`` linked from a dotfiles repo) replaces the file the link
+points to and leaves the link in place.
+
+Temp files are named ``.<target name>.<8 random chars>.atomic-tmp<target suffix>``; a process killed
+mid-write leaves one behind, and ``remove_stale_temp_files`` (run at startup on the folders these
+writes go to) removes those older than a minute.
 """
 
 from __future__ import annotations
@@ -10,12 +17,62 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-__all__ = ["atomic_output", "atomic_write_bytes", "atomic_write_text", "atomic_write_json"]
+__all__ = ["atomic_output", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "is_temp_file_name",
+           "remove_stale_temp_files", "TEMP_MARKER", "STALE_AFTER_SECONDS"]
+
+TEMP_MARKER = ".atomic-tmp"
+STALE_AFTER_SECONDS = 60.0
+# mkstemp's random part is 8 characters of [a-z0-9_]. The second pattern is the name earlier versions
+# used (".tmp" instead of ".atomic-tmp"); both must end in the target's own suffix.
+_TEMP_NAMES = (
+    re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}" + re.escape(TEMP_MARKER) + r"(?P<ext>\.[^.]*)?$"),
+    re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp(?P<ext>\.[^.]*)?$"),
+)
+
+
+def is_temp_file_name(name: str) -> bool:
+    """Whether ``name`` is a temp file name ``atomic_output`` writes (now or in earlier versions)."""
+    for pattern in _TEMP_NAMES:
+        m = pattern.match(name)
+        if m and m.group("target").endswith(m.group("ext") or ""):
+            return True
+    return False
+
+
+def remove_stale_temp_files(directory: str | os.PathLike[str], *, older_than: float = STALE_AFTER_SECONDS,
+                            now: float | None = None) -> list[Path]:
+    """Remove the temp files a killed writer left in ``directory`` (not its sub-folders).
+
+    Only plain files named like ``atomic_output``'s temp files whose last write is more than
+    ``older_than`` seconds ago: a writer in another process may still be busy with a newer one.
+    Returns the removed paths; a missing folder or a file that cannot be removed is skipped.
+    """
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+    try:
+        entries = os.scandir(directory)
+    except OSError:
+        return removed
+    with entries:
+        for entry in entries:
+            if not is_temp_file_name(entry.name):
+                continue
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                if now - entry.stat(follow_symlinks=False).st_mtime <= older_than:
+                    continue
+                os.unlink(entry.path)
+            except OSError:
+                continue
+            removed.append(Path(entry.path))
+    return removed
 
 
 def _read_umask() -> int:
@@ -72,16 +129,22 @@ def atomic_output(path: str | os.PathLike[str], mode: str = "wb", *, encoding: s
     """Yield a file object whose contents replace ``path`` only if the block exits cleanly.
 
     ``mode`` is ``"wb"`` (default) or ``"w"``/``"wt"`` for text. On an exception the temp file is
-    removed and ``path`` is left as it was. Parent directories are created.
+    removed and ``path`` is left as it was. Parent directories are created. If ``path`` is a symlink,
+    the file it points to is replaced and the link stays.
     """
     if mode not in ("wb", "w", "wt"):
         raise ValueError(f"atomic_output supports modes 'wb', 'w' and 'wt', not {mode!r}")
     target = Path(path)
+    if target.is_symlink():
+        # Replace the file the link points to (renaming over the link would replace the link itself).
+        # Its folder must exist, as it must for a plain open() through the link.
+        target = Path(os.path.realpath(target))
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
     directory = target.parent
-    directory.mkdir(parents=True, exist_ok=True)
     # Hidden (leading dot) so folder scans skip it; ends in the target's extension so writers
     # that infer the format from the file name (PIL's Image.save) still work.
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=f".tmp{target.suffix}")
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=f"{TEMP_MARKER}{target.suffix}")
     os.close(fd)
     try:
         # Reopened by path (not os.fdopen) so fh.name is the temp path, which PIL reads.

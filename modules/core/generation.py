@@ -10,7 +10,7 @@ import logging
 import threading
 from typing import Any, Callable, Iterator
 
-from modules.core import saving as images
+from modules.core import saving
 from modules.core.jobs import Job, JobContext, JobQueue, JobState
 from modules.core.model_service import ModelService
 from modules.core.options import Options, OptionsSnapshot
@@ -51,7 +51,7 @@ class GenerationService:
         self._encoders: dict[int, tuple[Any, Any]] = {}   # id(LoadedModel) -> (model, PromptEncoder)
         self._running = threading.local()   # .options: the settings snapshot of the job on this thread
         self._counting_tokenizer = None
-        # (before_save, after_save) given to images.save_image: webui.py points them at the
+        # (before_save, after_save) given to saving.save_image: webui.py points them at the
         # on_before_image_saved / on_image_saved callbacks.
         self.save_hooks: tuple[Any, Any] = (None, None)
         # () -> sampling.SamplingHooks or None, per job: the on_cfg_denoiser/on_cfg_denoised callbacks.
@@ -180,9 +180,9 @@ class GenerationService:
         options, paths = options or self.current_options(), self.paths
 
         def save(image, *, seed: int, prompt: str, info: str | None, grid: bool, p: Any = None):
-            images_dir, grids_dir = images.output_dirs(paths, options, kind)
+            images_dir, grids_dir = saving.output_dirs(paths, options, kind)
             directory = grids_dir if grid and grids_dir is not None else images_dir
-            saved = images.save_image(
+            saved = saving.save_image(
                 image, directory, seed=seed, prompt=prompt, info=info,
                 extension=options.grid_format if grid else options.samples_format,
                 pattern="" if grid else options.samples_filename_pattern,

@@ -116,20 +116,22 @@ def _png_info_fields(image: Image.Image, path: Path, png_info_dir: str | None,
 
 
 def _apply_png_info(p: Img2ImgParams, info: dict[str, Any]) -> None:
-    if info.get("Prompt"):
-        p.prompt = f"{p.prompt} {info['Prompt']}".strip()
-    if info.get("Negative prompt"):
-        p.negative_prompt = f"{p.negative_prompt} {info['Negative prompt']}".strip()
-    if "Seed" in info:
-        p.seed = int(float(info["Seed"]))
-    if "CFG scale" in info:
-        p.cfg_scale = float(info["CFG scale"])
-    if "Steps" in info:
-        p.steps = int(float(info["Steps"]))
-    if info.get("Sampler"):
-        p.sampler_name = str(info["Sampler"])
-    if info.get("Schedule type"):
-        p.scheduler = str(info["Schedule type"])
+    """The prompts are appended to the UI's; the other PNG_INFO_PROPS replace theirs (the `param`
+    column of infotext.INFOTEXT_FIELDS). A value that does not convert is skipped."""
+    from modules.core import infotext
+
+    wanted = {k: v for k, v in info.items() if k in PNG_INFO_PROPS}
+    for field, target, raw in infotext.read_fields(wanted, infotext.IMG2IMG, "param"):
+        try:
+            value = field.parse(raw)
+        except (TypeError, ValueError):
+            log.warning("img2img batch: ignoring PNG info %s=%r", target.key, raw)
+            continue
+        if value == "":
+            continue
+        if target.key in ("Prompt", "Negative prompt"):
+            value = f"{getattr(p, target.param)} {value}".strip()
+        setattr(p, target.param, value)
 
 
 def _size_for(image: Image.Image, scale_by: float) -> tuple[int, int]:
@@ -144,27 +146,10 @@ def run_batch(generation: Any, base: Img2ImgParams, input_dir: str | Path, outpu
               on_file: Callable[[int, int, str], None] | None = None,
               submit_kwargs: dict[str, Any] | None = None) -> BatchResult:
     """Run `base` (its init image and mask ignored) on every image of `input_dir`."""
-    in_dir = Path(str(input_dir or "").strip()).expanduser()
-    out_text = str(output_dir or "").strip()
-    out_dir = Path(out_text).expanduser() if out_text else None
-    if not str(input_dir or "").strip() or not in_dir.is_dir():
-        raise ProcessingError(f"input directory not found: {input_dir or '(empty)'}")
-    if out_dir is not None and out_dir.resolve() == in_dir.resolve():
-        raise ProcessingError("the output directory must differ from the input directory")
-    masks: list[tuple[Path, Image.Image]] | None = None
-    mask_text = str(mask_dir or "").strip()
-    if mask_text:
-        mdir = Path(mask_text).expanduser()
-        if not mdir.is_dir():
-            raise ProcessingError(f"mask directory not found: {mask_dir}")
-        masks, _ = list_images(mdir)
-        if not masks:
-            raise ProcessingError(f"no mask images in {mask_dir}")
-
+    in_dir, out_dir, masks = _batch_dirs(input_dir, output_dir, mask_dir)
     files, skipped = list_images(in_dir)
     result = BatchResult(input_dir=str(in_dir), output_dir=str(out_dir) if out_dir else "", skipped=skipped)
     state = getattr(generation, "state", None)
-    options = getattr(generation, "options", None)
     registry = getattr(getattr(generation, "models", None), "registry", None)
 
     for index, (path, image) in enumerate(files):
@@ -173,59 +158,101 @@ def run_batch(generation: Any, base: Img2ImgParams, input_dir: str | Path, outpu
             break
         if on_file is not None:
             on_file(index, len(files), path.name)
-        p = copy.deepcopy(base)
-        p.init_images = [image]
-        p.mask = None
-        if masks is not None:
-            mask = _find_mask(path, masks)
-            if mask is None:
-                result.missing_masks.append(path.name)
-                continue
-            p.mask = mask
-        if scale_by:
-            p.width, p.height = _size_for(image, float(scale_by))
+        p = _file_params(base, image, path, masks, scale_by)
+        if p is None:
+            result.missing_masks.append(path.name)
+            continue
         kwargs = dict(submit_kwargs or {})
         if use_png_info:
-            try:
-                info = _png_info_fields(image, path, png_info_dir, png_info_props)
-            except Exception as err:  # noqa: BLE001 - a bad chunk means "no info", as in A1111
-                log.warning("Could not read PNG info of %s: %s", path.name, err)
-                info = {}
-            _apply_png_info(p, info)
-            found = registry.get_closest(str(info["Model hash"])) if registry and info.get("Model hash") else None
-            if found is not None:
-                kwargs["override_settings"] = {**kwargs.get("override_settings", {}),
-                                               "sd_model_checkpoint": found.title}
+            _use_png_info(p, kwargs, image, path, png_info_dir, png_info_props, registry)
         if out_dir is not None:
             p.save_images = False   # saved below under the source name
         p.do_not_save_grid = True
-        try:
-            processed = generation.img2img(p, **kwargs)
-            if out_dir is not None:
-                result.outputs += _save_named(processed, out_dir, path.stem, options,
-                                              getattr(generation, "save_hooks", (None, None)))
-            else:
-                result.outputs += processed.saved_paths
-        except Exception as err:  # noqa: BLE001 - reported per file, the batch goes on
-            log.warning("img2img batch: %s failed: %s", path.name, err)
-            result.errors[path.name] = str(err)
-            continue
-        result.processed.append(path.name)
-        first = processed.index_of_first_image
-        result.images += processed.images[first:]
-        result.infotexts += processed.infotexts[first:]
-        del result.images[:-GALLERY_LIMIT], result.infotexts[:-GALLERY_LIMIT]
-        if processed.interrupted or (state is not None and state.interrupted):
+        processed = _run_file(generation, p, kwargs, path, out_dir, result)
+        if processed is not None and (processed.interrupted or (state is not None and state.interrupted)):
             result.interrupted = True
             break
     return result
+
+
+def _batch_dirs(input_dir: str | Path, output_dir: str | Path | None,
+                mask_dir: str | Path | None) -> tuple[Path, Path | None, list[tuple[Path, Image.Image]] | None]:
+    """(input folder, output folder or None, masks or None), or a ProcessingError saying what is wrong."""
+    in_dir = Path(str(input_dir or "").strip()).expanduser()
+    out_text = str(output_dir or "").strip()
+    out_dir = Path(out_text).expanduser() if out_text else None
+    if not str(input_dir or "").strip() or not in_dir.is_dir():
+        raise ProcessingError(f"input directory not found: {input_dir or '(empty)'}")
+    if out_dir is not None and out_dir.resolve() == in_dir.resolve():
+        raise ProcessingError("the output directory must differ from the input directory")
+    mask_text = str(mask_dir or "").strip()
+    if not mask_text:
+        return in_dir, out_dir, None
+    mdir = Path(mask_text).expanduser()
+    if not mdir.is_dir():
+        raise ProcessingError(f"mask directory not found: {mask_dir}")
+    masks, _ = list_images(mdir)
+    if not masks:
+        raise ProcessingError(f"no mask images in {mask_dir}")
+    return in_dir, out_dir, masks
+
+
+def _file_params(base: Img2ImgParams, image: Image.Image, path: Path, masks: list[tuple[Path, Image.Image]] | None,
+                 scale_by: float | None) -> Img2ImgParams | None:
+    """`base` for one file: its image, its mask (None when the mask folder has none for it), its size."""
+    p = copy.deepcopy(base)
+    p.init_images = [image]
+    p.mask = None
+    if masks is not None:
+        p.mask = _find_mask(path, masks)
+        if p.mask is None:
+            return None
+    if scale_by:
+        p.width, p.height = _size_for(image, float(scale_by))
+    return p
+
+
+def _use_png_info(p: Img2ImgParams, kwargs: dict[str, Any], image: Image.Image, path: Path,
+                  png_info_dir: str | None, props: Iterable[str], registry: Any) -> None:
+    """The file's infotext fields into `p`; a ``Model hash`` naming a known checkpoint selects it."""
+    try:
+        info = _png_info_fields(image, path, png_info_dir, props)
+    except Exception as err:  # noqa: BLE001 - a bad chunk means "no info", as in A1111
+        log.warning("Could not read PNG info of %s: %s", path.name, err)
+        info = {}
+    _apply_png_info(p, info)
+    found = registry.get_closest(str(info["Model hash"])) if registry and info.get("Model hash") else None
+    if found is not None:
+        kwargs["override_settings"] = {**kwargs.get("override_settings", {}), "sd_model_checkpoint": found.title}
+
+
+def _run_file(generation: Any, p: Img2ImgParams, kwargs: dict[str, Any], path: Path, out_dir: Path | None,
+              result: BatchResult) -> Any:
+    """One file's job, its outputs added to `result`; None when it failed (recorded in result.errors)."""
+    try:
+        processed = generation.img2img(p, **kwargs)
+        if out_dir is not None:
+            result.outputs += _save_named(processed, out_dir, path.stem, getattr(generation, "options", None),
+                                          getattr(generation, "save_hooks", (None, None)))
+        else:
+            result.outputs += processed.saved_paths
+    except Exception as err:  # noqa: BLE001 - reported per file, the batch goes on
+        log.warning("img2img batch: %s failed: %s", path.name, err)
+        result.errors[path.name] = str(err)
+        return None
+    result.processed.append(path.name)
+    first = processed.index_of_first_image
+    result.images += processed.images[first:]
+    result.infotexts += processed.infotexts[first:]
+    del result.images[:-GALLERY_LIMIT], result.infotexts[:-GALLERY_LIMIT]
+    return processed
 
 
 def _save_named(processed: Any, out_dir: Path, stem: str, options: Any,
                 save_hooks: tuple[Any, Any] = (None, None)) -> list[str]:
     """`save_hooks`: the generation service's (before_save, after_save), so on_before_image_saved and
     on_image_saved fire for these files as for every other saved image."""
-    from modules.core import saving as images_mod
+    from modules.core import saving
 
     first = processed.index_of_first_image
     results = list(zip(processed.images[first:], processed.infotexts[first:]))
@@ -233,7 +260,7 @@ def _save_named(processed: Any, out_dir: Path, stem: str, options: Any,
     saved = []
     for n, (image, text) in enumerate(results):
         name = stem if len(results) == 1 else f"{stem}-{n + 1}"
-        out = images_mod.save_image(
+        out = saving.save_image(
             image, out_dir, seed=None, info=text, extension=get("samples_format", "png"), forced_filename=name,
             jpeg_quality=get("jpeg_quality", 80), webp_lossless=get("webp_lossless", False),
             save_txt=get("save_txt", False), embed_info=get("enable_pnginfo", True),

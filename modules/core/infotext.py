@@ -12,6 +12,9 @@ Parsed values are strings, as in A1111 (``"Steps": "20"``); the UI and API
 cast them where they use them. The exceptions are A1111's filled-in defaults,
 which keep its types (``"Hires resize-1": 0``, ``"Masked area padding": 32``).
 
+``INFOTEXT_FIELDS`` is the one table of infotext keys: how each is written from the typed
+params, and which param, API request field and UI control a pasted value sets.
+
 Pure Python; only ``read_info_from_image`` and ``make_pnginfo`` touch PIL.
 """
 
@@ -22,10 +25,19 @@ import math
 import re
 import struct
 from collections.abc import Iterable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, NamedTuple
 
 __all__ = [
+    "INFOTEXT_FIELDS",
     "INFOTEXT_KEY_ORDER",
+    "InfotextField",
+    "InfotextSource",
+    "Target",
+    "written_params",
+    "extra_generation_params",
+    "read_fields",
+    "hires_enabled",
     "quote",
     "unquote",
     "format_generation_params",
@@ -40,34 +52,264 @@ __all__ = [
     "make_pnginfo",
 ]
 
-INFOTEXT_KEY_ORDER: tuple[str, ...] = (
-    "Steps",
-    "Sampler",
-    "Schedule type",
-    "CFG scale",
-    "Image CFG scale",
-    "Seed",
-    "Face restoration",
-    "Size",
-    "Model hash",
-    "Model",
-    "VAE hash",
-    "VAE",
-    "Variation seed",
-    "Variation seed strength",
-    "Seed resize from",
-    "Denoising strength",
-    "Conditional mask weight",
-    "Clip skip",
-    "ENSD",
-    "Init image hash",
-    "RNG",
-    "Tiling",
-)
-"""Keys that lead the parameters line, in this order; others follow in insertion
-order, and ``Version`` is always last."""
-
 _NEEDS_QUOTES = re.compile(r'[,:\n"]')
+
+
+# ---------------------------------------------------------------------------
+# The field table: one record per infotext key, read by every layer
+# ---------------------------------------------------------------------------
+
+TXT2IMG, IMG2IMG = "txt2img", "img2img"
+BOTH = (TXT2IMG, IMG2IMG)
+LEAD, EXTRA = "lead", "extra"   # where a written key goes on the parameters line (InfotextField.line)
+MASK_MODES = ("Inpaint masked", "Inpaint not masked")
+INPAINT_AREAS = ("Whole picture", "Only masked")
+
+
+def format_number(value: float) -> str:
+    """``7.0`` -> ``"7"``, ``0.75`` -> ``"0.75"``: how A1111 writes a float parameter."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def to_int(value: Any) -> int:
+    return int(float(value))  # "20" and "20.0" alike
+
+
+def to_float(value: Any) -> float:
+    return float(value)
+
+
+def to_bool(value: Any) -> bool:
+    return value is True or str(value).strip().lower() in ("true", "1", "yes")
+
+
+def to_str(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def one_of(labels: tuple[str, ...]) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if str(value) not in labels:
+            raise ValueError(f"{value!r} is not one of {labels}")
+        return str(value)
+    return parse
+
+
+def _masked_content() -> tuple[str, ...]:
+    from modules.core.masking import MASKED_CONTENT  # lazy: masking needs numpy, this module does not
+
+    return MASKED_CONTENT
+
+
+def _masked_content_label(value: Any) -> str:
+    return one_of(_masked_content())(value)
+
+
+@dataclass(frozen=True)
+class InfotextSource:
+    """What one image's parameters are written from: its params and what the run resolved for it."""
+    p: Any                              # GenerationParams (Txt2ImgParams, Img2ImgParams)
+    seed: int | None = None
+    subseed: int | None = None
+    sampler: str | None = None          # the resolved sampler's name
+    schedule: str | None = None         # the schedule it really uses ("Karras" for "Automatic")
+    clip_skip: int = 1
+    model_hash: str | None = None
+    model_name: str | None = None
+    vae_name: str | None = None
+    eta_noise_seed_delta: Any = 0
+    randn_source: str = "GPU"
+
+
+class Target(NamedTuple):
+    """One value a reader sets from a parsed infotext."""
+    key: str            # key in the parsed dict ("Size-1": the first half of a WxH key)
+    param: str | None   # GenerationParams attribute; dotted into HiresParams ("hires.scale")
+    api: str | None     # /sdapi/v1 txt2img/img2img request field
+    ui: str | None      # Txt2ImgControls / Img2ImgControls field
+
+
+@dataclass(frozen=True)
+class InfotextField:
+    """One infotext key: how create_infotext writes it, and what a pasted value sets in the params,
+    the API request and the UI. A ``WxH`` key ("Size") names a pair of each, which readers get as
+    ``Key-1`` and ``Key-2`` (as parse_infotext splits them)."""
+    key: str
+    param: str | tuple[str, str] | None = None
+    api: str | tuple[str, str] | None = None
+    ui: str | tuple[str, str] | None = None
+    parse: Callable[[Any], Any] = to_str                     # parsed value -> the value set
+    write: Callable[[InfotextSource], Any] | None = None     # the value written; None: left out
+    kinds: tuple[str, ...] = BOTH
+    # LEAD: written in this table's order (INFOTEXT_KEY_ORDER); EXTRA: A1111's extra_generation_params,
+    # after the lead keys in insertion order; None: not on the parameters line.
+    line: str | None = LEAD
+    omitted: Any = None     # what a missing key means to the UI paste (the writer leaves it out at this value)
+
+    @property
+    def targets(self) -> tuple[Target, ...]:
+        names = (self.param, self.api, self.ui)
+        if not any(isinstance(n, tuple) for n in names):
+            return (Target(self.key, *names),)
+        return tuple(Target(f"{self.key}-{i + 1}", *(n[i] if n else None for n in names)) for i in (0, 1))
+
+
+def _denoising(s: InfotextSource) -> str | None:
+    value = s.p.denoising_strength_for_info
+    return None if value is None else format_number(value)
+
+
+def _variation(value: Callable[[InfotextSource], Any]) -> Callable[[InfotextSource], Any]:
+    return lambda s: value(s) if s.p.subseed_strength > 0 else None
+
+
+def _seed_resize_from(s: InfotextSource) -> str | None:
+    w, h = s.p.seed_resize_from_w, s.p.seed_resize_from_h
+    return f"{w}x{h}" if w > 0 and h > 0 else None
+
+
+def _hires(value: Callable[[Any, Any], Any]) -> Callable[[InfotextSource], Any]:
+    """A writer that has a value only when hires fix ran: value(hires, p)."""
+    def write(s: InfotextSource) -> Any:
+        h = getattr(s.p, "hires", None)
+        return value(h, s.p) if h is not None and h.enabled else None
+    return write
+
+
+def _hires_unless_same(attr: str, same: str) -> Callable[[InfotextSource], Any]:
+    """The hires pass's own value of `attr`, when it differs from the first pass's."""
+    return _hires(lambda h, p: getattr(h, attr) if getattr(h, attr) not in ("", same, getattr(p, attr)) else None)
+
+
+def _inpaint(value: Callable[[Any], Any]) -> Callable[[InfotextSource], Any]:
+    """A writer that has a value only when a mask was used: value(p)."""
+    return lambda s: value(s.p) if getattr(s.p, "mask", None) is not None else None
+
+
+_HIRES = {"kinds": (TXT2IMG,), "line": EXTRA}
+_INPAINT = {"kinds": (IMG2IMG,), "line": EXTRA}
+
+INFOTEXT_FIELDS: tuple[InfotextField, ...] = (
+    # The prompts are the lines above the parameters line (build_infotext).
+    InfotextField("Prompt", "prompt", "prompt", "prompt", line=None),
+    InfotextField("Negative prompt", "negative_prompt", "negative_prompt", "negative_prompt", line=None),
+    InfotextField("Steps", "steps", "steps", "steps", to_int, lambda s: s.p.steps),
+    InfotextField("Sampler", "sampler_name", "sampler_name", "sampler_name", write=lambda s: s.sampler),
+    InfotextField("Schedule type", "scheduler", "scheduler", "scheduler", write=lambda s: s.schedule),
+    InfotextField("CFG scale", "cfg_scale", "cfg_scale", "cfg_scale", to_float, lambda s: format_number(s.p.cfg_scale)),
+    InfotextField("Image CFG scale"),   # keys without a writer: A1111 writes them, here extensions may
+    InfotextField("Seed", "seed", "seed", "seed", to_int, lambda s: s.seed),
+    InfotextField("Face restoration"),
+    InfotextField("Size", ("width", "height"), ("width", "height"), ("width", "height"), to_int,
+                  lambda s: f"{s.p.width}x{s.p.height}"),
+    InfotextField("Batch size", "batch_size", "batch_size", "batch_size", to_int, line=None),  # pasted, not written
+    InfotextField("Model hash", write=lambda s: s.model_hash),   # readers pick the checkpoint by these two
+    InfotextField("Model", write=lambda s: s.model_name),
+    InfotextField("VAE hash"),
+    InfotextField("VAE", write=lambda s: s.vae_name),
+    InfotextField("Variation seed", "subseed", "subseed", "subseed", to_int, _variation(lambda s: s.subseed)),
+    InfotextField("Variation seed strength", "subseed_strength", "subseed_strength", "subseed_strength", to_float,
+                  _variation(lambda s: format_number(s.p.subseed_strength)), omitted=0),
+    InfotextField("Seed resize from", ("seed_resize_from_w", "seed_resize_from_h"),
+                  ("seed_resize_from_w", "seed_resize_from_h"), ("seed_resize_from_w", "seed_resize_from_h"),
+                  to_int, _seed_resize_from, omitted=0),
+    # txt2img: the hires pass's strength; img2img: the init image's.
+    InfotextField("Denoising strength", "hires.denoising_strength", "denoising_strength", "hires_denoising",
+                  to_float, _denoising, kinds=(TXT2IMG,)),
+    InfotextField("Denoising strength", "denoising_strength", "denoising_strength", "denoising_strength",
+                  to_float, _denoising, kinds=(IMG2IMG,)),
+    InfotextField("Conditional mask weight"),
+    # Clip skip, ENSD and RNG are settings: readers take them through the options' infotext labels.
+    InfotextField("Clip skip", write=lambda s: s.clip_skip if s.clip_skip > 1 else None, omitted=1),
+    InfotextField("ENSD", write=lambda s: s.eta_noise_seed_delta or None),
+    InfotextField("Init image hash"),
+    InfotextField("RNG", write=lambda s: s.randn_source if s.randn_source != "GPU" else None),
+    InfotextField("Tiling", "tiling", "tiling", "tiling", to_bool, lambda s: True if s.p.tiling else None,
+                  omitted=False),
+    # Hires fix (A1111 writes an upscale factor or a target size, never both).
+    InfotextField("Hires upscale", "hires.scale", "hr_scale", "hires_scale", to_float,
+                  _hires(lambda h, p: None if h.resize_x or h.resize_y else format_number(h.scale)), **_HIRES),
+    InfotextField("Hires resize", ("hires.resize_x", "hires.resize_y"), ("hr_resize_x", "hr_resize_y"),
+                  ("hires_resize_x", "hires_resize_y"), to_int,
+                  _hires(lambda h, p: f"{h.resize_x}x{h.resize_y}" if h.resize_x or h.resize_y else None),
+                  omitted=0, **_HIRES),
+    InfotextField("Hires steps", "hires.steps", "hr_second_pass_steps", "hires_steps", to_int,
+                  _hires(lambda h, p: h.steps or None), **_HIRES),
+    InfotextField("Hires upscaler", "hires.upscaler", "hr_upscaler", "hires_upscaler",
+                  write=_hires(lambda h, p: h.upscaler), **_HIRES),
+    InfotextField("Hires sampler", "hires.sampler_name", "hr_sampler_name", "hires_sampler",
+                  write=_hires_unless_same("sampler_name", "Use same sampler"), omitted="Use same sampler", **_HIRES),
+    InfotextField("Hires schedule type", "hires.scheduler", "hr_scheduler", None,
+                  write=_hires_unless_same("scheduler", "Use same scheduler"), **_HIRES),
+    InfotextField("Hires prompt", "hires.prompt", "hr_prompt", "hires_prompt",
+                  write=_hires(lambda h, p: h.prompt if h.prompt and h.prompt != p.prompt else None),
+                  omitted="", **_HIRES),
+    InfotextField("Hires negative prompt", "hires.negative_prompt", "hr_negative_prompt", "hires_negative_prompt",
+                  write=_hires(lambda h, p: h.negative_prompt
+                               if h.negative_prompt and h.negative_prompt != p.negative_prompt else None),
+                  omitted="", **_HIRES),
+    # Inpainting. The UI's radios hold these labels; the params hold a flag or an index.
+    InfotextField("Mask blur", "mask_blur", "mask_blur", "mask_blur", to_int, _inpaint(lambda p: p.mask_blur),
+                  **_INPAINT),
+    InfotextField("Mask mode", ui="mask_mode", parse=one_of(MASK_MODES),
+                  write=_inpaint(lambda p: MASK_MODES[1] if p.inpainting_mask_invert else MASK_MODES[0]),
+                  omitted=MASK_MODES[0], **_INPAINT),
+    InfotextField("Masked content", ui="inpainting_fill", parse=_masked_content_label,
+                  write=_inpaint(lambda p: _masked_content()[p.inpainting_fill]), omitted="original", **_INPAINT),
+    InfotextField("Inpaint area", ui="inpaint_full_res", parse=one_of(INPAINT_AREAS),
+                  write=_inpaint(lambda p: INPAINT_AREAS[1] if p.inpaint_full_res else INPAINT_AREAS[0]),
+                  omitted=INPAINT_AREAS[0], **_INPAINT),
+    InfotextField("Masked area padding", "inpaint_full_res_padding", None, "inpaint_full_res_padding", to_int,
+                  _inpaint(lambda p: p.inpaint_full_res_padding if p.inpaint_full_res else None), omitted=32, **_INPAINT),
+)
+"""In A1111's order. ``Version`` is not here: create_infotext adds it and it is always written last."""
+
+INFOTEXT_KEY_ORDER: tuple[str, ...] = tuple(dict.fromkeys(f.key for f in INFOTEXT_FIELDS if f.line == LEAD))
+"""Keys that lead the parameters line, in this order; others follow in insertion order, and
+``Version`` is always last."""
+
+
+def written_params(source: InfotextSource, line: str) -> dict[str, Any]:
+    """``{key: value}`` of the fields on `line` (LEAD or EXTRA) that have a value for `source`."""
+    kind = getattr(source.p, "kind", TXT2IMG)
+    out: dict[str, Any] = {}
+    for f in INFOTEXT_FIELDS:
+        if f.line == line and f.write is not None and kind in f.kinds:
+            value = f.write(source)
+            if value is not None:
+                out[f.key] = value
+    return out
+
+
+def extra_generation_params(p: Any) -> dict[str, Any]:
+    """A1111's ``p.extra_generation_params`` entries of the params themselves (hires fix, inpainting)."""
+    return written_params(InfotextSource(p), EXTRA)
+
+
+_re_loose_size = re.compile(r"\s*(\d+)\s*x\s*(\d+)\s*")
+
+
+def read_fields(parsed: Mapping[str, Any], kind: str, column: str) -> Iterator[tuple[InfotextField, Target, Any]]:
+    """``(field, target, raw value)`` for each target of `kind` with a name in `column` ("param", "api"
+    or "ui") whose key `parsed` holds. A ``WxH`` value some parser kept whole is split here."""
+    for f in INFOTEXT_FIELDS:
+        if kind not in f.kinds:
+            continue
+        for half, target in enumerate(f.targets):
+            if getattr(target, column) is None:
+                continue
+            raw = parsed.get(target.key)
+            if raw is None and target.key != f.key and f"{f.key}-1" not in parsed and f.key in parsed:
+                m = _re_loose_size.fullmatch(str(parsed[f.key]))
+                raw = m.group(half + 1) if m else None
+            if raw is not None:
+                yield f, target, raw
+
+
+def hires_enabled(parsed: Mapping[str, Any]) -> bool:
+    """A1111's rule: hires fix was on when there is a denoising strength and a hires key (txt2img)."""
+    return "Denoising strength" in parsed and any(k in parsed for k in ("Hires upscale", "Hires upscaler",
+                                                                         "Hires resize-1"))
 
 
 # ---------------------------------------------------------------------------
@@ -219,12 +461,27 @@ def parse_infotext(
     compatibility flags implied by ``Version`` are added. ``skip`` removes keys
     (A1111's "infotext_skip_pasting" setting).
     """
-    res: dict[str, Any] = {}
+    prompt_lines, params_line = _split_parameters_line(text)
+    res = _parse_prompts(prompt_lines)
+    res.update(_parse_pairs(params_line))
+    _split_legacy_samplers(res)
+    _fill_defaults(res)
+    if backcompat:
+        _apply_backcompat(res)
+    skipped = set(skip)
+    return {k: v for k, v in res.items() if k not in skipped}
+
+
+def _split_parameters_line(text: str) -> tuple[list[str], str]:
+    """(prompt lines, parameters line or "")."""
     *lines, last = text.strip().split("\n")
     if len(_re_pair.findall(last)) < 3:
         lines.append(last)
         last = ""
+    return lines, last
 
+
+def _parse_prompts(lines: list[str]) -> dict[str, Any]:
     prompt_lines: list[str] = []
     negative_lines: list[str] = []
     in_negative = False
@@ -234,17 +491,22 @@ def parse_infotext(
             in_negative = True
             line = line[len(_NEGATIVE_PREFIX):].strip()
         (negative_lines if in_negative else prompt_lines).append(line)
-    res["Prompt"] = "\n".join(prompt_lines)
-    res["Negative prompt"] = "\n".join(negative_lines)
+    return {"Prompt": "\n".join(prompt_lines), "Negative prompt": "\n".join(negative_lines)}
 
-    for m in _re_pair.finditer(last):
+
+def _parse_pairs(line: str) -> dict[str, Any]:
+    res: dict[str, Any] = {}
+    for m in _re_pair.finditer(line):
         key, value = m.group("key"), m.group("value")
         value = unquote(value) if value.startswith('"') else value
         size = _re_size.match(value)
         if size:
             res[f"{key}-1"], res[f"{key}-2"] = size.group(1), size.group(2)
         res[key] = value
+    return res
 
+
+def _split_legacy_samplers(res: dict[str, Any]) -> None:
     for field in ("Sampler", "Hires sampler"):
         sampler = res.get(field)
         if isinstance(sampler, str):
@@ -254,7 +516,9 @@ def parse_infotext(
                 # the glued-on name is what the image was made with, so it wins
                 res["Schedule type" if field == "Sampler" else "Hires schedule type"] = schedule
 
-    # Defaults for keys older versions did not write; values as A1111 fills them.
+
+def _fill_defaults(res: dict[str, Any]) -> None:
+    """Defaults for keys older versions did not write; values (and types) as A1111 fills them."""
     res.setdefault("Clip skip", "1")
     hypernet = res.get("Hypernet")
     if hypernet is not None:
@@ -281,12 +545,6 @@ def parse_infotext(
     res.setdefault("FP8 weight", "Disable")
     if res["FP8 weight"] != "Disable":
         res.setdefault("Cache FP16 weight for LoRA", False)
-
-    if backcompat:
-        _apply_backcompat(res)
-
-    skipped = set(skip)
-    return {k: v for k, v in res.items() if k not in skipped}
 
 
 parse_generation_parameters = parse_infotext  # A1111's name

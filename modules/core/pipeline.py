@@ -326,85 +326,30 @@ class ProcessingHooks:
     def postprocess(self, run: ProcessingRun, processed: "Processed") -> None: ...
 
 
-def _fmt_number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
-
-
 def create_infotext(p: GenerationParams, ctx: RunContext, *, prompt: str, negative_prompt: str, seed: int,
                     subseed: int, choice: samplers.SamplerChoice, clip_skip: int,
                     extra: dict[str, Any]) -> str:
+    """One image's infotext: the table's lead keys (infotext.INFOTEXT_FIELDS), then `extra` (the
+    params' own extra keys, `_extra_params`), then the scripts' extra_generation_params, then Version."""
     model = ctx.model
     info = getattr(model, "info", None)
     vae_file = getattr(model, "vae_file", None)
-    params: dict[str, Any] = {
-        "Steps": p.steps,
-        "Sampler": choice.name,
-        "Schedule type": choice.effective_schedule,
-        "CFG scale": _fmt_number(p.cfg_scale),
-        "Seed": seed,
-        "Size": f"{p.width}x{p.height}",
-        "Model hash": getattr(info, "shorthash", None),
-        "Model": getattr(info, "name_for_extra", None) or (model.path.stem if getattr(model, "path", None) else None),
-        "VAE": vae_file.stem if vae_file else None,
-        "Variation seed": subseed if p.subseed_strength > 0 else None,
-        "Variation seed strength": _fmt_number(p.subseed_strength) if p.subseed_strength > 0 else None,
-        "Seed resize from": (f"{p.seed_resize_from_w}x{p.seed_resize_from_h}"
-                             if p.seed_resize_from_w > 0 and p.seed_resize_from_h > 0 else None),
-        "Denoising strength": (_fmt_number(p.denoising_strength_for_info)
-                               if p.denoising_strength_for_info is not None else None),
-        "Clip skip": clip_skip if clip_skip > 1 else None,
-        "ENSD": ctx.options.eta_noise_seed_delta or None,
-        "RNG": ctx.options.randn_source if ctx.options.randn_source != "GPU" else None,
-        "Tiling": True if p.tiling else None,
-    }
+    source = infotext_mod.InfotextSource(
+        p, seed=seed, subseed=subseed, sampler=choice.name, schedule=choice.effective_schedule,
+        clip_skip=clip_skip, model_hash=getattr(info, "shorthash", None),
+        model_name=getattr(info, "name_for_extra", None) or (model.path.stem if getattr(model, "path", None) else None),
+        vae_name=vae_file.stem if vae_file else None,
+        eta_noise_seed_delta=ctx.options.eta_noise_seed_delta, randn_source=ctx.options.randn_source)
+    params = infotext_mod.written_params(source, infotext_mod.LEAD)
     params.update(extra)
     params.update(p.extra_generation_params)
     params["Version"] = VERSION
     return infotext_mod.build_infotext(prompt, negative_prompt, params)
 
 
-def _img2img_extra(p: Img2ImgParams) -> dict[str, Any]:
-    """A1111's inpainting keys, present when a mask is used."""
-    if p.mask is None:
-        return {}
-    out: dict[str, Any] = {
-        "Mask blur": p.mask_blur,
-        "Mask mode": "Inpaint not masked" if p.inpainting_mask_invert else "Inpaint masked",
-        "Masked content": MASKED_CONTENT[p.inpainting_fill],
-        "Inpaint area": "Only masked" if p.inpaint_full_res else "Whole picture",
-    }
-    if p.inpaint_full_res:
-        out["Masked area padding"] = p.inpaint_full_res_padding
-    return out
-
-
 def _extra_params(p: GenerationParams) -> dict[str, Any]:
-    if isinstance(p, Img2ImgParams):
-        return _img2img_extra(p)
-    return _hires_extra(p) if isinstance(p, Txt2ImgParams) else {}
-
-
-def _hires_extra(p: Txt2ImgParams) -> dict[str, Any]:
-    h = p.hires
-    if not h.enabled:
-        return {}
-    out: dict[str, Any] = {}
-    if h.resize_x or h.resize_y:
-        out["Hires resize"] = f"{h.resize_x}x{h.resize_y}"
-    else:
-        out["Hires upscale"] = _fmt_number(h.scale)
-    if h.steps:
-        out["Hires steps"] = h.steps
-    out["Hires upscaler"] = h.upscaler
-    if h.sampler_name and h.sampler_name not in ("Use same sampler", p.sampler_name):
-        out["Hires sampler"] = h.sampler_name
-    if h.scheduler and h.scheduler not in ("Use same scheduler", p.scheduler):
-        out["Hires schedule type"] = h.scheduler
-    if h.prompt and h.prompt != p.prompt:
-        out["Hires prompt"] = h.prompt
-    if h.negative_prompt and h.negative_prompt != p.negative_prompt:
-        out["Hires negative prompt"] = h.negative_prompt
-    return out
+    """A1111's hires-fix and inpainting keys, present when those ran."""
+    return infotext_mod.extra_generation_params(p)
 
 
 def hires_target_size(p: Txt2ImgParams) -> tuple[int, int]:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 import numpy as np
 from PIL import Image, ImageColor, PngImagePlugin
 
-from modules.core.atomic import atomic_output, atomic_write_text
+from modules.core.atomic import atomic_output, atomic_write_text, remove_stale_temp_files
 
 if TYPE_CHECKING:
     from modules.core.options import Options
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "OMIT",
+    "atomic_write_folders",
     "ImageSaveParams",
     "SavedImage",
     "apply_filename_pattern",
@@ -40,6 +41,7 @@ __all__ = [
     "image_grid",
     "next_sequence_number",
     "output_dirs",
+    "remove_leftover_temp_files",
     "sanitize_filename_part",
     "save_image",
 ]
@@ -49,7 +51,7 @@ __all__ = [
 _SAVE_LOCK = threading.RLock()
 
 MAX_PART_LENGTH = 128  # one substituted tag, as in A1111
-# NAME_MAX is 255 bytes on common filesystems; the atomic temp file adds ~20 bytes to the name.
+# NAME_MAX is 255 bytes on common filesystems; the atomic temp file adds ~30 bytes to the name.
 MAX_NAME_BYTES = 220
 MAX_PROMPT_WORDS = 8  # A1111's directories_max_prompt_words default
 DEFAULT_DATETIME_FORMAT = "%Y%m%d%H%M%S"
@@ -154,56 +156,66 @@ def apply_filename_pattern(
     """
     values = {k.lower(): v for k, v in (values or {}).items()}
     now = now or _dt.datetime.now()
-
-    def lookup(tag: str, args: list[str]) -> Any:
-        if tag in values:
-            value = values[tag]
-            if value is OMIT or value is None:
-                return value
-            keep_spaces = tag not in ("prompt",)
-            return sanitize_filename_part(str(value), replace_spaces=not keep_spaces)
-        if tag == "seed":
-            return "" if seed is None else str(seed)
-        if tag == "prompt":
-            return sanitize_filename_part(prompt)
-        if tag in ("prompt_spaces", "prompt_no_styles"):
-            return sanitize_filename_part(prompt, replace_spaces=False)
-        if tag == "prompt_words":
-            return sanitize_filename_part(_prompt_words(prompt), replace_spaces=False)
-        if tag == "prompt_hash":
-            length = int(args[0]) if args and args[0].isdigit() else 8
-            return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:length]
-        if tag == "width" and image is not None:
-            return str(image.width)
-        if tag == "height" and image is not None:
-            return str(image.height)
-        if tag == "date":
-            return now.strftime("%Y-%m-%d")
-        if tag == "datetime":
-            fmt = args[0] if args else None
-            tz = args[1] if len(args) > 1 else None
-            return sanitize_filename_part(_format_datetime(now, fmt, tz), replace_spaces=False)
-        if tag == "none":
-            return ""
-        return None
-
     out: list[str] = []
     pos = 0
     for m in _RE_TAG.finditer(pattern):
         literal = pattern[pos:m.start()]
         pos = m.end()
-        body = m.group(1)
-        args: list[str] = []
-        while (am := _RE_TAG_ARG.match(body)) is not None:
-            body, arg = am.groups()
-            args.insert(0, arg)
-        replacement = lookup(body.lower(), args)
+        tag, args = _tag_and_args(m.group(1))
+        if tag in values:
+            replacement = _given_value(tag, values[tag])
+        else:
+            replacement = _builtin_tag(tag, args, seed=seed, prompt=prompt, image=image, now=now)
         if replacement is OMIT:
             continue
         out.append(literal)
         out.append(m.group(0) if replacement is None else str(replacement))
     out.append(pattern[pos:])
     return "".join(out)
+
+
+def _tag_and_args(body: str) -> tuple[str, list[str]]:
+    """``"datetime<%Y><UTC>"`` -> ``("datetime", ["%Y", "UTC"])``; the name lower-cased."""
+    args: list[str] = []
+    while (am := _RE_TAG_ARG.match(body)) is not None:
+        body, arg = am.groups()
+        args.insert(0, arg)
+    return body.lower(), args
+
+
+def _given_value(tag: str, value: Any) -> Any:
+    if value is OMIT or value is None:
+        return value
+    return sanitize_filename_part(str(value), replace_spaces=tag == "prompt")
+
+
+def _builtin_tag(tag: str, args: list[str], *, seed: int | None, prompt: str, image: Image.Image | None,
+                 now: _dt.datetime) -> str | None:
+    """The value of a built-in tag; None for a tag that is not one (or has no value here)."""
+    if tag == "seed":
+        return "" if seed is None else str(seed)
+    if tag == "prompt":
+        return sanitize_filename_part(prompt)
+    if tag in ("prompt_spaces", "prompt_no_styles"):
+        return sanitize_filename_part(prompt, replace_spaces=False)
+    if tag == "prompt_words":
+        return sanitize_filename_part(_prompt_words(prompt), replace_spaces=False)
+    if tag == "prompt_hash":
+        length = int(args[0]) if args and args[0].isdigit() else 8
+        return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:length]
+    if tag == "width" and image is not None:
+        return str(image.width)
+    if tag == "height" and image is not None:
+        return str(image.height)
+    if tag == "date":
+        return now.strftime("%Y-%m-%d")
+    if tag == "datetime":
+        fmt = args[0] if args else None
+        tz = args[1] if len(args) > 1 else None
+        return sanitize_filename_part(_format_datetime(now, fmt, tz), replace_spaces=False)
+    if tag == "none":
+        return ""
+    return None
 
 
 def _clean_name(text: str) -> str:
@@ -375,68 +387,29 @@ def save_image(
     ``on_before_image_saved``); ``after_save`` is told what was written (``on_image_saved``).
     """
     directory = Path(directory)
-    fmt = _pil_format(extension)
-    ext = extension.lower().lstrip(".")
-    if fmt in _MAX_SIDE and max(image.size) > _MAX_SIDE[fmt]:
-        fmt, ext = "PNG", "png"  # A1111's fallback for sizes JPEG/WEBP cannot store
+    fmt, ext = _file_format(image, extension)
     if grid and not basename:
         basename = "grid"
     basename = _clean_name(basename)
-
-    if forced_filename is not None:
-        decoration = ""
-    elif grid:
-        decoration = pattern and apply_filename_pattern(
-            pattern, seed=seed, prompt=prompt, image=image, values=pattern_values, now=now)
-    elif seed is None:
-        decoration = ""
-    else:
-        decoration = apply_filename_pattern(
-            pattern or "[seed]", seed=seed, prompt=prompt, image=image, values=pattern_values, now=now)
+    decoration = "" if forced_filename is not None else _decoration(
+        image, seed=seed, prompt=prompt, pattern=pattern, grid=grid, values=pattern_values, now=now)
     decoration = _clean_name(decoration + suffix)
-    numbered = forced_filename is None and (add_number or decoration == "")
-
     pnginfo = dict(existing_pnginfo or {})
     if info is not None:
         pnginfo[pnginfo_section] = info
 
     with _SAVE_LOCK:
         directory.mkdir(parents=True, exist_ok=True)
-        if forced_filename is not None:
-            path = _free_variant(directory / f"{_fit_name(_clean_name(forced_filename) or 'image', ext)}.{ext}")
-        elif numbered:
-            start = next_sequence_number(directory, basename)
-            tail = f"-{decoration}" if decoration else ""
-            path = None
-            for n in range(start, start + 500):
-                head = f"{n:05}" if not basename else f"{basename}-{n:04}"
-                candidate = directory / f"{_fit_name(head + tail, ext)}.{ext}"
-                if not os.path.lexists(candidate):
-                    path = candidate
-                    break
-            if path is None:
-                raise FileExistsError(f"no free numbered file name in {directory}")
-        else:
-            path = _free_variant(directory / f"{_fit_name(decoration, ext)}.{ext}")
-
+        path = _free_path(directory, ext, forced_filename=forced_filename, numbered=add_number or decoration == "",
+                          basename=basename, decoration=decoration)
         params = ImageSaveParams(image=image, filename=str(path), pnginfo=pnginfo, p=p)
         if before_save is not None:
-            before_save(params)
-            chosen = Path(params.filename)
-            if chosen != path:
-                # A callback may rename (and so change the format); still never overwrite.
-                path = _free_variant(chosen)
-                new_ext = path.suffix.lstrip(".").lower()
-                if new_ext:
-                    fmt = _pil_format(new_ext)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                params.filename = str(path)
+            path, fmt = _run_before_save(before_save, params, path, fmt)
         info = params.pnginfo.get(pnginfo_section)
         data = _encode(params.image, fmt, params.pnginfo, None if info is None else str(info),
                        embed=embed_info, jpeg_quality=jpeg_quality, webp_lossless=webp_lossless)
         with atomic_output(path, "wb") as fh:
             fh.write(data)
-
         txt_path = None
         if save_txt and info is not None:
             txt_path = path.with_suffix(".txt")
@@ -445,6 +418,64 @@ def save_image(
     if after_save is not None:
         after_save(params)
     return SavedImage(path=path, txt_path=txt_path)
+
+
+def _file_format(image: Image.Image, extension: str) -> tuple[str, str]:
+    """(PIL format, file extension); PNG for sizes JPEG/WEBP cannot store, as A1111 does."""
+    fmt = _pil_format(extension)
+    if fmt in _MAX_SIDE and max(image.size) > _MAX_SIDE[fmt]:
+        return "PNG", "png"
+    return fmt, extension.lower().lstrip(".")
+
+
+def _decoration(image: Image.Image, *, seed: int | None, prompt: str, pattern: str, grid: bool,
+                values: dict[str, Any] | None, now: _dt.datetime | None) -> str:
+    """The name part after the number: the pattern (a grid's only when given; ``[seed]`` by
+    default for an image with a seed; nothing for one without)."""
+    if grid:
+        return pattern and apply_filename_pattern(pattern, seed=seed, prompt=prompt, image=image,
+                                                  values=values, now=now)
+    if seed is None:
+        return ""
+    return apply_filename_pattern(pattern or "[seed]", seed=seed, prompt=prompt, image=image, values=values, now=now)
+
+
+def _free_path(directory: Path, ext: str, *, forced_filename: str | None, numbered: bool, basename: str,
+               decoration: str) -> Path:
+    if forced_filename is not None:
+        return _free_variant(directory / f"{_fit_name(_clean_name(forced_filename) or 'image', ext)}.{ext}")
+    if numbered:
+        return _numbered_path(directory, basename, decoration, ext)
+    return _free_variant(directory / f"{_fit_name(decoration, ext)}.{ext}")
+
+
+def _numbered_path(directory: Path, basename: str, decoration: str, ext: str) -> Path:
+    """The first free ``NNNNN[-decoration].ext`` (``basename-NNNN...`` with a basename) from the
+    folder's next sequence number on."""
+    start = next_sequence_number(directory, basename)
+    tail = f"-{decoration}" if decoration else ""
+    for n in range(start, start + 500):
+        head = f"{n:05}" if not basename else f"{basename}-{n:04}"
+        candidate = directory / f"{_fit_name(head + tail, ext)}.{ext}"
+        if not os.path.lexists(candidate):
+            return candidate
+    raise FileExistsError(f"no free numbered file name in {directory}")
+
+
+def _run_before_save(before_save: Callable[[ImageSaveParams], None], params: ImageSaveParams, path: Path,
+                     fmt: str) -> tuple[Path, str]:
+    """The callback may replace the image, file name or pnginfo; returns the (path, format) to write."""
+    before_save(params)
+    chosen = Path(params.filename)
+    if chosen != path:
+        # A callback may rename (and so change the format); still never overwrite.
+        path = _free_variant(chosen)
+        new_ext = path.suffix.lstrip(".").lower()
+        if new_ext:
+            fmt = _pil_format(new_ext)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        params.filename = str(path)
+    return path, fmt
 
 
 # --------------------------------------------------------------------------- folders
@@ -489,6 +520,40 @@ def output_dirs(paths: "AppPaths", options: "Options", kind: Kind, *, dated: boo
     if dated:
         images, grids = date_dir(images, now), date_dir(grids, now)
     return images, grids
+
+
+def atomic_write_folders(paths: "AppPaths", options: "Options", *, recent_subfolders: int = 2) -> list[Path]:
+    """The folders atomic writes go to, for the startup clean-up of temp files a killed process left.
+
+    config.json's, cache.json's and the styles files' folders; each output folder (images, grids,
+    extras) and its ``recent_subfolders`` most recently modified sub-folders (the date folders a
+    killed run was writing to: a temp file's creation is the folder's last change). Older date
+    folders are never listed, so a huge output tree costs one listing of its top folder.
+    """
+    folders = [paths.config_file.parent, paths.cache_file.parent, *(p.parent for p in paths.styles_files)]
+    for kind in ("txt2img", "img2img", "extras"):
+        for root in output_dirs(paths, options, kind, dated=False):
+            if root is None:
+                continue
+            folders.append(root)
+            try:
+                with os.scandir(root) as entries:
+                    subs = [(e.stat().st_mtime, e.path) for e in entries if e.is_dir(follow_symlinks=False)]
+            except OSError:
+                continue
+            folders += [Path(p) for _, p in sorted(subs, reverse=True)[:recent_subfolders]]
+    unique: dict[str, Path] = {}
+    for folder in folders:
+        unique.setdefault(os.path.normcase(os.path.abspath(folder)), folder)
+    return list(unique.values())
+
+
+def remove_leftover_temp_files(paths: "AppPaths", options: "Options") -> list[Path]:
+    """Remove stale atomic-write temp files (older than a minute) from ``atomic_write_folders``."""
+    removed: list[Path] = []
+    for folder in atomic_write_folders(paths, options):
+        removed += remove_stale_temp_files(folder)
+    return removed
 
 
 # --------------------------------------------------------------------------- grids

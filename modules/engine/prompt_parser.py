@@ -459,79 +459,93 @@ def parse_prompt_attention(text: str) -> list[list]:
     Bug-compatible: a ``BREAK`` inside brackets gets its -1 scaled like any
     other fragment (e.g. -1.1), and A1111 then no longer treats it as a break.
     """
-    res: list[list] = []
-    round_open: list[int] = []
-    square_open: list[int] = []
+    # Hand-written rather than A1111's re.finditer over re_attention: the same tokens in one pass
+    # that reads each character once, and a malformed weight ("1.2.3") stays text where A1111 raises.
+    scan = _AttentionScan()
+    i = 0
+    while i < len(text):
+        i = scan.token(text, i)
+    scan.close_unclosed()
+    return _merge_equal_weights(scan.res) if scan.res else [["", 1.0]]
 
-    def scale_from(start: int, factor: float) -> None:
-        for item in res[start:]:
-            item[1] *= factor
 
-    def add_text(chunk: str) -> None:
-        for n, part in enumerate(re_break.split(chunk)):
-            if n:
-                res.append([BREAK_MARKER, -1])
-            res.append([part, 1.0])
+class _AttentionScan:
+    """parse_prompt_attention's state: the fragments so far and where each open bracket began."""
 
-    i, n = 0, len(text)
-    while i < n:
+    def __init__(self) -> None:
+        self.res: list[list] = []
+        self.round_open: list[int] = []     # index into res where each unclosed "(" began
+        self.square_open: list[int] = []
+
+    def token(self, text: str, i: int) -> int:
+        """Read the token at `i`; returns where the next one starts."""
         c = text[i]
         if c == "\\":
-            if i + 1 < n and text[i + 1] in _ESCAPABLE:
-                res.append([text[i + 1], 1.0])
-                i += 2
-            else:
-                res.append(["", 1.0])  # a lone backslash vanishes
-                i += 1
-        elif c == "(":
-            round_open.append(len(res))
-            i += 1
+            return self._escape(text, i)
+        if c == "(":
+            self.round_open.append(len(self.res))
         elif c == "[":
-            square_open.append(len(res))
-            i += 1
+            self.square_open.append(len(self.res))
         elif c == ":":
-            m = _re_weight_close.match(text, i)
-            if m:
-                weight = _to_float(m.group(1))
-                if round_open and weight is not None:
-                    scale_from(round_open.pop(), weight)
-                    i = m.end()
-                    continue
-                if weight is not None:
-                    add_text(m.group(0))  # ":1.5)" with nothing to close is text
-                    i = m.end()
-                    continue
-                # unparsable number like "1.2.3": A1111 raises here; we keep the
-                # colon as text and carry on
-            add_text(":")
-            i += 1
+            return self._colon(text, i)
         elif c == ")":
-            if round_open:
-                scale_from(round_open.pop(), _ROUND)
-            else:
-                add_text(")")
-            i += 1
+            self._close(self.round_open, _ROUND, ")")
         elif c == "]":
-            if square_open:
-                scale_from(square_open.pop(), _SQUARE)
-            else:
-                add_text("]")
-            i += 1
+            self._close(self.square_open, _SQUARE, "]")
         else:
             m = _re_text_run.match(text, i)
-            add_text(m.group(0))
-            i = m.end()
+            self.add_text(m.group(0))
+            return m.end()
+        return i + 1
 
-    # Unclosed openers reach to the end: round ones first, then square, in
-    # opening order (the order matters for the exact float results).
-    for start in round_open:
-        scale_from(start, _ROUND)
-    for start in square_open:
-        scale_from(start, _SQUARE)
+    def _escape(self, text: str, i: int) -> int:
+        if i + 1 < len(text) and text[i + 1] in _ESCAPABLE:
+            self.res.append([text[i + 1], 1.0])
+            return i + 2
+        self.res.append(["", 1.0])  # a lone backslash vanishes
+        return i + 1
 
-    if not res:
-        return [["", 1.0]]
+    def _colon(self, text: str, i: int) -> int:
+        m = _re_weight_close.match(text, i)
+        if m:
+            weight = _to_float(m.group(1))
+            if self.round_open and weight is not None:
+                self.scale_from(self.round_open.pop(), weight)
+                return m.end()
+            if weight is not None:
+                self.add_text(m.group(0))  # ":1.5)" with nothing to close is text
+                return m.end()
+            # unparsable number like "1.2.3": A1111 raises here; we keep the
+            # colon as text and carry on
+        self.add_text(":")
+        return i + 1
 
+    def _close(self, opened: list[int], factor: float, char: str) -> None:
+        if opened:
+            self.scale_from(opened.pop(), factor)
+        else:
+            self.add_text(char)  # a closer with no opener is text
+
+    def scale_from(self, start: int, factor: float) -> None:
+        for item in self.res[start:]:
+            item[1] *= factor
+
+    def add_text(self, chunk: str) -> None:
+        for n, part in enumerate(re_break.split(chunk)):
+            if n:
+                self.res.append([BREAK_MARKER, -1])
+            self.res.append([part, 1.0])
+
+    def close_unclosed(self) -> None:
+        # Unclosed openers reach to the end: round ones first, then square, in
+        # opening order (the order matters for the exact float results).
+        for start in self.round_open:
+            self.scale_from(start, _ROUND)
+        for start in self.square_open:
+            self.scale_from(start, _SQUARE)
+
+
+def _merge_equal_weights(res: list[list]) -> list[list]:
     merged = [res[0]]
     for item in res[1:]:
         if item[1] == merged[-1][1]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from modules.extensions import processing_adapter as sd_processing
+from modules.extensions import processing_adapter
 from modules.core.pipeline import ProcessingError, ProcessingHooks, ProcessingRun
 
 log = logging.getLogger(__name__)
@@ -363,7 +363,7 @@ class ScriptRunner:
         args = list(args)
 
         def script(params, run, job):
-            p = sd_processing.wrap(params)
+            p = processing_adapter.wrap(params)
             p.scripts, p.script_args, p.runner = self, args, run
             p.is_api, p.user = is_api, user
             self.setup(p)

@@ -157,13 +157,13 @@ def shapes_of(state_dict: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
 
 def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes of a checkpoint: the header for safetensors, a safe load for pickles."""
-    from modules.models import weights_io as safe_pickle
+    from modules.models import weights_io
 
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
-        header = safe_pickle.read_safetensors_header(path)
+        header = weights_io.read_safetensors_header(path)
         return {k: tuple(int(d) for d in _shape_from_header(v)) for k, v in header.items() if k != "__metadata__"}
-    return shapes_of(safe_pickle.load_state_dict_file(path))
+    return shapes_of(weights_io.load_state_dict_file(path))
 
 
 def _shape_from_header(value: Any) -> tuple[int, ...]:
@@ -178,7 +178,7 @@ def _shape_from_header(value: Any) -> tuple[int, ...]:
 def normalize_checkpoint_keys(state: Mapping[str, Any]) -> dict[str, Any]:
     """Undo old layouts that differ only in names, so one rule set reads every file.
 
-    * A ``{"state_dict": {...}}`` wrapper is unwrapped by safe_pickle; this handles naming:
+    * A ``{"state_dict": {...}}`` wrapper is unwrapped by weights_io; this handles naming:
     * very old SD1 files store CLIP as ``cond_stage_model.transformer.embeddings...`` (no
       ``text_model.``), from before transformers nested it.
     """
@@ -825,7 +825,7 @@ def identify(path: Path, sidecar_yaml: Path | None = None, *, state_dict: Mappin
     """Detect a checkpoint file; a sidecar yaml (A1111: ``<name>.yaml`` beside it) takes precedence.
 
     ``state_dict`` avoids reading a ``.ckpt`` twice when the caller already loaded it.
-    Raises ``safe_pickle.CheckpointLoadError`` for unreadable files and ``ModelConfigMismatchError``
+    Raises ``weights_io.CheckpointLoadError`` for unreadable files and ``ModelConfigMismatchError``
     for a yaml that contradicts the weights.
     """
     shapes = shapes_of(state_dict) if state_dict is not None else read_shapes(Path(path))

@@ -1,10 +1,11 @@
 """Checkpoint file -> diffusers pipeline, offline, one component at a time; plus the loaded-model cache.
 
 Why per component rather than ``Pipeline.from_single_file``: we already know every config
-(``model_detection`` inferred it from the shapes), ``.ckpt`` files must go through our restricted
-unpickler, and building each model on the meta device then assigning the loaded tensors
-(``load_state_dict(assign=True)``) skips random initialisation entirely: 0.1 s instead of ~9 s for an
-SD1.5 UNet on the 2-core CPU, with no second copy of the weights.
+(``detection`` inferred it from the shapes), ``.ckpt`` files must be read only by
+``weights_io`` (torch's weights-only unpickler), and building each model on the meta device then
+assigning the loaded tensors (``load_state_dict(assign=True)``) skips random initialisation
+entirely: 0.1 s instead of ~9 s for an SD1.5 UNet on the 2-core CPU, with no second copy of the
+weights.
 
 Nothing here can reach the network: configs come from ``configs/diffusers/<family>/`` via
 ``ModelSpec``, tokenizers from ``families.load_tokenizer``, weights from the local file.
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from modules.models import detection as model_detection, families
+from modules.models import detection, families
 from modules.models.devices import DevicePolicy, torch_gc
 from modules.models.detection import ModelSpec
 from modules.models.families import FamilyId, FamilyInfo, TextEncoderSlot
@@ -338,11 +339,11 @@ def load_vae(vae_file: Path, spec: ModelSpec, policy: DevicePolicy, progress: Pr
     if progress:
         progress(f"Loading VAE {vae_file.name}")
     sd = load_state_dict_file(vae_file)
-    shapes = model_detection.shapes_of(sd)
+    shapes = detection.shapes_of(sd)
     cfg = dict(spec.vae_config)
     if not _is_diffusers_vae(shapes):
         try:
-            inferred = model_detection.infer_vae_config(shapes, spec.family or FamilyId.SD1)
+            inferred = detection.infer_vae_config(shapes, spec.family or FamilyId.SD1)
         except (ValueError, KeyError) as exc:
             raise CheckpointLoadError(vae_file, f"not a VAE file ({len(shapes)} tensors, first keys "
                                                f"{_few(list(shapes)[:5])})") from exc
@@ -419,7 +420,7 @@ def _read_weights(path: Path, spec: ModelSpec, vae_file: Path | None, state_dict
         say(f"Reading {path.name}")
         state_dict = load_state_dict_file(path)
         laps("read")
-    sd = model_detection.normalize_checkpoint_keys(state_dict)
+    sd = detection.normalize_checkpoint_keys(state_dict)
     if sd is not state_dict and isinstance(state_dict, dict):
         state_dict.clear()  # the renamed copy holds the same tensors; keep one owner so they can be dropped
     if not spec.has_vae and vae_file is None:
@@ -434,7 +435,7 @@ def _build_pipeline(sd: dict[str, Any], spec: ModelSpec, path: Path, policy: Dev
     say = progress or (lambda _msg: None)
     say("Loading UNet")
     components["unet"], spec = _load_denoiser(sd, spec, path, policy)
-    _release(sd, (model_detection.UNET, "model_ema."))
+    _release(sd, (detection.UNET, "model_ema."))
     laps("unet")
 
     say("Loading text encoder")
@@ -473,7 +474,7 @@ def _load_denoiser(sd: dict[str, Any], spec: ModelSpec, path: Path, policy: Devi
     unet = _load_unet(sd, spec.unet_config, path, (dev, policy.dtype))
     if spec.needs_v_probe:
         unet = _finish(unet, dev, policy.dtype)
-        is_v, score = model_detection.probe_v_prediction(unet)
+        is_v, score = detection.probe_v_prediction(unet)
         new_spec = spec.with_prediction("v_prediction" if is_v else "epsilon", "probe")
         log.info("%s: v-prediction probe score %.3f -> %s", path.name, score, new_spec.prediction_type)
         if new_spec.unet_config != spec.unet_config:
@@ -525,7 +526,7 @@ def load_checkpoint(
     t0 = time.perf_counter()
     if path.suffix.lower() == ".safetensors":
         # header only: a LoRA or a Flux file is refused before gigabytes are read
-        spec = model_detection.identify(path, sidecar_yaml_for(info_or_path))
+        spec = detection.identify(path, sidecar_yaml_for(info_or_path))
         if not spec.supported:
             raise UnsupportedCheckpointError(path, spec)
         t1 = time.perf_counter()
@@ -537,7 +538,7 @@ def load_checkpoint(
             progress(f"Reading {path.name}")
         sd = load_state_dict_file(path)
         t1 = time.perf_counter()
-        spec = model_detection.identify(path, sidecar_yaml_for(info_or_path), state_dict=sd)
+        spec = detection.identify(path, sidecar_yaml_for(info_or_path), state_dict=sd)
         if not spec.supported:
             raise UnsupportedCheckpointError(path, spec)
     t2 = time.perf_counter()

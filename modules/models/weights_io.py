@@ -1,38 +1,58 @@
 """Load checkpoint weights without ever running code from the file.
 
-``.ckpt`` files are Python pickles, and a pickle can name any importable callable (``os.system``)
-and call it while loading. We therefore:
-
-1. try ``torch.load(weights_only=True)``, PyTorch's own restricted loader;
-2. if that refuses the file (old Lightning checkpoints pickle callback objects, numpy scalars,
-   argparse/omegaconf hyper-parameters), retry with our own restricted unpickler. It admits an
-   explicit allowlist of tensor/storage rebuilders, plain containers and numpy scalar/array
-   reconstruction, and swaps objects from a few known data-only libraries (Lightning, argparse,
-   omegaconf, typing) for inert placeholders that are never imported. Anything else raises
-   ``UnsafeCheckpointError`` at the moment the global is named, before it could be called.
-
 ``.safetensors`` files hold no code and go straight to the safetensors reader.
+
+``.ckpt``/``.pt``/``.pth``/``.bin`` files are Python pickles, and a pickle can name any importable
+callable (``os.system``) and call it while loading. They are read by one call only:
+``torch.load(path, map_location="cpu", weights_only=True, mmap=False)``, PyTorch's own restricted
+unpickler, which knows tensors, storages, dtypes and plain containers and refuses every other global,
+opcode and object construction. There is no second attempt with another unpickler, ever, and never
+``weights_only=False``.
+
+For the duration of that call (``torch.serialization.safe_globals``, under a lock) a few more names
+are allowed, because real A1111-era checkpoints carry them beside the weights. None of them is the
+real class: each name maps to a stand-in defined here (the libraries are never imported):
+
+* Lightning's ``ModelCheckpoint`` callback and ``AttributeDict`` hyper-parameters, ``argparse.Namespace``,
+  omegaconf's containers, nodes and metadata, and ``typing.Any``: ``PickledPlaceholder`` subclasses,
+  plain holders that store their pickled state untouched (``AttributeDict`` and
+  ``collections.defaultdict`` become plain dicts, ``dict``/``list``/``int``/``float``/``str``/``bool``
+  stay the builtin types omegaconf metadata names);
+* ``numpy.dtype`` and ``numpy[._]core.multiarray.scalar``: a dtype *description* and a builder that
+  makes a numpy scalar only for a plain numeric dtype whose pickled state is exactly numpy's default,
+  from exactly ``itemsize`` bytes. numpy's own ``dtype.__setstate__`` accepts flags from the file
+  (forged flags turn raw bytes into object pointers), so it is never called. numpy arrays
+  (``_reconstruct``, ``ndarray``) are not accepted at all.
+
+What torch refuses stays refused: unknown globals, protocol 3+ opcodes (``NEWOBJ_EX`` with keyword
+arguments, ``STACK_GLOBAL``, ``FRAME``...), TorchScript archives, and the legacy ``.tar`` format
+(refused before any member is extracted, so symlink members are never followed). Such a file raises
+``UnsafeCheckpointError`` naming the file and what was refused, with the advice to convert it to
+``.safetensors``.
+
+``mmap=False``: the loader assigns the loaded tensors to the model without copying them; memory-mapped
+tensors would keep the model backed by the file, and a file truncated in place while loaded would then
+kill the process (SIGBUS) on the next access.
 """
 
 from __future__ import annotations
 
-import _compat_pickle
-import functools
-import io
 import json
 import logging
 import os
 import pickle
-import types
+import pickletools
+import re
+import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 __all__ = [
-    "CheckpointLoadError", "UnsafeCheckpointError", "InertPickledObject", "load_ckpt_state_dict",
-    "load_state_dict_file", "read_safetensors_header", "read_safetensors_metadata",
-    "PICKLE_EXTENSIONS", "SAFETENSORS_EXTENSIONS",
+    "CheckpointLoadError", "UnsafeCheckpointError", "PickledPlaceholder", "NumpyDtypeDescription",
+    "load_ckpt_state_dict", "load_state_dict_file", "read_safetensors_header", "read_safetensors_metadata",
+    "extra_safe_globals", "PICKLE_EXTENSIONS", "SAFETENSORS_EXTENSIONS",
 ]
 
 log = logging.getLogger(__name__)
@@ -41,6 +61,10 @@ PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
 SAFETENSORS_EXTENSIONS = (".safetensors",)
 # The safetensors format itself caps the header at 100 MB.
 MAX_SAFETENSORS_HEADER = 100_000_000
+
+CONVERT_ADVICE = ("If you trust the file's source, convert it to .safetensors on a machine where running its "
+                  "code does no harm (or download a .safetensors version of the model) and use that; otherwise "
+                  "delete it.")
 
 
 class CheckpointLoadError(Exception):
@@ -54,231 +78,257 @@ class CheckpointLoadError(Exception):
 
 
 class UnsafeCheckpointError(CheckpointLoadError):
-    """The pickle references a Python global that could run code. Nothing was executed."""
+    """The pickle asks for something a weights file does not need and that could run code or corrupt
+    memory. It was refused before anything of it happened.
 
-    def __init__(self, path: str | os.PathLike[str], global_name: str) -> None:
-        self.global_name = global_name
-        super().__init__(path, (
-            f"it references the Python global '{global_name}', which a checkpoint has no reason "
-            "to contain and which could run code. Loading was refused before anything from the "
-            "file was executed. Only use this file if you trust its source, and prefer a "
-            ".safetensors version of the model."))
-
-
-class InertPickledObject:
-    """Stand-in for a pickled Lightning/argparse/omegaconf object: accepts and discards everything.
-
-    Subclasses are created per referenced global so distinct classes stay distinct dict keys
-    (Lightning stores callback state keyed by the callback class).
+    ``global_name`` is the refused Python global (``posix.system``) when the refusal is about one,
+    otherwise a short name of what was refused (an opcode, the legacy tar format, TorchScript).
     """
 
+    def __init__(self, path: str | os.PathLike[str], global_name: str, detail: str | None = None) -> None:
+        self.global_name = global_name
+        reason = detail or (f"it references the Python global '{global_name}', which a weights file does not "
+                            "need and which is not allowed (an arbitrary global can run code or corrupt memory)")
+        super().__init__(path, f"refused: {reason}. Loading stopped before anything from the file was "
+                               f"executed. {CONVERT_ADVICE}")
+
+
+# --------------------------------------------------------------------------- stand-ins
+
+
+class PickledPlaceholder:
+    """What a pickled Lightning/argparse/omegaconf object becomes: a plain holder of its pickled state.
+
+    It is created without looking at its arguments, and ``__setstate__`` only stores what the file
+    gave (never interprets it, never sets attributes by names from the file). The real class is never
+    imported. One subclass per pickled name, so distinct classes stay distinct (Lightning keys
+    callback state by the callback class).
+    """
+
+    __slots__ = ("pickled_state",)
     original: str = "?"
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "InertPickledObject":
-        return object.__new__(cls)
+    def __new__(cls, *args: Any) -> "PickledPlaceholder":
+        obj = object.__new__(cls)
+        obj.pickled_state = None
+        return obj
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any) -> None:
         pass
 
     def __setstate__(self, state: Any) -> None:
-        pass
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        pass
-
-    def append(self, value: Any) -> None:
-        pass
-
-    def extend(self, values: Any) -> None:
-        pass
+        self.pickled_state = state
 
     def __repr__(self) -> str:
-        return f"<inert {self.original}>"
+        return f"<placeholder for {self.original}>"
 
 
-# Modules whose pickled objects are data-only containers in training checkpoints. Their real
-# classes are never imported; each referenced name becomes an InertPickledObject subclass.
-_INERT_MODULE_ROOTS = ("pytorch_lightning", "lightning", "lightning_fabric", "omegaconf", "typing")
-_INERT_GLOBALS = {"argparse.Namespace"}
+def _placeholder(qualified: str) -> type[PickledPlaceholder]:
+    name = qualified.rsplit(".", 1)[1]
+    return type(name, (PickledPlaceholder,), {"__slots__": (), "original": qualified, "__module__": __name__})
 
-_TENSOR_REBUILDERS = (
-    "_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
-    "_rebuild_parameter_with_state", "_rebuild_meta_tensor_no_storage",
-    "_rebuild_device_tensor_from_numpy", "_rebuild_device_tensor_from_cpu_tensor",
+
+class _PlainDict:
+    """``AttributeDict`` (a dict subclass) and ``collections.defaultdict`` unpickle as a plain dict:
+    torch's unpickler fills only exact dicts, and a default factory from a file is never kept."""
+
+    def __new__(cls, *args: Any) -> dict:  # type: ignore[misc]
+        return {}
+
+
+class NumpyDtypeDescription:
+    """What ``numpy.dtype(...)`` in a pickle becomes: the type code and the pickled state, as data.
+
+    ``numpy_scalar`` turns it into a real dtype only if both describe a plain numeric type.
+    """
+
+    __slots__ = ("code", "state")
+    original = "numpy.dtype"
+
+    def __new__(cls, *args: Any) -> "NumpyDtypeDescription":
+        obj = object.__new__(cls)
+        obj.code = args[0] if args and isinstance(args[0], str) else None
+        obj.state = None
+        return obj
+
+    def __init__(self, *args: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<numpy dtype description {self.code!r}>"
+
+
+class _StandInRefusal(Exception):
+    """Raised by a stand-in inside torch's unpickler; becomes UnsafeCheckpointError."""
+
+    def __init__(self, what: str, detail: str) -> None:
+        self.what = what
+        self.detail = detail
+        super().__init__(detail)
+
+
+# Plain numeric scalars (what training loops store: global_step, best scores). Anything else,
+# structured, void, object, string or datetime dtypes, is refused.
+_NUMPY_SCALAR_CODES = frozenset({"b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16"})
+
+
+def numpy_scalar(dtype: Any, data: Any = None) -> Any:
+    """Stand-in for ``numpy.core.multiarray.scalar(dtype, bytes)``: a numpy scalar of a plain numeric
+    dtype, rebuilt from scratch (numpy's own dtype ``__setstate__`` never runs)."""
+    import numpy as np
+
+    if not isinstance(dtype, NumpyDtypeDescription) or dtype.code not in _NUMPY_SCALAR_CODES:
+        code = dtype.code if isinstance(dtype, NumpyDtypeDescription) else type(dtype).__name__
+        raise _StandInRefusal("numpy.core.multiarray.scalar",
+                              f"it calls numpy.core.multiarray.scalar for a numpy dtype {code!r}; only plain numeric "
+                              "scalars (bool, int, uint, float, complex) are accepted")
+    state = dtype.state
+    # numpy's pickled state of a plain dtype: (3, byteorder, None, None, None, -1, -1, 0). Any other
+    # size, alignment or flags is a forged dtype (flags can make numpy treat raw bytes as pointers).
+    if (not isinstance(state, tuple) or len(state) != 8 or state[0] != 3 or state[1] not in ("<", ">", "|", "=")
+            or state[2:5] != (None, None, None) or state[5:] != (-1, -1, 0)):
+        raise _StandInRefusal("numpy.dtype",
+                              f"it calls numpy.dtype({dtype.code!r}) with the pickled state {str(state)[:120]}, "
+                              "not the one numpy writes for that type (forged size, alignment or flags)")
+    real = np.dtype(dtype.code).newbyteorder(state[1] if state[1] in "<>" else "=")
+    if not isinstance(data, (bytes, bytearray)) or len(data) != real.itemsize:
+        raise _StandInRefusal("numpy.core.multiarray.scalar",
+                              f"it calls numpy.core.multiarray.scalar for a {real.name} from "
+                              f"{len(data) if isinstance(data, (bytes, bytearray)) else type(data).__name__} "
+                              f"instead of {real.itemsize} bytes")
+    if real.kind == "b" and bytes(data) not in (b"\x00", b"\x01"):
+        raise _StandInRefusal("numpy.core.multiarray.scalar",
+                              "it calls numpy.core.multiarray.scalar for a bool from a byte other than 0 or 1")
+    return np.frombuffer(bytes(data), dtype=real, count=1)[0]
+
+
+_LIGHTNING = (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint",
+)
+_ATTRIBUTE_DICTS = (
+    "pytorch_lightning.utilities.parsing.AttributeDict",
+    "lightning_fabric.utilities.data.AttributeDict",
+    "lightning.fabric.utilities.data.AttributeDict",
+)
+_OMEGACONF = (
+    "omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig",
+    "omegaconf.base.ContainerMetadata", "omegaconf.base.Metadata",
+    *(f"omegaconf.nodes.{n}" for n in ("AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode",
+                                       "BytesNode", "PathNode", "InterpolationResultNode")),
+    "typing.Any",
+)
+_OTHER_PLACEHOLDERS = ("argparse.Namespace",)
+# The builtin types omegaconf metadata names (``object_type``, ``ref_type``): pure data constructors.
+_BUILTIN_TYPES = (dict, list, int, float, str, bool)
+
+_PLACEHOLDERS: dict[str, type[PickledPlaceholder]] = {
+    name: _placeholder(name) for name in (*_LIGHTNING, *_OMEGACONF, *_OTHER_PLACEHOLDERS)
+}
+
+
+def extra_safe_globals() -> list[tuple[Any, str]]:
+    """The ``(stand-in, "module.qualname")`` pairs added to torch's weights-only allowlist while a
+    checkpoint is read (``torch.serialization.safe_globals`` accepts such pairs)."""
+    pairs: list[tuple[Any, str]] = [(cls, name) for name, cls in _PLACEHOLDERS.items()]
+    pairs += [(_PlainDict, name) for name in (*_ATTRIBUTE_DICTS, "collections.defaultdict")]
+    pairs += [(t, f"builtins.{t.__name__}") for t in _BUILTIN_TYPES]
+    pairs.append((NumpyDtypeDescription, "numpy.dtype"))
+    pairs += [(numpy_scalar, f"{mod}.scalar") for mod in ("numpy.core.multiarray", "numpy._core.multiarray")]
+    return pairs
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+# torch's UnpicklingError texts (torch/_weights_only_unpickler.py), most specific first.
+_GLOBAL_PATTERNS = (
+    re.compile(r"GLOBAL (\S+) was not an allowed global by default"),
+    re.compile(r"Trying to load unsupported GLOBAL (\S+) whose module \S+ is blocked"),
+)
+_OPERAND = re.compile(r"Unsupported operand (\d+)")
+_OTHER_REFUSALS = (
+    (re.compile(r"Can only create new object for nn\.Parameter or classes allowlisted via `add_safe_globals` "
+                r"but got (.+)"), "NEWOBJ", "it constructs {0} (NEWOBJ), which is not an allowed class"),
+    (re.compile(r"Trying to call reduce for unrecognized function (.+)"), "REDUCE",
+     "it calls {0} (REDUCE), which is not an allowed function"),
+    (re.compile(r"Can only build Tensor, Parameter, OrderedDict or types allowlisted via `add_safe_globals`, "
+                r"but got (.+)"), "BUILD", "it sets the state of {0} (BUILD), which is not allowed"),
+    (re.compile(r"(Can only (?:append to|extend) lists.*|Can only SETITEMS? for dict.*)"), "APPEND/SETITEM",
+     "it fills a container that is not a list or dict ({0})"),
+    (re.compile(r"((?:Only persistent_load|persistent_load id must be).*)"), "persistent_load",
+     "it asks for a persistent object other than a tensor storage ({0})"),
+    (re.compile(r"(\S+ and \S+ must be imported to load .*|\S+ must be imported to load .*)"), "tensor subclass",
+     "it holds tensors of a kind this program does not load ({0})"),
 )
 
 
-def _is_inert(module: str, name: str) -> bool:
-    root = module.split(".", 1)[0]
-    return root in _INERT_MODULE_ROOTS or f"{module}.{name}" in _INERT_GLOBALS
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
 
 
-@functools.lru_cache(maxsize=1)
-def _static_allowlist() -> dict[str, Any]:
-    """``module.name`` -> object for every global a weights checkpoint legitimately needs."""
-    allowed: dict[str, Any] = {}
-    for obj in (dict, list, tuple, set, frozenset, int, float, complex, bool, str, bytes,
-                bytearray, slice, range, object):
-        allowed[f"builtins.{obj.__name__}"] = obj
-    import collections
-    for obj in (collections.OrderedDict, collections.defaultdict, collections.Counter):
-        allowed[f"collections.{obj.__name__}"] = obj
+def _opcode_name(code: int) -> str:
+    for op in pickletools.opcodes:
+        if op.code == chr(code):
+            return op.name
+    return f"byte 0x{code:02x}"
 
-    for fname in _TENSOR_REBUILDERS:
-        fn = getattr(torch._utils, fname, None)
-        if fn is not None:
-            allowed[f"torch._utils.{fname}"] = fn
-    allowed["torch.Size"] = torch.Size
-    allowed["torch.device"] = torch.device
-    allowed["torch.Tensor"] = torch.Tensor
-    allowed["torch._tensor.Tensor"] = torch.Tensor
-    allowed["torch.nn.parameter.Parameter"] = torch.nn.Parameter
-    allowed["torch.serialization._get_layout"] = torch.serialization._get_layout
-    allowed["torch.storage.UntypedStorage"] = torch.storage.UntypedStorage
-    allowed["torch.storage.TypedStorage"] = torch.storage.TypedStorage
-    # dtypes, layouts and memory formats pickle as e.g. "torch.float16"; collect them by value
-    # instead of getattr(torch, <name from the file>), which could trigger lazy submodule imports.
-    for value in list(vars(torch).values()):
-        if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
-            allowed[str(value)] = value
 
+def _refusal(path: Path, message: str) -> UnsafeCheckpointError | None:
+    """The UnsafeCheckpointError for torch's refusal text, or None if the text is not a refusal."""
+    for pattern in _GLOBAL_PATTERNS:
+        m = pattern.search(message)
+        if m:
+            name = m.group(1)
+            # torch prints builtins.exec as plain "exec"
+            return UnsafeCheckpointError(path, name if "." in name else f"builtins.{name}")
+    m = _OPERAND.search(message)
+    if m:
+        op = _opcode_name(int(m.group(1)))
+        return UnsafeCheckpointError(path, f"opcode {op}", (
+            f"the pickle uses the opcode {op}, which PyTorch's weights-only loader does not accept (it accepts "
+            "what torch.save writes: pickle protocol 2 without keyword-argument construction)"))
+    for pattern, what, template in _OTHER_REFUSALS:
+        m = pattern.search(message)
+        if m:
+            return UnsafeCheckpointError(path, what, template.format(_first_line(m.group(1))[:200]))
+    return None
+
+
+_LOAD_LOCK = threading.Lock()
+
+
+def _torch_load(path: Path) -> Any:
+    # safe_globals adds to, then removes from, torch's one process-wide list: loads are serialised so
+    # one load's exit cannot remove the names while another load still needs them.
+    with _LOAD_LOCK, torch.serialization.safe_globals(extra_safe_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+
+
+def _read_pickle_checkpoint(path: Path) -> Any:
     try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy ships with torch wheels
-        return allowed
-    core = getattr(np, "_core", None) or np.core
-    multiarray = core.multiarray
-    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[f"{mod}.scalar"] = multiarray.scalar
-        allowed[f"{mod}._reconstruct"] = multiarray._reconstruct
-    allowed["numpy.ndarray"] = np.ndarray
-    allowed["numpy.dtype"] = np.dtype
-    return allowed
-
-
-def _buildable_types() -> tuple[type, ...]:
-    # BUILD (__setstate__ / attribute assignment) is allowed only on these instances. Without this
-    # check a pickle could BUILD onto an allowlisted function or class, e.g. rewrite the defaults
-    # of torch._utils._rebuild_tensor_v2 or patch torch.Tensor for the rest of the process.
-    try:
-        import numpy as np
-        return (InertPickledObject, np.ndarray, np.dtype)
-    except ImportError:  # pragma: no cover
-        return (InertPickledObject,)
-
-
-class _Policy:
-    """Resolves pickle globals for one file; errors name that file."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.allowed = _static_allowlist()
-        self.inert: dict[str, type[InertPickledObject]] = {}
-        self.buildable = _buildable_types()
-        self.wrappers: dict[str, Callable[..., Any]] = {
-            "_codecs.encode": self._latin1_encode,
-            "copyreg._reconstructor": self._reconstructor,
-            "torch._tensor._rebuild_from_type_v2": self._rebuild_from_type_v2,
-        }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if not isinstance(module, str) or not isinstance(name, str):
-            raise UnsafeCheckpointError(self.path, f"{module!r}.{name!r}")
-        # Python 2 era names (protocol < 3): pure table lookups, resolved through the same allowlist.
-        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        qualified = f"{module}.{name}"
-        if qualified in self.wrappers:
-            return self.wrappers[qualified]
-        if qualified in self.allowed:
-            return self.allowed[qualified]
-        if _is_inert(module, name) and "." not in name:
-            cls = self.inert.get(qualified)
-            if cls is None:
-                cls = type(name, (InertPickledObject,), {"original": qualified, "__module__": __name__})
-                self.inert[qualified] = cls
-            return cls
-        raise UnsafeCheckpointError(self.path, qualified)
-
-    def check_build(self, inst: Any) -> None:
-        if not isinstance(inst, self.buildable) or isinstance(inst, type):
-            raise UnsafeCheckpointError(self.path, f"BUILD on {type(inst).__module__}.{type(inst).__qualname__}")
-
-    def _latin1_encode(self, text: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
-        # Protocol 2 stores bytes as _codecs.encode(str, "latin1"); no other codec is needed, and
-        # arbitrary codec names would make the codec registry import modules.
-        if (not isinstance(text, str) or not isinstance(encoding, str)
-                or encoding.lower().replace("_", "-") not in ("latin1", "latin-1", "iso-8859-1")):
-            raise UnsafeCheckpointError(self.path, f"_codecs.encode(..., {encoding!r})")
-        return text.encode("latin-1")
-
-    def _reconstructor(self, cls: Any, base: Any, state: Any) -> Any:
-        # Protocol 0/1 object pickles; only ever meaningful here for placeholder objects.
-        if isinstance(cls, type) and issubclass(cls, InertPickledObject):
-            return cls()
-        raise UnsafeCheckpointError(self.path, f"copyreg._reconstructor({getattr(cls, '__qualname__', cls)!r})")
-
-    def _rebuild_from_type_v2(self, func: Any, new_type: Any, args: Any, state: Any) -> Any:
-        rebuilders = {self.allowed.get(f"torch._utils.{n}") for n in _TENSOR_REBUILDERS} - {None}
-        if func not in rebuilders or new_type not in (torch.Tensor, torch.nn.Parameter):
-            raise UnsafeCheckpointError(self.path, f"torch._tensor._rebuild_from_type_v2({func!r}, {new_type!r})")
-        return torch._tensor._rebuild_from_type_v2(func, new_type, args, state)
-
-
-_BUILD = pickle.BUILD[0]
-
-
-def _restricted_pickle_module(path: Path) -> types.ModuleType:
-    """A module-like object for ``torch.load(pickle_module=...)`` bound to one file's policy.
-
-    Built on the pure-Python unpickler because its opcode table can be overridden, which is how
-    BUILD is restricted; checkpoint pickles are small (tensor bytes live outside the pickle).
-    """
-    policy = _Policy(path)
-
-    class Unpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
-        dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
-
-        def find_class(self, module: str, name: str) -> Any:
-            return policy.find_class(module, name)
-
-        def _restricted_build(self) -> None:
-            policy.check_build(self.stack[-2])
-            pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
-
-        dispatch[_BUILD] = _restricted_build
-
-    def load(file: Any, **kwargs: Any) -> Any:
-        return Unpickler(file, **kwargs).load()
-
-    def loads(data: bytes, **kwargs: Any) -> Any:
-        return Unpickler(io.BytesIO(data), **kwargs).load()
-
-    module = types.ModuleType("modules.safe_pickle.restricted")
-    module.Unpickler = Unpickler  # type: ignore[attr-defined]
-    module.load = load  # type: ignore[attr-defined]
-    module.loads = loads  # type: ignore[attr-defined]
-    module.UnpicklingError = pickle.UnpicklingError  # type: ignore[attr-defined]
-    return module
-
-
-def _is_torchscript_archive(path: Path) -> bool:
-    # torch.load hands TorchScript zips to torch.jit.load when weights_only=False; never let it.
-    with open(path, "rb") as fh:
-        if fh.read(4) != b"PK\x03\x04":
-            return False
-    reader = torch._C.PyTorchFileReader(str(path))
-    return "constants.pkl" in reader.get_all_records()
-
-
-def _restricted_torch_load(path: Path) -> Any:
-    try:
-        if _is_torchscript_archive(path):
-            raise UnsafeCheckpointError(path, "TorchScript archive (contains code)")
-        return torch.load(path, map_location="cpu", weights_only=False,
-                          pickle_module=_restricted_pickle_module(path))
-    except CheckpointLoadError:
-        raise
+        return _torch_load(path)
+    except _StandInRefusal as exc:
+        raise UnsafeCheckpointError(path, exc.what, exc.detail) from None
+    except pickle.UnpicklingError as exc:
+        refusal = _refusal(path, str(exc))
+        if refusal is not None:
+            raise refusal from None
+        raise CheckpointLoadError(path, _first_line(str(exc).split("WeightsUnpickler error:")[-1]) or exc) from exc
+    except RuntimeError as exc:
+        text = str(exc)
+        if "legacy .tar format" in text:
+            raise UnsafeCheckpointError(path, "legacy .tar format", (
+                "it is in PyTorch's legacy .tar format, which cannot be read without running "
+                "its pickles unrestricted (and extracting its members, symlinks included); it is never "
+                "loaded")) from None
+        if "TorchScript" in text:
+            raise UnsafeCheckpointError(path, "TorchScript archive", (
+                "it is a TorchScript archive, which contains code; it is never loaded")) from None
+        raise CheckpointLoadError(path, _first_line(text) or exc) from exc
     except Exception as exc:  # truncation, bad zip, a refused call's TypeError, ...
         raise CheckpointLoadError(path, exc) from exc
 
@@ -301,27 +351,13 @@ def _extract_state_dict(path: Path, obj: Any) -> dict[str, torch.Tensor]:
 def load_ckpt_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Tensors of a pickled checkpoint (``state_dict`` unwrapped), loaded on the CPU.
 
-    Raises UnsafeCheckpointError for a pickle that names anything outside the allowlist and
-    CheckpointLoadError for a missing, truncated or corrupt file.
+    Raises UnsafeCheckpointError for a pickle that torch's weights-only loader (with the stand-ins
+    above) refuses, and CheckpointLoadError for a missing, truncated or corrupt file.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointLoadError(path, "no such file")
-    try:
-        scripted = _is_torchscript_archive(path)
-    except Exception:
-        scripted = False  # unreadable archive: torch.load below reports it properly
-    if scripted:
-        raise UnsafeCheckpointError(path, "TorchScript archive (contains code)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as first:
-        # Typically "Unsupported global" for Lightning-era files; corrupt files fail both ways
-        # and the restricted attempt reports the error.
-        log.info("%s: torch weights_only load failed (%s); retrying with the restricted unpickler",
-                 path, str(first).strip().splitlines()[0][:200] if str(first).strip() else type(first).__name__)
-        obj = _restricted_torch_load(path)
-    return _extract_state_dict(path, obj)
+    return _extract_state_dict(path, _read_pickle_checkpoint(path))
 
 
 def _read_safetensors_header_json(path: Path) -> dict[str, Any]:

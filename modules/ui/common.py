@@ -1,9 +1,9 @@
-"""Wiring shared by the generation tabs (txt2img, img2img)."""
+"""Control groups and wiring shared by the generation tabs (txt2img, img2img)."""
 from __future__ import annotations
 
 import html
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 
@@ -132,3 +132,115 @@ def poll_job(generation, job):
     first = processed.infotexts[processed.index_of_first_image] if processed.infotexts else ""
     yield (processed.saved_images_for_gallery(), infotext_html(first),
            f"<div class='progress-text'>Done{note}.</div>", processed.js())
+
+
+# --------------------------------------------------------------------------- control groups both tabs build
+
+
+def build_sampling_controls(tabname: str) -> dict[str, Any]:
+    """Sampler, schedule type and steps, as {control name: component}."""
+    from modules.engine import sampler_catalog as samplers
+
+    with gr.Row():
+        sampler_name = gr.Dropdown(samplers.sampler_names(), value="DPM++ 2M", label="Sampling method",
+                                   elem_id=f"{tabname}_sampling")
+        scheduler = gr.Dropdown(samplers.schedule_labels(), value="Automatic", label="Schedule type",
+                                elem_id=f"{tabname}_scheduler")
+    steps = gr.Slider(1, 150, value=20, step=1, label="Sampling steps", elem_id=f"{tabname}_steps")
+    return {"sampler_name": sampler_name, "scheduler": scheduler, "steps": steps}
+
+
+def build_batch_controls(tabname: str) -> dict[str, Any]:
+    """Batch count and size beside the size controls, as {control name: component}."""
+    with gr.Column(scale=1, min_width=120):
+        batch_count = gr.Slider(1, 100, value=1, step=1, label="Batch count", elem_id=f"{tabname}_batch_count")
+        batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{tabname}_batch_size")
+    return {"batch_count": batch_count, "batch_size": batch_size}
+
+
+@dataclass
+class SeedControls:
+    """The seed row (seed, 🎲, ♻) and its "Extra" accordion (variation seed, seed resize, tiling)."""
+    seed: Any
+    random_seed: Any
+    reuse_seed: Any
+    subseed: Any
+    subseed_strength: Any
+    seed_resize_from_w: Any
+    seed_resize_from_h: Any
+    tiling: Any
+
+    def controls(self) -> dict[str, Any]:
+        """The components whose values are params, by control name (the buttons are not)."""
+        return {name: getattr(self, name) for name in ("seed", "subseed", "subseed_strength", "seed_resize_from_w",
+                                                       "seed_resize_from_h", "tiling")}
+
+
+def build_seed_controls(tabname: str) -> SeedControls:
+    with gr.Row(elem_id=f"{tabname}_seed_row"):
+        seed = gr.Number(-1, label="Seed", precision=0, elem_id=f"{tabname}_seed")
+        random_seed = gr.Button("🎲", elem_id=f"{tabname}_random_seed", size="sm", min_width=40)
+        reuse_seed = gr.Button("♻", elem_id=f"{tabname}_reuse_seed", size="sm", min_width=40)
+    with gr.Accordion("Extra", open=False, elem_id=f"{tabname}_subseed_show"):
+        with gr.Row():
+            subseed = gr.Number(-1, label="Variation seed", precision=0, elem_id=f"{tabname}_subseed")
+            subseed_strength = gr.Slider(0, 1, value=0, step=0.01, label="Variation strength",
+                                         elem_id=f"{tabname}_subseed_strength")
+        with gr.Row():
+            seed_resize_from_w = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from width",
+                                           elem_id=f"{tabname}_seed_resize_from_w")
+            seed_resize_from_h = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from height",
+                                           elem_id=f"{tabname}_seed_resize_from_h")
+        tiling = gr.Checkbox(False, label="Tiling", elem_id=f"{tabname}_tiling")
+    return SeedControls(seed=seed, random_seed=random_seed, reuse_seed=reuse_seed, subseed=subseed,
+                        subseed_strength=subseed_strength, seed_resize_from_w=seed_resize_from_w,
+                        seed_resize_from_h=seed_resize_from_h, tiling=tiling)
+
+
+@dataclass
+class OutputPanel:
+    """The result column: progress, gallery, infotext and the (hidden) generation info."""
+    progress: Any
+    gallery: Any
+    infotext: Any
+    generation_info: Any
+    buttons: Any = None     # what `buttons` built between the gallery and the infotext
+
+    def outputs(self) -> list[Any]:
+        """The outputs of a generate handler, in the order poll_job yields them."""
+        return [self.gallery, self.infotext, self.progress, self.generation_info]
+
+
+def build_output_panel(tabname: str, buttons: Callable[[], Any] | None = None) -> OutputPanel:
+    progress = gr.HTML("", elem_id=f"{tabname}_progress")
+    gallery = gr.Gallery(label="Output", elem_id=f"{tabname}_gallery", format="png", columns=2,
+                         object_fit="contain", height="auto", show_label=False)
+    built = buttons() if buttons is not None else None
+    infotext = gr.HTML("", elem_id=f"{tabname}_infotext")
+    generation_info = gr.JSON(visible=False, elem_id=f"{tabname}_generation_info")
+    return OutputPanel(progress=progress, gallery=gallery, infotext=infotext, generation_info=generation_info,
+                       buttons=built)
+
+
+def connect_tab_helpers(top: Toprow, seeds: SeedControls, output: OutputPanel, services, *,
+                        interrupt: Callable[[], Any]) -> None:
+    """Interrupt and Skip, the seed buttons, the token counter and the styles' apply button."""
+    from modules.ui.styles_ui import connect_apply
+
+    generation = services.generation
+    top.interrupt.click(interrupt, show_progress="hidden")
+    top.skip.click(lambda: generation.state.skip(), show_progress="hidden")
+    connect_seed_buttons(seed=seeds.seed, random_seed=seeds.random_seed, reuse_seed=seeds.reuse_seed,
+                         generation_info=output.generation_info)
+    connect_token_counter(generation, top.prompt, top.token_counter)
+    connect_apply(top.styles_ui, services, top.prompt, top.negative_prompt)
+
+
+def paste_targets(controls: ControlsBase, top: Toprow, script_runner) -> dict[str, Any]:
+    """What an infotext paste may set: every control, the styles, the scripts' infotext fields."""
+    from modules.ui import paste
+
+    targets = {name: getattr(controls, name) for name in type(controls).names()}
+    targets["styles"] = top.styles_ui.dropdown
+    targets.update(paste.script_field_targets(script_runner.infotext_fields()))
+    return targets

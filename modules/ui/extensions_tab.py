@@ -11,7 +11,7 @@ from typing import Sequence
 
 import gradio as gr
 
-from modules.extensions import loader as ext_mod
+from modules.extensions import loader as extension_loader
 from modules.extensions.loader import Extension
 from modules.services import Services
 
@@ -45,7 +45,7 @@ def build_extensions_tab(services: Services, exts: Sequence[Extension]) -> None:
 
             def on_apply(chosen, chosen_mode):
                 try:
-                    ext_mod.apply_enabled(options, names, chosen or [], chosen_mode or "none")
+                    extension_loader.apply_enabled(options, names, chosen or [], chosen_mode or "none")
                 except Exception as err:  # frozen settings, unwritable config.json
                     return f"Not saved: {err}"
                 return RESTART_NOTE
@@ -62,17 +62,17 @@ def build_extensions_tab(services: Services, exts: Sequence[Extension]) -> None:
                 if ext is None:
                     return "Choose an extension."
                 try:
-                    message = ext_mod.update(services.cmd_opts, ext)
-                except (ext_mod.ExtensionAccessError, ValueError, RuntimeError, OSError) as err:
+                    message = extension_loader.update(services.cmd_opts, ext)
+                except (extension_loader.ExtensionAccessError, ValueError, RuntimeError, OSError) as err:
                     return f"Not updated: {err}"
                 return f"{message or 'Updated.'} Restart the web UI to load the new code."
 
             update.click(on_update, inputs=[to_update], outputs=[update_result])
         with gr.Tab("Install from URL", id="extensions_install"):
             try:
-                ext_mod.check_install_access(services.cmd_opts)
+                extension_loader.check_install_access(services.cmd_opts)
                 refused = ""
-            except ext_mod.ExtensionAccessError as err:
+            except extension_loader.ExtensionAccessError as err:
                 refused = str(err)
             if refused:
                 gr.Markdown(refused, elem_id="extensions_install_refused")
@@ -85,8 +85,8 @@ def build_extensions_tab(services: Services, exts: Sequence[Extension]) -> None:
 
             def on_install(url_text, dirname):
                 try:
-                    target = ext_mod.install_from_url(services.cmd_opts, services.paths.extensions_dir, url_text or "", dirname or "")
-                except (ext_mod.ExtensionAccessError, ValueError, RuntimeError, OSError) as err:
+                    target = extension_loader.install_from_url(services.cmd_opts, services.paths.extensions_dir, url_text or "", dirname or "")
+                except (extension_loader.ExtensionAccessError, ValueError, RuntimeError, OSError) as err:
                     return f"Not installed: {err}"
                 return f"Installed into `{target}`. Restart the web UI to load it."
 

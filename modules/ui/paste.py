@@ -1,58 +1,30 @@
-"""Infotext -> UI field values: the one table that PNG Info's "Send to" buttons and the ↙ button
-("read generation parameters from the prompt, or from the last generation if the prompt is
-empty") both use, as A1111's paste fields do.
+"""Infotext -> UI field values, for PNG Info's "Send to" buttons and the ↙ button ("read
+generation parameters from the prompt, or from the last generation if the prompt is empty"), as
+A1111's paste fields do.
 
 `values_from_infotext(parsed, tab)` maps a parsed infotext to ``{control name: value}``, where the
-control names are the field names of `Txt2ImgControls` / `Img2ImgControls`; `bind` turns that into
-one gradio update per component. Keys the infotext does not name leave their field as it is, except
-where the infotext format itself omits a default (no ``Variation seed strength`` means 0, no
-``Mask blur`` on an inpaint infotext means the inpaint defaults), which are filled in the way
-A1111's parser fills them.
+control names are the field names of `Txt2ImgControls` / `Img2ImgControls`: the `ui` column of
+infotext.INFOTEXT_FIELDS, plus the two values derived from several keys (styles, hires enabled).
+`bind` turns that into one gradio update per component. Keys the infotext does not name leave their
+field as it is, except where the writer leaves a value out at its default (no ``Variation seed
+strength`` means 0): the table's `omitted` column.
 """
 from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
+from modules.core import infotext
 from modules.engine import sampler_catalog as samplers
 
 log = logging.getLogger(__name__)
 
-TXT2IMG, IMG2IMG = "txt2img", "img2img"
-MASK_MODES = ("Inpaint masked", "Inpaint not masked")
-INPAINT_AREAS = ("Whole picture", "Only masked")
+TXT2IMG, IMG2IMG = infotext.TXT2IMG, infotext.IMG2IMG
 
-__all__ = ["MASK_MODES", "INPAINT_AREAS", "PasteField", "TABLE", "apply_defaults", "bind", "checkpoint_for",
-           "override_choices", "parse_for_paste", "values_from_infotext"]
-
-
-def _int(v: Any) -> int:
-    return int(float(v))
-
-
-def _float(v: Any) -> float:
-    return float(v)
-
-
-def _str(v: Any) -> str:
-    return "" if v is None else str(v)
-
-
-def _bool(v: Any) -> bool:
-    return v is True or str(v).strip().lower() in ("true", "1", "yes")
-
-
-def _choice(choices: Iterable[str]) -> Callable[[Any], str]:
-    allowed = tuple(choices)
-
-    def convert(v: Any) -> str:
-        if str(v) not in allowed:
-            raise ValueError(f"{v!r} is not one of {allowed}")
-        return str(v)
-    return convert
+__all__ = ["apply_defaults", "bind", "checkpoint_for", "override_choices", "parse_for_paste",
+           "values_from_infotext"]
 
 
 def _sampler(v: Any) -> str:
@@ -72,7 +44,16 @@ def _hires_sampler(v: Any) -> str:
 def _hires_upscaler(v: Any) -> str:
     from modules.core.pipeline import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES
 
-    return _choice([*LATENT_UPSCALE_MODES, *IMAGE_UPSCALERS[1:]])(v)
+    return infotext.one_of((*LATENT_UPSCALE_MODES, *IMAGE_UPSCALERS[1:]))(v)
+
+
+# What the dropdowns can show: a value they lack leaves the field alone.
+_UI_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "sampler_name": _sampler,
+    "scheduler": _schedule,
+    "hires_upscaler": _hires_upscaler,
+    "hires_sampler": _hires_sampler,
+}
 
 
 def _styles(d: Mapping[str, Any]) -> Any:
@@ -85,92 +66,25 @@ def _styles(d: Mapping[str, Any]) -> Any:
     return list(found) if isinstance(found, (list, tuple)) else None
 
 
-def _hires_enabled(d: Mapping[str, Any]) -> bool:
-    # A1111's rule: hires was on when the first pass had a denoising strength and a hires key.
-    return "Denoising strength" in d and any(k in d for k in ("Hires upscale", "Hires upscaler", "Hires resize-1"))
-
-
-@dataclass(frozen=True)
-class PasteField:
-    target: str                                   # control name (Txt2ImgControls / Img2ImgControls field)
-    key: str | Callable[[Mapping[str, Any]], Any]  # infotext key, or a function of the parsed dict
-    convert: Callable[[Any], Any] = _str
-    tabs: tuple[str, ...] = (TXT2IMG, IMG2IMG)
-
-
-_BOTH = (TXT2IMG, IMG2IMG)
-TABLE: tuple[PasteField, ...] = (
-    PasteField("prompt", "Prompt"),
-    PasteField("negative_prompt", "Negative prompt"),
-    PasteField("styles", _styles, lambda v: v),
-    PasteField("steps", "Steps", _int),
-    PasteField("sampler_name", "Sampler", _sampler),
-    PasteField("scheduler", "Schedule type", _schedule),
-    PasteField("cfg_scale", "CFG scale", _float),
-    PasteField("seed", "Seed", _int),
-    PasteField("width", "Size-1", _int),
-    PasteField("height", "Size-2", _int),
-    PasteField("batch_size", "Batch size", _int),
-    PasteField("subseed", "Variation seed", _int),
-    PasteField("subseed_strength", "Variation seed strength", _float),
-    PasteField("seed_resize_from_w", "Seed resize from-1", _int),
-    PasteField("seed_resize_from_h", "Seed resize from-2", _int),
-    PasteField("tiling", "Tiling", _bool),
-    # txt2img: hires fix
-    PasteField("hires_enabled", _hires_enabled, _bool, (TXT2IMG,)),
-    PasteField("hires_scale", "Hires upscale", _float, (TXT2IMG,)),
-    PasteField("hires_upscaler", "Hires upscaler", _hires_upscaler, (TXT2IMG,)),
-    PasteField("hires_steps", "Hires steps", _int, (TXT2IMG,)),
-    PasteField("hires_resize_x", "Hires resize-1", _int, (TXT2IMG,)),
-    PasteField("hires_resize_y", "Hires resize-2", _int, (TXT2IMG,)),
-    PasteField("hires_denoising", "Denoising strength", _float, (TXT2IMG,)),
-    PasteField("hires_sampler", "Hires sampler", _hires_sampler, (TXT2IMG,)),
-    PasteField("hires_prompt", "Hires prompt", _str, (TXT2IMG,)),
-    PasteField("hires_negative_prompt", "Hires negative prompt", _str, (TXT2IMG,)),
-    # img2img and inpainting
-    PasteField("denoising_strength", "Denoising strength", _float, (IMG2IMG,)),
-    PasteField("mask_blur", "Mask blur", _int, (IMG2IMG,)),
-    PasteField("mask_mode", "Mask mode", _choice(MASK_MODES), (IMG2IMG,)),
-    PasteField("inpainting_fill", "Masked content", lambda v: _choice(_masked_content())(v), (IMG2IMG,)),
-    PasteField("inpaint_full_res", "Inpaint area", _choice(INPAINT_AREAS), (IMG2IMG,)),
-    PasteField("inpaint_full_res_padding", "Masked area padding", _int, (IMG2IMG,)),
+# Controls whose value comes from several keys: (control, tabs, value of the parsed dict or None).
+_DERIVED: tuple[tuple[str, tuple[str, ...], Callable[[Mapping[str, Any]], Any]], ...] = (
+    ("styles", (TXT2IMG, IMG2IMG), _styles),
+    ("hires_enabled", (TXT2IMG,), infotext.hires_enabled),
 )
 
 
-def _masked_content() -> tuple[str, ...]:
-    from modules.core.pipeline import MASKED_CONTENT
-
-    return MASKED_CONTENT
-
-
-# What the infotext leaves out when a value is at its default (A1111's parser adds the same).
-_DEFAULTS: dict[str, Any] = {
-    "Clip skip": 1,
-    "Variation seed strength": 0,
-    "Seed resize from-1": 0,
-    "Seed resize from-2": 0,
-    "Hires resize-1": 0,
-    "Hires resize-2": 0,
-    "Hires sampler": "Use same sampler",
-    "Hires prompt": "",
-    "Hires negative prompt": "",
-    "Tiling": False,
-}
-_INPAINT_DEFAULTS: dict[str, Any] = {
-    "Mask mode": "Inpaint masked",
-    "Masked content": "original",
-    "Inpaint area": "Whole picture",
-    "Masked area padding": 32,
-}
+def _control_names(tab: str) -> list[str]:
+    table = [t.ui for f in infotext.INFOTEXT_FIELDS if tab in f.kinds for t in f.targets if t.ui]
+    return list(dict.fromkeys([*table, *(name for name, tabs, _ in _DERIVED if tab in tabs)]))
 
 
 def apply_defaults(parsed: Mapping[str, Any]) -> dict[str, Any]:
+    """`parsed` plus the values the infotext means by leaving a key out (the `omitted` column)."""
     out = dict(parsed)
-    for key, value in _DEFAULTS.items():
-        out.setdefault(key, value)
-    if "Mask blur" in out:  # only an inpaint infotext says anything about the mask
-        for key, value in _INPAINT_DEFAULTS.items():
-            out.setdefault(key, value)
+    for f in infotext.INFOTEXT_FIELDS:
+        if f.omitted is not None:
+            for target in f.targets:
+                out.setdefault(target.key, f.omitted)
     return out
 
 
@@ -192,14 +106,15 @@ def parse_for_paste(text: str, *, styles: Any = None, extract_styles: bool = Tru
 def values_from_infotext(parsed: Mapping[str, Any], tab: str) -> dict[str, Any]:
     """{control name: value} for every field of `tab` that the infotext names (and converts)."""
     out: dict[str, Any] = {}
-    for f in TABLE:
-        if tab not in f.tabs:
-            continue
-        raw = f.key(parsed) if callable(f.key) else parsed.get(f.key)
-        if raw is None:
-            continue
+    for name, tabs, derive in _DERIVED:
+        value = derive(parsed) if tab in tabs else None
+        if value is not None:
+            out[name] = value
+    for field, target, raw in infotext.read_fields(parsed, tab, "ui"):
         try:
-            out[f.target] = f.convert(raw)
+            value = field.parse(raw)
+            check = _UI_CHECKS.get(target.ui)
+            out[target.ui] = check(value) if check is not None else value
         except (TypeError, ValueError, LookupError):
             continue  # a value this UI cannot show (unknown sampler...): leave the field alone
     if "sampler_name" in out and "Schedule type" not in parsed:
@@ -208,11 +123,6 @@ def values_from_infotext(parsed: Mapping[str, Any], tab: str) -> dict[str, Any]:
             out["scheduler"] = samplers.resolve_sampler(str(parsed["Sampler"]), None).schedule
         except (ValueError, LookupError):
             pass
-    if "Size-1" not in parsed and "Size" in parsed:  # a parser that kept "WxH" whole
-        m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", str(parsed["Size"]))
-        if m:
-            out.setdefault("width", int(m.group(1)))
-            out.setdefault("height", int(m.group(2)))
     return out
 
 
@@ -246,7 +156,7 @@ def overrides_from_choices(choices: Iterable[str] | None, options: Any) -> dict[
         default = info.default
         try:
             if isinstance(default, bool):
-                out[key] = _bool(raw)
+                out[key] = infotext.to_bool(raw)
             elif isinstance(default, (int, float)):
                 out[key] = type(default)(float(raw))
             else:
@@ -311,7 +221,7 @@ def _script_values(parsed: Mapping[str, Any], names: list[str]) -> dict[str, Any
 def bind(targets: Mapping[str, Any], tab: str) -> tuple[list[str], list[Any]]:
     """The control names of `tab` that have a component in `targets`, and those components,
     in the order `updates` returns values for them."""
-    names = [f.target for f in TABLE if tab in f.tabs and f.target in targets]
+    names = [name for name in _control_names(tab) if name in targets]
     names += [n for n in targets if n.startswith(SCRIPT_FIELD)]
     names = list(dict.fromkeys(names))
     return names, [targets[n] for n in names]

@@ -9,11 +9,11 @@ import gradio as gr
 from modules.engine import sampler_catalog as samplers
 from modules.core.pipeline import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, HiresParams, ProcessingError, Txt2ImgParams
 from modules.services import Services
-from modules.ui.common import (ControlsBase, build_toprow, connect_seed_buttons, connect_token_counter, error_updates,
+from modules.ui.common import (ControlsBase, build_batch_controls, build_output_panel, build_sampling_controls,
+                               build_seed_controls, build_toprow, connect_tab_helpers, error_updates, paste_targets,
                                poll_job, script_job)
 from modules.core.styles import apply_styles_to_params
 from modules.ui import paste
-from modules.ui.styles_ui import connect_apply
 
 @dataclass
 class Txt2ImgControls(ControlsBase):
@@ -84,79 +84,74 @@ class Txt2ImgUi:
 
 
 def build_txt2img_tab(services: Services) -> Txt2ImgUi:
-    sampler_names = samplers.sampler_names()
-    schedule_labels = samplers.schedule_labels()
     top = build_toprow("txt2img", services)
-    prompt, negative_prompt, token_counter = top.prompt, top.negative_prompt, top.token_counter
-    paste_button, generate, interrupt, skip = top.paste_button, top.generate, top.interrupt, top.skip
-    styles_ui, override_settings = top.styles_ui, top.override_settings
     with gr.Row():
         with gr.Column(scale=1):
-            with gr.Row():
-                sampler_name = gr.Dropdown(sampler_names, value="DPM++ 2M", label="Sampling method", elem_id="txt2img_sampling")
-                scheduler = gr.Dropdown(schedule_labels, value="Automatic", label="Schedule type", elem_id="txt2img_scheduler")
-            steps = gr.Slider(1, 150, value=20, step=1, label="Sampling steps", elem_id="txt2img_steps")
-            with gr.Accordion("Hires. fix", open=False, elem_id="txt2img_hr"):
-                hires_enabled = gr.Checkbox(False, label="Enable", elem_id="txt2img_enable_hr")
-                with gr.Row():
-                    hires_upscaler = gr.Dropdown([*LATENT_UPSCALE_MODES, *IMAGE_UPSCALERS[1:]], value="Latent",
-                                                 label="Upscaler", elem_id="txt2img_hr_upscaler")
-                    hires_steps = gr.Slider(0, 150, value=0, step=1, label="Hires steps", elem_id="txt2img_hires_steps")
-                    hires_denoising = gr.Slider(0, 1, value=0.7, step=0.01, label="Denoising strength", elem_id="txt2img_denoising_strength")
-                with gr.Row():
-                    hires_scale = gr.Slider(1, 4, value=2, step=0.05, label="Upscale by", elem_id="txt2img_hr_scale")
-                    hires_resize_x = gr.Slider(0, 2048, value=0, step=8, label="Resize width to", elem_id="txt2img_hr_resize_x")
-                    hires_resize_y = gr.Slider(0, 2048, value=0, step=8, label="Resize height to", elem_id="txt2img_hr_resize_y")
-                hires_sampler = gr.Dropdown(["Use same sampler", *sampler_names], value="Use same sampler",
-                                            label="Hires sampling method", elem_id="hr_sampler")
-                hires_prompt = gr.Textbox(label="Hires prompt", lines=2, elem_id="hires_prompt",
-                                          placeholder="Empty: the same prompt")
-                hires_negative_prompt = gr.Textbox(label="Hires negative prompt", lines=2, elem_id="hires_neg_prompt",
-                                                   placeholder="Empty: the same negative prompt")
+            sampling = build_sampling_controls("txt2img")
+            hires = _build_hires_fix()
             with gr.Row():
                 with gr.Column(scale=4):
                     width = gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id="txt2img_width")
                     height = gr.Slider(64, 2048, value=512, step=8, label="Height", elem_id="txt2img_height")
-                with gr.Column(scale=1, min_width=120):
-                    batch_count = gr.Slider(1, 100, value=1, step=1, label="Batch count", elem_id="txt2img_batch_count")
-                    batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id="txt2img_batch_size")
+                batch = build_batch_controls("txt2img")
             cfg_scale = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id="txt2img_cfg_scale")
-            with gr.Row(elem_id="txt2img_seed_row"):
-                seed = gr.Number(-1, label="Seed", precision=0, elem_id="txt2img_seed")
-                random_seed = gr.Button("🎲", elem_id="txt2img_random_seed", size="sm", min_width=40)
-                reuse_seed = gr.Button("♻", elem_id="txt2img_reuse_seed", size="sm", min_width=40)
-            with gr.Accordion("Extra", open=False, elem_id="txt2img_subseed_show"):
-                with gr.Row():
-                    subseed = gr.Number(-1, label="Variation seed", precision=0, elem_id="txt2img_subseed")
-                    subseed_strength = gr.Slider(0, 1, value=0, step=0.01, label="Variation strength", elem_id="txt2img_subseed_strength")
-                with gr.Row():
-                    seed_resize_from_w = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from width", elem_id="txt2img_seed_resize_from_w")
-                    seed_resize_from_h = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from height", elem_id="txt2img_seed_resize_from_h")
-                tiling = gr.Checkbox(False, label="Tiling", elem_id="txt2img_tiling")
+            seeds = build_seed_controls("txt2img")
             script_runner = services.script_runner(False)
             script_runner.setup_ui()
         with gr.Column(scale=1):
-            progress = gr.HTML("", elem_id="txt2img_progress")
-            gallery = gr.Gallery(label="Output", elem_id="txt2img_gallery", format="png", columns=2,
-                                 object_fit="contain", height="auto", show_label=False)
-            with gr.Row(elem_id="txt2img_send_buttons"):
-                send_to_img2img = gr.Button("🖼️ Send to img2img", elem_id="txt2img_send_to_img2img", size="sm")
-                send_to_inpaint = gr.Button("🎨️ Send to inpaint", elem_id="txt2img_send_to_inpaint", size="sm")
-            infotext = gr.HTML("", elem_id="txt2img_infotext")
-            generation_info = gr.JSON(visible=False, elem_id="txt2img_generation_info")
+            output = build_output_panel("txt2img", _build_send_buttons)
             gallery_index = gr.State(None)
 
-    controls = Txt2ImgControls(
-        prompt=prompt, negative_prompt=negative_prompt, sampler_name=sampler_name, scheduler=scheduler, steps=steps,
-        width=width, height=height, batch_count=batch_count, batch_size=batch_size, cfg_scale=cfg_scale, seed=seed,
-        subseed=subseed, subseed_strength=subseed_strength, seed_resize_from_w=seed_resize_from_w,
-        seed_resize_from_h=seed_resize_from_h, tiling=tiling, hires_enabled=hires_enabled,
-        hires_upscaler=hires_upscaler, hires_steps=hires_steps, hires_denoising=hires_denoising,
-        hires_scale=hires_scale, hires_resize_x=hires_resize_x, hires_resize_y=hires_resize_y,
-        hires_sampler=hires_sampler, hires_prompt=hires_prompt, hires_negative_prompt=hires_negative_prompt,
-    )
-    generation = services.generation
+    controls = Txt2ImgControls(prompt=top.prompt, negative_prompt=top.negative_prompt, **sampling, width=width,
+                               height=height, **batch, cfg_scale=cfg_scale, **seeds.controls(), **hires)
+    _connect_generate(services, top, controls, script_runner, output, gallery_index)
+    connect_tab_helpers(top, seeds, output, services, interrupt=lambda: services.generation.state.interrupt())
+    send_to_img2img, send_to_inpaint = output.buttons
+    return Txt2ImgUi(controls=controls, styles=top.styles_ui, override_settings=top.override_settings,
+                     paste_button=top.paste_button, send_to_img2img=send_to_img2img, send_to_inpaint=send_to_inpaint,
+                     gallery=output.gallery, gallery_index=gallery_index, generation_info=output.generation_info,
+                     paste_targets=paste_targets(controls, top, script_runner))
 
+
+def _build_hires_fix() -> dict[str, Any]:
+    """The "Hires. fix" accordion, as {control name: component}."""
+    sampler_names = samplers.sampler_names()
+    with gr.Accordion("Hires. fix", open=False, elem_id="txt2img_hr"):
+        hires_enabled = gr.Checkbox(False, label="Enable", elem_id="txt2img_enable_hr")
+        with gr.Row():
+            hires_upscaler = gr.Dropdown([*LATENT_UPSCALE_MODES, *IMAGE_UPSCALERS[1:]], value="Latent",
+                                         label="Upscaler", elem_id="txt2img_hr_upscaler")
+            hires_steps = gr.Slider(0, 150, value=0, step=1, label="Hires steps", elem_id="txt2img_hires_steps")
+            hires_denoising = gr.Slider(0, 1, value=0.7, step=0.01, label="Denoising strength",
+                                        elem_id="txt2img_denoising_strength")
+        with gr.Row():
+            hires_scale = gr.Slider(1, 4, value=2, step=0.05, label="Upscale by", elem_id="txt2img_hr_scale")
+            hires_resize_x = gr.Slider(0, 2048, value=0, step=8, label="Resize width to", elem_id="txt2img_hr_resize_x")
+            hires_resize_y = gr.Slider(0, 2048, value=0, step=8, label="Resize height to",
+                                       elem_id="txt2img_hr_resize_y")
+        hires_sampler = gr.Dropdown(["Use same sampler", *sampler_names], value="Use same sampler",
+                                    label="Hires sampling method", elem_id="hr_sampler")
+        hires_prompt = gr.Textbox(label="Hires prompt", lines=2, elem_id="hires_prompt",
+                                  placeholder="Empty: the same prompt")
+        hires_negative_prompt = gr.Textbox(label="Hires negative prompt", lines=2, elem_id="hires_neg_prompt",
+                                           placeholder="Empty: the same negative prompt")
+    return {"hires_enabled": hires_enabled, "hires_upscaler": hires_upscaler, "hires_steps": hires_steps,
+            "hires_denoising": hires_denoising, "hires_scale": hires_scale, "hires_resize_x": hires_resize_x,
+            "hires_resize_y": hires_resize_y, "hires_sampler": hires_sampler, "hires_prompt": hires_prompt,
+            "hires_negative_prompt": hires_negative_prompt}
+
+
+def _build_send_buttons() -> tuple[Any, Any]:
+    with gr.Row(elem_id="txt2img_send_buttons"):
+        send_to_img2img = gr.Button("🖼️ Send to img2img", elem_id="txt2img_send_to_img2img", size="sm")
+        send_to_inpaint = gr.Button("🎨️ Send to inpaint", elem_id="txt2img_send_to_inpaint", size="sm")
+    return send_to_img2img, send_to_inpaint
+
+
+def _connect_generate(services: Services, top: Any, controls: Txt2ImgControls, script_runner: Any,
+                      output: Any, gallery_index: Any) -> None:
+    """Generate: the controls -> Txt2ImgParams -> a queued job, polled into the output panel."""
+    generation = services.generation
     n_controls = len(controls.components())
 
     def run(styles, overrides, *values):
@@ -172,25 +167,12 @@ def build_txt2img_tab(services: Services) -> Txt2ImgUi:
             return
         yield from poll_job(generation, job)
 
-    generate.click(run, inputs=[styles_ui.dropdown, override_settings, *controls.components(),
-                                *script_runner.script_inputs],
-                   outputs=[gallery, infotext, progress, generation_info],
-                   concurrency_limit=None, show_progress="hidden")
-    generate.click(lambda: None, outputs=gallery_index, show_progress="hidden")  # a new gallery: nothing selected
+    top.generate.click(run, inputs=[top.styles_ui.dropdown, top.override_settings, *controls.components(),
+                                    *script_runner.script_inputs],
+                       outputs=output.outputs(), concurrency_limit=None, show_progress="hidden")
+    top.generate.click(lambda: None, outputs=gallery_index, show_progress="hidden")  # a new gallery: nothing selected
 
     def select(evt: gr.SelectData):
         return evt.index
 
-    gallery.select(select, outputs=gallery_index, show_progress="hidden")
-    interrupt.click(lambda: generation.state.interrupt(), show_progress="hidden")
-    skip.click(lambda: generation.state.skip(), show_progress="hidden")
-    connect_seed_buttons(seed=seed, random_seed=random_seed, reuse_seed=reuse_seed, generation_info=generation_info)
-    connect_token_counter(generation, prompt, token_counter)
-    connect_apply(styles_ui, services, prompt, negative_prompt)
-    targets = {name: getattr(controls, name) for name in Txt2ImgControls.names()}
-    targets["styles"] = styles_ui.dropdown
-    targets.update(paste.script_field_targets(script_runner.infotext_fields()))
-    return Txt2ImgUi(controls=controls, styles=styles_ui, override_settings=override_settings,
-                     paste_button=paste_button, send_to_img2img=send_to_img2img, send_to_inpaint=send_to_inpaint,
-                     gallery=gallery, gallery_index=gallery_index, generation_info=generation_info,
-                     paste_targets=targets)
+    output.gallery.select(select, outputs=gallery_index, show_progress="hidden")

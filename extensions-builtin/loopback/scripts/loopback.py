@@ -9,6 +9,7 @@ in A1111). Unlike A1111, which keeps only each batch's last image when n_iter > 
 returned, after a grid with one row per batch.
 """
 import math
+from dataclasses import dataclass, field
 
 import gradio as gr
 
@@ -50,21 +51,7 @@ class Script(scripts.Script):
         return [loops, final_denoising_strength, denoising_curve, append_interrogation]
 
     def run(self, p, loops=4, final_denoising_strength=0.5, denoising_curve="Linear", append_interrogation="None"):
-        loops = int(loops)
-        final = float(final_denoising_strength)
-        if not 1 <= loops <= 1000:
-            raise ProcessingError(f"Loopback: loops must be between 1 and 1000, got {loops}")
-        if not 0 <= final <= 1:
-            raise ProcessingError(f"Loopback: final denoising strength must be between 0 and 1, got {final}")
-        if denoising_curve not in CURVES:
-            raise ProcessingError(f"Loopback: denoising curve must be one of {', '.join(CURVES)}, "
-                                  f"got {denoising_curve!r}")
-        if append_interrogation not in (None, "", "None"):
-            raise ProcessingError(f"Loopback: interrogation ({append_interrogation}) is not available here; "
-                                  "use 'None'")
-        if not p.init_images:
-            raise ProcessingError("Loopback needs an init image")
-
+        loops, final = _checked_args(p, loops, final_denoising_strength, denoising_curve, append_interrogation)
         p.seed = processing.get_fixed_seed(p.seed)
         batch_count = p.n_iter
         p.extra_generation_params.update({"Final denoising strength": final, "Denoising curve": denoising_curve})
@@ -75,52 +62,93 @@ class Script(scripts.Script):
         state = shared.state
         state.job_count = loops * batch_count
 
-        rows, all_images, infotexts, all_seeds, all_prompts, all_negative = [], [], [], [], [], []
-        stopped = False
+        out = _Loops()
         for _batch in range(batch_count):
             p.init_images = original_init
             p.denoising_strength = initial_strength
             p.inpainting_fill = original_fill
-            row = []
-            for loop in range(loops):
-                processed = processing.process_images(p)
-                if not processed.images or state.interrupted or getattr(state, "stopping_generation", False):
-                    stopped = True
-                    break
-                image = processed.images[processed.index_of_first_image]
-                row.append(image)
-                all_images.append(image)
-                infotexts.append(processed.infotexts[processed.index_of_first_image])
-                all_seeds.append(processed.seed)
-                all_prompts.append(processed.all_prompts[0])
-                all_negative.append(processed.all_negative_prompts[0])
-                p.seed = processed.seed + 1
-                p.denoising_strength = denoising_strength_at(loop + 1, loops, initial_strength, final,
-                                                             denoising_curve)
-                p.init_images = [image]
-                p.inpainting_fill = 1  # "original": later loops keep what the masked area became
-                if state.skipped:
-                    break
+            row = _run_loops(p, loops, initial_strength, final, denoising_curve, state, out)
             if row:
-                rows.append(row)
-            if stopped:
+                out.rows.append(row)
+            if out.stopped:
                 break
         p.init_images, p.inpainting_fill, p.denoising_strength = original_init, original_fill, initial_strength
 
-        grids, grid_infos = [], []
-        if len(all_images) > 1:
-            columns = max(len(r) for r in rows)
-            cells = [image for r in rows for image in r + [None] * (columns - len(r))]
-            blank = all_images[0].copy()
-            blank.paste((255, 255, 255), (0, 0, blank.width, blank.height))
-            grid = images.image_grid([c if c is not None else blank for c in cells], rows=len(rows),
-                                     background=shared.opts.grid_background_color)
-            grid.info["parameters"] = infotexts[0]
-            if shared.opts.grid_save:
-                p.save_image(grid, info=infotexts[0], grid=True, seed=all_seeds[0], prompt=all_prompts[0])
-            if shared.opts.return_grid:
-                grids, grid_infos = [grid], [infotexts[0]]
+        grids, grid_infos = _grid(p, out)
         return processing.Processed(
-            p, grids + all_images, all_seeds[0] if all_seeds else p.seed, infotexts[0] if infotexts else "",
-            all_prompts=all_prompts, all_negative_prompts=all_negative, all_seeds=all_seeds,
-            index_of_first_image=len(grids), infotexts=grid_infos + infotexts)
+            p, grids + out.images, out.seeds[0] if out.seeds else p.seed, out.infotexts[0] if out.infotexts else "",
+            all_prompts=out.prompts, all_negative_prompts=out.negative_prompts, all_seeds=out.seeds,
+            index_of_first_image=len(grids), infotexts=grid_infos + out.infotexts)
+
+
+def _checked_args(p, loops, final_denoising_strength, denoising_curve, append_interrogation):
+    """(loops, final strength) as numbers, or a ProcessingError naming the bad argument."""
+    loops = int(loops)
+    final = float(final_denoising_strength)
+    if not 1 <= loops <= 1000:
+        raise ProcessingError(f"Loopback: loops must be between 1 and 1000, got {loops}")
+    if not 0 <= final <= 1:
+        raise ProcessingError(f"Loopback: final denoising strength must be between 0 and 1, got {final}")
+    if denoising_curve not in CURVES:
+        raise ProcessingError(f"Loopback: denoising curve must be one of {', '.join(CURVES)}, "
+                              f"got {denoising_curve!r}")
+    if append_interrogation not in (None, "", "None"):
+        raise ProcessingError(f"Loopback: interrogation ({append_interrogation}) is not available here; "
+                              "use 'None'")
+    if not p.init_images:
+        raise ProcessingError("Loopback needs an init image")
+    return loops, final
+
+
+@dataclass
+class _Loops:
+    """Every loop's image and what Processed lists for it; rows: one list of images per batch."""
+    rows: list = field(default_factory=list)
+    images: list = field(default_factory=list)
+    infotexts: list = field(default_factory=list)
+    seeds: list = field(default_factory=list)
+    prompts: list = field(default_factory=list)
+    negative_prompts: list = field(default_factory=list)
+    stopped: bool = False
+
+
+def _run_loops(p, loops, initial, final, curve, state, out):
+    """One batch: each loop's output is the next loop's init image. Returns the batch's images."""
+    row = []
+    for loop in range(loops):
+        processed = processing.process_images(p)
+        if not processed.images or state.interrupted or getattr(state, "stopping_generation", False):
+            out.stopped = True
+            break
+        image = processed.images[processed.index_of_first_image]
+        row.append(image)
+        out.images.append(image)
+        out.infotexts.append(processed.infotexts[processed.index_of_first_image])
+        out.seeds.append(processed.seed)
+        out.prompts.append(processed.all_prompts[0])
+        out.negative_prompts.append(processed.all_negative_prompts[0])
+        p.seed = processed.seed + 1
+        p.denoising_strength = denoising_strength_at(loop + 1, loops, initial, final, curve)
+        p.init_images = [image]
+        p.inpainting_fill = 1  # "original": later loops keep what the masked area became
+        if state.skipped:
+            break
+    return row
+
+
+def _grid(p, out):
+    """(grids, their infotexts): one row per batch, saved and returned as the settings say."""
+    if len(out.images) <= 1:
+        return [], []
+    columns = max(len(r) for r in out.rows)
+    cells = [image for r in out.rows for image in r + [None] * (columns - len(r))]
+    blank = out.images[0].copy()
+    blank.paste((255, 255, 255), (0, 0, blank.width, blank.height))
+    grid = images.image_grid([c if c is not None else blank for c in cells], rows=len(out.rows),
+                             background=shared.opts.grid_background_color)
+    grid.info["parameters"] = out.infotexts[0]
+    if shared.opts.grid_save:
+        p.save_image(grid, info=out.infotexts[0], grid=True, seed=out.seeds[0], prompt=out.prompts[0])
+    if shared.opts.return_grid:
+        return [grid], [out.infotexts[0]]
+    return [], []

@@ -468,6 +468,241 @@ def _options(p: Any) -> Any:
     return options if options is not None else shared.opts
 
 
+@dataclass(frozen=True)
+class _Legend:
+    """How grids are annotated: axis labels (draw_legend) and the margin between cells."""
+    draw: Any
+    margin: Any     # as given: a falsy margin and no legend leave the grid as it is
+
+    def annotate(self, grid: Any, w: int, h: int, hor: list[str], ver: list[str], use_hor: bool,
+                 use_ver: bool) -> Any:
+        from modules.core.grid_labels import GridAnnotation, draw_grid_annotations
+
+        if not self.draw and not self.margin:
+            return grid
+        hor_texts = [[GridAnnotation(t)] if self.draw and use_hor else [] for t in hor]
+        ver_texts = [[GridAnnotation(t)] if self.draw and use_ver else [] for t in ver]
+        return draw_grid_annotations(grid, w, h, hor_texts, ver_texts, int(self.margin or 0))
+
+
+def _fix_seeds(p: Any, opts: Any, no_fixed_seeds: bool) -> None:
+    if not no_fixed_seeds:  # one random seed for the whole plot, so cells differ only by the axes
+        if not isinstance(p.seed, (list, tuple)):
+            p.seed = processing.get_fixed_seed(p.seed)
+        if not isinstance(p.subseed, (list, tuple)):
+            p.subseed = processing.get_fixed_seed(p.subseed)
+    if opts is not None and not opts.return_grid:
+        p.batch_size = 1  # A1111: a cell shows one image when batch grids are not returned
+
+
+def _axis_runs(axes: list[Axis], p: Any, selections: tuple[tuple[str, Any, Any, Any], ...], csv_mode: bool,
+               no_fixed_seeds: bool) -> list[_AxisRun]:
+    """X, Y and Z: the axis each selects and its parsed, checked values."""
+    runs: list[_AxisRun] = []
+    for name, selected, text, dropdown in selections:
+        axis = find_axis(axes, selected, name)
+        try:
+            values = axis.values(text, dropdown, csv_mode, p)
+        except ProcessingError as err:
+            raise ProcessingError(f"{TITLE}: {name} axis ({axis.label}): {err}") from None
+        if axis.label in ("Seed", "Var. seed") and not no_fixed_seeds:
+            values = [processing.get_fixed_seed(v) for v in values]
+        runs.append(_AxisRun(name, axis, values, _source_text(axis, text, dropdown, csv_mode)))
+    return runs
+
+
+def _build_cells(p: Any, runs: list[_AxisRun], opts: Any, vary: tuple[bool, bool, bool]) -> list[_Cell]:
+    """Every cell's params, checked before any renders, so a bad value fails at once."""
+    xr, yr, zr = runs
+    nx, ny = len(xr.values), len(yr.values)
+    vary_x, vary_y, vary_z = vary
+    cells: list[_Cell] = []
+    for iz, z in enumerate(zr.values):
+        for iy, y in enumerate(yr.values):
+            for ix, x in enumerate(xr.values):
+                pc = copy.copy(p)
+                pc.do_not_save_grid = True
+                if not isinstance(pc.seed, (list, tuple)) and (vary_x or vary_y or vary_z):
+                    if pc.seed != -1:
+                        pc.seed = int(pc.seed) + (ix if vary_x else 0) + \
+                            (iy * nx if vary_y else 0) + (iz * nx * ny if vary_z else 0)
+                try:
+                    for run, value in ((xr, x), (yr, y), (zr, z)):
+                        run.axis.apply(pc, value, run.values)
+                    pc.params.validate()
+                    if opts is not None and pc.override_settings:
+                        opts.validate_values(pc.override_settings)
+                except ValueError as err:
+                    where = ", ".join(f"{r.name}={r.axis.format(r.axis, v) or v}"
+                                      for r, v in ((xr, x), (yr, y), (zr, z)) if r.used)
+                    raise ProcessingError(f"{TITLE}: cell {where}: {err}") from None
+                cells.append(_Cell(ix, iy, iz, pc))
+    return cells
+
+
+def _render(cells: list[_Cell], runs: list[_AxisRun], p: Any, state: Any) -> bool:
+    """Render the cells (until interrupted); True when interrupted."""
+    xr, yr, zr = runs
+    # Slow-to-change axes (checkpoints) outermost, so each model loads once per value.
+    order = sorted(((zr, "iz"), (yr, "iy"), (xr, "ix")), key=lambda item: -item[0].axis.cost)
+    render_order = sorted(cells, key=lambda c: tuple(getattr(c, attr) for _, attr in order))
+
+    n_iter = max(1, int(p.n_iter or 1))
+    nz = len(zr.values)
+    log.info("%s will create %d images on %d %dx%d grid%s.", TITLE, len(cells) * n_iter * p.batch_size,
+             nz, len(xr.values), len(yr.values), "s" if nz > 1 else "")
+    if state is not None:
+        state.job_count = len(cells) * n_iter  # the core leaves it alone now
+
+    for number, cell in enumerate(render_order, start=1):
+        if state is not None and state.interrupted:
+            break
+        if state is not None:
+            state.job = f"{number} out of {len(cells)}"
+        cell.processed = processing.process_images(cell.p)
+        cell.images = list(cell.processed.images[cell.processed.index_of_first_image:])
+        if cell.processed.interrupted:
+            break
+    return bool(state is not None and state.interrupted)
+
+
+def _script_params(runs: list[_AxisRun], no_fixed_seeds: bool) -> dict[str, Any]:
+    """What the grids' infotexts add: the script and each used axis's type and values."""
+    script_params: dict[str, Any] = {"Script": TITLE}
+    for r in runs:
+        if not r.used:
+            continue
+        script_params[f"{r.name} Type"] = r.axis.label
+        script_params[f"{r.name} Values"] = r.source_text
+        if r.axis.label in ("Seed", "Var. seed") and not no_fixed_seeds:
+            script_params[f"Fixed {r.name} Values"] = ", ".join(str(v) for v in r.values)
+    return script_params
+
+
+def _cell_infotext(cell: _Cell) -> str:
+    proc = cell.processed
+    return proc.infotexts[proc.index_of_first_image] if proc.infotexts else proc.info
+
+
+def _layer_grids(cells: list[_Cell], runs: list[_AxisRun], opts: Any, legend: _Legend,
+                 script_params: dict[str, Any]) -> tuple[list[Any], list[str]]:
+    """One annotated X/Y grid per Z value, and its infotext; an unrendered cell is left white."""
+    from modules.images import image_grid
+
+    xr, yr, zr = runs
+
+    def cell_image(cell: _Cell) -> Any:
+        if len(cell.images) == 1:
+            return cell.images[0]
+        return image_grid(cell.images, rows=opts.n_rows if opts is not None else None,
+                          batch_size=cell.p.batch_size)
+    shown = {id(c): cell_image(c) for c in cells if c.images}
+    cell_w = max(im.width for im in shown.values())
+    cell_h = max(im.height for im in shown.values())
+    first = next(c for c in cells if c.images)
+
+    sub_grids, sub_infotexts = [], []
+    for iz in range(len(zr.values)):
+        layer = [c for c in cells if c.iz == iz]
+        blank = None
+        pictures = []
+        for c in layer:
+            if c.images:
+                pictures.append(shown[id(c)])
+            else:  # not rendered (interrupted): an empty cell keeps the layout
+                blank = blank or Image.new("RGB", (cell_w, cell_h), "white")
+                pictures.append(blank)
+        grid = image_grid(pictures, rows=len(yr.values))
+        grid = legend.annotate(grid, cell_w, cell_h, xr.labels(), yr.labels(), xr.used, yr.used)
+        layer_first = next((c for c in layer if c.images), first)
+        text = _add_params(_cell_infotext(layer_first), script_params)
+        grid.info["parameters"] = text
+        sub_grids.append(grid)
+        sub_infotexts.append(text)
+    return sub_grids, sub_infotexts
+
+
+def _main_grid(sub_grids: list[Any], sub_infotexts: list[str], zr: _AxisRun, legend: _Legend) -> tuple[Any, str]:
+    """The Z layers side by side (one layer: that layer's grid), and its infotext."""
+    from modules.images import image_grid
+
+    if len(sub_grids) <= 1:
+        return sub_grids[0], sub_infotexts[0]
+    sub_w = max(g.width for g in sub_grids)
+    sub_h = max(g.height for g in sub_grids)
+    main = image_grid(sub_grids, rows=1)
+    main = legend.annotate(main, sub_w, sub_h, zr.labels(), [""], zr.used, False)
+    main.info["parameters"] = sub_infotexts[0]
+    return main, sub_infotexts[0]
+
+
+def _processed(p: Any, done: list[_Cell], grids: list[Any], grid_texts: list[str], grid_paths: list[str | None],
+               include_lone_images: bool, interrupted: bool, script_params: dict[str, Any]) -> Any:
+    """The script's result: the grids (and, asked for, every cell's images) with the cells' run lists."""
+    images, infotexts, paths = list(grids), list(grid_texts), list(grid_paths)
+    all_prompts, all_negative, all_seeds, all_subseeds = [], [], [], []
+    for c in done:
+        proc = c.processed
+        texts = proc.infotexts[proc.index_of_first_image:]
+        all_prompts += proc.all_prompts
+        all_negative += proc.all_negative_prompts
+        all_seeds += proc.all_seeds
+        all_subseeds += proc.all_subseeds
+        if include_lone_images:
+            images += c.images
+            infotexts += texts
+            cell_paths = list(proc.saved_paths) if len(proc.saved_paths) == len(c.images) else []
+            paths += cell_paths or [None] * len(c.images)
+
+    first_proc = done[0].processed
+    return processing.Processed(
+        p, images, first_proc.seed, grid_texts[0], first_proc.subseed, all_prompts=all_prompts,
+        all_negative_prompts=all_negative, all_seeds=all_seeds, all_subseeds=all_subseeds,
+        index_of_first_image=0, infotexts=infotexts,
+        # Files (with their PNG info) for the gallery when every image was saved.
+        saved_paths=paths if paths and all(paths) else None,
+        interrupted=interrupted, sd_model_name=first_proc.sd_model_name, sd_model_hash=first_proc.sd_model_hash,
+        sd_vae_name=first_proc.sd_vae_name, clip_skip=first_proc.clip_skip,
+        job_timestamp=first_proc.job_timestamp,
+        extra_generation_params={**first_proc.extra_generation_params, **script_params})
+
+
+# -- the UI -------------------------------------------------------------------------------------
+def _connect_axis_rows(axes: list[Axis], rows: list[tuple[Any, Any, Any, Any]], csv_mode: Any) -> None:
+    """An axis with choices shows a dropdown (or, in CSV mode, its text box) and a 📒 fill button."""
+    def axis_changed(index, text, picked, csv_on):
+        axis = axes[index] if isinstance(index, int) and 0 <= index < len(axes) else axes[0]
+        choices = axis.choices() if axis.choices is not None else []
+        use_dropdown = bool(choices) and not csv_on
+        picked = [v for v in (picked or []) if v in choices]
+        return (gr.update(visible=bool(choices)), gr.update(visible=not use_dropdown),
+                gr.update(choices=choices, value=picked, visible=use_dropdown))
+
+    def fill_values(index, csv_on):
+        axis = axes[index] if isinstance(index, int) and 0 <= index < len(axes) else axes[0]
+        choices = axis.choices() if axis.choices is not None else []
+        if csv_on:
+            return gr.update(value=", ".join(_csv_quote(c) for c in choices)), gr.update()
+        return gr.update(), gr.update(value=choices)
+
+    for axis_type, values, values_dropdown, fill in rows:
+        axis_type.change(axis_changed, inputs=[axis_type, values, values_dropdown, csv_mode],
+                         outputs=[fill, values, values_dropdown], show_progress="hidden")
+        csv_mode.change(axis_changed, inputs=[axis_type, values, values_dropdown, csv_mode],
+                        outputs=[fill, values, values_dropdown], show_progress="hidden")
+        fill.click(fill_values, inputs=[axis_type, csv_mode], outputs=[values, values_dropdown],
+                   show_progress="hidden")
+
+
+def _connect_swaps(swaps: list[tuple[Any, int, int]], rows: list[tuple[Any, Any, Any, Any]],
+                   labels: list[str]) -> None:
+    for button, i, j in swaps:
+        first, second = rows[i][:3], rows[j][:3]
+        # Index dropdowns return indices but take labels as values.
+        button.click(lambda t1, v1, d1, t2, v2, d2: (labels[t2], v2, d2, labels[t1], v1, d1),
+                     inputs=[*first, *second], outputs=[*second, *first], show_progress="hidden")
+
+
 class Script(scripts.Script):
     def title(self):
         return TITLE
@@ -475,6 +710,28 @@ class Script(scripts.Script):
     def ui(self, is_img2img):
         axes = axes_for(is_img2img)
         labels = [a.label for a in axes]
+        rows = self._axis_rows(labels)
+        options = self._options_row()
+        with gr.Row(variant="compact"):
+            swaps = [(gr.Button(f"Swap {a.upper()}/{b.upper()} axes", size="sm"), i, j)
+                     for a, b, i, j in (("x", "y", 0, 1), ("y", "z", 1, 2), ("x", "z", 0, 2))]
+        _connect_axis_rows(axes, rows, options["csv_mode"])
+        _connect_swaps(swaps, rows, labels)
+
+        (x_type, x_values, x_values_dropdown, _), (y_type, y_values, y_values_dropdown, _), \
+            (z_type, z_values, z_values_dropdown, _) = rows
+        self.infotext_fields = [
+            (x_type, "X Type"), (x_values, "X Values"),
+            (y_type, "Y Type"), (y_values, "Y Values"),
+            (z_type, "Z Type"), (z_values, "Z Values"),
+        ]
+        return [x_type, x_values, x_values_dropdown, y_type, y_values, y_values_dropdown,
+                z_type, z_values, z_values_dropdown, options["draw_legend"], options["include_lone_images"],
+                options["include_sub_grids"], options["no_fixed_seeds"], *options["vary"], options["margin_size"],
+                options["csv_mode"]]
+
+    def _axis_rows(self, labels: list[str]) -> list[tuple[Any, Any, Any, Any]]:
+        """X, Y and Z: (type, values text, values dropdown, 📒 fill button) each."""
         rows = []
         with gr.Row():
             with gr.Column(scale=19):
@@ -490,6 +747,9 @@ class Script(scripts.Script):
                         fill = gr.Button("📒", visible=False, size="sm", min_width=40,
                                          elem_id=self.elem_id(f"fill_{name}"))
                     rows.append((axis_type, values, values_dropdown, fill))
+        return rows
+
+    def _options_row(self) -> dict[str, Any]:
         with gr.Row(variant="compact"):
             with gr.Column():
                 draw_legend = gr.Checkbox(label="Draw legend", value=True, elem_id=self.elem_id("draw_legend"))
@@ -510,226 +770,38 @@ class Script(scripts.Script):
             with gr.Column():
                 margin_size = gr.Slider(label="Grid margins (px)", minimum=0, maximum=500, value=0, step=2,
                                         elem_id=self.elem_id("margin_size"))
-        with gr.Row(variant="compact"):
-            swaps = [(gr.Button(f"Swap {a.upper()}/{b.upper()} axes", size="sm"), i, j)
-                     for a, b, i, j in (("x", "y", 0, 1), ("y", "z", 1, 2), ("x", "z", 0, 2))]
-
-        def axis_changed(index, text, picked, csv_on):
-            axis = axes[index] if isinstance(index, int) and 0 <= index < len(axes) else axes[0]
-            choices = axis.choices() if axis.choices is not None else []
-            use_dropdown = bool(choices) and not csv_on
-            picked = [v for v in (picked or []) if v in choices]
-            return (gr.update(visible=bool(choices)), gr.update(visible=not use_dropdown),
-                    gr.update(choices=choices, value=picked, visible=use_dropdown))
-
-        def fill_values(index, csv_on):
-            axis = axes[index] if isinstance(index, int) and 0 <= index < len(axes) else axes[0]
-            choices = axis.choices() if axis.choices is not None else []
-            if csv_on:
-                return gr.update(value=", ".join(_csv_quote(c) for c in choices)), gr.update()
-            return gr.update(), gr.update(value=choices)
-
-        for axis_type, values, values_dropdown, fill in rows:
-            axis_type.change(axis_changed, inputs=[axis_type, values, values_dropdown, csv_mode],
-                             outputs=[fill, values, values_dropdown], show_progress="hidden")
-            csv_mode.change(axis_changed, inputs=[axis_type, values, values_dropdown, csv_mode],
-                            outputs=[fill, values, values_dropdown], show_progress="hidden")
-            fill.click(fill_values, inputs=[axis_type, csv_mode], outputs=[values, values_dropdown],
-                       show_progress="hidden")
-
-        for button, i, j in swaps:
-            first, second = rows[i][:3], rows[j][:3]
-            # Index dropdowns return indices but take labels as values.
-            button.click(lambda t1, v1, d1, t2, v2, d2: (labels[t2], v2, d2, labels[t1], v1, d1),
-                         inputs=[*first, *second], outputs=[*second, *first], show_progress="hidden")
-
-        (x_type, x_values, x_values_dropdown, _), (y_type, y_values, y_values_dropdown, _), \
-            (z_type, z_values, z_values_dropdown, _) = rows
-        self.infotext_fields = [
-            (x_type, "X Type"), (x_values, "X Values"),
-            (y_type, "Y Type"), (y_values, "Y Values"),
-            (z_type, "Z Type"), (z_values, "Z Values"),
-        ]
-        return [x_type, x_values, x_values_dropdown, y_type, y_values, y_values_dropdown,
-                z_type, z_values, z_values_dropdown, draw_legend, include_lone_images, include_sub_grids,
-                no_fixed_seeds, *vary, margin_size, csv_mode]
+        return {"draw_legend": draw_legend, "no_fixed_seeds": no_fixed_seeds, "vary": vary,
+                "include_lone_images": include_lone_images, "include_sub_grids": include_sub_grids,
+                "csv_mode": csv_mode, "margin_size": margin_size}
 
     def run(self, p, x_type=1, x_values="", x_values_dropdown=None, y_type=0, y_values="", y_values_dropdown=None,
             z_type=0, z_values="", z_values_dropdown=None, draw_legend=True, include_lone_images=False,
             include_sub_grids=False, no_fixed_seeds=False, vary_seeds_x=False, vary_seeds_y=False,
             vary_seeds_z=False, margin_size=0, csv_mode=False):
-        from modules.core.grid_labels import GridAnnotation, draw_grid_annotations
-        from modules.images import image_grid
-
         opts = _options(p)
         state = _state(p)
-        axes = axes_for(self.is_img2img)
-        csv_mode = bool(csv_mode)
-        if not no_fixed_seeds:  # one random seed for the whole plot, so cells differ only by the axes
-            if not isinstance(p.seed, (list, tuple)):
-                p.seed = processing.get_fixed_seed(p.seed)
-            if not isinstance(p.subseed, (list, tuple)):
-                p.subseed = processing.get_fixed_seed(p.subseed)
-        if opts is not None and not opts.return_grid:
-            p.batch_size = 1  # A1111: a cell shows one image when batch grids are not returned
-
-        runs: list[_AxisRun] = []
-        for name, selected, text, dropdown in (("X", x_type, x_values, x_values_dropdown),
-                                               ("Y", y_type, y_values, y_values_dropdown),
-                                               ("Z", z_type, z_values, z_values_dropdown)):
-            axis = find_axis(axes, selected, name)
-            try:
-                values = axis.values(text, dropdown, csv_mode, p)
-            except ProcessingError as err:
-                raise ProcessingError(f"{TITLE}: {name} axis ({axis.label}): {err}") from None
-            if axis.label in ("Seed", "Var. seed") and not no_fixed_seeds:
-                values = [processing.get_fixed_seed(v) for v in values]
-            runs.append(_AxisRun(name, axis, values, _source_text(axis, text, dropdown, csv_mode)))
-        xr, yr, zr = runs
-        nx, ny, nz = len(xr.values), len(yr.values), len(zr.values)
-
-        # Build and check every cell before rendering any, so a bad value fails at once.
-        cells: list[_Cell] = []
-        for iz, z in enumerate(zr.values):
-            for iy, y in enumerate(yr.values):
-                for ix, x in enumerate(xr.values):
-                    pc = copy.copy(p)
-                    pc.do_not_save_grid = True
-                    if not isinstance(pc.seed, (list, tuple)) and (vary_seeds_x or vary_seeds_y or vary_seeds_z):
-                        if pc.seed != -1:
-                            pc.seed = int(pc.seed) + (ix if vary_seeds_x else 0) + \
-                                (iy * nx if vary_seeds_y else 0) + (iz * nx * ny if vary_seeds_z else 0)
-                    try:
-                        for run, value in ((xr, x), (yr, y), (zr, z)):
-                            run.axis.apply(pc, value, run.values)
-                        pc.params.validate()
-                        if opts is not None and pc.override_settings:
-                            opts.validate_values(pc.override_settings)
-                    except ValueError as err:
-                        where = ", ".join(f"{r.name}={r.axis.format(r.axis, v) or v}"
-                                          for r, v in ((xr, x), (yr, y), (zr, z)) if r.used)
-                        raise ProcessingError(f"{TITLE}: cell {where}: {err}") from None
-                    cells.append(_Cell(ix, iy, iz, pc))
-
-        # Slow-to-change axes (checkpoints) outermost, so each model loads once per value.
-        order = sorted(((zr, "iz"), (yr, "iy"), (xr, "ix")), key=lambda item: -item[0].axis.cost)
-        render_order = sorted(cells, key=lambda c: tuple(getattr(c, attr) for _, attr in order))
-
-        n_iter = max(1, int(p.n_iter or 1))
-        log.info("%s will create %d images on %d %dx%d grid%s.", TITLE, len(cells) * n_iter * p.batch_size,
-                 nz, nx, ny, "s" if nz > 1 else "")
-        if state is not None:
-            state.job_count = len(cells) * n_iter  # the core leaves it alone now
-
-        for number, cell in enumerate(render_order, start=1):
-            if state is not None and state.interrupted:
-                break
-            if state is not None:
-                state.job = f"{number} out of {len(cells)}"
-            cell.processed = processing.process_images(cell.p)
-            cell.images = list(cell.processed.images[cell.processed.index_of_first_image:])
-            if cell.processed.interrupted:
-                break
-        interrupted = bool(state is not None and state.interrupted)
+        _fix_seeds(p, opts, no_fixed_seeds)
+        runs = _axis_runs(axes_for(self.is_img2img), p, (("X", x_type, x_values, x_values_dropdown),
+                                                          ("Y", y_type, y_values, y_values_dropdown),
+                                                          ("Z", z_type, z_values, z_values_dropdown)),
+                          bool(csv_mode), no_fixed_seeds)
+        cells = _build_cells(p, runs, opts, (vary_seeds_x, vary_seeds_y, vary_seeds_z))
+        interrupted = _render(cells, runs, p, state)
 
         done = [c for c in cells if c.images]
         if not done:
             return processing.Processed(p, [], p.seed if isinstance(p.seed, int) else -1, "",
                                         interrupted=interrupted)
-
-        def cell_image(cell: _Cell) -> Any:
-            if len(cell.images) == 1:
-                return cell.images[0]
-            return image_grid(cell.images, rows=opts.n_rows if opts is not None else None,
-                              batch_size=cell.p.batch_size)
-        shown = {id(c): cell_image(c) for c in done}
-        cell_w = max(im.width for im in shown.values())
-        cell_h = max(im.height for im in shown.values())
-
-        def infotext_of(cell: _Cell) -> str:
-            proc = cell.processed
-            return proc.infotexts[proc.index_of_first_image] if proc.infotexts else proc.info
-
-        first = next(c for c in cells if c.images)
-        script_params: dict[str, Any] = {"Script": TITLE}
-        for r in runs:
-            if not r.used:
-                continue
-            script_params[f"{r.name} Type"] = r.axis.label
-            script_params[f"{r.name} Values"] = r.source_text
-            if r.axis.label in ("Seed", "Var. seed") and not no_fixed_seeds:
-                script_params[f"Fixed {r.name} Values"] = ", ".join(str(v) for v in r.values)
-
-        def annotate(grid: Any, w: int, h: int, hor: list[str], ver: list[str], use_hor: bool,
-                     use_ver: bool) -> Any:
-            if not draw_legend and not margin_size:
-                return grid
-            hor_texts = [[GridAnnotation(t)] if draw_legend and use_hor else [] for t in hor]
-            ver_texts = [[GridAnnotation(t)] if draw_legend and use_ver else [] for t in ver]
-            return draw_grid_annotations(grid, w, h, hor_texts, ver_texts, int(margin_size or 0))
-
-        sub_grids, sub_infotexts = [], []
-        for iz in range(nz):
-            layer = [c for c in cells if c.iz == iz]
-            blank = None
-            pictures = []
-            for c in layer:
-                if c.images:
-                    pictures.append(shown[id(c)])
-                else:  # not rendered (interrupted): an empty cell keeps the layout
-                    blank = blank or Image.new("RGB", (cell_w, cell_h), "white")
-                    pictures.append(blank)
-            grid = image_grid(pictures, rows=ny)
-            grid = annotate(grid, cell_w, cell_h, xr.labels(), yr.labels(), xr.used, yr.used)
-            layer_first = next((c for c in layer if c.images), first)
-            text = _add_params(infotext_of(layer_first), script_params)
-            grid.info["parameters"] = text
-            sub_grids.append(grid)
-            sub_infotexts.append(text)
-
-        if nz > 1:
-            sub_w = max(g.width for g in sub_grids)
-            sub_h = max(g.height for g in sub_grids)
-            main = image_grid(sub_grids, rows=1)
-            main = annotate(main, sub_w, sub_h, zr.labels(), [""], zr.used, False)
-            main_text = sub_infotexts[0]
-            main.info["parameters"] = main_text
-        else:
-            main, main_text = sub_grids[0], sub_infotexts[0]
-
-        grids = [main] + (sub_grids if include_sub_grids and nz > 1 else [])
-        grid_texts = [main_text] + (sub_infotexts if include_sub_grids and nz > 1 else [])
-        grid_paths: list[str | None] = []
+        legend = _Legend(draw_legend, margin_size)
+        script_params = _script_params(runs, no_fixed_seeds)
+        sub_grids, sub_infotexts = _layer_grids(cells, runs, opts, legend, script_params)
+        main, main_text = _main_grid(sub_grids, sub_infotexts, runs[2], legend)
+        with_subs = include_sub_grids and len(sub_grids) > 1
+        grids = [main] + (sub_grids if with_subs else [])
+        grid_texts = [main_text] + (sub_infotexts if with_subs else [])
+        first = done[0].processed
         save_grids = opts is not None and opts.grid_save and not p.do_not_save_grid
-        for grid, text in zip(grids, grid_texts):
-            path = p.save_image(grid, info=text, grid=True, seed=first.processed.seed,
-                                prompt=first.processed.all_prompts[0] if first.processed.all_prompts else None) \
-                if save_grids else None
-            grid_paths.append(path)
-
-        images, infotexts, paths = list(grids), list(grid_texts), list(grid_paths)
-        all_prompts, all_negative, all_seeds, all_subseeds = [], [], [], []
-        for c in done:
-            proc = c.processed
-            texts = proc.infotexts[proc.index_of_first_image:]
-            all_prompts += proc.all_prompts
-            all_negative += proc.all_negative_prompts
-            all_seeds += proc.all_seeds
-            all_subseeds += proc.all_subseeds
-            if include_lone_images:
-                images += c.images
-                infotexts += texts
-                cell_paths = list(proc.saved_paths) if len(proc.saved_paths) == len(c.images) else []
-                paths += cell_paths or [None] * len(c.images)
-
-        first_proc = first.processed
-        return processing.Processed(
-            p, images, first_proc.seed, main_text, first_proc.subseed, all_prompts=all_prompts,
-            all_negative_prompts=all_negative, all_seeds=all_seeds, all_subseeds=all_subseeds,
-            index_of_first_image=0, infotexts=infotexts,
-            # Files (with their PNG info) for the gallery when every image was saved.
-            saved_paths=paths if paths and all(paths) else None,
-            interrupted=interrupted, sd_model_name=first_proc.sd_model_name, sd_model_hash=first_proc.sd_model_hash,
-            sd_vae_name=first_proc.sd_vae_name, clip_skip=first_proc.clip_skip,
-            job_timestamp=first_proc.job_timestamp,
-            extra_generation_params={**first_proc.extra_generation_params, **script_params})
+        grid_paths = [p.save_image(grid, info=text, grid=True, seed=first.seed,
+                                   prompt=first.all_prompts[0] if first.all_prompts else None) if save_grids else None
+                      for grid, text in zip(grids, grid_texts)]
+        return _processed(p, done, grids, grid_texts, grid_paths, include_lone_images, interrupted, script_params)
