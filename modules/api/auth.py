@@ -43,7 +43,9 @@ ALWAYS_PROTECTED = ("/sdapi/", "/docs", "/openapi.json", "/redoc")
 REALM_HEADER = (b"www-authenticate", b"Basic")
 
 # What the Gradio login page loads before anyone has logged in (paths under the UI's mount).
-# "/" renders the login form (Gradio puts no part of the app's config in it until a login).
+# "/" renders the login form: no components until a login, and the endpoint list Gradio still
+# embeds is stripped (BasicAuthMiddleware._login_page). The gate and the router judge the same
+# path, so an allowed prefix always reaches Gradio's static-file routes, never another route.
 LOGIN_PAGE_PATHS = frozenset({"/", "/theme.css", "/favicon.ico", "/manifest.json", "/robots.txt",
                               "/logout", "/gradio_api/login_check", "/gradio_api/theme.css"})
 LOGIN_PAGE_PREFIXES = ("/assets/", "/static/", "/svelte/")
