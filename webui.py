@@ -102,25 +102,24 @@ def create_app(services: Services, *, callbacks=None, extensions=()):
     load_extensions(); without them the app has no extension hooks.
     """
     from fastapi import FastAPI
+    from starlette.routing import Mount
 
     opts = services.cmd_opts
     app = FastAPI(title="Stable Diffusion web UI", docs_url="/docs", redoc_url=None)
-    # --- API + auth (modules/api) ---------------------------------------------------------
-    # Before CORS, so CORS stays the outer middleware, and before the UI mount, which at "/"
-    # would otherwise catch /sdapi/*. Basic auth covers every route except the UI's own.
-    from modules.api import setup_api
+    # --- API + trust boundary (modules/api) ------------------------------------------------
+    # Host check, CORS and auth are middleware around everything; the API routes go in before
+    # the UI mount, which at "/" would otherwise catch /sdapi/*.
+    from modules.api import auth, setup_api
 
-    api = setup_api(app, services, gradio_credentials=read_gradio_credentials(opts))
+    # Input limits (docs/security.md): an oversized body is refused before it is read. Added first,
+    # so the Host check that setup_api installs stays the outermost middleware.
+    from modules.api.body_limit import BodySizeLimit
+
+    app.add_middleware(BodySizeLimit, max_bytes=services.limits.max_body_bytes,
+                       upload_bytes=services.limits.max_upload_bytes)
+    gradio_credentials = read_gradio_credentials(opts)
+    api = setup_api(app, services, gradio_credentials=gradio_credentials)
     # --------------------------------------------------------------------------------------
-    if opts.cors_allow_origins or opts.cors_allow_origins_regex:
-        from fastapi.middleware.cors import CORSMiddleware
-
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=[o.strip() for o in (opts.cors_allow_origins or "").split(",") if o.strip()],
-            allow_origin_regex=opts.cors_allow_origins_regex,
-            allow_methods=["*"], allow_headers=["*"], allow_credentials=True,
-        )
     if not opts.nowebui:
         import gradio as gr
 
@@ -136,7 +135,9 @@ def create_app(services: Services, *, callbacks=None, extensions=()):
         ui = build_ui(services, extension_tabs=extension_tabs, extension_head=extension_head,
                       extension_css=extension_css, extensions=extensions)
         ui.blocks.queue(default_concurrency_limit=1)
-        credentials = read_gradio_credentials(opts)
+        # The UI's login: --gradio-auth, else --api-auth's credentials (the UI's event API can do
+        # anything the API can, so it is never left open beside a locked API).
+        credentials = auth.ui_credentials_for(opts, gradio_credentials)
         routes_before_ui = list(app.routes)  # API: to tell the UI's routes apart (see below)
         gr.mount_gradio_app(
             app, ui.blocks, path=opts.subpath or "/",
@@ -148,13 +149,9 @@ def create_app(services: Services, *, callbacks=None, extensions=()):
             show_error=True, ssr_mode=False, mcp_server=False, pwa=False,
             max_file_size=services.limits.max_upload_bytes,
         )
-        # API: the UI has its own login (--gradio-auth); Basic auth leaves its routes alone.
-        api.exempt_ui([r for r in app.routes if not any(r is old for old in routes_before_ui)])
-    # Input limits (docs/security.md): the outermost middleware, so an oversized body is refused first.
-    from modules.api.body_limit import BodySizeLimit
-
-    app.add_middleware(BodySizeLimit, max_bytes=services.limits.max_body_bytes,
-                       upload_bytes=services.limits.max_upload_bytes)
+        # The UI has its own login page; without its session only that page is served.
+        ui_routes = [r for r in app.routes if not any(r is old for old in routes_before_ui)]
+        api.attach_ui(ui_routes, mount=next(r for r in ui_routes if isinstance(r, Mount)))
     if callbacks is not None:
         _run_app_started(app, callbacks, None if opts.nowebui else ui.blocks)
     return app
@@ -266,6 +263,14 @@ def main(argv: list[str] | None = None) -> int:
         print(notice, file=sys.stderr)
     if opts.exit or opts.test:
         return 0  # launcher-only modes; webui.sh acts on them before we run
+    refusal = cmd_args.login_required_error(opts)
+    if refusal:
+        print(f"webui: error: {refusal}", file=sys.stderr)
+        return 2
+    exposure = cmd_args.network_exposure(opts)
+    if exposure and not cmd_args.has_login(opts):
+        print(f"Warning: {exposure} with --insecure-no-auth: anyone who can reach this server can use it, "
+              f"including everything the API can do.", file=sys.stderr)
     try:
         if opts.share:
             print("Note: --share needs Gradio's public tunnel, which this server does not use; use --listen to reach it on your network.", file=sys.stderr)

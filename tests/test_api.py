@@ -533,6 +533,8 @@ def test_api_auth_protects_every_non_ui_route(api_auth_server):
     srv = api_auth_server
     for method, path in PROTECTED:
         _assert_401(srv, method, path)
+    # Wrong credentials: 4 tries, under the 5 after which an address is locked out (tests/security).
+    for method, path in PROTECTED[:2]:
         _assert_401(srv, method, path, auth=("alice", "wrong"))
         _assert_401(srv, method, path, auth=("bob", "s3cret"))
     _assert_401(srv, "GET", "/")  # not the UI (that is under --subpath /sd): ours to protect
@@ -543,15 +545,21 @@ def test_api_auth_protects_every_non_ui_route(api_auth_server):
     assert "/sdapi/v1/txt2img" in requests.get(srv.url + "/openapi.json", auth=good, timeout=30).json()["paths"]
     png = requests.post(srv.url + "/sdapi/v1/png-info", json={"image": ""}, auth=good, timeout=30)
     assert png.status_code == 200 and png.json()["info"] == ""
-    # the UI is Gradio's business (no --gradio-auth here: open)
-    assert requests.get(srv.url + "/sd/", timeout=30).status_code == 200
-    assert requests.get(srv.url + "/sd/config", timeout=30).status_code == 200
+    # The UI has a login with the --api-auth credentials (no --gradio-auth here): its page loads
+    # without Basic auth, its config only after the form login.
+    page = requests.get(srv.url + "/sd/", timeout=30)
+    assert page.status_code == 200 and "WWW-Authenticate" not in page.headers
+    assert requests.get(srv.url + "/sd/config", timeout=30).status_code == 401
+    session = requests.Session()
+    assert session.post(srv.url + "/sd/login", data={"username": "alice", "password": "s3cret"}, timeout=30).status_code == 200
+    assert session.get(srv.url + "/sd/config", timeout=30).status_code == 200
 
 
 def test_gradio_auth_alone_protects_the_api_with_the_same_credentials(gradio_auth_server):
     srv = gradio_auth_server
     for method, path in PROTECTED:
         _assert_401(srv, method, path)
+    for method, path in PROTECTED[:4]:  # under the 5 wrong passwords that lock an address out
         _assert_401(srv, method, path, auth=("bob", "wrong"))
     good = ("bob", "hunter2")
     assert requests.get(srv.url + "/sdapi/v1/samplers", auth=good, timeout=30).status_code == 200

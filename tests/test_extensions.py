@@ -206,10 +206,14 @@ def ext_data(tmp_path_factory):
     return data
 
 
-def page_text(url: str) -> str:
-    """The page HTML plus Gradio's config (where head and css travel)."""
-    text = requests.get(url + "/", timeout=30).text
-    return text + requests.get(url + "/config", timeout=30).text
+def page_text(url: str, login: tuple[str, str] | None = None) -> str:
+    """The page HTML plus Gradio's config (where head and css travel), after the UI's login if given."""
+    session = requests.Session()
+    if login:
+        form = {"username": login[0], "password": login[1]}
+        assert session.post(url + "/login", data=form, timeout=30).status_code == 200
+    text = session.get(url + "/", timeout=30).text
+    return text + session.get(url + "/config", timeout=30).text
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +232,7 @@ def test_extensions_load_into_a_running_server(ext_server):
     options = requests.get(srv.url + "/sdapi/v1/options", auth=("u", "p"), timeout=10).json()
     assert options["my_ext_setting"] == "abc"
     assert (ext_data / "extensions" / "good-ext" / "installed.txt").read_text() == "ran\n"
-    page = page_text(srv.url)
+    page = page_text(srv.url, login=("u", "p"))  # --api-auth alone is also the UI's login
     assert "jsMarker8142" in page and "cssMarker5531" in page
     assert "MyExtTab" in page and "tabBody4471" in page and "tab_extensions" in page
     assert "broken-ext" in srv.output and "kaboom-7731" in srv.output
@@ -239,6 +243,10 @@ def test_extensions_load_into_a_running_server(ext_server):
 @pytest.mark.browser
 def test_extension_javascript_runs_and_its_tab_shows_in_the_browser(ext_server, page):
     page.goto(ext_server.url + "/")
+    page.locator("input[type=password]").wait_for(timeout=60000)  # --api-auth alone: the UI's login too
+    page.locator("input[type=text]").fill("u")
+    page.locator("input[type=password]").fill("p")
+    page.get_by_role("button", name="Login").click()
     page.get_by_role("tab", name="MyExtTab").wait_for(timeout=60000)
     page.wait_for_function("window.myExtMarker === 'jsMarker8142'", timeout=60000)
     page.get_by_role("tab", name="Extensions").click(timeout=60000)

@@ -26,10 +26,11 @@ def test_default_bind_is_loopback_only(server):
 
 
 def test_listen_binds_all_interfaces(tmp_path):
-    srv = start_server(tmp_path, "--listen")
+    srv = start_server(tmp_path, "--listen", "--insecure-no-auth")  # tests/security: --listen needs a login
     try:
         assert requests.get(f"http://127.0.0.2:{srv.port}/", timeout=10).status_code == 200
         assert "Listening on all interfaces" in srv.output
+        assert "--insecure-no-auth: anyone who can reach this server can use it" in srv.output
     finally:
         srv.stop()
 

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from modules.core import flags as cmd_args
 from modules.core import saving
 from modules.engine import sampler_catalog as samplers
 from modules.api import models as m
@@ -664,7 +665,7 @@ class Api:
 
         @r.get("/cmd-flags", response_model=self.FlagsModel)
         def get_cmd_flags() -> JSONResponse:
-            return JSONResponse(jsonable_encoder(vars(self.services.cmd_opts)))
+            return JSONResponse(jsonable_encoder(cmd_args.public_flags(self.services.cmd_opts)))
 
     def _add_list_routes(self) -> None:
         """What can be picked: samplers, schedulers, upscalers, models, styles..."""

@@ -88,6 +88,8 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--api", action="store_true", help="serve the /sdapi/v1 API beside the UI")
     net.add_argument("--nowebui", action="store_true", help="serve only the API (implies --api)")
     net.add_argument("--api-auth", default=None, help='HTTP Basic credentials for the API: "user:password[,user2:password2]"')
+    net.add_argument("--insecure-no-auth", action="store_true", help="allow --listen, --share or a non-local --server-name without any login (anyone who reaches the port can use everything)")
+    net.add_argument("--allowed-hosts", default=None, help='extra Host names this server answers to, comma-separated (a reverse proxy\'s public name); "*" turns the Host check off')
     net.add_argument("--cors-allow-origins", default=None, help="comma-separated origins allowed for cross-origin requests")
     net.add_argument("--cors-allow-origins-regex", default=None, help="a regex of origins allowed for cross-origin requests")
     net.add_argument("--tls-keyfile", default=None, help="TLS private key file (with --tls-certfile) to serve HTTPS")
@@ -248,15 +250,18 @@ def _validate(opts: argparse.Namespace) -> None:
 
 
 def parse_credentials(text: str, *, flag: str = "--gradio-auth") -> list[tuple[str, str]]:
-    """'u:p,u2:p2' (or one per line) -> [(u, p), ...]. Passwords may contain ':'."""
+    """'u:p,u2:p2' (or one per line) -> [(u, p), ...]. Passwords may contain ':'.
+
+    An entry without a password (``user`` or ``user:``) is an error: an empty password is no
+    login. Messages never repeat the entry, which may be a password typed in the wrong place.
+    """
     creds = []
-    for item in text.replace("\n", ",").split(","):
-        item = item.strip()
-        if not item:
-            continue
+    for number, item in enumerate((i.strip() for i in text.replace("\n", ",").split(",") if i.strip()), 1):
         user, sep, password = item.partition(":")
         if not sep or not user:
-            raise FlagError(f"{flag} expects user:password pairs separated by commas, got {item!r}")
+            raise FlagError(f"{flag} expects user:password pairs separated by commas; entry {number} is not user:password")
+        if not password.strip():
+            raise FlagError(f"{flag}: user {user!r} has an empty password; give user:password with a password")
         creds.append((user, password))
     if not creds:
         raise FlagError(f"{flag} was given but holds no user:password pair")
@@ -266,6 +271,66 @@ def parse_credentials(text: str, *, flag: str = "--gradio-auth") -> list[tuple[s
 def is_non_local(opts: argparse.Namespace) -> bool:
     """A1111's rule for refusing extension installs: reachable from elsewhere."""
     return bool(opts.listen or opts.share or opts.server_name)
+
+
+# Flags whose values are secrets: never shown (GET /sdapi/v1/cmd-flags, logs). Besides these, any
+# flag (an extension's too) whose name says password, token, secret or key is redacted; file
+# paths (--tls-keyfile, --gradio-auth-path) are not secrets.
+SECRET_FLAGS = frozenset({"gradio_auth", "api_auth"})
+SECRET_WORDS = ("password", "passwd", "token", "secret", "apikey", "api_key", "credential")
+NOT_SECRET_SUFFIXES = ("_path", "_file", "_keyfile", "_dir")
+REDACTED = "***"
+
+
+def is_secret_flag(name: str) -> bool:
+    name = name.lower()
+    if name in SECRET_FLAGS:
+        return True
+    return any(w in name for w in SECRET_WORDS) and not name.endswith(NOT_SECRET_SUFFIXES)
+
+
+def public_flags(opts: argparse.Namespace) -> dict:
+    """The flags as parsed, with every secret value replaced by "***" (unset ones stay None/empty)."""
+    return {key: (REDACTED if value and not isinstance(value, (bool, int, float)) and is_secret_flag(key) else value)
+            for key, value in vars(opts).items()}
+
+
+def is_loopback_name(name: str) -> bool:
+    """localhost, ::1 or any 127.x address: only this machine can connect there."""
+    import ipaddress
+
+    name = name.strip().strip("[]").rstrip(".").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def network_exposure(opts: argparse.Namespace) -> str | None:
+    """The flag that makes the server reachable from other machines, or None when it is not."""
+    if opts.listen:
+        return "--listen"
+    if opts.share:
+        return "--share"
+    if opts.server_name and not is_loopback_name(opts.server_name):
+        return f"--server-name {opts.server_name}"
+    return None
+
+
+def has_login(opts: argparse.Namespace) -> bool:
+    return bool(opts.gradio_auth or opts.gradio_auth_path or opts.api_auth)
+
+
+def login_required_error(opts: argparse.Namespace) -> str | None:
+    """Why this server must not start (reachable from the network with no login), or None."""
+    exposure = network_exposure(opts)
+    if exposure is None or has_login(opts) or getattr(opts, "insecure_no_auth", False):
+        return None
+    return (f"{exposure} makes this server reachable from your network, but no login is set: add "
+            f"--gradio-auth USER:PASSWORD (or --gradio-auth-path FILE, or --api-auth USER:PASSWORD), "
+            f"or pass --insecure-no-auth to let anyone who reaches the port use it")
 
 
 def bind_host(opts: argparse.Namespace) -> str:
