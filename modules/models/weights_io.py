@@ -6,8 +6,8 @@
 callable (``os.system``) and call it while loading. They are read by one call only:
 ``torch.load(path, map_location="cpu", weights_only=True, mmap=False)``, PyTorch's own restricted
 unpickler, which knows tensors, storages, dtypes and plain containers and refuses every other global,
-opcode and object construction. There is no second attempt with another unpickler, ever, and never
-``weights_only=False``.
+opcode and object construction. There is no second attempt with another unpickler, ever, and the
+weights-only restriction is never turned off.
 
 For the duration of that call (``torch.serialization.safe_globals``, under a lock) a few more names
 are allowed, because real A1111-era checkpoints carry them beside the weights. None of them is the
