@@ -68,7 +68,8 @@ def kohya_targets(pipe, *, sdxl: bool, conv: bool = False, te: bool = True) -> d
 
 
 def kohya_lora(path: Path, pipe, *, sdxl: bool = False, rank: int = 4, alpha: float = 2.0, conv: bool = False,
-               te: bool = True, dora: bool = False, seed: int = 0, metadata: dict | None = None) -> dict:
+               te: bool = True, dora: bool = False, seed: int = 0, metadata: dict | None = None,
+               dtype: torch.dtype = torch.float32) -> dict:
     gen = torch.Generator().manual_seed(seed)
     sd = {}
     for prefix, module in kohya_targets(pipe, sdxl=sdxl, conv=conv, te=te).items():
@@ -79,6 +80,7 @@ def kohya_lora(path: Path, pipe, *, sdxl: bool = False, rank: int = 4, alpha: fl
             w = module.weight.detach().float()
             sd[f"{prefix}.dora_scale"] = w.reshape(w.shape[0], -1).norm(dim=1, keepdim=True) * (
                 1 + 0.1 * torch.rand(w.shape[0], 1, generator=gen))
+    sd = {k: v.to(dtype) for k, v in sd.items()}
     save(path, sd, metadata)
     return sd
 

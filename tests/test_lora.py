@@ -291,3 +291,69 @@ def test_sdxl_kohya_ldm_names_and_both_text_encoders_equal_diffusers(sdxl):
     assert np.array_equal(base, pixels(sd1_lora))
     for component in fresh:
         assert same_state(getattr(pipe, component), fresh[component])
+
+
+# --------------------------------------------------------------------------- X/Y/Z and the API
+
+
+def test_xyz_lora_axis_adds_each_lora_to_the_prompt(sd1):
+    from modules.extensions import scripts
+    from test_xyz_grid import xyz, xyz_args
+
+    sd1.scripts = scripts.ScriptRegistry.from_modules({xyz.__name__: xyz})
+    try:
+        runner = sd1.script_runner(False)
+        runner.ensure_defaults()
+        args = runner.args_from_api("X/Y/Z plot", xyz_args("Lora", "None, style, styleAlias:0.5",
+                                                           include_lone_images=True), None)
+        processed = sd1.generation.submit(Txt2ImgParams(prompt="a cat", **SMALL),
+                                          script=runner.job_script(args)).result()
+        prompts = [parse_infotext(t)["Prompt"] for t in processed.infotexts[1:]]
+        assert prompts == ["a cat", "a cat <lora:style:1>", "a cat <lora:styleAlias:0.5>"]
+        cells = [np.asarray(i.convert("RGB"), dtype=np.int16) for i in processed.images[1:]]
+        assert np.array_equal(cells[0], pixels(run(sd1, "a cat")))
+        assert not np.array_equal(cells[0], cells[1]) and not np.array_equal(cells[1], cells[2])
+        from modules.core.pipeline import ProcessingError
+
+        bad = runner.args_from_api("X/Y/Z plot", xyz_args("Lora", "nosuch"), None)
+        with pytest.raises(ProcessingError, match="unknown Lora 'nosuch'"):
+            sd1.generation.submit(Txt2ImgParams(prompt="a cat", **SMALL), script=runner.job_script(bad)).result()
+    finally:
+        sd1.scripts = None
+
+
+def test_api_lists_and_refreshes_loras_and_hypernetworks_and_reports_warnings(tmp_path):
+    import requests
+
+    from conftest import start_server
+    from tiny_models import make_checkpoint
+
+    make_checkpoint(tmp_path / "models" / "Stable-diffusion" / "tiny-sd1.safetensors", "sd1")
+    save(tmp_path / "models" / "Lora" / "a" / "one.safetensors",
+         {"lora_unet_x.lora_down.weight": torch.zeros(1, 2), "lora_unet_x.lora_up.weight": torch.zeros(2, 1)},
+         {"ss_output_name": "uno", "ss_network_dim": "1"})
+    hypernetwork(tmp_path / "models" / "hypernetworks" / "hn.pt", (32,))
+    srv = start_server(tmp_path, "--api")
+    try:
+        api = srv.url + "/sdapi/v1"
+        loras = requests.get(api + "/loras", timeout=30).json()
+        assert loras == [{"name": "one", "alias": "uno", "metadata": {"ss_output_name": "uno", "ss_network_dim": "1"},
+                          "path": str(tmp_path / "models" / "Lora" / "a" / "one.safetensors")}]
+        save(tmp_path / "models" / "LyCORIS" / "two.safetensors", {"lora_unet_y.hada_w1_a": torch.zeros(1, 1)})
+        assert len(requests.get(api + "/loras", timeout=30).json()) == 1
+        assert requests.post(api + "/refresh-loras", timeout=30).json() == {}
+        assert sorted(x["name"] for x in requests.get(api + "/loras", timeout=30).json()) == ["one", "two"]
+        assert requests.get(api + "/hypernetworks", timeout=30).json() == [
+            {"name": "hn", "path": str(tmp_path / "models" / "hypernetworks" / "hn.pt")}]
+        body = {"prompt": "a cat <lora:missing:1>", "width": 64, "height": 64, "steps": 2}
+        reply = requests.post(api + "/txt2img", json=body, timeout=120)
+        assert reply.status_code == 200 and reply.json()["images"]
+        assert "LoRA not found: missing" in json_loads(reply.json()["info"])["comments"]
+    finally:
+        srv.stop()
+
+
+def json_loads(text: str):
+    import json
+
+    return json.loads(text)

@@ -73,7 +73,8 @@ def split_key(key: str) -> tuple[str, str] | None:
 def _normalize_dotted(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Old diffusers spellings (``processor.to_q_lora.down``, ``lora_linear_layer``) -> PEFT names,
     through diffusers' own converters; kohya keys pass untouched."""
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from diffusers.utils.state_dict_utils import (StateDictType, convert_state_dict_to_peft,
+                                                  convert_unet_state_dict_to_peft)
 
     old = {k: v for k, v in state_dict.items() if "_lora." in k or "lora_linear_layer" in k or ".processor." in k}
     if not old:
@@ -83,7 +84,8 @@ def _normalize_dotted(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch
     text = {k: v for k, v in old.items() if k.startswith("text_encoder")}
     rest.update(convert_unet_state_dict_to_peft(unet))
     if text:
-        rest.update(convert_state_dict_to_peft(text))
+        kind = StateDictType.DIFFUSERS_OLD if any("_lora." in k for k in text) else StateDictType.DIFFUSERS
+        rest.update(convert_state_dict_to_peft(text, original_type=kind))
     return rest
 
 
