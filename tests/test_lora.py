@@ -105,7 +105,7 @@ def test_merged_weights_equal_diffusers_fused_weights(sd1, name):
     from modules.engine.networks.merge import NetworkUse
 
     merger = engine.merger(model)
-    report = merger.apply([NetworkUse(engine._load(entry, None))])
+    report = merger.apply([NetworkUse(engine.weights_of(entry))])
     try:
         assert report.outcomes[0].layers > 0 and not report.outcomes[0].unmatched and not report.outcomes[0].error
         for component in ("unet", "text_encoder"):
@@ -139,7 +139,7 @@ def test_loha_lokr_and_kohya_dora_follow_their_formulas(sd1):
     merger = engine.merger(model)
     try:
         for kind, delta in expected.items():
-            merger.apply([NetworkUse(engine._load(engine.loras.find(kind), None), te=1.0, unet=0.5)])
+            merger.apply([NetworkUse(engine.weights_of(engine.loras.find(kind)), te=1.0, unet=0.5)])
             torch.testing.assert_close(module.weight.detach() - w0, delta * 0.5, rtol=1e-4, atol=1e-6)
     finally:
         merger.apply([])

@@ -22,8 +22,6 @@ from modules.models.lora_registry import LoraEntry, LoraRegistry
 log = logging.getLogger(__name__)
 
 LORA_TAGS = ("lora", "lyco")
-HYPERNET_TAGS = ("hypernet",)
-INFOTEXT_KEYS = ("Lora hashes", "Hypernet", "Hypernet hash", "Hypernet strength")
 _MERGER_ATTR = "_webui_network_merger"   # on the UNet module: the merger lives and dies with its weights
 
 
@@ -62,26 +60,38 @@ def _family_version(model: Any) -> str:
 class ExtraNetworks:
     """Applies prompt-tag networks to whichever model a job uses. One per app (built in services)."""
 
-    def __init__(self, loras: LoraRegistry, hypernetworks: Any = None, cache_size: int = 8):
+    def __init__(self, loras: LoraRegistry, hypernetworks: Any = None):
         self.loras = loras
         self.hypernetworks = hypernetworks
-        self._weights: OrderedDict[Hashable, NetworkWeights] = OrderedDict()
-        self._cache_size = cache_size
+        self._weights: OrderedDict[Hashable, NetworkWeights] = OrderedDict()   # parsed files by stamp
         self._lock = threading.Lock()
 
     # -- entry point ------------------------------------------------------------------------
     def activate(self, model: Any, encoder: Any, prompts: list[str], *, options: Any = None,
                  disabled: bool = False) -> Activation:
-        """Merge the first prompt's networks into `model` (undoing the last job's); report what happened."""
+        """Merge the first prompt's networks into `model` (undoing the last job's); report what happened.
+        The set merged last time costs nothing: not even its files are read again."""
         _, calls = prompt_parser.parse_extra_networks_prompts(prompts)
         grouped = prompt_parser.group_extra_networks([] if disabled else calls)
         out = Activation()
-        uses = self._lora_uses([c for t in LORA_TAGS for c in grouped.pop(t, [])], model, out)
+        wanted = self._lora_requests([c for t in LORA_TAGS for c in grouped.pop(t, [])], model, out)
         merger = self.merger(model)
-        out.report = merger.apply([use for use, _ in uses])
+        signature = tuple((stamp, call.te, call.unet, call.dyn) for call, _, stamp in wanted)
+        if signature == merger.applied:
+            out.report = merger.unchanged()
+            named = [(call.name, entry) for call, entry, _ in wanted]
+        else:
+            uses, named = [], []
+            for call, entry, stamp in wanted:
+                weights = self._load(entry, stamp, out)
+                if weights is not None:
+                    uses.append(NetworkUse(weights, te=call.te, unet=call.unet, dyn=call.dyn))
+                    named.append((call.name, entry))
+            out.report = merger.apply(uses)
+            self._trim(int(getattr(options, "lora_in_memory_limit", 0) or 0))
         if out.report.text_encoders_changed and encoder is not None:
             encoder.clear_cache()   # prompt encodings made with the old text-encoder weights are stale
-        self._report(uses, out, options)
+        self._report(named, out, options)
         if self.hypernetworks is not None:
             self.hypernetworks.activate(model, grouped.pop("hypernet", []), out)
         for unknown in grouped:
@@ -99,8 +109,9 @@ class ExtraNetworks:
         return merger
 
     # -- LoRA ---------------------------------------------------------------------------------
-    def _lora_uses(self, calls: list, model: Any, out: Activation) -> list[tuple[NetworkUse, tuple[str, LoraEntry]]]:
-        uses = []
+    def _lora_requests(self, calls: list, model: Any, out: Activation) -> list[tuple[LoraCall, LoraEntry, tuple]]:
+        """(call, file, file stamp) for each tag that names a usable file; warnings for the others."""
+        wanted = []
         for call in calls:
             try:
                 parsed = parse_lora_call(call.items)
@@ -116,22 +127,20 @@ class ExtraNetworks:
                 self._warn(out, f"LoRA {parsed.name} was made for {entry.sd_version}; the loaded model is "
                                 f"{model.spec.family_info.label}; not applied")
                 continue
-            weights = self._load(entry, out)
-            if weights is None or not (parsed.te or parsed.unet):
+            try:
+                stamp = entry.stamp()
+            except OSError as exc:
+                self._warn(out, f"LoRA {parsed.name} could not be read: {exc}")
                 continue
-            uses.append((NetworkUse(weights, te=parsed.te, unet=parsed.unet, dyn=parsed.dyn), (parsed.name, entry)))
-        return uses
+            if parsed.te or parsed.unet:
+                wanted.append((parsed, entry, stamp))
+        return wanted
 
-    def _load(self, entry: LoraEntry, out: Activation) -> NetworkWeights | None:
-        try:
-            key = entry.stamp()
-        except OSError as exc:
-            self._warn(out, f"LoRA {entry.name} could not be read: {exc}")
-            return None
+    def _load(self, entry: LoraEntry, stamp: tuple, out: Activation | None) -> NetworkWeights | None:
         with self._lock:
-            cached = self._weights.get(key)
+            cached = self._weights.get(stamp)
             if cached is not None:
-                self._weights.move_to_end(key)
+                self._weights.move_to_end(stamp)
                 return cached
         try:
             state_dict = weights_io.load_state_dict_file(entry.path)
@@ -143,17 +152,25 @@ class ExtraNetworks:
             self._warn(out, f"LoRA {entry.name} holds no network weights this program knows ({len(unknown)} "
                             "other tensors); not applied")
             return None
-        weights = NetworkWeights(key=key, name=entry.name, groups=groups, unknown_keys=unknown)
+        weights = NetworkWeights(key=stamp, name=entry.name, groups=groups, unknown_keys=unknown)
         with self._lock:
-            self._weights[key] = weights
-            while len(self._weights) > self._cache_size:
-                self._weights.popitem(last=False)
+            self._weights[stamp] = weights
         return weights
 
-    def _report(self, uses: list, out: Activation, options: Any) -> None:
+    def weights_of(self, entry: LoraEntry) -> NetworkWeights | None:
+        """The parsed file (None, with a logged warning, when it cannot be read)."""
+        return self._load(entry, entry.stamp(), None)
+
+    def _trim(self, keep: int) -> None:
+        """Keep at most `keep` parsed files (A1111's ``lora_in_memory_limit``; 0: none once merged)."""
+        with self._lock:
+            while len(self._weights) > max(0, keep):
+                self._weights.popitem(last=False)
+
+    def _report(self, named: list[tuple[str, LoraEntry]], out: Activation, options: Any) -> None:
         hashes = []
-        for (use, (mentioned, entry)), outcome in zip(uses, out.report.outcomes):
-            total = len(use.weights.groups)
+        for (mentioned, entry), outcome in zip(named, out.report.outcomes):
+            total = outcome.total
             if outcome.error:
                 self._warn(out, f"LoRA {mentioned} does not fit this model ({outcome.error}); not applied")
                 continue
@@ -173,7 +190,7 @@ class ExtraNetworks:
             out.infotext["Lora hashes"] = ", ".join(hashes)
 
     @staticmethod
-    def _warn(out: Activation, message: str) -> None:
+    def _warn(out: Activation | None, message: str) -> None:
         log.warning("%s", message)
-        if message not in out.warnings:
+        if out is not None and message not in out.warnings:
             out.warnings.append(message)

@@ -48,6 +48,7 @@ class NetworkUse:
 class NetworkOutcome:
     name: str
     layers: int = 0                    # layers changed
+    total: int = 0                     # layers the file holds
     unmatched: list[str] = field(default_factory=list)   # file prefixes naming no layer of this model
     error: str | None = None           # set when the network was not applied at all
 
@@ -66,6 +67,7 @@ class NetworkMerger:
         self.index = LayerIndex(components, unet_config)
         self.backups: dict[LayerRef, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.applied: tuple = ()
+        self.last_outcomes: list[NetworkOutcome] = []
 
     @property
     def backup_bytes(self) -> int:
@@ -76,8 +78,7 @@ class NetworkMerger:
         """Merge exactly `uses` (in order) into the model; the previous set is undone first."""
         signature = tuple(u.signature for u in uses)
         if signature == self.applied:
-            return MergeReport([NetworkOutcome(u.weights.name) for u in uses], changed=False,
-                               text_encoders_changed=False)
+            return self.unchanged()
         touched_before = set(self.backups)
         outcomes = [NetworkOutcome(u.weights.name) for u in uses]
         plans = [self._plan(u, o) for u, o in zip(uses, outcomes)]
@@ -87,13 +88,18 @@ class NetworkMerger:
                 break
             plans[failed] = {}  # merge again without the network that does not fit
         self._restore(set(self.backups) - {ref for plan in plans for ref in plan})
-        self.applied = signature
+        self.applied, self.last_outcomes = signature, outcomes
         return MergeReport(outcomes, changed=True,
                            text_encoders_changed=any(r.component != "unet" for r in touched_before | set(self.backups)))
+
+    def unchanged(self) -> MergeReport:
+        """The report of the set already merged (nothing is done)."""
+        return MergeReport(list(self.last_outcomes), changed=False, text_encoders_changed=False)
 
     def _plan(self, use: NetworkUse, outcome: NetworkOutcome) -> dict[LayerRef, LayerGroup]:
         """The layers `use` changes (parts whose multiplier is 0 are left out entirely)."""
         found, outcome.unmatched = resolve_all(use.weights.groups, self.index)
+        outcome.total = len(use.weights.groups)
         return {ref: use.weights.groups[prefix] for prefix, ref in found.items() if use.multiplier(ref.component)}
 
     def _merge(self, uses: list[NetworkUse], plans: list[dict], outcomes: list[NetworkOutcome]) -> int | None:
@@ -149,7 +155,7 @@ class NetworkMerger:
     def restore(self) -> None:
         """Put every touched layer's original weights back (bit for bit) and drop the backups."""
         self._restore(set(self.backups))
-        self.applied = ()
+        self.applied, self.last_outcomes = (), []
 
     @torch.no_grad()
     def _restore(self, refs: set[LayerRef]) -> None:
