@@ -357,3 +357,28 @@ def json_loads(text: str):
     import json
 
     return json.loads(text)
+
+
+def test_sd2_kohya_lora_equals_diffusers_and_restores(tmp_path):
+    services = make_services(tmp_path, "sd2")
+    try:
+        model = services.models.current()
+        pipe = model.pipe
+        fresh = {c: state(getattr(pipe, c)) for c in ("unet", "text_encoder")}
+        reference = copy.deepcopy(pipe)
+        path = services.paths.lora_dir / "two.safetensors"
+        kohya_lora(path, pipe, metadata={"ss_v2": "True"})
+        result = services.generation.txt2img(Txt2ImgParams(prompt="a cat <lora:two:1>", **SMALL))
+        assert not result.comments
+        reference.load_lora_weights(str(path))
+        reference.fuse_lora()
+        reference.unload_lora_weights()
+        for component in fresh:
+            ours, theirs = getattr(pipe, component).state_dict(), getattr(reference, component).state_dict()
+            assert any(not torch.equal(ours[k], fresh[component][k]) for k in ours), component
+            for key in ours:
+                torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6, msg=key)
+        services.generation.txt2img(Txt2ImgParams(prompt="a cat", **SMALL))
+        assert all(same_state(getattr(pipe, c), fresh[c]) for c in fresh)
+    finally:
+        services.generation.queue.shutdown()
