@@ -187,6 +187,9 @@ def test_alias_lyco_tag_and_pickled_lora_and_subfolders(sd1):
         assert not np.array_equal(pixels(result), pixels(base)), tag
     names = {e.name for e in sd1.networks.loras.list()}
     assert {"style", "loha", "lokr", "legacy", "evil"} <= names
+    kohya_lora(sd1.paths.lora_dir / "added later.safetensors", sd1.models.current().pipe, seed=9)
+    late = run(sd1, "a cat <lora:added later:1>")   # found without a refresh, as in A1111
+    assert not late.comments and not np.array_equal(pixels(late), pixels(base))
 
 
 def test_switching_sets_never_reloads_and_the_same_set_costs_nothing(sd1):

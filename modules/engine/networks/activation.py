@@ -111,7 +111,7 @@ class ExtraNetworks:
     # -- LoRA ---------------------------------------------------------------------------------
     def _lora_requests(self, calls: list, model: Any, out: Activation) -> list[tuple[LoraCall, LoraEntry, tuple]]:
         """(call, file, file stamp) for each tag that names a usable file; warnings for the others."""
-        wanted = []
+        wanted, rescanned = [], False
         for call in calls:
             try:
                 parsed = parse_lora_call(call.items)
@@ -119,6 +119,9 @@ class ExtraNetworks:
                 self._warn(out, f"<{call.name}:{':'.join(call.items)}>: bad arguments ({exc}); ignored")
                 continue
             entry = self.loras.find(parsed.name)
+            if entry is None and not rescanned:   # a file added since the last scan (A1111 rescans too)
+                self.loras.refresh()
+                entry, rescanned = self.loras.find(parsed.name), True
             if entry is None:
                 self._warn(out, f"LoRA not found: {parsed.name} (looked in {', '.join(map(str, self.loras.roots))})")
                 continue
