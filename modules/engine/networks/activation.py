@@ -87,7 +87,7 @@ class ExtraNetworks:
                 if weights is not None:
                     uses.append(NetworkUse(weights, te=call.te, unet=call.unet, dyn=call.dyn))
                     named.append((call.name, entry))
-            out.report = merger.apply(uses)
+            out.report = self._apply(merger, uses, out)
             self._trim(int(getattr(options, "lora_in_memory_limit", 0) or 0))
         if out.report.text_encoders_changed and encoder is not None:
             encoder.clear_cache()   # prompt encodings made with the old text-encoder weights are stale
@@ -97,6 +97,17 @@ class ExtraNetworks:
         for unknown in grouped:
             log.warning("Skipping unknown extra network: %s", unknown)
         return out
+
+    def _apply(self, merger: NetworkMerger, uses: list[NetworkUse], out: Activation) -> MergeReport:
+        """merger.apply; on an unexpected failure (out of memory...) the model goes back to its own
+        weights and the job goes on without networks."""
+        try:
+            return merger.apply(uses)
+        except Exception as exc:  # the image is still made, as A1111 does
+            log.exception("Applying networks failed")
+            self._warn(out, f"LoRA could not be applied ({type(exc).__name__}: {exc}); the image is made without")
+            merger.restore()
+            return MergeReport([], changed=True, text_encoders_changed=True)
 
     def merger(self, model: Any) -> NetworkMerger:
         unet = model.pipe.unet
@@ -150,7 +161,11 @@ class ExtraNetworks:
         except weights_io.CheckpointLoadError as exc:
             self._warn(out, f"LoRA {entry.name} could not be loaded: {exc}")
             return None
-        groups, unknown = group_layers(state_dict)
+        try:
+            groups, unknown = group_layers(state_dict)
+        except (ValueError, KeyError) as exc:   # diffusers' converters refuse a malformed key set
+            self._warn(out, f"LoRA {entry.name}: its tensor names are not a known layout ({exc}); not applied")
+            return None
         if not groups:
             self._warn(out, f"LoRA {entry.name} holds no network weights this program knows ({len(unknown)} "
                             "other tensors); not applied")
