@@ -213,6 +213,30 @@ def layer_delta(parts: Parts, weight: torch.Tensor, dyn: int | None = None) -> t
     return delta, bias_delta(parts)
 
 
+def add_into(target: torch.Tensor, parts: Parts, weight: torch.Tensor, multiplier: float,
+             dyn: int | None = None) -> torch.Tensor | None:
+    """``target += multiplier * delta`` in place; the bias delta (or None). A plain LoRA (the common
+    case) adds its low-rank product straight into ``target`` (one addmm, no layer-sized temporary)."""
+    plain = ("lora_up.weight" in parts and "lora_down.weight" in parts and "lora_mid.weight" not in parts
+             and "dora_scale" not in parts)
+    if not plain:
+        delta, bias = layer_delta(parts, weight, dyn)
+        target.add_(delta, alpha=multiplier)
+        return bias
+    up, down = _f32(parts["lora_up.weight"]).flatten(1), _f32(parts["lora_down.weight"]).flatten(1)
+    rank = down.shape[0]
+    if dyn is not None and 0 < dyn < rank:
+        up, down = up[:, :dyn], down[:dyn]
+    flat = target.view(target.shape[0], -1)
+    if up.shape[0] != flat.shape[0] or down.shape[1] != flat.shape[1] or up.shape[1] != down.shape[0]:
+        raise NetworkFormatError(f"LoRA of {up.shape[0]}x{down.shape[1]} does not fit the layer's "
+                                 f"{tuple(weight.shape)}")
+    if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+        raise NetworkFormatError("the weights hold NaN or infinite values")
+    flat.addmm_(up, down, alpha=_scale(parts, rank) * multiplier)
+    return bias_delta(parts)
+
+
 def describe(parts: Parts) -> str:
     try:
         return network_type(parts)
@@ -220,4 +244,4 @@ def describe(parts: Parts) -> str:
         return "unknown"
 
 
-__all__ = ["NetworkFormatError", "network_type", "layer_delta", "describe"]
+__all__ = ["NetworkFormatError", "network_type", "layer_delta", "add_into", "describe"]

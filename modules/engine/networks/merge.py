@@ -134,12 +134,11 @@ class NetworkMerger:
         new_w, new_b = w0.clone(), None
         for (use, group), index in zip(users, indices):
             parts = {k: v.to(weight.device) for k, v in group.parts.items()}
+            mult = use.multiplier(ref.component)
             try:
-                dw, db = deltas.layer_delta(parts, w0, use.dyn)
+                db = deltas.add_into(new_w, parts, w0, mult, use.dyn)
             except (deltas.NetworkFormatError, RuntimeError, KeyError, IndexError) as exc:
                 raise _LayerFailed(index, str(exc) or type(exc).__name__) from None
-            mult = use.multiplier(ref.component)
-            new_w += dw * mult
             if db is not None:
                 if bias is None or db.numel() != bias.numel():
                     raise _LayerFailed(index, "bias change for a layer without that bias")
