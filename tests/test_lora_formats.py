@@ -149,3 +149,43 @@ def test_merger_undoes_a_failed_network_and_keeps_the_good_one(tiny_sd1):
     assert changed == [LAYER + ".weight"]
     merger.restore()
     assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+
+
+# --------------------------------------------------------------------------- hypernetworks
+
+
+def test_hypernetwork_file_loads_as_a1111_builds_it(tmp_path):
+    import torch.nn.functional as F
+
+    from lora_fixtures import hypernetwork
+    from modules.engine.networks.hypernetwork import load_hypernetwork
+
+    data = hypernetwork(tmp_path / "hn.pt", (8,))
+    network = load_hypernetwork(tmp_path / "hn.pt")
+    network.set_multiplier(0.5)
+    x = rand(3, 8, scale=1.0)
+    for which in (0, 1):
+        sd = data[8][which]
+        h = F.relu(F.linear(x, sd["linear.0.weight"], sd["linear.0.bias"]))
+        h = F.layer_norm(h, (16,), sd["linear.2.weight"], sd["linear.2.bias"])   # dropout (3): off
+        h = F.linear(h, sd["linear.4.weight"], sd["linear.4.bias"])
+        h = F.layer_norm(h, (8,), sd["linear.5.weight"], sd["linear.5.bias"])
+        torch.testing.assert_close(network.layers[8][which](x), x + h * 0.5)
+
+
+def test_hostile_hypernetwork_is_refused(tmp_path):
+    import os
+    import pickle
+
+    from modules.engine.networks.hypernetwork import load_hypernetwork
+    from modules.models.weights_io import UnsafeCheckpointError
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    with open(tmp_path / "evil.pt", "wb") as fh:
+        pickle.dump({768: [Evil(), {}]}, fh, protocol=2)
+    with pytest.raises(UnsafeCheckpointError):
+        load_hypernetwork(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()
