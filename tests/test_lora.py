@@ -286,3 +286,12 @@ def test_xyz_lora_axis_adds_each_lora_to_the_prompt(sd1):
             sd1.generation.submit(Txt2ImgParams(prompt="a cat", **SMALL), script=runner.job_script(bad)).result()
     finally:
         sd1.scripts = None
+
+
+def test_ui_shows_the_warnings_under_the_image(sd1):
+    from modules.ui.common import poll_job
+
+    job = sd1.generation.submit(Txt2ImgParams(prompt="a cat <lora:nosuch:1>", **SMALL))
+    gallery, _, progress, info = list(poll_job(sd1.generation, job))[-1]
+    assert gallery and "LoRA not found: nosuch" in progress and "warning" in progress
+    assert "LoRA not found: nosuch" in info["comments"]
