@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from modules.core.callers import CallerPolicy
-from modules.core.extra_networks import ExtraNetworksService
+from modules.core.networks_service import ExtraNetworksService
 from modules.models.checkpoints import CheckpointRegistry
 from modules.core.generation import GenerationService
 from modules.models.hashes import HashCache

@@ -61,7 +61,7 @@ class GenerationService:
         self.sampling_hooks: Any = None
         # params -> A1111's `p` (what save callbacks get as params.p): set by build_services.
         self.make_script_p: Callable[[Any], Any] | None = None
-        # core.extra_networks.ExtraNetworksService: set by build_services (None: tags are only stripped).
+        # core.networks_service.ExtraNetworksService: set by build_services (None: tags are only stripped).
         self.networks: Any = None
 
     @property

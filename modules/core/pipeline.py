@@ -332,7 +332,7 @@ class RunContext:
     sets_job_count: bool = True
     # params -> A1111's `p` over them, for the save callbacks (the extension host's adapter).
     make_script_p: Callable[[Any], Any] | None = None
-    # core.extra_networks.ExtraNetworksService: merges each batch's <lora:...> networks into the model.
+    # core.networks_service.ExtraNetworksService: merges each batch's <lora:...> networks into the model.
     networks: Any = None
 
 
