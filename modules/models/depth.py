@@ -120,17 +120,24 @@ class DepthEstimators:
     # ------------------------------------------------------------------ running
 
     def estimate(self, image: Image.Image, folder: DepthFolder | None = None) -> np.ndarray:
-        """float32 [H, W] nearness map of `image` (its size), from `folder` (default: `find()`)."""
+        """float32 [H, W] nearness map of `image`, at its size (bicubic from the model's output)."""
+        return self._run(image, folder, (image.height, image.width))
+
+    def estimate_raw(self, image: Image.Image, folder: DepthFolder | None = None) -> np.ndarray:
+        """The model's own prediction at its input resolution (what diffusers' depth2img resizes)."""
+        return self._run(image, folder, None)
+
+    def _run(self, image: Image.Image, folder: DepthFolder | None, size: tuple[int, int] | None) -> np.ndarray:
         folder = folder or self.require()
         rgb = image.convert("RGB")
-        key = (str(folder.path), rgb.size, hashlib.sha1(rgb.tobytes()).hexdigest())
+        key = (str(folder.path), rgb.size, size, hashlib.sha1(rgb.tobytes()).hexdigest())
         with self._lock:
             cached = self._results.get(key)
             if cached is not None:
                 self._results.move_to_end(key)
                 return cached.copy()
             model, processor = self._model(folder)
-            depth = _predict(model, processor, rgb)
+            depth = _predict(model, processor, rgb, size)
             self._results[key] = depth
             while len(self._results) > _RESULT_CACHE:
                 self._results.popitem(last=False)
@@ -182,16 +189,16 @@ def _image_processor(folder: DepthFolder) -> Any:
                                 image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 
-def _predict(model: Any, processor: Any, image: Image.Image) -> np.ndarray:
+def _predict(model: Any, processor: Any, image: Image.Image, size: tuple[int, int] | None) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
     device = next(model.parameters()).device
     pixels = processor(images=image, return_tensors="pt")["pixel_values"].to(device=device, dtype=torch.float32)
     with torch.inference_mode():
-        depth = model(pixel_values=pixels).predicted_depth
-        depth = F.interpolate(depth[:, None].float(), size=(image.height, image.width), mode="bicubic",
-                              align_corners=False)
+        depth = model(pixel_values=pixels).predicted_depth[:, None].float()
+        if size is not None:
+            depth = F.interpolate(depth, size=size, mode="bicubic", align_corners=False)
     return depth[0, 0].cpu().numpy().astype(np.float32)
 
 
