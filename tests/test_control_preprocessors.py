@@ -110,6 +110,15 @@ def test_model_free_maps_do_what_they_say():
     assert len(np.unique(grid.reshape(-1, 3), axis=0)) <= (192 // 64) * (128 // 64)  # one colour per cell
 
 
+def test_normal_from_depth_points_along_the_depth_gradient():
+    ramp = np.tile(np.linspace(0, 50, 64, dtype=np.float32), (32, 1))  # nearer to the right
+    out = annotators.normal_from_depth(ramp, annotators.Resolved(512, 0.0, 0.0))
+    inner = out[4:-4, 4:-4].astype(int)
+    assert (inner[..., 2] > 127).all() and (inner[..., 1] == 127).all()  # x up, y flat (channels reversed)
+    background = annotators.normal_from_depth(ramp, annotators.Resolved(512, 0.5, 0.0))
+    assert (background[:, 2:20] == (255, 127, 127)).all()  # below the threshold: facing the viewer
+
+
 def test_shuffle_is_repeatable_with_a_seed():
     image = shapes_image()
     one = get_preprocessor("shuffle").run(image, PreprocessorArgs(seed=7))
@@ -165,7 +174,7 @@ def test_preprocessors_needing_controlnet_aux_are_listed_and_refused_clearly():
 
 
 def test_a_depth_preprocessor_without_its_files_is_refused_naming_them(estimators, tmp_path):
-    for name in ("depth", "depth_anything_v2"):
+    for name in ("depth", "depth_anything_v2", "normal_map"):
         assert name in PREPROCESSORS  # still listed
         with pytest.raises(PreprocessorUnavailableError) as err:
             get_preprocessor(name)
@@ -211,5 +220,23 @@ def test_tiny_dpt_and_depth_anything_load_through_auto_model_and_give_maps(estim
         assert estimators._loaded is not None and estimators._loaded[1].config.model_type == family
     grey = np.asarray(out)
     assert grey.min() == 0 and grey.max() == 255  # min-max normalised, as the extension's maps
+    normal = get_preprocessor("normal_midas").run(image, PreprocessorArgs(resolution=128, threshold_a=0.0))
+    assert normal.mode == "RGB" and normal.size == (192, 128)
     estimators.unload()
     assert estimators._loaded is None
+
+
+def test_a_dpt_folder_without_a_processor_config_uses_its_configured_size(estimators, tmp_path):
+    folder = make_tiny_dpt(tmp_path / "models" / "depth" / "bare-dpt")
+    (folder / "preprocessor_config.json").unlink()
+    depth = estimators.estimate(shapes_image(150, 100))
+    assert depth.shape == (100, 150) and estimators.estimate_raw(shapes_image(150, 100)).shape == (64, 64)
+
+
+def test_a_damaged_estimator_folder_is_a_clear_error(estimators, tmp_path):
+    folder = tmp_path / "models" / "depth" / "damaged"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "dpt"}')
+    (folder / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(depth_models.DepthModelMissingError, match="could not be loaded"):
+        get_preprocessor("depth").run(shapes_image(), PreprocessorArgs(resolution=64))

@@ -1,5 +1,5 @@
 """Tiny random-weight depth estimators saved as real transformers folders (config.json +
-model.safetensors, as save_pretrained writes them): a DPT (the MiDaS architecture) and a Depth
+model.safetensors, as save_pretrained writes them): a DPT-Hybrid (MiDaS v3) and a Depth
 Anything (V2 layout: a DINOv2 backbone). Anything they estimate is noise, but the loading path and
 the tensor shapes are the real ones."""
 from __future__ import annotations
@@ -17,16 +17,20 @@ def _processor(size: int, multiple: int = 1):
                                 image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 
-def make_tiny_dpt(folder: Path, *, seed: int = 0, with_processor: bool = True) -> Path:
-    from transformers import DPTConfig, DPTForDepthEstimation
+def make_tiny_dpt(folder: Path, *, seed: int = 0) -> Path:
+    """DPT-Hybrid, the MiDaS model SD2 depth was trained with: a BiT (ResNet) stem, then a ViT."""
+    from transformers import BitConfig, DPTConfig, DPTForDepthEstimation
 
     torch.manual_seed(seed)
-    config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37,
-                       image_size=64, patch_size=16, neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16,
-                       backbone_out_indices=[0, 1, 2, 3])
+    backbone = BitConfig(global_padding="same", layer_type="bottleneck", depths=[1, 1, 1], hidden_sizes=[8, 16, 32],
+                         embedding_size=8, num_groups=2, embedding_dynamic_padding=True,
+                         out_features=["stage1", "stage2", "stage3"])
+    config = DPTConfig(is_hybrid=True, backbone_config=backbone, backbone_featmap_shape=[1, 32, 4, 4], hidden_size=32,
+                       num_hidden_layers=4, num_attention_heads=2, intermediate_size=37, image_size=64, patch_size=16,
+                       neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, backbone_out_indices=[0, 1, 2, 3],
+                       readout_type="project")
     DPTForDepthEstimation(config).eval().save_pretrained(folder)
-    if with_processor:
-        _processor(64).save_pretrained(folder)
+    _processor(64).save_pretrained(folder)  # DPT-Hybrid takes exactly its configured size
     return Path(folder)
 
 

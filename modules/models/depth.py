@@ -120,11 +120,13 @@ class DepthEstimators:
     # ------------------------------------------------------------------ running
 
     def estimate(self, image: Image.Image, folder: DepthFolder | None = None) -> np.ndarray:
-        """float32 [H, W] nearness map of `image`, at its size (bicubic from the model's output)."""
+        """float32 [H, W] nearness map of `image`, at its size (bicubic from the model's output).
+        The model sees the image as its processor prepares it (DPT: 384x384; transformers' DPT takes
+        no other size, where the ControlNet extension's own MiDaS runs at the image's size)."""
         return self._run(image, folder, (image.height, image.width))
 
     def estimate_raw(self, image: Image.Image, folder: DepthFolder | None = None) -> np.ndarray:
-        """The model's own prediction at its input resolution (what diffusers' depth2img resizes)."""
+        """The model's own prediction at its processor's resolution (what diffusers' depth2img resizes)."""
         return self._run(image, folder, None)
 
     def _run(self, image: Image.Image, folder: DepthFolder | None, size: tuple[int, int] | None) -> np.ndarray:
@@ -168,13 +170,13 @@ def load_estimator(folder: DepthFolder, device: str | None = None) -> tuple[Any,
         model = AutoModelForDepthEstimation.from_pretrained(
             str(folder.path), local_files_only=True, use_safetensors=True, trust_remote_code=False,
             dtype=torch.float32)  # DPT-Hybrid's batch norms are not fp16-safe; these models are small
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # a damaged or hostile folder is a clear error, never a crash
         raise DepthModelMissingError(f"depth estimator {folder.path} could not be loaded: {exc}") from exc
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(dev).eval(), _image_processor(folder)
+    return model.to(dev).eval(), _image_processor(folder, getattr(model.config, "image_size", 384))
 
 
-def _image_processor(folder: DepthFolder) -> Any:
+def _image_processor(folder: DepthFolder, dpt_size: int) -> Any:
     """The folder's own preprocessor_config.json, else the published defaults of its family.
     The PIL processor: the default one needs torchvision, which this project does not install."""
     from transformers import DPTImageProcessorPil
@@ -185,7 +187,8 @@ def _image_processor(folder: DepthFolder) -> Any:
         return DPTImageProcessorPil(size={"height": 518, "width": 518}, keep_aspect_ratio=True, ensure_multiple_of=14,
                                     resample=Image.Resampling.BICUBIC, image_mean=_IMAGENET[0],
                                     image_std=_IMAGENET[1])
-    return DPTImageProcessorPil(size={"height": 384, "width": 384}, keep_aspect_ratio=False,
+    size = dpt_size if isinstance(dpt_size, int) else 384  # DPT-Hybrid only takes its configured size
+    return DPTImageProcessorPil(size={"height": size, "width": size}, keep_aspect_ratio=False,
                                 image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 

@@ -2,7 +2,7 @@
 
 Model-free ones are written here on OpenCV/numpy; they reproduce the extension's maps (same
 resize-and-pad, same filters, same thresholds), so a map made here matches one made there. The
-depth ones run a local transformers estimator (modules/models/depth.py). Those that need the
+depth ones (and normal_midas) run a local transformers estimator (modules/models/depth.py). Those that need the
 controlnet-aux annotators (openpose, HED, PiDiNet, lineart models, MLSD, ...) are listed and refused:
 controlnet-aux requires torchvision and timm, which this project does not install.
 
@@ -258,7 +258,9 @@ def inpaint_hint(control_map: Image.Image) -> np.ndarray:
 # ---------------------------------------------------------------- depth (a local transformers estimator)
 
 
-def _depth(family: str, prefer_v2: bool | None, example: str):
+def _depth(family: str, prefer_v2: bool | None, example: str, to_map=None):
+    """(run, unavailable) of a preprocessor on the estimator of `family`; `to_map(nearness, r)` makes
+    the map (default: the min-max normalised grey depth)."""
     def unavailable() -> str | None:
         estimators = depth_models.default_estimators()
         return None if estimators.find(family, prefer_v2) else estimators.missing_message(family, example)
@@ -267,9 +269,24 @@ def _depth(family: str, prefer_v2: bool | None, example: str):
         estimators = depth_models.default_estimators()
         padded, unpad = resize_with_pad(img, r.resolution)
         nearness = estimators.estimate(Image.fromarray(padded), estimators.require(family, prefer_v2, example))
-        # Normalised over the padded map, then cropped, as the extension's detectors do.
-        return unpad(np.asarray(depth_models.to_grey_map(nearness)))
+        # Made over the padded map, then cropped, as the extension's detectors do.
+        return unpad(to_map(nearness, r) if to_map else np.asarray(depth_models.to_grey_map(nearness)))
     return run, unavailable
+
+
+def normal_from_depth(depth: np.ndarray, r: Resolved, a: float = np.pi * 2.0) -> np.ndarray:
+    """normal_midas: surface normals from the depth's Sobel gradients (z = 2 pi); where the normalised
+    depth is below the background threshold the normal faces the viewer. Channels as the extension's (BGR)."""
+    cv2 = _cv2()
+    span = float(depth.max() - depth.min())
+    relative = (depth - depth.min()) / span if span > 0 else np.zeros_like(depth)
+    x = cv2.Sobel(depth, cv2.CV_32F, 1, 0, ksize=3)
+    y = cv2.Sobel(depth, cv2.CV_32F, 0, 1, ksize=3)
+    x[relative < r.a] = 0
+    y[relative < r.a] = 0
+    normal = np.stack([x, y, np.full_like(x, a)], axis=2)
+    normal /= np.sum(normal ** 2.0, axis=2, keepdims=True) ** 0.5
+    return (normal * 127.5 + 127.5).clip(0, 255).astype(np.uint8)[:, :, ::-1]
 
 
 # ---------------------------------------------------------------- the registry entries
@@ -295,6 +312,9 @@ def _register_builtin() -> None:
                                       ("depth_anything_v2", "depth_anything", True, "Depth-Anything-V2-Small-hf")):
         run, unavailable = _depth(family, v2, example)
         add(name, run, label="depth_midas" if name == "depth" else name, unavailable=unavailable)
+    run, unavailable = _depth("midas", None, "dpt-hybrid-midas", normal_from_depth)
+    add("normal_map", run, label="normal_midas", unavailable=unavailable,
+        a=Slider("Normal Background Threshold", 0.0, 1.0, 0.4, 0.01))
     add("inpaint", inpaint, label="inpaint_global_harmonious", resolution=HIDDEN, rgba=True)
     add("inpaint_only", inpaint, resolution=HIDDEN, rgba=True)
     add("lineart_standard", lineart_standard, label="lineart_standard (from white bg & black line)")
@@ -320,17 +340,16 @@ def _register_needing_aux() -> None:
                  Slider("MLSD Distance Threshold", 0.01, 20.0, 0.1, 0.01)),
         "mediapipe_face": (Slider("Max Faces", 1, 10, 1, 1), Slider("Min Face Confidence", 0.01, 1.0, 0.5, 0.01)),
         "depth_leres": near, "depth_leres++": near,
-        "normal_map": (Slider("Normal Background Threshold", 0.0, 1.0, 0.4, 0.01),),
     }
     labels = {"hed": "softedge_hed", "hed_safe": "softedge_hedsafe", "pidinet": "softedge_pidinet",
               "pidinet_safe": "softedge_pidisafe", "pidinet_scribble": "scribble_pidinet",
-              "pidinet_sketch": "t2ia_sketch_pidi", "lineart": "lineart_realistic", "normal_map": "normal_midas",
+              "pidinet_sketch": "t2ia_sketch_pidi", "lineart": "lineart_realistic",
               "segmentation": "seg_ufade20k", "oneformer_ade20k": "seg_ofade20k", "oneformer_coco": "seg_ofcoco",
               "anime_face_segment": "seg_anime_face"}
     names = ("openpose", "openpose_face", "openpose_faceonly", "openpose_full", "openpose_hand", "dw_openpose_full",
              "animal_openpose", "hed", "hed_safe", "pidinet", "pidinet_safe", "scribble_hed", "pidinet_scribble",
              "pidinet_sketch", "lineart", "lineart_coarse", "lineart_anime", "lineart_anime_denoise", "mlsd",
-             "normal_bae", "normal_map", "mediapipe_face", "depth_zoe", "depth_leres", "depth_leres++",
+             "normal_bae", "mediapipe_face", "depth_zoe", "depth_leres", "depth_leres++",
              "segmentation", "oneformer_ade20k", "oneformer_coco", "anime_face_segment")
     for name in names:
         label = labels.get(name, name)
