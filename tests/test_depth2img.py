@@ -89,6 +89,14 @@ def test_img2img_with_a_supplied_depth_map(services):
     assert np.array_equal(run(sixteen_bit), first)      # a 16-bit map of the same depths: the same image
 
 
+def test_an_oversized_depth_map_is_refused(services):
+    from modules.core.limits import Limits
+
+    params = Img2ImgParams(init_images=[init_image()], depth_image=Image.new("L", (300, 300)), **SMALL)
+    with pytest.raises(ValueError, match="depth_image"):
+        params.validate(Limits(max_input_pixels=256 * 256))
+
+
 def test_a_supplied_map_follows_only_masked_inpainting(services):
     mask = Image.new("L", (64, 64), 0)
     ImageDraw.Draw(mask).rectangle((16, 16, 40, 40), fill=255)

@@ -201,6 +201,8 @@ class Img2ImgParams(GenerationParams):
             raise ProcessingError(f"masked content must be 0-{len(MASKED_CONTENT) - 1}, got {self.inpainting_fill}")
         if not 0 <= self.mask_blur <= 64 or not 0 <= self.inpaint_full_res_padding <= 256:
             raise ProcessingError("mask blur must be 0-64 and masked area padding 0-256")
+        if self.depth_image is not None:
+            limits.check_input_pixels("depth_image", *self.depth_image.size)
 
 
 class Processed:
