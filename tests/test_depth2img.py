@@ -89,6 +89,19 @@ def test_img2img_with_a_supplied_depth_map(services):
     assert np.array_equal(run(sixteen_bit), first)      # a 16-bit map of the same depths: the same image
 
 
+def test_a_supplied_map_is_cropped_and_resized_like_the_init_image():
+    from modules.core.depth_maps import as_float_image, prepare_depth_image
+
+    ramp = Image.fromarray(np.tile(np.arange(256, dtype=np.uint16) * 256, (128, 1))).convert("I;16")  # 256x128
+    assert as_float_image(ramp).mode == "F" and as_float_image(ramp).getextrema() == (0.0, 255.0 * 256)
+    cropped = np.asarray(prepare_depth_image(ramp, width=64, height=64, resize_mode=1))  # "Crop and resize"
+    stretched = np.asarray(prepare_depth_image(ramp, width=64, height=64, resize_mode=0))
+    assert cropped.shape == stretched.shape == (64, 64)
+    # the centre half of the ramp survives the crop; stretching keeps all of it
+    assert 60 * 256 < cropped.min() < 68 * 256 and 188 * 256 < cropped.max() < 196 * 256
+    assert stretched.min() < 4 * 256 and stretched.max() > 251 * 256
+
+
 def test_an_oversized_depth_map_is_refused(services):
     from modules.core.limits import Limits
 
