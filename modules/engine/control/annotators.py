@@ -1,10 +1,11 @@
 """The ControlNet preprocessors ("annotators"), by sd-webui-controlnet's module names and sliders.
 
-Model-free ones are written here on OpenCV/numpy; they reproduce the extension's maps (same
-resize-and-pad, same filters, same thresholds), so a map made here matches one made there. The
-depth ones (and normal_midas) run a local transformers estimator (modules/models/depth.py). Those that need the
-controlnet-aux annotators (openpose, HED, PiDiNet, lineart models, MLSD, ...) are listed and refused:
-controlnet-aux requires torchvision and timm, which this project does not install.
+Model-free ones are written here on OpenCV/numpy and follow the extension's steps (same
+resize-and-pad, filters and thresholds); one deliberate difference: scribble_xdog thresholds without
+the uint8 wraparound the extension has. The depth ones (and normal_midas) run a local transformers
+estimator (modules/models/depth.py), which sees the image at its processor's size (DPT: 384x384).
+Those that need the controlnet-aux annotators (openpose, HED, PiDiNet, lineart models, MLSD, ...)
+are listed and refused: controlnet-aux requires torchvision and timm, which this project does not install.
 
 Left out: reference_only/reference_adain (they need attention injection in the sampling loop, not a
 map) and the CLIP-vision "preprocessors" of IP-Adapter/T2I style (they produce embeddings).
