@@ -295,3 +295,17 @@ def test_ui_shows_the_warnings_under_the_image(sd1):
     gallery, _, progress, info = list(poll_job(sd1.generation, job))[-1]
     assert gallery and "LoRA not found: nosuch" in progress and "warning" in progress
     assert "LoRA not found: nosuch" in info["comments"]
+
+
+def test_a_hires_prompt_brings_its_own_loras(sd1):
+    from modules.core.pipeline import HiresParams
+
+    def hires(prompt: str):
+        return run(sd1, "a cat <lora:style:1>", hires=HiresParams(enabled=True, scale=1.5, steps=2, prompt=prompt))
+    same = hires("")
+    other = hires("a cat <lora:peft:1>")
+    assert not np.array_equal(pixels(same), pixels(other))
+    hashes = parse_infotext(other.infotexts[0])["Lora hashes"]
+    assert hashes.startswith("style: ") and ", peft: " in hashes
+    assert "Lora hashes" in parse_infotext(same.infotexts[0]) and "peft" not in parse_infotext(same.infotexts[0])["Lora hashes"]
+    assert np.array_equal(pixels(hires("")), pixels(same))   # the next job's first pass is the style set again

@@ -581,7 +581,7 @@ def _render_batch(p: GenerationParams, ctx: RunContext, plan: _JobPlan, run: Pro
         return False
     init, plans = _init_images(p, sl.start, len(run.prompts)) if isinstance(p, Img2ImgParams) else (None, [])
     hooks.process_batch(run, n)
-    _activate_networks(p, ctx, plan, run)
+    _activate_networks(p, ctx, plan, run.prompts)
     options = ctx.options
     batch = diffusion.BatchRequest(
         prompts=list(run.prompts), negative_prompts=list(run.negative_prompts),
@@ -591,6 +591,7 @@ def _render_batch(p: GenerationParams, ctx: RunContext, plan: _JobPlan, run: Pro
         sampler=plan.choice, clip_skip=plan.clip_skip, tiling=p.tiling,
         rng_source=options.randn_source, eta_noise_seed_delta=int(options.eta_noise_seed_delta),
         hires=_hires_pass(p) if isinstance(p, Txt2ImgParams) and p.hires.enabled else None, init=init,
+        activate_networks=lambda prompts: _activate_networks(p, ctx, plan, prompts, hires=True),
     )
     batch_images = diffusion.generate_batch(batch, ctx)
     if plans:
@@ -604,14 +605,18 @@ def _render_batch(p: GenerationParams, ctx: RunContext, plan: _JobPlan, run: Pro
     return True
 
 
-def _activate_networks(p: GenerationParams, ctx: RunContext, plan: _JobPlan, run: ProcessingRun) -> None:
-    """This batch's extra networks (its first prompt's tags, as in A1111) merged into the model; their
-    infotext keys (Lora hashes) and warnings go to the job."""
+def _activate_networks(p: GenerationParams, ctx: RunContext, plan: _JobPlan, prompts: list[str], *,
+                       hires: bool = False) -> None:
+    """The extra networks of `prompts` (the first one's tags, as in A1111) merged into the model; their
+    Lora hashes go to the infotext (a hires prompt's are added to the first pass's), warnings to the job."""
     if ctx.networks is None:
         return
-    result = ctx.networks.activate(ctx.model, ctx.encoder, list(run.prompts), options=ctx.options,
+    result = ctx.networks.activate(ctx.model, ctx.encoder, list(prompts), options=ctx.options,
                                    disabled=bool(p.disable_extra_networks))
-    plan.extra.pop("Lora hashes", None)
+    first_pass = plan.extra.pop("Lora hashes", None) if not hires else plan.extra.get("Lora hashes")
+    if hires and first_pass and "Lora hashes" in result.infotext:
+        merged = dict.fromkeys(first_pass.split(", ") + result.infotext["Lora hashes"].split(", "))
+        result.infotext["Lora hashes"] = ", ".join(merged)
     plan.extra.update(result.infotext)
     plan.comments.extend(w for w in result.warnings if w not in plan.comments)
 
