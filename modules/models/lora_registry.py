@@ -55,6 +55,7 @@ class LoraEntry:
     file: NetworkFile
     metadata: dict[str, str]
     alias: str
+    scanned: tuple | None = field(default=None, repr=False)     # the file's stamp when metadata was read
     _hash: str | None = field(default=None, repr=False)
     _hash_stamp: tuple | None = field(default=None, repr=False)
 
@@ -105,7 +106,9 @@ class LoraRegistry:
         self._scanned = False
 
     def refresh(self) -> None:
-        entries = [self._entry(f) for f in scan_network_files(self.roots, LORA_EXTENSIONS)]
+        """Rescan the folders; files unchanged since the last scan keep their metadata and hash."""
+        known = {e.path: e for e in self._entries}
+        entries = [self._reuse(known.get(f.path), f) for f in scan_network_files(self.roots, LORA_EXTENSIONS)]
         by_name: dict[str, LoraEntry] = {}
         for entry in entries:
             by_name.setdefault(entry.name, entry)
@@ -118,10 +121,24 @@ class LoraRegistry:
         with self._lock:
             self._entries, self._by_name, self._by_alias, self._scanned = entries, by_name, by_alias, True
 
+    def _reuse(self, old: LoraEntry | None, file: NetworkFile) -> LoraEntry:
+        try:
+            if old is not None and old.scanned is not None and old.stamp() == old.scanned:
+                return LoraEntry(file=file, metadata=old.metadata, alias=old.alias, scanned=old.scanned,
+                                 _hash=old._hash, _hash_stamp=old._hash_stamp)
+        except OSError:
+            pass
+        return self._entry(file)
+
     @staticmethod
     def _entry(file: NetworkFile) -> LoraEntry:
+        try:
+            st = file.path.stat()
+            scanned = (str(file.path), st.st_mtime_ns, st.st_size)
+        except OSError:
+            scanned = None
         metadata = file.training_metadata()
-        return LoraEntry(file=file, metadata=metadata, alias=lora_alias(file.name, metadata))
+        return LoraEntry(file=file, metadata=metadata, alias=lora_alias(file.name, metadata), scanned=scanned)
 
     def _ensure(self) -> None:
         if not self._scanned:
