@@ -74,6 +74,10 @@ class ExtraNetworks:
         _, calls = prompt_parser.parse_extra_networks_prompts(prompts)
         grouped = prompt_parser.group_extra_networks([] if disabled else calls)
         out = Activation()
+        if getattr(getattr(model, "pipe", None), "unet", None) is None:
+            if calls and not disabled:
+                self._warn(out, "Extra networks need a UNet model; this one has none: tags ignored")
+            return out
         wanted = self._lora_requests([c for t in LORA_TAGS for c in grouped.pop(t, [])], model, out)
         merger = self.merger(model)
         signature = tuple((stamp, call.te, call.unet, call.dyn) for call, _, stamp in wanted)
