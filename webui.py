@@ -88,6 +88,7 @@ def prepare(parsed: cmd_args.ParsedArgs) -> tuple[Services, list[str]]:
     if opts.ckpt and not Path(opts.ckpt).expanduser().is_file():
         raise StartupError(f"--ckpt: no such file: {opts.ckpt}")
     services = build_services(opts, paths, options)
+    services.queue.restore()  # jobs queued before a restart are queued again; the running one is interrupted
     from PIL import Image
 
     # PIL's own decompression-bomb guard, as a backstop behind the header checks (core/limits.py).

@@ -36,6 +36,7 @@ class Services:
     extensions: list[Any] = field(default_factory=list)   # extensions.Extension, in load order
     limits: Limits = field(default_factory=Limits)        # input limits and folder rules, from the flags
     callers: CallerPolicy | None = None  # request -> Caller (who owns and may stop which job)
+    queue: Any = None      # core/queue_service.QueueService: the persistent queue and history
 
     def script_runner(self, is_img2img: bool):
         """The tab's scripts.ScriptRunner; an empty one when no extensions were loaded."""
@@ -80,10 +81,21 @@ def build_services(opts: argparse.Namespace, paths: AppPaths, options: Options) 
         state=JobState(), max_per_owner=per_client, max_total=_bound(getattr(opts, "queue_max_total", None))),
         limits=limits)
     generation.make_script_p = wrap_params
+    queue_service = _queue_service(paths, generation, callers)
     styles = StyleDatabase(paths.styles_files)
     options.lock_dir_config(limits.dir_config_locked)
     return Services(cmd_opts=opts, paths=paths, options=options, models=models, generation=generation,
-                    styles=styles, callers=callers, limits=limits)
+                    styles=styles, callers=callers, limits=limits, queue=queue_service)
+
+
+def _queue_service(paths: AppPaths, generation: GenerationService, callers: CallerPolicy):
+    """The job store under the data dir (queue/jobs.sqlite3); webui.py calls its restore() at startup."""
+    from modules.core.job_store import JobStore
+    from modules.core.queue_service import QueueService
+
+    store = JobStore(paths.data_dir / "queue" / "jobs.sqlite3")
+    return QueueService(store, generation, data_dir=paths.data_dir, outputs_dir=paths.outputs_dir,
+                        single_user=callers.single_user)
 
 
 def _bound(value: int | None) -> int | None:
