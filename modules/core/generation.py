@@ -91,7 +91,7 @@ class GenerationService:
             if not restore_settings:
                 self._keep_overrides(override_settings or {})
             return result
-        meta = dict(meta or {})
+        meta = {"source": source, **(meta or {})}
         recorded = None
         if self.queue_service is not None and "rid" not in meta:
             recorded = meta["rid"] = self.queue_service.record_generation(
