@@ -1,0 +1,130 @@
+"""The Queue tab in a real Chromium: the history survives a kill -9 and restart and its gallery works
+(search, pick, Send to txt2img, Open folder, Delete with confirmation); Generate clicked while a job runs
+queues another job without blocking the tab, which shows its place in the queue."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import requests
+
+from conftest import start_server
+
+pytestmark = pytest.mark.browser
+
+TINY = {"width": 64, "height": 64, "steps": 1}
+
+
+def _submit(srv, prompt: str, seed: int) -> str:
+    r = requests.post(f"{srv.url}/queue/v1/jobs", json={"kind": "txt2img", "params": {**TINY, "prompt": prompt,
+                                                                                       "seed": seed}}, timeout=60)
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def _wait_done(srv, job_id: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = requests.get(f"{srv.url}/queue/v1/jobs/{job_id}", params={"images": False}, timeout=60).json()
+        if job["status"] not in ("queued", "running"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not finish in {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def history_server(tmp_path_factory):
+    """Two finished jobs, then kill -9 and a restart on the same data dir."""
+    from tiny_models import make_checkpoint
+
+    data = tmp_path_factory.mktemp("queue-browser")
+    make_checkpoint(data / "models" / "Stable-diffusion" / "tiny-sd1.safetensors", "sd1")
+    srv = start_server(data, "--api")
+    try:
+        jobs = [_wait_done(srv, _submit(srv, prompt, seed)) for prompt, seed in
+                (("a red lighthouse", 11), ("a green forest", 12))]
+        assert [j["status"] for j in jobs] == ["done", "done"]
+    finally:
+        os.kill(srv.proc.pid, signal.SIGKILL)
+        srv.proc.wait(timeout=30)
+    srv = start_server(data, "--api")
+    yield srv, jobs
+    srv.stop()
+
+
+def _open_queue_tab(page, srv):
+    page.goto(srv.url + "/")
+    page.get_by_role("tab", name="Queue").click(timeout=60000)
+
+
+def test_history_gallery_after_a_restart(history_server, page, tmp_path):
+    srv, jobs = history_server
+    _open_queue_tab(page, srv)
+    gallery = page.locator("#queue_history_gallery img")
+    page.locator("#queue_history_count").get_by_text("2 job(s)").wait_for()
+    assert gallery.count() == 2
+    # Search by prompt.
+    page.locator("#queue_search textarea, #queue_search input").first.fill("lighthouse")
+    page.locator("#queue_search textarea, #queue_search input").first.press("Enter")
+    page.locator("#queue_history_count").get_by_text("1 job(s)").wait_for()
+    assert gallery.count() == 1
+    # Pick it: its infotext; Open folder shows where its file is on the server.
+    gallery.first.click()
+    page.locator("#queue_history_info").get_by_text("Seed: 11", exact=False).wait_for()
+    page.locator("#queue_open_folder").click()
+    folder = page.locator("#queue_folder textarea, #queue_folder input").first
+    page.wait_for_function("el => el.value.includes('txt2img-images')", arg=folder.element_handle())
+    assert os.path.isdir(folder.input_value())
+    page.screenshot(path=str(tmp_path / "queue-history.png"), full_page=True)
+    # Send to txt2img fills its prompt.
+    page.locator("#queue_send_to_txt2img").click()
+    page.wait_for_function("() => document.querySelector('#txt2img_prompt textarea').value === 'a red lighthouse'")
+    # Delete asks first, then removes the job and its file.
+    page.get_by_role("tab", name="Queue").click()
+    page.locator("#queue_history_count").wait_for()
+    page.locator("#queue_search textarea, #queue_search input").first.fill("lighthouse")
+    page.locator("#queue_search textarea, #queue_search input").first.press("Enter")
+    page.locator("#queue_history_count").get_by_text("1 job(s)").wait_for()
+    gallery.first.click()
+    page.locator("#queue_history_info").get_by_text("Seed: 11", exact=False).wait_for()
+    path = srv.data_dir / "outputs" / jobs[0]["files"][0]
+    assert path.is_file()
+    page.locator("#queue_delete").click()
+    page.locator("#queue_confirm_delete").wait_for(state="visible")
+    assert path.is_file()                      # nothing is deleted before the confirmation
+    page.locator("#queue_confirm_delete").click()
+    page.locator("#queue_history_message").get_by_text("Deleted the job and 1 file(s).").wait_for()
+    assert not path.exists()
+    page.locator("#queue_history_count").get_by_text("0 job(s)").wait_for()
+
+
+def test_generate_while_a_job_runs_queues_another(history_server, page):
+    srv, _ = history_server
+    page.goto(srv.url + "/")
+    page.locator("#txt2img_prompt textarea").wait_for(timeout=60000)
+    before = requests.get(f"{srv.url}/queue/v1/history", params={"limit": 200}, timeout=60).json()["total"]
+    page.locator("#txt2img_prompt textarea").fill("queued from the page")
+    for elem_id, value in (("txt2img_width", "64"), ("txt2img_height", "64"), ("txt2img_steps", "5")):
+        box = page.locator(f"#{elem_id} input[type=number]")
+        box.fill(value)
+        box.press("Tab")
+    page.locator("#txt2img_generate").click()
+    page.locator("#txt2img_progress .queue-busy").first.wait_for()   # the first job waits or runs
+    page.locator("#txt2img_generate").click()                       # the tab is not blocked: a second job
+    page.locator("#txt2img_progress").get_by_text("+1 more queued").wait_for()
+    page.locator("#txt2img_progress").get_by_text("Done").wait_for(timeout=300000)
+
+    def finished() -> int:
+        return requests.get(f"{srv.url}/queue/v1/history", params={"limit": 200, "search": "queued from the page"},
+                            timeout=60).json()["total"]
+    deadline = time.monotonic() + 300
+    while finished() < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    listed = requests.get(f"{srv.url}/queue/v1/jobs", params={"limit": 20}, timeout=60).json()["jobs"]
+    assert finished() == 2, [(j["prompt"], j["status"], j["started_at"], j["finished_at"]) for j in listed]
+    after = requests.get(f"{srv.url}/queue/v1/history", params={"limit": 200}, timeout=60).json()["total"]
+    assert after == before + 2
+    jobs = requests.get(f"{srv.url}/queue/v1/history", params={"search": "queued from the page"}, timeout=60).json()
+    assert {j["source"] for j in jobs["jobs"]} == {"ui"} and all(j["status"] == "done" for j in jobs["jobs"])
