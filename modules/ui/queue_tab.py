@@ -336,17 +336,20 @@ def build_queue_tab(services) -> QueueTabUi:
             return history_page(services, request, s, m, f, t, max(0, int(p or 0) + delta))
         return go
 
-    clear_selection = dict(fn=lambda: ("", None, ""), outputs=[details, selected, folder], show_progress="hidden")
+    clear_selection = dict(fn=lambda: ("", None, ""), outputs=[details, selected, folder], show_progress="hidden",
+                           queue=False)
+    # Reading the history is a quick indexed query: answered at once, never behind Gradio's queue.
     for event in (refresh.click, search.submit, model.input, date_from.submit, date_to.submit):
-        event(first_page, inputs=filters, outputs=history_outputs, show_progress="hidden").then(**clear_selection)
-    prev_page.click(step(-1), inputs=[*filters, page], outputs=history_outputs, show_progress="hidden").then(
-        **clear_selection)
-    next_page.click(step(1), inputs=[*filters, page], outputs=history_outputs, show_progress="hidden").then(
-        **clear_selection)
+        event(first_page, inputs=filters, outputs=history_outputs, show_progress="hidden", queue=False).then(
+            **clear_selection)
+    prev_page.click(step(-1), inputs=[*filters, page], outputs=history_outputs, show_progress="hidden",
+                    queue=False).then(**clear_selection)
+    next_page.click(step(1), inputs=[*filters, page], outputs=history_outputs, show_progress="hidden",
+                    queue=False).then(**clear_selection)
 
     def pick(request: gr.Request, ids, evt: gr.SelectData):
         return job_details(services, request, ids, evt.index)
-    gallery.select(pick, inputs=[page_ids], outputs=[details, selected], show_progress="hidden")
+    gallery.select(pick, inputs=[page_ids], outputs=[details, selected], show_progress="hidden", queue=False)
 
     def do_rerun(request: gr.Request, sel):
         if not sel:
@@ -393,7 +396,7 @@ def build_queue_tab(services) -> QueueTabUi:
 def connect_queue_tab(ctx, tab, queue_ui: QueueTabUi, txt2img, img2img) -> None:
     """Selecting the Queue tab loads the first history page; the history's Send to txt2img / img2img."""
     tab.select(queue_ui.first_page, inputs=queue_ui.filters, outputs=queue_ui.history_outputs,
-               show_progress="hidden").then(**queue_ui.clear_selection)
+               show_progress="hidden", queue=False).then(**queue_ui.clear_selection)
     _connect_sends(ctx, queue_ui, txt2img, img2img)
 
 
