@@ -17,9 +17,9 @@ pytestmark = pytest.mark.browser
 TINY = {"width": 64, "height": 64, "steps": 1}
 
 
-def _submit(srv, prompt: str, seed: int) -> str:
-    r = requests.post(f"{srv.url}/queue/v1/jobs", json={"kind": "txt2img", "params": {**TINY, "prompt": prompt,
-                                                                                       "seed": seed}}, timeout=60)
+def _submit(srv, prompt: str, seed: int, steps: int = 1) -> str:
+    params = {**TINY, "prompt": prompt, "seed": seed, "steps": steps}
+    r = requests.post(f"{srv.url}/queue/v1/jobs", json={"kind": "txt2img", "params": params}, timeout=60)
     assert r.status_code == 202, r.text
     return r.json()["id"]
 
@@ -36,7 +36,7 @@ def _wait_done(srv, job_id: str, timeout: float = 300) -> dict:
 
 @pytest.fixture(scope="module")
 def history_server(tmp_path_factory):
-    """Two finished jobs, then kill -9 and a restart on the same data dir."""
+    """Two finished jobs and one killed mid-run (kill -9), then a restart on the same data dir."""
     from tiny_models import make_checkpoint
 
     data = tmp_path_factory.mktemp("queue-browser")
@@ -46,6 +46,13 @@ def history_server(tmp_path_factory):
         jobs = [_wait_done(srv, _submit(srv, prompt, seed)) for prompt, seed in
                 (("a red lighthouse", 11), ("a green forest", 12))]
         assert [j["status"] for j in jobs] == ["done", "done"]
+        long_id = _submit(srv, "an unfinished castle", 13, steps=150)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            job = requests.get(f"{srv.url}/queue/v1/jobs/{long_id}", params={"images": False}, timeout=60).json()
+            if job["status"] == "running" and (job["progress"] or 0) > 0:
+                break
+            time.sleep(0.1)
     finally:
         os.kill(srv.proc.pid, signal.SIGKILL)
         srv.proc.wait(timeout=30)
@@ -63,8 +70,8 @@ def test_history_gallery_after_a_restart(history_server, page, tmp_path):
     srv, jobs = history_server
     _open_queue_tab(page, srv)
     gallery = page.locator("#queue_history_gallery img")
-    page.locator("#queue_history_count").get_by_text("2 job(s)").wait_for()
-    assert gallery.count() == 2
+    page.locator("#queue_history_count").get_by_text("3 job(s)").wait_for()
+    assert gallery.count() == 3      # the interrupted job too (a placeholder tile): it can be re-run
     # Search by prompt.
     page.locator("#queue_search textarea, #queue_search input").first.fill("lighthouse")
     page.locator("#queue_search textarea, #queue_search input").first.press("Enter")
@@ -98,6 +105,17 @@ def test_history_gallery_after_a_restart(history_server, page, tmp_path):
     page.locator("#queue_history_message").get_by_text("Deleted the job and 1 file(s).").wait_for()
     assert not path.exists()
     page.locator("#queue_history_count").get_by_text("0 job(s)").wait_for()
+    # The job the kill interrupted is re-run with one click.
+    page.locator("#queue_search textarea, #queue_search input").first.fill("castle")
+    page.locator("#queue_search textarea, #queue_search input").first.press("Enter")
+    page.locator("#queue_history_count").get_by_text("1 job(s)").wait_for()
+    gallery.first.click()
+    page.locator("#queue_history_info").get_by_text("interrupted").first.wait_for()
+    page.locator("#queue_rerun").click()
+    page.locator("#queue_history_message").get_by_text("Queued again").wait_for()
+    waiting = requests.get(f"{srv.url}/queue/v1/jobs", params={"status": "queued,running"}, timeout=60).json()["jobs"]
+    assert [j["prompt"] for j in waiting] == ["an unfinished castle"]
+    assert requests.delete(f"{srv.url}/queue/v1/jobs/{waiting[0]['id']}", timeout=60).status_code == 200
 
 
 def test_generate_while_a_job_runs_queues_another(history_server, page):

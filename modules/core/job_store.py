@@ -143,7 +143,7 @@ class JobStore:
             rec.seq = int(row[0])
             self._db.execute(
                 f"INSERT INTO jobs ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (rec.id, rec.seq, rec.owner, rec.source, rec.kind, json.dumps(rec.body), int(rec.detached),
+                (rec.id, rec.seq, rec.owner, rec.source, rec.kind, json.dumps(rec.body, default=str), int(rec.detached),
                  rec.status, rec.prompt, rec.model, rec.submitted_at, rec.started_at, rec.finished_at,
                  rec.error, rec.info))
         return rec

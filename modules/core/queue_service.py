@@ -42,7 +42,13 @@ class QueueActionError(ValueError):
 
 
 class KindRunner(Protocol):
-    """How jobs of one kind are queued from their stored body (after a restart, or on Re-run)."""
+    """How jobs of one kind are queued from their stored body (after a restart, or on Re-run).
+
+    A runner may also have ``prepare_api(params: dict, caller: Caller) -> JobRecord``: for
+    ``POST /queue/v1/jobs`` with its kind, it checks the request's ``params`` (ValueError/HTTP 4xx on bad
+    input), records the row (``QueueService.record(kind, body, owner=caller.name, source="queue-api")``)
+    and queues it through its own ``submit``. Without it, the kind is restored and re-run but not
+    accepted by the API."""
 
     def submit(self, record: JobRecord, *, bounded: bool) -> Job[Any]:
         """Queue the job `record` describes, with ``meta={"rid": record.id}`` and ``owner=record.owner``."""

@@ -175,9 +175,8 @@ def history_page(services, request, search: str, model: str, date_from: str, dat
     items, ids = [], []
     for rec in recs:
         outputs = [o for o in rec.outputs if not o.grid] or rec.outputs
-        path = next((o.path for o in outputs if os.path.isfile(o.path)), None)
-        if path is None:
-            continue    # nothing to show (not saved, or the files were removed by hand)
+        # A job without a file (interrupted, failed, not saved) is still listed, so it can be re-run.
+        path = next((o.path for o in outputs if os.path.isfile(o.path)), None) or _placeholder(rec.status)
         caption = f"{rec.status} · {_short(rec.prompt, 50)}"
         if caller.admin:
             caption = f"{q.display_owner(rec.owner)} · {caption}"
@@ -186,6 +185,20 @@ def history_page(services, request, search: str, model: str, date_from: str, dat
     info = f"<span id='queue_history_count'>{total} job(s)</span> · page {int(page or 0) + 1} of {pages}"
     models = [ALL_MODELS, *q.store.models(None if caller.admin else caller.name)]
     return items, ids, info, int(page or 0), gr.update(choices=models)
+
+
+_PLACEHOLDERS: dict[str, Any] = {}
+
+
+def _placeholder(status: str):
+    """A small grey tile for a history job with no image (one PIL image per status, made once)."""
+    if status not in _PLACEHOLDERS:
+        from PIL import Image, ImageDraw
+
+        tile = Image.new("RGB", (128, 128), (70, 70, 70))
+        ImageDraw.Draw(tile).text((10, 58), status, fill=(230, 230, 230))
+        _PLACEHOLDERS[status] = tile
+    return _PLACEHOLDERS[status]
 
 
 def job_details(services, request, ids: list[str], index: int | None):
