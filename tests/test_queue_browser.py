@@ -146,3 +146,41 @@ def test_generate_while_a_job_runs_queues_another(history_server, page):
     assert after == before + 2
     jobs = requests.get(f"{srv.url}/queue/v1/history", params={"search": "queued from the page"}, timeout=60).json()
     assert {j["source"] for j in jobs["jobs"]} == {"ui"} and all(j["status"] == "done" for j in jobs["jobs"])
+
+
+def test_waiting_jobs_move_cancel_and_pause_from_the_queue_tab(history_server, page):
+    srv, _ = history_server
+    blocker = _submit(srv, "a long blocker", 21, steps=150)
+    first, second = _submit(srv, "waiting first", 22), _submit(srv, "waiting second", 23)
+
+    def position(job_id):
+        return requests.get(f"{srv.url}/queue/v1/jobs/{job_id}", params={"images": False}, timeout=60).json()
+
+    try:
+        _open_queue_tab(page, srv)
+        page.locator("#queue_running_job").get_by_text("step", exact=False).wait_for()   # the running job
+        page.locator("#queue_table tbody tr").nth(2).wait_for()                        # running + 2 waiting
+        assert "waiting second" in page.locator("#queue_table").inner_text()
+        # Pick the second waiting job, move it up: it runs before the first now.
+        page.locator("#queue_pick input").click()
+        page.get_by_role("option", name="waiting second", exact=False).click()
+        page.locator("#queue_up").click()
+        deadline = time.monotonic() + 60
+        while position(second)["position"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (position(second)["position"], position(first)["position"]) == (1, 2), (
+            page.locator("#queue_pick input").input_value(), page.locator("#queue_action_info").inner_text(),
+            srv.output[-2000:])
+        # Pause: the button says Resume; the jobs say paused.
+        page.locator("#queue_pause").click()
+        page.locator("#queue_pause").get_by_text("Resume", exact=False).wait_for()
+        assert position(first)["paused"]
+        page.locator("#queue_pause").click()
+        page.locator("#queue_pause").get_by_text("Pause", exact=False).wait_for()
+        # Cancel the picked job.
+        page.locator("#queue_cancel").click()
+        page.locator("#queue_action_info").get_by_text("cancelled", exact=False).wait_for()
+        assert position(second)["status"] == "cancelled" and position(first)["status"] == "queued"
+    finally:
+        for job_id in (first, second, blocker):
+            requests.delete(f"{srv.url}/queue/v1/jobs/{job_id}", timeout=60)

@@ -400,7 +400,7 @@ class QueueService:
             path = Path(out.path)
             sidecar = path.with_suffix(".txt")   # save_txt's infotext beside the image
             for file in (path, sidecar) if sidecar != path else (path,):
-                if self._inside_outputs(file) and file.is_file():
+                if self.inside_outputs(file) and file.is_file():
                     try:
                         file.unlink()
                         removed.append(str(file))
@@ -414,11 +414,11 @@ class QueueService:
         rec = self.get(caller, rid)
         for out in rec.outputs:
             path = Path(out.path)
-            if self._inside_outputs(path):
+            if self.inside_outputs(path):
                 return str(path.parent)
         return None
 
-    def _inside_outputs(self, path: Path) -> bool:
+    def inside_outputs(self, path: Path) -> bool:
         """Only files under the outputs folder are ever deleted or shown (a row never names others)."""
         try:
             Path(os.path.realpath(path)).relative_to(os.path.realpath(self.outputs_dir))

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -142,10 +143,11 @@ def refresh_waiting(services, request, current: str | None):
     waiting = [v for v in views if v.record.status == "queued"]
     choices = [(_choice_label(v, q, caller.admin), v.record.id) for v in waiting]
     ids = [c[1] for c in choices]
-    value = current if current in ids else (ids[0] if ids else None)
+    # The pick is left alone while its job still waits: a tick answered after the user picked another
+    # job must not put the old one back.
+    picked = gr.update(choices=choices) if current in ids else gr.update(choices=choices, value=ids[0] if ids else None)
     pause_label = "▶ Resume my queue" if q.is_paused(caller) else "⏸ Pause my queue"
-    return (text, preview, waiting_html(views, q, caller.admin), gr.update(choices=choices, value=value),
-            gr.update(value=pause_label))
+    return text, preview, waiting_html(views, q, caller.admin), picked, gr.update(value=pause_label)
 
 
 # --------------------------------------------------------------------------- history
@@ -322,8 +324,13 @@ def build_queue_tab(services) -> QueueTabUi:
         except (NotFound, QueueActionError) as err:
             return f"<div class='error'>{html.escape(str(err))}</div>"
 
+    def acting(action: str):
+        def handler(request: gr.Request, job_id):   # gr.Request is given by its annotation
+            return act(request, job_id, action)
+        return handler
+
     for button, action in ((up, "up"), (down, "down"), (cancel, "cancel")):
-        button.click(lambda request, job_id, a=action: act(request, job_id, a), inputs=[picked],
+        button.click(acting(action), inputs=[picked],
                      outputs=action_info, show_progress="hidden", queue=False).then(
             do_refresh, inputs=[picked], outputs=waiting_outputs, show_progress="hidden", queue=False)
 
@@ -432,7 +439,8 @@ def _connect_sends(ctx, queue_ui: QueueTabUi, txt2img, img2img) -> None:
     def read_both(sel):
         path = (sel or {}).get("path")
         image = None
-        if path and os.path.isfile(path):
+        # The path comes from the job's row (job_details); only files under outputs/ are ever opened.
+        if path and ctx.services.queue.inside_outputs(Path(path)) and os.path.isfile(path):
             with Image.open(path) as opened:
                 image = opened.copy()
         return ((sel or {}).get("infotext"), image)
