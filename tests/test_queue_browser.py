@@ -184,3 +184,38 @@ def test_waiting_jobs_move_cancel_and_pause_from_the_queue_tab(history_server, p
     finally:
         for job_id in (first, second, blocker):
             requests.delete(f"{srv.url}/queue/v1/jobs/{job_id}", timeout=60)
+
+
+def test_generate_forever_keeps_one_job_going_until_cancelled(history_server, page):
+    srv, _ = history_server
+    page.goto(srv.url + "/")
+    page.locator("#txt2img_prompt textarea").wait_for(timeout=60000)
+    page.locator("#txt2img_prompt textarea").fill("forever and ever")
+    for elem_id, value in (("txt2img_width", "64"), ("txt2img_height", "64"), ("txt2img_steps", "3")):
+        box = page.locator(f"#{elem_id} input[type=number]")
+        box.fill(value)
+        box.press("Tab")
+
+    def mine(status: str) -> list:
+        return [j for j in requests.get(f"{srv.url}/queue/v1/jobs", params={"status": status, "limit": 200},
+                                        timeout=60).json()["jobs"] if j["prompt"] == "forever and ever"]
+
+    page.locator("#txt2img_generate").click(button="right")
+    page.locator("#generate_forever_menu").get_by_text("Generate forever", exact=True).click()
+    most_in_flight = 0
+    deadline = time.monotonic() + 400
+    while len(mine("done")) < 3 and time.monotonic() < deadline:
+        most_in_flight = max(most_in_flight, len(mine("queued,running")))
+        time.sleep(0.2)
+    assert len(mine("done")) >= 3
+    assert most_in_flight == 1          # one job at a time, not a flood
+    page.locator("#txt2img_generate").click(button="right")
+    page.locator("#generate_forever_menu").get_by_text("Cancel generate forever").click()
+    page.locator("#txt2img_generate").click(button="right")
+    page.locator("#generate_forever_menu").get_by_text("Generate forever", exact=True).wait_for()   # off again
+    page.keyboard.press("Escape")
+    page.mouse.click(5, 5)
+    deadline = time.monotonic() + 300
+    while mine("queued,running") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not mine("queued,running")

@@ -129,7 +129,8 @@ def _my_jobs_ahead(generation, job) -> list:
     """This owner's jobs of the same kind, submitted from the UI, that run before (or with) `job`."""
     queue = generation.queue
     running = queue.running()
-    same = [j for j in ([running] if running is not None else []) + queue.order()
+    # One owner's jobs keep their own order (round-robin interleaves owners only); paused ones included.
+    same = [j for j in ([running] if running is not None else []) + queue.queued(job.owner)
             if j.owner == job.owner and j.name == job.name and j.meta.get("ui_polled")]
     return same[:same.index(job) + 1] if job in same else same
 

@@ -31,7 +31,8 @@ REFRESH_SECONDS = 2.0
 ALL_MODELS = "All models"
 
 # A1111's "Generate forever": right-click Generate for a menu; while on, Generate is clicked again each time
-# the tab has no job of its own waiting or running (its progress shows no .queue-busy element).
+# the tab has no job of its own waiting or running (its progress shows no .queue-busy element), so it keeps
+# one job in the queue, never a flood.
 GENERATE_FOREVER_HEAD = """<script>
 (() => {
   const forever = {};
@@ -52,12 +53,16 @@ GENERATE_FOREVER_HEAD = """<script>
       ev.stopPropagation();
       closeMenu();
       if (forever[tab]) { clearInterval(forever[tab]); delete forever[tab]; return; }
-      let waitUntil = 0;
+      let pendingUntil = 0;   // after a click: until the tab shows its job (or 15 s, for a job done at once)
       const tick = () => {
         const busy = document.querySelector(`#${tab}_progress .queue-busy`);
-        if (busy || Date.now() < waitUntil) return;
+        if (pendingUntil) {
+          if (busy || Date.now() > pendingUntil) pendingUntil = 0;
+          return;
+        }
+        if (busy) return;
         const generate = document.getElementById(`${tab}_generate`);
-        if (generate) { generate.click(); waitUntil = Date.now() + 3000; }
+        if (generate) { generate.click(); pendingUntil = Date.now() + 15000; }
       };
       forever[tab] = setInterval(tick, 500);
       tick();
