@@ -128,7 +128,9 @@ def page_latency(rows: int, repeats: int) -> None:
         print(f"  filled {rows} history rows (with files) in {time.perf_counter() - t0:.1f} s")
         srv = start_server(data, "--api")
         try:
-            session = requests.Session()
+            # A new connection per request: on a kept-alive one, Linux's delayed ACK adds ~40 ms to every
+            # response uvicorn writes in two sends, which would hide what the route itself costs.
+            session = requests
             for label, path, params in (
                     ("API  /sdapi/v1/progress (baseline)", "/sdapi/v1/progress", {}),
                     ("API  /queue/v1/history (page of 24)", "/queue/v1/history", {}),
@@ -174,21 +176,22 @@ def _ui_function_latency(data: Path, repeats: int) -> None:
 
 
 def _ui_latency(srv, repeats: int) -> None:
-    """The Queue tab's history event (first_page) through Gradio's own client: one HTTP round trip of the
-    event, its queue and the gallery's JSON (thumbnails are not downloaded: download_files=False)."""
+    """The Queue tab's history event through Gradio's own client: one HTTP round trip of the event and the
+    gallery's JSON (thumbnails are not downloaded: download_files=False), beside the tab's light status
+    tick: the difference is what the history costs over Gradio's own per-event overhead."""
     from gradio_client import Client
 
     client = Client(srv.url, verbose=False, download_files=False)
-    for label, api, args in (("UI   Queue tab status refresh (baseline)", "/do_refresh", (None,)),
-                             ("UI   Queue tab history page", "/first_page", ("", "All models", "", "")),
-                             ("UI   Queue tab history search=cat", "/first_page", ("cat", "All models", "", ""))):
+    for label, api, args in (("UI   Queue tab status tick (baseline)", "/queue_status", (None,)),
+                             ("UI   Queue tab history page", "/queue_history", ("", "All models", "", "")),
+                             ("UI   Queue tab history search=cat", "/queue_history", ("cat", "All models", "", ""))):
         client.predict(*args, api_name=api)   # warm
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
             out = client.predict(*args, api_name=api)
             times.append(time.perf_counter() - start)
-        assert api != "/first_page" or len(out[0]) == 24, out
+        assert api != "/queue_history" or len(out[0]) == 24, out
         print(f"  {label:40s} {_stats(times)}  {_verdict(times)}")
 
 

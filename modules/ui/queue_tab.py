@@ -315,7 +315,8 @@ def build_queue_tab(services) -> QueueTabUi:
     def do_refresh(request: gr.Request, current):
         return refresh_waiting(services, request, current)
 
-    timer.tick(do_refresh, inputs=[picked], outputs=waiting_outputs, show_progress="hidden", queue=False)
+    timer.tick(do_refresh, inputs=[picked], outputs=waiting_outputs, show_progress="hidden", queue=False,
+               api_name="queue_status")
 
     def act(request: gr.Request, job_id, action: str):
         caller = _caller(services, request)
@@ -364,7 +365,9 @@ def build_queue_tab(services) -> QueueTabUi:
     clear_selection = dict(fn=lambda: ("", None, ""), outputs=[details, selected, folder], show_progress="hidden",
                            queue=False)
     # Reading the history is a quick indexed query: answered at once, never behind Gradio's queue.
-    for event in (refresh.click, search.submit, model.input, date_from.submit, date_to.submit):
+    refresh.click(first_page, inputs=filters, outputs=history_outputs, show_progress="hidden", queue=False,
+                  api_name="queue_history").then(**clear_selection)
+    for event in (search.submit, model.input, date_from.submit, date_to.submit):
         event(first_page, inputs=filters, outputs=history_outputs, show_progress="hidden", queue=False).then(
             **clear_selection)
     prev_page.click(step(-1), inputs=[*filters, page], outputs=history_outputs, show_progress="hidden",
