@@ -88,6 +88,7 @@ def _blocker(srv) -> str:
     return job_id
 
 
+@pytest.mark.slow
 def test_fifty_jobs_from_three_users_none_lost_in_order_and_interleaved(users_server):
     srv = users_server
     blocker = _blocker(srv)
@@ -238,6 +239,7 @@ def restarted(tmp_path_factory):
     srv.stop()
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_restart_requeues_waiting_and_interrupts_running(restarted):
     srv, ids, finished = restarted
     long_job = _status(srv, None, ids["long"])

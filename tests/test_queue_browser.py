@@ -12,7 +12,7 @@ import requests
 
 from conftest import start_server
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 TINY = {"width": 64, "height": 64, "steps": 1}
 
