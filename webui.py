@@ -88,7 +88,6 @@ def prepare(parsed: cmd_args.ParsedArgs) -> tuple[Services, list[str]]:
     if opts.ckpt and not Path(opts.ckpt).expanduser().is_file():
         raise StartupError(f"--ckpt: no such file: {opts.ckpt}")
     services = build_services(opts, paths, options)
-    services.queue.restore()  # jobs queued before a restart are queued again; the running one is interrupted
     from PIL import Image
 
     # PIL's own decompression-bomb guard, as a backstop behind the header checks (core/limits.py).
@@ -284,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         attach_extensions(services, found, callbacks)
         app = create_app(services, callbacks=callbacks, extensions=found)
         log.info("UI built in %.1fs", time.perf_counter() - started)
+        # Jobs queued before a restart are queued again (the running one is marked interrupted): after the
+        # extensions are attached, so they run with the same save and sampling hooks as new jobs.
+        services.queue.restore()
         serve(app, sock, services)
     except (StartupError, FlagError) as err:
         print(f"webui: error: {err}", file=sys.stderr)

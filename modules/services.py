@@ -91,7 +91,7 @@ def build_services(opts: argparse.Namespace, paths: AppPaths, options: Options) 
 
 
 def _queue_service(paths: AppPaths, generation: GenerationService, callers: CallerPolicy):
-    """The job store under the data dir (queue/jobs.sqlite3); webui.py calls its restore() at startup."""
+    """The job store under the data dir (queue/jobs.sqlite3); webui.main calls its restore() once the app is built."""
     from modules.core.job_store import JobStore
     from modules.core.queue_service import QueueService
 
