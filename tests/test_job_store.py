@@ -213,3 +213,41 @@ def test_a_refused_submit_leaves_no_row(tmp_path):
     finally:
         svc.generation.queue.shutdown(cancel_pending=True, timeout=60)
         svc.queue.store.close()
+
+
+def test_the_queue_tab_handlers_show_each_user_only_their_own_jobs(services, tmp_path):
+    import argparse
+    from types import SimpleNamespace
+
+    from modules.core.callers import CallerPolicy
+    from modules.ui.queue_tab import history_page, job_details, refresh_waiting
+
+    services.callers = CallerPolicy(argparse.Namespace(api_auth="root:pr,a:pa,b:pb", gradio_auth=None,
+                                                       gradio_auth_path=None, admin_users=None, listen=False,
+                                                       share=False, server_name=None))
+    store = services.queue.store
+    image = tmp_path / "outputs" / "x.png"
+    image.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8)).save(image)
+    for owner in ("user:a", "user:b"):
+        rec = store.insert(JobRecord(id=f"done-{owner}", owner=owner, source="ui", kind="txt2img", body={},
+                                     detached=True, prompt=f"{owner} picture"))
+        store.add_output(rec.id, JobOutput(path=str(image), infotext=f"{owner} picture"))
+        store.mark_finished(rec.id, "done")
+    services.generation.queue.set_paused("user:b", True)
+    waiting = services.generation.submit(_tiny("b waits"), owner="user:b")
+
+    def request(user):
+        return SimpleNamespace(username=user, client=SimpleNamespace(host="10.0.0.9"))
+
+    items, ids, *_ = history_page(services, request("a"), "", "All models", "", "", 0)
+    assert ids == ["done-user:a"] and "user:a picture" in items[0][1]
+    assert job_details(services, request("a"), ["done-user:b"], 0)[1] is None        # b's job: not for a
+    _, _, table, picked, _ = refresh_waiting(services, request("a"), None)
+    assert "b waits" not in table and picked["choices"] == []
+    _, _, table, picked, _ = refresh_waiting(services, request("b"), None)
+    assert "b waits" in table and picked["value"] == waiting.meta["rid"]
+    # root is the first --api-auth user: the admin sees everybody's.
+    _, admin_ids, *_ = history_page(services, request("root"), "", "All models", "", "", 0)
+    assert sorted(admin_ids) == ["done-user:a", "done-user:b"]
+    assert "b waits" in refresh_waiting(services, request("root"), None)[2]
