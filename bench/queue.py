@@ -193,6 +193,18 @@ def _ui_latency(srv, repeats: int) -> None:
             times.append(time.perf_counter() - start)
         assert api != "/queue_history" or len(out[0]) == 24, out
         print(f"  {label:40s} {_stats(times)}  {_verdict(times)}")
+    # The same events as one plain HTTP POST each (Gradio's /gradio_api/run route, no client library).
+    import requests
+
+    for label, api, data in (("UI   POST run/queue_status (baseline)", "queue_status", [None]),
+                             ("UI   POST run/queue_history", "queue_history", ["", "All models", "", ""])):
+        requests.post(f"{srv.url}/gradio_api/run/{api}", json={"data": data}, timeout=60).raise_for_status()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            requests.post(f"{srv.url}/gradio_api/run/{api}", json={"data": data}, timeout=60).raise_for_status()
+            times.append(time.perf_counter() - start)
+        print(f"  {label:40s} {_stats(times)}  {_verdict(times)}")
 
 
 def _verdict(times: list[float], target_ms: float = TARGET_PAGE_MS) -> str:
