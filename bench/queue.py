@@ -9,7 +9,7 @@ Run with the venv's python:  venv/bin/python bench/queue.py [--jobs 200] [--hist
    the same is timed with the store switched off, and the difference is the store's cost. Target <= 20 ms.
 2. A real server whose job store holds `--history` finished jobs (each with a small PNG): a page of
    /queue/v1/history (plain, with a prompt search, with a model filter), /queue/v1/jobs, and the Queue
-   tab's history event through Gradio's client. Target <= 100 ms a page.
+   tab's history event as the page sends it (Gradio's run route, with the page's session). Target <= 100 ms.
 
 Prints figures; asserts nothing (speed targets live here, not in tests).
 """
@@ -176,33 +176,23 @@ def _ui_function_latency(data: Path, repeats: int) -> None:
 
 
 def _ui_latency(srv, repeats: int) -> None:
-    """The Queue tab's history event through Gradio's own client: one HTTP round trip of the event and the
-    gallery's JSON (thumbnails are not downloaded: download_files=False), beside the tab's light status
-    tick: the difference is what the history costs over Gradio's own per-event overhead."""
-    from gradio_client import Client
-
-    client = Client(srv.url, verbose=False, download_files=False)
-    for label, api, args in (("UI   Queue tab status tick (baseline)", "/queue_status", (None,)),
-                             ("UI   Queue tab history page", "/queue_history", ("", "All models", "", "")),
-                             ("UI   Queue tab history search=cat", "/queue_history", ("cat", "All models", "", ""))):
-        client.predict(*args, api_name=api)   # warm
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            out = client.predict(*args, api_name=api)
-            times.append(time.perf_counter() - start)
-        assert api != "/queue_history" or len(out[0]) == 24, out
-        print(f"  {label:40s} {_stats(times)}  {_verdict(times)}")
-    # The same events as one plain HTTP POST each (Gradio's /gradio_api/run route, no client library).
+    """The Queue tab's history event beside the tab's light status tick: the difference is what the history
+    costs over Gradio's own per-event overhead."""
+    # The same events as one plain HTTP POST each (Gradio's /gradio_api/run route), as a page sends them: with
+    # its session id, so Gradio reuses the session's state. Without one, Gradio builds a new session state
+    # (the config of every component on the page) for each request, ~150 ms here for this page.
     import requests
 
-    for label, api, data in (("UI   POST run/queue_status (baseline)", "queue_status", [None]),
-                             ("UI   POST run/queue_history", "queue_history", ["", "All models", "", ""])):
-        requests.post(f"{srv.url}/gradio_api/run/{api}", json={"data": data}, timeout=60).raise_for_status()
+    for label, api, data, session in (
+            ("UI   POST run/queue_status (baseline)", "queue_status", [None], {"session_hash": "bench"}),
+            ("UI   POST run/queue_history", "queue_history", ["", "All models", "", ""], {"session_hash": "bench"}),
+            ("UI   POST run/queue_history, no session", "queue_history", ["", "All models", "", ""], {})):
+        body = {"data": data, **session}
+        requests.post(f"{srv.url}/gradio_api/run/{api}", json=body, timeout=60).raise_for_status()
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            requests.post(f"{srv.url}/gradio_api/run/{api}", json={"data": data}, timeout=60).raise_for_status()
+            requests.post(f"{srv.url}/gradio_api/run/{api}", json=body, timeout=60).raise_for_status()
             times.append(time.perf_counter() - start)
         print(f"  {label:40s} {_stats(times)}  {_verdict(times)}")
 
