@@ -122,7 +122,6 @@ def test_generate_while_a_job_runs_queues_another(history_server, page):
     srv, _ = history_server
     page.goto(srv.url + "/")
     page.locator("#txt2img_prompt textarea").wait_for(timeout=60000)
-    before = requests.get(f"{srv.url}/queue/v1/history", params={"limit": 200}, timeout=60).json()["total"]
     page.locator("#txt2img_prompt textarea").fill("queued from the page")
     for elem_id, value in (("txt2img_width", "64"), ("txt2img_height", "64"), ("txt2img_steps", "5")):
         box = page.locator(f"#{elem_id} input[type=number]")
@@ -142,8 +141,6 @@ def test_generate_while_a_job_runs_queues_another(history_server, page):
         time.sleep(0.2)
     listed = requests.get(f"{srv.url}/queue/v1/jobs", params={"limit": 20}, timeout=60).json()["jobs"]
     assert finished() == 2, [(j["prompt"], j["status"], j["started_at"], j["finished_at"]) for j in listed]
-    after = requests.get(f"{srv.url}/queue/v1/history", params={"limit": 200}, timeout=60).json()["total"]
-    assert after == before + 2
     jobs = requests.get(f"{srv.url}/queue/v1/history", params={"search": "queued from the page"}, timeout=60).json()
     assert {j["source"] for j in jobs["jobs"]} == {"ui"} and all(j["status"] == "done" for j in jobs["jobs"])
 
