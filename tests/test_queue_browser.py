@@ -123,12 +123,16 @@ def test_generate_while_a_job_runs_queues_another(history_server, page):
     page.goto(srv.url + "/")
     page.locator("#txt2img_prompt textarea").wait_for(timeout=60000)
     page.locator("#txt2img_prompt textarea").fill("queued from the page")
-    for elem_id, value in (("txt2img_width", "64"), ("txt2img_height", "64"), ("txt2img_steps", "5")):
+    for elem_id, value in (("txt2img_width", "64"), ("txt2img_height", "64"), ("txt2img_steps", "30")):
         box = page.locator(f"#{elem_id} input[type=number]")
         box.fill(value)
         box.press("Tab")
     page.locator("#txt2img_generate").click()
-    page.locator("#txt2img_progress .queue-busy").first.wait_for()   # the first job waits or runs
+    try:
+        page.locator("#txt2img_progress .queue-busy").first.wait_for()   # the first job waits or runs
+    except Exception as err:  # say what the page and the server show, not just "timeout"
+        raise AssertionError(f"progress: {page.locator('#txt2img_progress').inner_text()!r}; "
+                             f"server:\n{srv.output[-3000:]}") from err
     page.locator("#txt2img_generate").click()                       # the tab is not blocked: a second job
     page.locator("#txt2img_progress").get_by_text("+1 more queued").wait_for()
     page.locator("#txt2img_progress").get_by_text("Done").wait_for(timeout=300000)

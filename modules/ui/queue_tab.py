@@ -81,7 +81,6 @@ class QueueTabUi:
     first_page: Any      # (request, *filters) -> history outputs: the event that loads page 1
     filters: list[Any]
     history_outputs: list[Any]
-    clear_selection: dict[str, Any]
 
 
 def _caller(services, request):
@@ -166,7 +165,8 @@ def _day(text: str, end: bool = False) -> float | None:
 
 
 def history_page(services, request, search: str, model: str, date_from: str, date_to: str, page: int):
-    """(gallery items, the page's job ids, page info html, page number, model choices update)."""
+    """(gallery items, the page's job ids, page info html, page number, model choices update, and the cleared
+    details, selection and folder: in the same update, so a pick made right after is never undone)."""
     caller = _caller(services, request)
     q = services.queue
     try:
@@ -174,7 +174,8 @@ def history_page(services, request, search: str, model: str, date_from: str, dat
                              date_from=_day(date_from), date_to=_day(date_to, end=True),
                              limit=PAGE_SIZE, offset=max(0, int(page or 0)) * PAGE_SIZE)
     except ValueError:
-        return gr.update(), gr.update(), "<div class='error'>Dates are written YYYY-MM-DD.</div>", page, gr.update()
+        return (gr.update(), gr.update(), "<div class='error'>Dates are written YYYY-MM-DD.</div>", page, gr.update(),
+                gr.update(), gr.update(), gr.update())
     recs, total = q.history(caller, query)
     pages = max(1, -(-total // PAGE_SIZE))
     if recs == [] and page and total:
@@ -191,7 +192,7 @@ def history_page(services, request, search: str, model: str, date_from: str, dat
         ids.append(rec.id)
     info = f"<span id='queue_history_count'>{total} job(s)</span> · page {int(page or 0) + 1} of {pages}"
     models = [ALL_MODELS, *q.store.models(None if caller.admin else caller.name)]
-    return items, ids, info, int(page or 0), gr.update(choices=models)
+    return items, ids, info, int(page or 0), gr.update(choices=models), "", None, ""
 
 
 _PLACEHOLDERS: dict[str, Any] = {}
@@ -349,7 +350,7 @@ def build_queue_tab(services) -> QueueTabUi:
 
     # -- history
     filters = [search, model, date_from, date_to]
-    history_outputs = [gallery, page_ids, page_info, page, model]
+    history_outputs = [gallery, page_ids, page_info, page, model, details, selected, folder]
 
     def load(request: gr.Request, s, m, f, t, p):
         return history_page(services, request, s, m, f, t, p)
@@ -362,18 +363,15 @@ def build_queue_tab(services) -> QueueTabUi:
             return history_page(services, request, s, m, f, t, max(0, int(p or 0) + delta))
         return go
 
-    clear_selection = dict(fn=lambda: ("", None, ""), outputs=[details, selected, folder], show_progress="hidden",
-                           queue=False)
     # Reading the history is a quick indexed query: answered at once, never behind Gradio's queue.
     refresh.click(first_page, inputs=filters, outputs=history_outputs, show_progress="hidden", queue=False,
-                  api_name="queue_history").then(**clear_selection)
+                  api_name="queue_history")
     for event in (search.submit, model.input, date_from.submit, date_to.submit):
-        event(first_page, inputs=filters, outputs=history_outputs, show_progress="hidden", queue=False).then(
-            **clear_selection)
+        event(first_page, inputs=filters, outputs=history_outputs, show_progress="hidden", queue=False)
     prev_page.click(step(-1), inputs=[*filters, page], outputs=history_outputs, show_progress="hidden",
-                    queue=False).then(**clear_selection)
+                    queue=False)
     next_page.click(step(1), inputs=[*filters, page], outputs=history_outputs, show_progress="hidden",
-                    queue=False).then(**clear_selection)
+                    queue=False)
 
     def pick(request: gr.Request, ids, evt: gr.SelectData):
         return job_details(services, request, ids, evt.index)
@@ -410,21 +408,20 @@ def build_queue_tab(services) -> QueueTabUi:
             return gr.update(visible=False), f"<div class='error'>{html.escape(str(err))}</div>"
         return gr.update(visible=False), f"Deleted the job and {len(removed)} file(s)."
     confirm.click(do_delete, inputs=[selected], outputs=[confirm_row, history_message], show_progress="hidden").then(
-        load, inputs=[*filters, page], outputs=history_outputs, show_progress="hidden").then(**clear_selection)
+        load, inputs=[*filters, page], outputs=history_outputs, show_progress="hidden")
 
     def do_folder(request: gr.Request, sel):
         return open_folder(services, request, sel)
     folder_button.click(do_folder, inputs=[selected], outputs=folder, show_progress="hidden")
 
     return QueueTabUi(send_to_txt2img=send_to_txt2img, send_to_img2img=send_to_img2img, selected=selected,
-                      first_page=first_page, filters=filters, history_outputs=history_outputs,
-                      clear_selection=clear_selection)
+                      first_page=first_page, filters=filters, history_outputs=history_outputs)
 
 
 def connect_queue_tab(ctx, tab, queue_ui: QueueTabUi, txt2img, img2img) -> None:
     """Selecting the Queue tab loads the first history page; the history's Send to txt2img / img2img."""
     tab.select(queue_ui.first_page, inputs=queue_ui.filters, outputs=queue_ui.history_outputs,
-               show_progress="hidden", queue=False).then(**queue_ui.clear_selection)
+               show_progress="hidden", queue=False)
     _connect_sends(ctx, queue_ui, txt2img, img2img)
 
 
