@@ -38,7 +38,8 @@ GENERATE_FOREVER_HEAD = """<script>
   const forever = {};
   let menu = null;
   const closeMenu = () => { if (menu) { menu.remove(); menu = null; } };
-  document.addEventListener('click', closeMenu);
+  // Only a person's click closes the menu (forever mode's own Generate clicks bubble up here too).
+  document.addEventListener('click', (e) => { if (e.isTrusted) closeMenu(); });
   document.addEventListener('contextmenu', (e) => {
     const button = e.target.closest && e.target.closest('button[id$="_generate"]');
     if (!button) return;
