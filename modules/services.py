@@ -39,6 +39,7 @@ class Services:
     limits: Limits = field(default_factory=Limits)        # input limits and folder rules, from the flags
     callers: CallerPolicy | None = None  # request -> Caller (who owns and may stop which job)
     networks: ExtraNetworksService | None = None   # LoRA/hypernetwork registries and their merging
+    queue: Any = None      # core/queue_service.QueueService: the persistent queue and history
 
     def script_runner(self, is_img2img: bool):
         """The tab's scripts.ScriptRunner; an empty one when no extensions were loaded."""
@@ -84,11 +85,23 @@ def build_services(opts: argparse.Namespace, paths: AppPaths, options: Options) 
         limits=limits)
     generation.make_script_p = wrap_params
     generation.networks = ExtraNetworksService.from_paths(paths)
+    queue_service = _queue_service(paths, generation, callers)
     styles = StyleDatabase(paths.styles_files)
     options.lock_dir_config(limits.dir_config_locked)
     set_default_estimators(DepthEstimators.for_models_dir(paths.models_dir, device=_depth_device(opts)))
     return Services(cmd_opts=opts, paths=paths, options=options, models=models, generation=generation,
-                    styles=styles, callers=callers, limits=limits, networks=generation.networks)
+                    styles=styles, callers=callers, limits=limits, networks=generation.networks,
+                    queue=queue_service)
+
+
+def _queue_service(paths: AppPaths, generation: GenerationService, callers: CallerPolicy):
+    """The job store under the data dir (queue/jobs.sqlite3); webui.main calls its restore() once the app is built."""
+    from modules.core.job_store import JobStore
+    from modules.core.queue_service import QueueService
+
+    store = JobStore(paths.data_dir / "queue" / "jobs.sqlite3")
+    return QueueService(store, generation, data_dir=paths.data_dir, outputs_dir=paths.outputs_dir,
+                        single_user=callers.single_user)
 
 
 def _depth_device(opts: argparse.Namespace) -> str | None:

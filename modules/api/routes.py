@@ -515,7 +515,7 @@ class Api:
         script = runner.job_script(script_args, is_api=True) if runner.has_work(script_args) else None
         job = self.generation.submit(params, override_settings=overrides, restore_settings=restore,
                                      job_id=req.force_task_id or None, script=script,
-                                     owner=self.caller(request).name)
+                                     owner=self.caller(request).name, source="api")
         processed = await wait_for(job, request, self.generation.queue)
         images: list[str] = []
         if _or(req.send_images, True):
