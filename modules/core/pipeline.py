@@ -17,6 +17,7 @@ from modules.engine import sampler_catalog as samplers
 from modules.core.limits import LimitError, Limits, check_finite
 from modules.core.version import VERSION
 from modules.engine.upscaling import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, resize_image
+from modules.engine.upscaling import image_upscaler_names, is_image_upscaler
 
 
 
@@ -152,9 +153,9 @@ class Txt2ImgParams(GenerationParams):
                 limits.check_pixels("hires target (hr_scale, hr_resize_x, hr_resize_y)", *hires_target_size(self))
             except LimitError as err:
                 raise ProcessingError(str(err)) from None
-            if h.upscaler not in LATENT_UPSCALE_MODES and h.upscaler not in IMAGE_UPSCALERS:
+            if h.upscaler not in LATENT_UPSCALE_MODES and not is_image_upscaler(h.upscaler):
                 raise ProcessingError(f"unknown hires upscaler {h.upscaler!r}; choose one of "
-                                      f"{', '.join([*LATENT_UPSCALE_MODES, *IMAGE_UPSCALERS])}")
+                                      f"{', '.join([*LATENT_UPSCALE_MODES, *image_upscaler_names()])}")
             if not 0 <= h.denoising_strength <= 1:
                 raise ProcessingError("hires denoising strength must be between 0 and 1")
             if h.sampler_name and h.sampler_name != "Use same sampler":
