@@ -36,6 +36,8 @@ class Services:
     extensions: list[Any] = field(default_factory=list)   # extensions.Extension, in load order
     limits: Limits = field(default_factory=Limits)        # input limits and folder rules, from the flags
     callers: CallerPolicy | None = None  # request -> Caller (who owns and may stop which job)
+    upscalers: Any = None  # models.upscaler_models.UpscalerRegistry (models/ESRGAN & co)
+    extras: Any = None     # core.extras_service.ExtrasService (the Extras tab and /extra-* API)
 
     def script_runner(self, is_img2img: bool):
         """The tab's scripts.ScriptRunner; an empty one when no extensions were loaded."""
@@ -82,8 +84,22 @@ def build_services(opts: argparse.Namespace, paths: AppPaths, options: Options) 
     generation.make_script_p = wrap_params
     styles = StyleDatabase(paths.styles_files)
     options.lock_dir_config(limits.dir_config_locked)
+    upscalers, extras = _build_extras(opts, paths, generation)
     return Services(cmd_opts=opts, paths=paths, options=options, models=models, generation=generation,
-                    styles=styles, callers=callers, limits=limits)
+                    styles=styles, callers=callers, limits=limits, upscalers=upscalers, extras=extras)
+
+
+def _build_extras(opts: argparse.Namespace, paths: AppPaths, generation: GenerationService) -> tuple[Any, Any]:
+    """The upscaler registry (bound for hires fix, SD upscale and X/Y/Z) and the extras service."""
+    from modules.core.extras_service import ExtrasService
+    from modules.core.face_restoration import FaceRestoration
+    from modules.engine.upscaling import bind_model_upscalers
+    from modules.models.upscaler_models import UpscalerRegistry, upscaler_folders
+
+    upscalers = UpscalerRegistry(upscaler_folders(paths.models_dir, opts))
+    bind_model_upscalers(upscalers)
+    faces = FaceRestoration.from_opts(paths.models_dir, opts)
+    return upscalers, ExtrasService(generation=generation, upscalers=upscalers, faces=faces)
 
 
 def _bound(value: int | None) -> int | None:

@@ -174,3 +174,12 @@ class UpscalerRegistry:
     def unload_all(self) -> None:
         with self._lock:
             self._cache.clear()
+
+
+def upscaler_folders(models_dir: Path, opts: Any = None) -> list[tuple[str, Path]]:
+    """(kind, folder) for each of A1111's upscaler folders; `--<kind>-models-path` moves one."""
+    out = []
+    for kind in UPSCALER_FOLDERS:
+        flag = getattr(opts, f"{kind.lower()}_models_path", None) if opts is not None else None
+        out.append((kind, Path(flag).expanduser().resolve() if flag else models_dir / kind))
+    return out
