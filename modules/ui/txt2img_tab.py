@@ -147,6 +147,7 @@ def _build_send_buttons() -> tuple[Any, Any]:
     with gr.Row(elem_id="txt2img_send_buttons"):
         send_to_img2img = gr.Button("🖼️ Send to img2img", elem_id="txt2img_send_to_img2img", size="sm")
         send_to_inpaint = gr.Button("🎨️ Send to inpaint", elem_id="txt2img_send_to_inpaint", size="sm")
+        gr.Button("📐 Send to extras", elem_id="txt2img_send_to_extras", size="sm")  # wired by ui/app.py
     return send_to_img2img, send_to_inpaint
 
 
