@@ -206,7 +206,7 @@ def _connect_extras(blocks: gr.Blocks, tabs, extras: ExtrasUi, txt2img: Txt2ImgU
                     pnginfo: PngInfoUi) -> None:
     """"Send to extras" from PNG Info and the txt2img/img2img galleries; Extras' own send buttons."""
     connect_send_to_extras(extras, tabs, _find(blocks, "pnginfo_send_to_extras"),
-                           lambda image: (None, image), [pnginfo.image])
+                           lambda text, image: (text, image), [pnginfo.generation_info, pnginfo.image])
     for tab, gallery, index, info in (("txt2img", txt2img.gallery, txt2img.gallery_index, txt2img.generation_info),
                                       ("img2img", img2img.gallery, _select_index(img2img.gallery),
                                        img2img.generation_info)):

@@ -22,6 +22,7 @@ MODES = ("single", "batch", "directory")
 class ExtrasUi:
     tabs: Any            # the Single Image / Batch Process / Batch from Directory tabs
     image: Any           # Single Image's input
+    source_info: Any     # gr.State: the infotext of an image sent here (the browser round trip drops PNG chunks)
     mode: Any            # gr.State: which sub-tab is selected
     gallery: Any
     html_info: Any
@@ -82,6 +83,8 @@ def _submit(services: Services, request: Any, v: dict[str, Any]):
             images = _batch_images(v["files"])
         else:
             images = [v["image"]] if v["image"] is not None else []
+            if images and v["source_info"] and "parameters" not in images[0].info:
+                images[0].info["parameters"] = v["source_info"]   # kept in the saved file, as A1111 does
         if not images:
             return None, "Nothing to process: add an image first."
         job = services.extras.submit(images, params, save=True, output_dir=output_dir,
@@ -132,6 +135,8 @@ def _build_inputs() -> dict[str, Any]:
                                          placeholder="Empty: outputs/extras-images")
             c["show_results"] = gr.Checkbox(True, label="Show result images", elem_id="extras_show_extras_results")
     c["mode"] = gr.State("single")
+    c["source_info"] = gr.State(None)
+    c["image"].upload(lambda: None, outputs=c["source_info"], show_progress="hidden")   # a new file has its own
     for tab, mode in ((single, "single"), (batch, "batch"), (directory, "directory")):
         tab.select(lambda m=mode: m, outputs=c["mode"], show_progress="hidden")
     return c
@@ -196,7 +201,7 @@ def build_extras_tab(services: Services) -> ExtrasUi:
                 send_to_img2img = gr.Button("🖼️ Send to img2img", elem_id="extras_send_to_img2img", size="sm")
                 send_to_inpaint = gr.Button("🎨️ Send to inpaint", elem_id="extras_send_to_inpaint", size="sm")
             html_info = gr.HTML("", elem_id="extras_html_info")
-    names = ["mode", "image", "files", "input_dir", "output_dir", "show_results", "resize_mode", "upscaling_resize",
+    names = ["mode", "image", "source_info", "files", "input_dir", "output_dir", "show_results", "resize_mode", "upscaling_resize",
              "upscaling_resize_w", "upscaling_resize_h", "upscaling_crop", "upscaler_1", "upscaler_2",
              "extras_upscaler_2_visibility", "gfpgan_visibility", "codeformer_visibility", "codeformer_weight",
              "upscale_first"]
@@ -208,7 +213,7 @@ def build_extras_tab(services: Services) -> ExtrasUi:
             gr.Warning("The running job is another user's: only its owner or an admin may interrupt it.")
     interrupt.click(do_interrupt, show_progress="hidden")
     _connect_refresh(services, c)
-    return ExtrasUi(tabs=c["tabs"], image=c["image"], mode=c["mode"], gallery=gallery, html_info=html_info,
+    return ExtrasUi(tabs=c["tabs"], image=c["image"], source_info=c["source_info"], mode=c["mode"], gallery=gallery, html_info=html_info,
                     send_to_img2img=send_to_img2img, send_to_inpaint=send_to_inpaint)
 
 
@@ -226,8 +231,10 @@ def connect_send_to_extras(ui: ExtrasUi, top_tabs: Any, button: Any, read: Any, 
     """A "Send to extras" button: `read(*inputs)` gives (infotext, PIL image); the image becomes Single
     Image's source and the Extras tab opens."""
     def send(*values):
-        _text, image = read(*values)
+        text, image = read(*values)
         if image is None:
-            return gr.update(), gr.update(), gr.update(), gr.update()
-        return gr.Tabs(selected="extras"), gr.Tabs(selected="single"), "single", image
-    button.click(send, inputs=inputs, outputs=[top_tabs, ui.tabs, ui.mode, ui.image], show_progress="hidden")
+            return [gr.update()] * 5
+        text = text or (image.info.get("parameters") if hasattr(image, "info") else None)
+        return gr.Tabs(selected="extras"), gr.Tabs(selected="single"), "single", image, text
+    button.click(send, inputs=inputs, outputs=[top_tabs, ui.tabs, ui.mode, ui.image, ui.source_info],
+                 show_progress="hidden")
