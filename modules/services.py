@@ -99,6 +99,7 @@ def _build_extras(opts: argparse.Namespace, paths: AppPaths, generation: Generat
     upscalers = UpscalerRegistry(upscaler_folders(paths.models_dir, opts))
     bind_model_upscalers(upscalers)
     faces = FaceRestoration.from_opts(paths.models_dir, opts)
+    generation.restore_faces = faces.for_generation
     return upscalers, ExtrasService(generation=generation, upscalers=upscalers, faces=faces)
 
 

@@ -78,3 +78,27 @@ def test_a_full_size_gfpgan_file_is_a_face_restorer_and_an_upscaler_is_not(tmp_p
     assert (str(model.architecture.id), model.purpose) == ("GFPGAN", "FaceSR")
     with pytest.raises(ValueError, match="not a face restorer"):
         _load_restorer(make_upscaler(tmp_path, "compact", 2))
+
+
+def test_restore_faces_in_txt2img_uses_the_setting_and_names_it_in_the_infotext(tmp_path):
+    from conftest import make_services
+    from modules.core.infotext import parse_infotext
+    from modules.core.pipeline import Txt2ImgParams
+
+    services = make_services(tmp_path, {"tiny.safetensors": ("sd1", 0)})
+    try:
+        params = dict(prompt="a face", width=64, height=64, steps=1, sampler_name="Euler", seed=3)
+        with pytest.raises(ProcessingError, match="CodeFormer face restoration needs files"):
+            services.generation.submit(Txt2ImgParams(**params, restore_faces=True)).result()
+        calls = []
+        services.generation.restore_faces = lambda image, options: (
+            calls.append(options.face_restoration_model), image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))[1]
+        plain = services.generation.submit(Txt2ImgParams(**params)).result()
+        restored = services.generation.submit(Txt2ImgParams(**params, restore_faces=True)).result()
+        assert calls == ["CodeFormer"]
+        assert parse_infotext(restored.infotexts[0])["Face restoration"] == "CodeFormer"
+        assert "Face restoration" not in parse_infotext(plain.infotexts[0])
+        assert np.array_equal(np.asarray(restored.images[0]),
+                              np.asarray(plain.images[0].transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+    finally:
+        services.generation.queue.shutdown()

@@ -294,6 +294,7 @@ def _common_params(req: m._ProcessingBase) -> dict[str, Any]:
         seed_resize_from_w=max(0, _or(req.seed_resize_from_w, 0)),
         seed_resize_from_h=max(0, _or(req.seed_resize_from_h, 0)),
         tiling=bool(req.tiling),
+        restore_faces=bool(req.restore_faces),
         # A1111's API saves samples and grid only when asked (save_images), whatever do_not_save_* say.
         save_images=save,
         do_not_save_grid=not save,
@@ -452,7 +453,7 @@ class Api:
         apply_styles_to_params(params, self.services.styles, req.styles)
         overrides = self.override_settings(req.override_settings)
         restore = True if req.override_settings_restore_afterwards is None else bool(req.override_settings_restore_afterwards)
-        for name in ("restore_faces", "eta", "s_churn", "s_tmax", "s_tmin", "s_noise", "s_min_uncond",
+        for name in ("eta", "s_churn", "s_tmax", "s_tmin", "s_noise", "s_min_uncond",
                      "firstpass_image", "image_cfg_scale", "initial_noise_multiplier"):
             if getattr(req, name, None) not in (None, False):
                 log.info("%s: %s is not supported and was ignored", params.kind, name)

@@ -102,3 +102,8 @@ class FaceRestoration:
         if missing:
             raise ProcessingError(f"{name} face restoration needs files that are not installed: " + "; ".join(missing))
         return self._engine_for(files).restore(image, name, visibility, codeformer_weight)
+
+    def for_generation(self, image: Any, options: Any) -> Any:
+        """txt2img/img2img "Restore faces": the `face_restoration_model` setting's restorer at full strength."""
+        name = "GFPGAN" if str(options.get("face_restoration_model", "CodeFormer")) == "GFPGAN" else "CodeFormer"
+        return self.apply(image, name, 1.0, float(options.get("code_former_weight", 0.5)))

@@ -74,6 +74,7 @@ class GenerationParams:
     seed_resize_from_h: int = 0
     clip_skip: int | None = None        # None: the "Clip skip" setting
     tiling: bool = False
+    restore_faces: bool = False         # A1111's "Restore faces": the face_restoration_model setting's restorer
     save_images: bool = True
     do_not_save_grid: bool = False
     extra_generation_params: dict[str, Any] = field(default_factory=dict)
@@ -293,8 +294,8 @@ class Processed:
             "cfg_scale": p.cfg_scale,
             "steps": p.steps,
             "batch_size": p.batch_size,
-            "restore_faces": False,
-            "face_restoration_model": None,
+            "restore_faces": bool(getattr(p, "restore_faces", False)),
+            "face_restoration_model": p.extra_generation_params.get("Face restoration"),
             "sd_model_name": self.sd_model_name,
             "sd_model_hash": self.sd_model_hash,
             "sd_vae_name": self.sd_vae_name,
@@ -331,6 +332,8 @@ class RunContext:
     sets_job_count: bool = True
     # params -> A1111's `p` over them, for the save callbacks (the extension host's adapter).
     make_script_p: Callable[[Any], Any] | None = None
+    # (image, options) -> image with faces restored (core/face_restoration.py); None: not set up
+    restore_faces: Callable[[Any, Any], Any] | None = None
 
 
 @dataclass
@@ -582,6 +585,8 @@ def _render_batch(p: GenerationParams, ctx: RunContext, plan: _JobPlan, run: Pro
         hires=_hires_pass(p) if isinstance(p, Txt2ImgParams) and p.hires.enabled else None, init=init,
     )
     batch_images = diffusion.generate_batch(batch, ctx)
+    if p.restore_faces:
+        batch_images = _restore_faces(p, ctx, batch_images)
     if plans:
         from modules.core.masking import paste_back
 
@@ -591,6 +596,14 @@ def _render_batch(p: GenerationParams, ctx: RunContext, plan: _JobPlan, run: Pro
         _finish_image(p, ctx, plan, run, hooks.postprocess_image(run, image),
                       min(n * p.batch_size + i, len(run.all_prompts) - 1), rendered)
     return True
+
+
+def _restore_faces(p: GenerationParams, ctx: RunContext, images: list[Any]) -> list[Any]:
+    """A1111's "Restore faces" on each image of the batch, named in the infotext."""
+    if ctx.restore_faces is None:
+        raise ProcessingError("Restore faces: face restoration is not set up on this server")
+    p.extra_generation_params["Face restoration"] = ctx.options.face_restoration_model
+    return [ctx.restore_faces(image, ctx.options) for image in images]
 
 
 def _init_images(p: Img2ImgParams, start: int, count: int):
