@@ -95,7 +95,11 @@ def test_restore_faces_in_txt2img_uses_the_setting_and_names_it_in_the_infotext(
             calls.append(options.face_restoration_model), image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))[1]
         plain = services.generation.submit(Txt2ImgParams(**params)).result()
         restored = services.generation.submit(Txt2ImgParams(**params, restore_faces=True)).result()
-        assert calls == ["CodeFormer"]
+        services.options.set("face_restoration", True)   # A1111 1.6+: the Settings' "Restore faces" for the UI
+        services.options.set("face_restoration_model", "GFPGAN")
+        from_setting = services.generation.submit(Txt2ImgParams(**params)).result()
+        assert parse_infotext(from_setting.infotexts[0])["Face restoration"] == "GFPGAN"
+        assert calls == ["CodeFormer", "GFPGAN"]
         assert parse_infotext(restored.infotexts[0])["Face restoration"] == "CodeFormer"
         assert "Face restoration" not in parse_infotext(plain.infotexts[0])
         assert np.array_equal(np.asarray(restored.images[0]),

@@ -585,7 +585,7 @@ def _render_batch(p: GenerationParams, ctx: RunContext, plan: _JobPlan, run: Pro
         hires=_hires_pass(p) if isinstance(p, Txt2ImgParams) and p.hires.enabled else None, init=init,
     )
     batch_images = diffusion.generate_batch(batch, ctx)
-    if p.restore_faces:
+    if p.restore_faces or ctx.options.get("face_restoration", False):   # the param, or A1111 1.6+'s setting
         batch_images = _restore_faces(p, ctx, batch_images)
     if plans:
         from modules.core.masking import paste_back
