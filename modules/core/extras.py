@@ -14,10 +14,9 @@ from typing import Any, Callable
 
 from PIL import Image
 
-from modules.core import saving
 from modules.core.limits import LimitError, Limits
 from modules.core.pipeline import ProcessingError
-from modules.engine.upscaling import IMAGE_UPSCALERS, image_upscaler_names, is_image_upscaler, resize_image
+from modules.engine.upscaling import image_upscaler_names, is_image_upscaler, resize_image
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ class ExtrasParams:
 
     @property
     def upscales(self) -> bool:
-        return self.upscaler_1 != "None" or (self.upscaler_2 != "None" and self.extras_upscaler_2_visibility > 0)
+        return self.upscaler_1 != "None"   # as A1111's API: upscaler 2 only blends into upscaler 1's result
 
     def scale_for(self, size: tuple[int, int]) -> float:
         if self.resize_mode == 1:
@@ -92,9 +91,8 @@ def upscale_step(image: Image.Image, params: ExtrasParams, upscale: UpscaleFn) -
     else:
         info["Postprocess upscale by"] = params.upscaling_resize
     target = params.target_size(image.size)
-    first_name = params.upscaler_1 if params.upscaler_1 != "None" else "Lanczos"
     first = upscale(image, target, params.upscaler_1)
-    info["Postprocess upscaler"] = first_name if params.upscaler_1 != "None" else "None"
+    info["Postprocess upscaler"] = params.upscaler_1
     if params.upscaler_2 != "None" and params.extras_upscaler_2_visibility > 0:
         second = upscale(image, target, params.upscaler_2)
         if second.size != first.size:
@@ -165,6 +163,3 @@ def check_limits(params: ExtrasParams, images: list[Image.Image], limits: Limits
     except LimitError as err:
         raise ProcessingError(str(err)) from None
 
-
-__all__ = ["ExtrasParams", "ExtrasResult", "postprocess", "upscale_step", "info_text", "source_pnginfo",
-           "list_directory_images", "check_limits", "IMAGE_UPSCALERS"]
