@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from modules.core.callers import CallerPolicy
+from modules.core.networks_service import ExtraNetworksService
 from modules.models.checkpoints import CheckpointRegistry
 from modules.core.generation import GenerationService
 from modules.models.hashes import HashCache
@@ -39,6 +40,7 @@ class Services:
     callers: CallerPolicy | None = None  # request -> Caller (who owns and may stop which job)
     upscalers: Any = None  # models.upscaler_models.UpscalerRegistry (models/ESRGAN & co)
     extras: Any = None     # core.extras_service.ExtrasService (the Extras tab and /extra-* API)
+    networks: ExtraNetworksService | None = None   # LoRA/hypernetwork registries and their merging
 
     def script_runner(self, is_img2img: bool):
         """The tab's scripts.ScriptRunner; an empty one when no extensions were loaded."""
@@ -83,12 +85,14 @@ def build_services(opts: argparse.Namespace, paths: AppPaths, options: Options) 
         state=JobState(), max_per_owner=per_client, max_total=_bound(getattr(opts, "queue_max_total", None))),
         limits=limits)
     generation.make_script_p = wrap_params
+    generation.networks = ExtraNetworksService.from_paths(paths)
     styles = StyleDatabase(paths.styles_files)
     options.lock_dir_config(limits.dir_config_locked)
     set_default_estimators(DepthEstimators.for_models_dir(paths.models_dir, device=_depth_device(opts)))
     upscalers, extras = _build_extras(opts, paths, generation)
     return Services(cmd_opts=opts, paths=paths, options=options, models=models, generation=generation,
-                    styles=styles, callers=callers, limits=limits, upscalers=upscalers, extras=extras)
+                    styles=styles, callers=callers, limits=limits, networks=generation.networks,
+                    upscalers=upscalers, extras=extras)
 
 
 def _build_extras(opts: argparse.Namespace, paths: AppPaths, generation: GenerationService) -> tuple[Any, Any]:

@@ -63,6 +63,8 @@ class GenerationService:
         self.make_script_p: Callable[[Any], Any] | None = None
         # (image, options) -> image: "Restore faces" (core/face_restoration.py), set by build_services.
         self.restore_faces: Callable[[Any, Any], Any] | None = None
+        # core.networks_service.ExtraNetworksService: set by build_services (None: tags are only stripped).
+        self.networks: Any = None
 
     @property
     def state(self) -> JobState:
@@ -159,7 +161,7 @@ class GenerationService:
                          save=self.saver(params.kind, options), job=job,
                          hooks=self.sampling_hooks() if self.sampling_hooks is not None else None,
                          processing_hooks=hooks, sets_job_count=sets_job_count, make_script_p=self.make_script_p,
-                         restore_faces=self.restore_faces)
+                         restore_faces=self.restore_faces, networks=self.networks)
         if hooks is not None:
             hooks.bind_model(model)
         return process_images(params, ctx)
