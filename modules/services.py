@@ -38,6 +38,8 @@ class Services:
     extensions: list[Any] = field(default_factory=list)   # extensions.Extension, in load order
     limits: Limits = field(default_factory=Limits)        # input limits and folder rules, from the flags
     callers: CallerPolicy | None = None  # request -> Caller (who owns and may stop which job)
+    upscalers: Any = None  # models.upscaler_models.UpscalerRegistry (models/ESRGAN & co)
+    extras: Any = None     # core.extras_service.ExtrasService (the Extras tab and /extra-* API)
     networks: ExtraNetworksService | None = None   # LoRA/hypernetwork registries and their merging
     queue: Any = None      # core/queue_service.QueueService: the persistent queue and history
 
@@ -89,9 +91,10 @@ def build_services(opts: argparse.Namespace, paths: AppPaths, options: Options) 
     styles = StyleDatabase(paths.styles_files)
     options.lock_dir_config(limits.dir_config_locked)
     set_default_estimators(DepthEstimators.for_models_dir(paths.models_dir, device=_depth_device(opts)))
+    upscalers, extras = _build_extras(opts, paths, generation)
     return Services(cmd_opts=opts, paths=paths, options=options, models=models, generation=generation,
                     styles=styles, callers=callers, limits=limits, networks=generation.networks,
-                    queue=queue_service)
+                    queue=queue_service, upscalers=upscalers, extras=extras)
 
 
 def _queue_service(paths: AppPaths, generation: GenerationService, callers: CallerPolicy):
@@ -102,6 +105,20 @@ def _queue_service(paths: AppPaths, generation: GenerationService, callers: Call
     store = JobStore(paths.data_dir / "queue" / "jobs.sqlite3")
     return QueueService(store, generation, data_dir=paths.data_dir, outputs_dir=paths.outputs_dir,
                         single_user=callers.single_user)
+
+
+def _build_extras(opts: argparse.Namespace, paths: AppPaths, generation: GenerationService) -> tuple[Any, Any]:
+    """The upscaler registry (bound for hires fix, SD upscale and X/Y/Z) and the extras service."""
+    from modules.core.extras_service import ExtrasService
+    from modules.core.face_restoration import FaceRestoration
+    from modules.engine.upscaling import bind_model_upscalers
+    from modules.models.upscaler_models import UpscalerRegistry, upscaler_folders
+
+    upscalers = UpscalerRegistry(upscaler_folders(paths.models_dir, opts))
+    bind_model_upscalers(upscalers)
+    faces = FaceRestoration.from_opts(paths.models_dir, opts)
+    generation.restore_faces = faces.for_generation
+    return upscalers, ExtrasService(generation=generation, upscalers=upscalers, faces=faces)
 
 
 def _depth_device(opts: argparse.Namespace) -> str | None:

@@ -61,6 +61,8 @@ class GenerationService:
         self.sampling_hooks: Any = None
         # params -> A1111's `p` (what save callbacks get as params.p): set by build_services.
         self.make_script_p: Callable[[Any], Any] | None = None
+        # (image, options) -> image: "Restore faces" (core/face_restoration.py), set by build_services.
+        self.restore_faces: Callable[[Any, Any], Any] | None = None
         # core.networks_service.ExtraNetworksService: set by build_services (None: tags are only stripped).
         self.networks: Any = None
         # core/queue_service.QueueService: records every job in the job store (None: nothing is recorded).
@@ -173,7 +175,7 @@ class GenerationService:
                          save=self.saver(params.kind, options), job=job,
                          hooks=self.sampling_hooks() if self.sampling_hooks is not None else None,
                          processing_hooks=hooks, sets_job_count=sets_job_count, make_script_p=self.make_script_p,
-                         networks=self.networks)
+                         restore_faces=self.restore_faces, networks=self.networks)
         if hooks is not None:
             hooks.bind_model(model)
         return process_images(params, ctx)

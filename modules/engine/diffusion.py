@@ -286,6 +286,21 @@ def _img2img_start(req: BatchRequest, model, scheduler, noise: torch.Tensor, dev
     return timesteps, latents, blend, image_cond
 
 
+def _hires_upscale(image: Image.Image, size: tuple[int, int], upscaler: str, ctx) -> Image.Image:
+    """Hires fix's image-space upscale: a PIL resize or an upscaler model (tiled, see model_upscale.py)."""
+    from modules.engine.upscaling import upscale_image
+    from modules.engine.model_upscale import UpscaleInterrupted
+
+    job = getattr(ctx, "job", None)
+    on_tile = (lambda done, total: job.state.set_textinfo(f"Hires upscale ({upscaler}): tile {done}/{total}")) \
+        if job is not None else None
+    try:
+        return upscale_image(image, size, upscaler, options=getattr(ctx, "options", None), on_tile=on_tile,
+                             should_stop=job.should_stop if job is not None else None)
+    except UpscaleInterrupted:  # the pass stops at its first step anyway; finish cheaply
+        return resize_image(image, size, "Lanczos")
+
+
 def _hires_pass(req: BatchRequest, ctx, model, latents, image_rng, on_step, should_stop) -> torch.Tensor:
     """A1111's hires fix: upscale the first pass, then img2img at the target size."""
     h = req.hires
@@ -297,7 +312,7 @@ def _hires_pass(req: BatchRequest, ctx, model, latents, image_rng, on_step, shou
         latents = _upscale_latents(latents.float(), (width, height), latent_format(model).downscale,
                                    LATENT_UPSCALE_MODES[h.upscaler])
     else:
-        images = [resize_image(img, (width, height), h.upscaler) for img in decode(model, latents)]
+        images = [_hires_upscale(img, (width, height), h.upscaler, ctx) for img in decode(model, latents)]
         latents = encode(model, images).float()
 
     choice = req.sampler

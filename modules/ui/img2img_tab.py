@@ -202,7 +202,8 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
             script_runner = services.script_runner(True)
             script_runner.setup_ui()
         with gr.Column(scale=1):
-            output = build_output_panel("img2img")
+            output = build_output_panel("img2img", buttons=lambda: gr.Button(  # wired by ui/app.py
+                "📐 Send to extras", elem_id="img2img_send_to_extras", size="sm"))
 
     controls = Img2ImgControls(prompt=top.prompt, negative_prompt=top.negative_prompt, **sampling,
                                resize_mode=resize_mode, width=size.width, height=size.height, scale_by=size.scale_by,

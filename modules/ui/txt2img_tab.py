@@ -9,6 +9,7 @@ import gradio as gr
 from modules.engine import sampler_catalog as samplers
 from modules.core.jobs import QueueFullError
 from modules.core.pipeline import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, HiresParams, ProcessingError, Txt2ImgParams
+from modules.core.pipeline import image_upscaler_names
 from modules.services import Services
 from modules.ui.common import (ControlsBase, build_batch_controls, build_output_panel, build_sampling_controls,
                                build_seed_controls, build_toprow, connect_tab_helpers, error_updates, paste_targets,
@@ -120,7 +121,7 @@ def _build_hires_fix() -> dict[str, Any]:
     with gr.Accordion("Hires. fix", open=False, elem_id="txt2img_hr"):
         hires_enabled = gr.Checkbox(False, label="Enable", elem_id="txt2img_enable_hr")
         with gr.Row():
-            hires_upscaler = gr.Dropdown([*LATENT_UPSCALE_MODES, *IMAGE_UPSCALERS[1:]], value="Latent",
+            hires_upscaler = gr.Dropdown([*LATENT_UPSCALE_MODES, *image_upscaler_names()[1:]], value="Latent",
                                          label="Upscaler", elem_id="txt2img_hr_upscaler")
             hires_steps = gr.Slider(0, 150, value=0, step=1, label="Hires steps", elem_id="txt2img_hires_steps")
             hires_denoising = gr.Slider(0, 1, value=0.7, step=0.01, label="Denoising strength",
@@ -146,6 +147,7 @@ def _build_send_buttons() -> tuple[Any, Any]:
     with gr.Row(elem_id="txt2img_send_buttons"):
         send_to_img2img = gr.Button("🖼️ Send to img2img", elem_id="txt2img_send_to_img2img", size="sm")
         send_to_inpaint = gr.Button("🎨️ Send to inpaint", elem_id="txt2img_send_to_inpaint", size="sm")
+        gr.Button("📐 Send to extras", elem_id="txt2img_send_to_extras", size="sm")  # wired by ui/app.py
     return send_to_img2img, send_to_inpaint
 
 
