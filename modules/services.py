@@ -19,6 +19,7 @@ from modules.core.model_service import ModelService
 from modules.core.options import Options
 from modules.core.paths import AppPaths
 from modules.models.vae import VaeRegistry
+from modules.models.embeddings import EmbeddingDatabase
 from modules.core.styles import StyleDatabase
 from modules.extensions.processing_adapter import wrap as wrap_params
 
@@ -80,6 +81,7 @@ def build_services(opts: argparse.Namespace, paths: AppPaths, options: Options) 
         state=JobState(), max_per_owner=per_client, max_total=_bound(getattr(opts, "queue_max_total", None))),
         limits=limits)
     generation.make_script_p = wrap_params
+    generation.embeddings = EmbeddingDatabase([paths.embeddings_dir], hash_cache, hashing=not opts.no_hashing)
     styles = StyleDatabase(paths.styles_files)
     options.lock_dir_config(limits.dir_config_locked)
     return Services(cmd_opts=opts, paths=paths, options=options, models=models, generation=generation,

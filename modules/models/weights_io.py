@@ -51,7 +51,8 @@ import torch
 
 __all__ = [
     "CheckpointLoadError", "UnsafeCheckpointError", "PickledPlaceholder", "NumpyDtypeDescription",
-    "load_ckpt_state_dict", "load_state_dict_file", "read_safetensors_header", "read_safetensors_metadata",
+    "load_ckpt_state_dict", "load_state_dict_file", "load_pickle_object",
+    "read_safetensors_header", "read_safetensors_metadata",
     "extra_safe_globals", "PICKLE_EXTENSIONS", "SAFETENSORS_EXTENSIONS",
 ]
 
@@ -358,6 +359,15 @@ def load_ckpt_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     if not path.is_file():
         raise CheckpointLoadError(path, "no such file")
     return _extract_state_dict(path, _read_pickle_checkpoint(path))
+
+
+def load_pickle_object(path: str | os.PathLike[str]) -> Any:
+    """The whole object of a small pickled file (nested dicts, e.g. a textual-inversion ``.pt``), read by
+    the same weights-only loader; nothing is flattened. Raises as load_ckpt_state_dict does."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointLoadError(path, "no such file")
+    return _read_pickle_checkpoint(path)
 
 
 def _read_safetensors_header_json(path: Path) -> dict[str, Any]:
