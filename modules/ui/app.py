@@ -9,6 +9,7 @@ import gradio as gr
 from modules.services import Services
 from modules.ui import paste
 from modules.ui.extensions_tab import build_extensions_tab
+from modules.ui.extra_networks import EXTRA_NETWORKS_CSS, EXTRA_NETWORKS_HEAD
 from modules.ui.img2img_tab import INPAINT_MODES, MODES, Img2ImgUi, build_img2img_tab
 from modules.ui.pnginfo_tab import PngInfoUi, build_pnginfo_tab
 from modules.ui.quicksettings import build_quicksettings
@@ -116,7 +117,9 @@ def build_ui(services: Services, *, extension_tabs: list[tuple[gr.Blocks, str, s
                                  pending_checkpoint=gr.State(None))
         _connect_paste(ctx, txt2img, img2img, pnginfo)
     head = "\n".join(h for h in (CTRL_ENTER_HEAD, A1111_JS_HEAD, _theme_head(services.cmd_opts.theme), extension_head) if h)
-    return UiBundle(blocks=blocks, css=CSS + ("\n" + extension_css if extension_css else ""), js=None, head=head)
+    head += "\n" + EXTRA_NETWORKS_HEAD
+    css = CSS + EXTRA_NETWORKS_CSS
+    return UiBundle(blocks=blocks, css=css + ("\n" + extension_css if extension_css else ""), js=None, head=head)
 
 
 def _render_extension_tab(ext_blocks: gr.Blocks, title: str, elem_id: str) -> None:
