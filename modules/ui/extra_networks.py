@@ -154,7 +154,7 @@ def _build_page(tabname: str, page: en.Page, options: Any) -> PageUi:
 
 def _build_editor(services: Any, tabname: str, panel: Any, pages: list[PageUi], cache: en.CardCache) -> ExtraNetworksUi:
     prefix = f"{tabname}_extra_networks_editor"
-    with gr.Group(visible=False, elem_id=prefix) as editor:
+    with gr.Column(visible=False, elem_id=prefix, variant="panel") as editor:
         title = gr.Markdown(elem_id=f"{prefix}_title")
         with gr.Row():
             description = gr.Textbox(label="Description", lines=2, elem_id=f"{prefix}_description", scale=3)
@@ -216,10 +216,9 @@ def _connect(ui: ExtraNetworksUi, top: Any) -> None:
         def render(search, sort, order, folder, page_ui=page_ui):
             return _render(ui, page_ui, search, sort, order, folder)
 
-        for control in (page_ui.sort, page_ui.order, page_ui.folders):
-            control.change(render, inputs=page_ui.view_inputs(), outputs=page_ui.cards, show_progress="hidden")
-        page_ui.search.input(render, inputs=page_ui.view_inputs(), outputs=page_ui.cards, show_progress="hidden",
-                             trigger_mode="always_last")
+        for control in (page_ui.search, page_ui.sort, page_ui.order, page_ui.folders):
+            control.change(render, inputs=page_ui.view_inputs(), outputs=page_ui.cards, show_progress="hidden",
+                           trigger_mode="always_last")
         page_ui.refresh.click(lambda *v, page_ui=page_ui: _reload(ui, page_ui, list(v)),
                               inputs=page_ui.view_inputs(), outputs=[page_ui.cards, page_ui.folders],
                               show_progress="hidden")
