@@ -26,7 +26,10 @@ def en_server(tmp_path_factory):
               metadata={"ss_network_dim": "4", "ss_output_name": "inkwash_v2", "ss_tag_frequency": json.dumps(freq)})
     (lora / "styles" / "inkwash.json").write_text(json.dumps({"preferred weight": 0.6, "activation text": "ink wash"}))
     Image.new("RGB", (32, 32), (10, 90, 200)).save(lora / "styles" / "inkwash.preview.png")
-    (data_dir / "secret.png").parent.mkdir(parents=True, exist_ok=True)
+    from tiny_models import make_checkpoint
+
+    make_checkpoint(data_dir / "models" / "Stable-diffusion" / "tiny-a.safetensors", "sd1", seed=0)
+    make_checkpoint(data_dir / "models" / "Stable-diffusion" / "tiny-b.safetensors", "sd1", seed=1)
     Image.new("RGB", (8, 8), (255, 0, 0)).save(data_dir / "secret.png")
     srv = start_server(data_dir)
     yield srv
@@ -150,3 +153,51 @@ def test_previews_need_the_ui_login(tmp_path_factory):
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     finally:
         srv.stop()
+
+
+def test_replace_preview_saves_the_generated_image_beside_the_lora(en_server, page):
+    import numpy as np
+
+    page.goto(en_server.url + "/")
+    page.locator("#txt2img_prompt textarea").wait_for()
+    page.locator("#txt2img_prompt textarea").fill("a lighthouse")
+    for elem_id, value in (("txt2img_width", "64"), ("txt2img_height", "64"), ("txt2img_steps", "2"),
+                           ("txt2img_seed", "4242")):
+        box = page.locator(f"#{elem_id} input[type=number]")
+        box.fill(value)
+        box.press("Tab")
+    page.locator("#txt2img_generate").click()
+    page.locator("#txt2img_gallery img").first.wait_for()
+    page.locator("#txt2img_extra_networks").click()
+    page.locator("#txt2img_extra_tabs").get_by_role("tab", name="Lora").click()
+    card = page.locator("#txt2img_lora_cards .card[data-name='inkwash']")
+    card.hover()
+    card.locator(".edit-button").click()
+    page.locator("#txt2img_extra_networks_editor_replace_preview").click()
+    page.locator("#txt2img_extra_networks_status").get_by_text("Preview saved as inkwash.preview.png.").wait_for()
+    saved = list((en_server.data_dir / "outputs" / "txt2img-images").rglob("*-4242.png"))
+    assert len(saved) == 1
+    preview = en_server.data_dir / "models" / "Lora" / "styles" / "inkwash.preview.png"
+    got = np.asarray(Image.open(preview).convert("RGB"))
+    assert np.array_equal(got, np.asarray(Image.open(saved[0]).convert("RGB")))
+    # The card shows the new preview (64x64 now, the old one was 32x32).
+    image = page.locator("#txt2img_lora_cards .card[data-name='inkwash'] img")
+    page.wait_for_function("img => img.complete && img.naturalWidth === 64", arg=image.element_handle())
+
+
+def test_a_checkpoint_card_switches_the_model(en_server, page):
+    import time
+
+    page.goto(en_server.url + "/")
+    page.locator("#txt2img_prompt textarea").wait_for()
+    page.locator("#txt2img_extra_networks").click()
+    page.locator("#txt2img_extra_tabs").get_by_role("tab", name="Checkpoints").click()
+    page.locator("#txt2img_checkpoints_cards .card[data-name='tiny-b']").click()
+    page.locator("#txt2img_extra_networks_status").get_by_text("Loading checkpoint tiny-b.safetensors").wait_for()
+    config = en_server.data_dir / "config.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:   # the switch is a queued job: wait for it to be saved
+        if config.exists() and "tiny-b" in json.loads(config.read_text()).get("sd_model_checkpoint", ""):
+            break
+        time.sleep(0.2)
+    assert "tiny-b" in json.loads(config.read_text())["sd_model_checkpoint"]

@@ -94,7 +94,11 @@ def _js_call(tabname: str, action: str, card: en.Card) -> str:
 def card_html(tabname: str, card: en.Card, show_description: bool = True) -> str:
     image = ""
     if card.preview is not None:
-        src = f"sd_extra_networks/thumb?page={quote(card.page)}&item={quote(card.relpath)}&mtime={int(card.mtime)}"
+        try:  # the preview's own time: a replaced preview gets a new URL, so the browser shows it
+            stamp = card.preview.stat().st_mtime_ns
+        except OSError:
+            stamp = 0
+        src = f"sd_extra_networks/thumb?page={quote(card.page)}&item={quote(card.relpath)}&mtime={stamp}"
         image = f'<img src="{html.escape(src)}" loading="lazy" alt="">'
     description = (f'<div class="description">{html.escape(card.description)}</div>'
                    if show_description and card.description else "")
