@@ -324,3 +324,8 @@ def test_api_lists_loaded_and_skipped_embeddings_in_a1111_shape_and_refreshes(ap
     assert requests.post(url + "/refresh-embeddings", timeout=60).status_code == 200
     got = requests.get(url + "/embeddings", timeout=60).json()
     assert got["loaded"]["added"]["vectors"] == 3 and "xl-only" in got["skipped"]
+
+
+def test_the_token_counter_counts_an_embedding_as_its_vectors(svc):
+    _run(svc, "tiny-sd1", prompt="a cat, sd1style")   # the loaded model's encoder now holds the set
+    assert svc.generation.count_tokens("cat sd1style") == (4, 75)   # 1 word + 3 vectors

@@ -223,5 +223,11 @@ class GenerationService:
         text = (text or "")[:self.limits.max_prompt_length]  # a hostile length never stalls the counter
         if self._counting_tokenizer is None:  # CLIP-L and OpenCLIP share one vocab, so one tokenizer counts for all
             self._counting_tokenizer = families.load_tokenizer("clip-l")
-        counted = conditioning.count_prompt_tokens(text, self._counting_tokenizer)
+        counted = conditioning.count_prompt_tokens(text, self._counting_tokenizer, embeddings=self._loaded_embeddings())
         return counted.count, counted.max_length
+
+    def _loaded_embeddings(self):
+        """The embedding set of the loaded model's encoder (an embedding counts as its vectors), if any."""
+        model = self.models.loaded_model
+        entry = self._encoders.get(id(model)) if model is not None else None
+        return entry[1].embeddings if entry is not None and entry[0] is model else None
