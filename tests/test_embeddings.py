@@ -329,3 +329,26 @@ def test_api_lists_loaded_and_skipped_embeddings_in_a1111_shape_and_refreshes(ap
 def test_the_token_counter_counts_an_embedding_as_its_vectors(svc):
     _run(svc, "tiny-sd1", prompt="a cat, sd1style")   # the loaded model's encoder now holds the set
     assert svc.generation.count_tokens("cat sd1style") == (4, 75)   # 1 word + 3 vectors
+
+
+@pytest.mark.parametrize("writer, filename", [
+    (write_string_to_param_pt, "a1111.pt"),
+    (write_emb_params_safetensors, "kohya.safetensors"),
+    (write_diffusers_bin, "learned_embeds.bin"),
+])
+def test_diffusers_reads_the_same_vectors_from_the_fixtures(tmp_path, writer, filename):
+    """The fixtures are real: diffusers' own textual-inversion loader finds the vectors we load."""
+    from diffusers.loaders import TextualInversionLoaderMixin
+
+    count = 1 if writer is write_diffusers_bin else 2
+    vec = vectors(count, 64, 21)
+    path = writer(tmp_path / filename, vec)
+    ours = EmbeddingDatabase([tmp_path]).report(SD1).loaded[path.stem].vectors[""]
+    tok, te = load_tokenizer("clip-l"), _text_model(CLIPTextModel, 64, 2, 1)
+    class Holder(TextualInversionLoaderMixin):   # the least of a pipeline the loader needs
+        hf_device_map = None
+        components: dict = {}
+
+    Holder().load_textual_inversion(str(path), token="<x>", tokenizer=tok, text_encoder=te)
+    theirs = te.get_input_embeddings().weight[-count:].detach()
+    assert torch.equal(ours, theirs) and torch.equal(ours, vec)

@@ -24,6 +24,7 @@ def en_server(tmp_path_factory):
                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 4)},
               str(lora / "styles" / "inkwash.safetensors"),
               metadata={"ss_network_dim": "4", "ss_output_name": "inkwash_v2", "ss_tag_frequency": json.dumps(freq)})
+    save_file({"x.lora_down.weight": torch.zeros(1, 1)}, str(lora / "toplevel.safetensors"))
     (lora / "styles" / "inkwash.json").write_text(json.dumps({"preferred weight": 0.6, "activation text": "ink wash"}))
     Image.new("RGB", (32, 32), (10, 90, 200)).save(lora / "styles" / "inkwash.preview.png")
     from tiny_models import make_checkpoint
@@ -79,6 +80,25 @@ def test_search_filters_the_cards(en_server, page):
     page.locator("#txt2img_lora_cards .nocards").wait_for()
     page.locator("#txt2img_lora_extra_search textarea, #txt2img_lora_extra_search input").first.fill("ink")
     page.locator("#txt2img_lora_cards .card[data-name='inkwash']").wait_for()
+    page.locator("#txt2img_lora_extra_search textarea, #txt2img_lora_extra_search input").first.fill("")
+    top = page.locator("#txt2img_lora_cards .card[data-name='toplevel']")
+    top.wait_for()
+
+
+def test_the_folder_view_filters_by_folder(en_server, page):
+    _open_lora_page(page, en_server.url)
+    top = page.locator("#txt2img_lora_cards .card[data-name='toplevel']")
+    top.wait_for()
+    page.locator("#txt2img_lora_extra_tree_view").get_by_text("📁 styles").click()
+    top.wait_for(state="detached")
+    page.locator("#txt2img_lora_cards .card[data-name='inkwash']").wait_for()
+    page.locator("#txt2img_lora_extra_tree_view").get_by_text("All", exact=True).click()
+    top.wait_for()
+    # Sorting by name, descending: toplevel comes before inkwash.
+    page.locator("#txt2img_lora_extra_sortorder").click()
+    page.get_by_role("option", name="Descending").click()
+    page.wait_for_function("() => [...document.querySelectorAll('#txt2img_lora_cards .card')]"
+                           ".map(c => c.dataset.name).join(',') === 'toplevel,inkwash'")
 
 
 def test_editing_user_metadata_saves_name_json_and_shows_training_metadata(en_server, page):
