@@ -352,3 +352,15 @@ def test_diffusers_reads_the_same_vectors_from_the_fixtures(tmp_path, writer, fi
     Holder().load_textual_inversion(str(path), token="<x>", tokenizer=tok, text_encoder=te)
     theirs = te.get_input_embeddings().weight[-count:].detach()
     assert torch.equal(ours, theirs) and torch.equal(ours, vec)
+
+
+def test_the_data_layer_prng_is_a1111s_stream():
+    """The first values of A1111's LCG (seed 0, a=1664525, c=1013904223, mod 2**32, then mod 255), low nibbles;
+    the long stream is computed in blocks and must match the plain recurrence."""
+    first = [253, 242, 127, 44, 157, 27, 239, 133, 38, 79, 167, 4, 177, 95, 130, 79]
+    assert image_embedding._lcg_nibbles(16).tolist() == [v & 0x0F for v in first]
+    state, plain = 0, []
+    for _ in range(9000):
+        state = (1664525 * state + 1013904223) % 2 ** 32
+        plain.append((state % 255) & 0x0F)
+    assert image_embedding._lcg_nibbles(9000).tolist() == plain

@@ -403,7 +403,9 @@ def _embedding_params(p: GenerationParams, ctx: RunContext, run: ProcessingRun) 
     used = getattr(ctx.encoder, "used_embeddings", None)
     if used is None or not ctx.options.textual_inversion_add_hashes_to_infotext:
         return {}
-    found = used(run.all_prompts + run.all_negative_prompts, p.steps)
+    hires = getattr(p, "hires", None)
+    extra = [hires.prompt, hires.negative_prompt] if hires is not None and hires.enabled else []
+    found = used(run.all_prompts + run.all_negative_prompts + [t for t in extra if t], p.steps)
     hashes = [f"{name.replace(':', '').replace(',', '')}: {emb.shorthash}" for name, emb in found.items()
               if emb.shorthash]
     return {infotext_mod.TI_HASHES: ", ".join(hashes)} if hashes else {}

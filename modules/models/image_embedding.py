@@ -34,14 +34,29 @@ class ImageEmbeddingError(ValueError):
     """The image carries embedding data that cannot be read safely."""
 
 
+_LCG_A, _LCG_C, _LCG_M = 1664525, 1013904223, 2 ** 32
+_LCG_BLOCK = 4096
+
+
 def _lcg_nibbles(count: int) -> np.ndarray:
-    """The first `count` values of A1111's LCG stream, low 4 bits (hand-written: the format's own PRNG)."""
-    out = np.empty(count, dtype=np.uint8)
+    """The first `count` values of A1111's LCG stream, low 4 bits (hand-written: the format's own PRNG).
+
+    One Python loop for the first block, then the stream doubles at each step: L steps of the generator
+    are the affine map s -> A_L*s + C_L (mod 2**32), and A_L*s + C_L < 2**64 fits numpy's uint64."""
+    stream = np.empty(min(count, _LCG_BLOCK), dtype=np.uint64)
     state = 0
-    for i in range(count):
-        state = (1664525 * state + 1013904223) % 4294967296
-        out[i] = (state % 255) & 0x0F
-    return out
+    for i in range(len(stream)):
+        state = (_LCG_A * state + _LCG_C) % _LCG_M
+        stream[i] = state
+    a_l, c_l = 1, 0
+    for _ in range(len(stream)):
+        a_l, c_l = (_LCG_A * a_l) % _LCG_M, (_LCG_A * c_l + _LCG_C) % _LCG_M
+    while len(stream) < count:
+        step = len(stream)
+        more = (stream[:count - step] * np.uint64(a_l) + np.uint64(c_l)) & np.uint64(_LCG_M - 1)
+        stream = np.concatenate([stream, more])
+        a_l, c_l = (a_l * a_l) % _LCG_M, (a_l * c_l + c_l) % _LCG_M   # the map for twice as many steps
+    return ((stream.astype(np.uint32) % np.uint32(255)) & np.uint32(0x0F)).astype(np.uint8)
 
 
 def _unxor(block: np.ndarray) -> np.ndarray:
