@@ -103,13 +103,20 @@ def card_prompt(page: str, name: str, user_metadata: dict[str, Any], default_mul
     return f"{text} {activation}" if activation and page == LORA else text
 
 
-def _is_image_preview_of_another(path: Path) -> bool:
-    """An image beside a model file of the same stem is that file's preview (A1111 also skips *.preview.*)."""
-    if ".preview" in path.name.lower():
-        return True
-    stem = path.name.split(".", 1)[0]
-    return any(p != path and p.name.split(".", 1)[0] == stem and p.suffix.lower() in (".pt", ".bin", ".safetensors")
-               for p in path.parent.iterdir())
+_WEIGHT_SUFFIXES = (".pt", ".bin", ".safetensors")
+
+
+def _preview_names(files: Iterable[Any]) -> set[Path]:
+    """Every path that would be the preview of one of the weights files (NAME.png, NAME.preview.png...)."""
+    from modules.models.network_files import PREVIEW_SUFFIXES
+
+    return {nf.base.with_name(nf.base.name + suffix) for nf in files
+            if nf.path.suffix.lower() in _WEIGHT_SUFFIXES for suffix in PREVIEW_SUFFIXES}
+
+
+def _is_image_preview_of_another(path: Path, previews: set[Path]) -> bool:
+    """An image named as a weights file's preview is that preview (A1111 also skips any *.preview.*)."""
+    return ".preview" in path.name.lower() or path in previews
 
 
 def _embedding_image_name(path: Path) -> str | None:
@@ -123,9 +130,9 @@ def _embedding_image_name(path: Path) -> str | None:
     return None if data is None else str(data.get("name") or path.stem)
 
 
-def _card_name(page: Page, nf: Any) -> str | None:
+def _card_name(page: Page, nf: Any, previews: set[Path]) -> str | None:
     if page.id == TEXTUAL_INVERSION and nf.path.suffix.lower() in (".png", ".webp"):
-        if _is_image_preview_of_another(nf.path):
+        if _is_image_preview_of_another(nf.path, previews):
             return None
         return _embedding_image_name(nf.path)
     return nf.name   # the file stem (A1111's default; an alias from ss_output_name only with a setting)
@@ -149,11 +156,13 @@ def list_cards(page: Page, default_multiplier: float = 1.0) -> list[Card]:
     from modules.models.network_files import scan_network_files
 
     cards: list[Card] = []
-    for nf in scan_network_files(page.roots, page.extensions):
+    files = scan_network_files(page.roots, page.extensions)
+    previews = _preview_names(files)
+    for nf in files:
         if len(cards) >= MAX_CARDS:
             break
         try:
-            name = _card_name(page, nf)
+            name = _card_name(page, nf, previews)
             if name is not None:
                 cards.append(_make_card(page, nf, name, default_multiplier))
         except OSError:
