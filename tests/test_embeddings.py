@@ -364,3 +364,16 @@ def test_the_data_layer_prng_is_a1111s_stream():
         state = (1664525 * state + 1013904223) % 2 ** 32
         plain.append((state % 255) & 0x0F)
     assert image_embedding._lcg_nibbles(9000).tolist() == plain
+
+
+def test_a_zlib_bomb_in_the_data_layer_is_not_inflated(emb_dir):
+    """100 MB of zeros compress to ~100 kB; the reader stops at its bound and the file is no embedding."""
+    import zlib
+
+    bomb = zlib.compress(b"{" + b" " * (100 * 1024 * 1024) + b"}", 9)
+    image = image_embedding.embed_bytes_in_pixels(Image.new("RGB", (64, 64), (200, 120, 40)), bomb)
+    image.save(emb_dir / "bomb.png")
+    report = EmbeddingDatabase([emb_dir]).report(SD1)
+    assert report.loaded == {} and report.skipped == {}
+    with pytest.raises(image_embedding.ImageEmbeddingError, match="larger than"):
+        image_embedding._inflate(bomb)

@@ -165,7 +165,14 @@ def embed_in_pixels(image, data: dict[str, Any]):
     """A new RGB image: `image` with `data` laid out around it in A1111's data layer (no decoration)."""
     from PIL import Image
 
-    packed = np.frombuffer(zlib.compress(encode_json(data).encode(), 9), dtype=np.uint8)
+    return embed_bytes_in_pixels(image, zlib.compress(encode_json(data).encode(), 9))
+
+
+def embed_bytes_in_pixels(image, compressed: bytes):
+    """The data layer around `image` for already compressed bytes (embed_in_pixels' layout)."""
+    from PIL import Image
+
+    packed = np.frombuffer(compressed, dtype=np.uint8)
     height = image.size[1]
     per_column = height * 3
     size = -(-len(packed) // per_column) * per_column
