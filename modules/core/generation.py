@@ -180,6 +180,10 @@ class GenerationService:
     def embeddings_report(self, *, refresh: bool = False):
         """Textual-inversion embeddings loaded and skipped for the loaded model (else the last one used);
         ``refresh`` rereads every file. Never loads a checkpoint."""
+        from modules.models.embeddings import EmbeddingReport
+
+        if self.embeddings is None:
+            return EmbeddingReport()
         model = self.models.loaded_model
         layout = None
         if model is not None:
