@@ -163,8 +163,6 @@ def encode_json(data: dict[str, Any]) -> str:
 
 def embed_in_pixels(image, data: dict[str, Any]):
     """A new RGB image: `image` with `data` laid out around it in A1111's data layer (no decoration)."""
-    from PIL import Image
-
     return embed_bytes_in_pixels(image, zlib.compress(encode_json(data).encode(), 9))
 
 
