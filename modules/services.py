@@ -83,6 +83,7 @@ def build_services(opts: argparse.Namespace, paths: AppPaths, options: Options) 
         limits=limits)
     generation.make_script_p = wrap_params
     generation.embeddings = EmbeddingDatabase([paths.embeddings_dir], hash_cache, hashing=not opts.no_hashing)
+    models.add_loaded_listener(lambda _model: generation.embeddings.invalidate())
     styles = StyleDatabase(paths.styles_files)
     options.lock_dir_config(limits.dir_config_locked)
     set_default_estimators(DepthEstimators.for_models_dir(paths.models_dir, device=_depth_device(opts)))

@@ -377,3 +377,26 @@ def test_a_zlib_bomb_in_the_data_layer_is_not_inflated(emb_dir):
     assert report.loaded == {} and report.skipped == {}
     with pytest.raises(image_embedding.ImageEmbeddingError, match="larger than"):
         image_embedding._inflate(bomb)
+
+
+def test_unchanged_files_are_reused_until_a_model_load_invalidates_them(emb_dir, monkeypatch):
+    write_emb_params_safetensors(emb_dir / "one.safetensors", vectors(1, 64, 1))
+    db = EmbeddingDatabase([emb_dir])
+    reads = []
+    real = EmbeddingDatabase._parse
+    monkeypatch.setattr(EmbeddingDatabase, "_parse", lambda self, nf: reads.append(nf.name) or real(self, nf))
+    db.for_layout(SD1)
+    db.for_layout(SD1)
+    db.for_layout(SDXL)     # another model: classified again, files not reread
+    assert reads == ["one"]
+    db.invalidate()         # what the services do when a model is loaded
+    db.for_layout(SDXL)
+    assert reads == ["one", "one"]
+
+
+def test_loading_a_model_invalidates_the_embeddings(svc, monkeypatch):
+    calls = []
+    monkeypatch.setattr(svc.generation.embeddings, "invalidate", lambda: calls.append(1))
+    _run(svc, "tiny-sdxl")
+    _run(svc, "tiny-sd1")
+    assert len(calls) >= 1

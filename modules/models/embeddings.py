@@ -307,6 +307,11 @@ class EmbeddingDatabase:
                 (report.loaded if fits(parsed, layout) else report.skipped)[parsed.name] = parsed
         return report
 
+    def invalidate(self) -> None:
+        """Reread every file at the next use (a model was loaded: A1111 reloads its embeddings then)."""
+        with self._lock:
+            self._signature = None
+
     def refresh(self, layout: Layout | None = None) -> EmbeddingReport:
         """Rescan and reread every file (the API's refresh-embeddings, the UI's refresh)."""
         with self._lock:
