@@ -69,14 +69,15 @@ class Card:
 
 
 def default_pages(paths: Any, cmd_opts: Any = None) -> list[Page]:
-    """A1111's four pages over this install's folders (--embeddings-dir, --hypernetwork-dir, --ckpt-dir, --lora-dir)."""
-    hyper = getattr(cmd_opts, "hypernetwork_dir", None)
-    hyper_dir = Path(hyper).expanduser().resolve() if hyper else paths.models_dir / "hypernetworks"
+    """A1111's four pages over this install's folders (--embeddings-dir, --ckpt-dir, --lora-dir); the Lora and
+    hypernetwork roots are the ones the networks service applies from, so names agree."""
+    from modules.core.networks_service import hypernetwork_roots, lora_roots
+
     return [
         Page(TEXTUAL_INVERSION, (paths.embeddings_dir,), (".pt", ".bin", ".safetensors", ".png", ".webp")),
-        Page(HYPERNETWORKS, (hyper_dir,), (".pt",)),
+        Page(HYPERNETWORKS, tuple(hypernetwork_roots(paths)), (".pt",)),
         Page(CHECKPOINTS, (paths.ckpt_dir,), (".safetensors", ".ckpt")),
-        Page(LORA, (paths.lora_dir, paths.models_dir / "LyCORIS"), (".safetensors", ".pt", ".ckpt")),
+        Page(LORA, tuple(lora_roots(paths)), (".safetensors", ".pt", ".ckpt")),
     ]
 
 

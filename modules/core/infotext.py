@@ -265,6 +265,9 @@ INFOTEXT_FIELDS: tuple[InfotextField, ...] = (
     # Textual inversion: "name: shorthash, ..." of the embeddings the prompts used. The pipeline writes it
     # (it needs the loaded embeddings: pipeline._embedding_params); pasting sets nothing, as in A1111.
     InfotextField(TI_HASHES, line=EXTRA),
+    # Extra networks: written by the run (engine/networks/activation.py) for the LoRAs it applied, as
+    # A1111 does; a paste sets nothing from it (the <lora:...> tags in the prompt carry the networks).
+    InfotextField("Lora hashes", line=EXTRA),
 )
 """In A1111's order. ``Version`` is not here: create_infotext adds it and it is always written last."""
 

@@ -170,7 +170,7 @@ def read_embedding_file(path: Path) -> tuple[str, Any] | None:
 
     if suffix == ".safetensors":
         return name, weights_io.load_state_dict_file(path)
-    return name, weights_io.load_pickle_object(path)
+    return name, weights_io.load_pickled_object(path)
 
 
 def _is_preview(path: Path) -> bool:
