@@ -20,6 +20,7 @@ from modules.core.model_service import ModelService
 from modules.core.options import Options
 from modules.core.paths import AppPaths
 from modules.models.vae import VaeRegistry
+from modules.models.embeddings import EmbeddingDatabase
 from modules.models.depth import DepthEstimators, set_default_estimators
 from modules.core.styles import StyleDatabase
 from modules.extensions.processing_adapter import wrap as wrap_params
@@ -86,6 +87,8 @@ def build_services(opts: argparse.Namespace, paths: AppPaths, options: Options) 
         state=JobState(), max_per_owner=per_client, max_total=_bound(getattr(opts, "queue_max_total", None))),
         limits=limits)
     generation.make_script_p = wrap_params
+    generation.embeddings = EmbeddingDatabase([paths.embeddings_dir], hash_cache, hashing=not opts.no_hashing)
+    models.add_loaded_listener(lambda _model: generation.embeddings.invalidate())
     generation.networks = ExtraNetworksService.from_paths(paths)
     queue_service = _queue_service(paths, generation, callers)
     styles = StyleDatabase(paths.styles_files)

@@ -672,7 +672,8 @@ class Api:
 
         @r.get("/embeddings", response_model=m.EmbeddingsResponse)
         def get_embeddings() -> dict:
-            return {"loaded": {}, "skipped": {}}
+            from modules.models.embeddings import api_response
+            return api_response(self.services.generation.embeddings_report())
 
     def _add_script_routes(self) -> None:
         """Scripts and extensions."""
@@ -713,6 +714,11 @@ class Api:
         @r.post("/refresh-checkpoints")
         def refresh_checkpoints() -> dict:
             models.registry.refresh()
+            return {}
+
+        @r.post("/refresh-embeddings")
+        def refresh_embeddings() -> dict:
+            self.services.generation.embeddings_report(refresh=True)
             return {}
 
         @r.post("/refresh-vae")

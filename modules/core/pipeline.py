@@ -409,6 +409,19 @@ def _extra_params(p: GenerationParams) -> dict[str, Any]:
     return infotext_mod.extra_generation_params(p)
 
 
+def _embedding_params(p: GenerationParams, ctx: RunContext, run: ProcessingRun) -> dict[str, Any]:
+    """A1111's ``TI hashes``: "name: shorthash" of each textual-inversion embedding the prompts use."""
+    used = getattr(ctx.encoder, "used_embeddings", None)
+    if used is None or not ctx.options.textual_inversion_add_hashes_to_infotext:
+        return {}
+    hires = getattr(p, "hires", None)
+    extra = [hires.prompt, hires.negative_prompt] if hires is not None and hires.enabled else []
+    found = used(run.all_prompts + run.all_negative_prompts + [t for t in extra if t], p.steps)
+    hashes = [f"{name.replace(':', '').replace(',', '')}: {emb.shorthash}" for name, emb in found.items()
+              if emb.shorthash]
+    return {infotext_mod.TI_HASHES: ", ".join(hashes)} if hashes else {}
+
+
 def hires_target_size(p: Txt2ImgParams) -> tuple[int, int]:
     """A1111's rules: resize-to wins; one side 0 keeps the aspect; multiples of 8."""
     h = p.hires
@@ -511,6 +524,7 @@ def _process(p: GenerationParams, ctx: RunContext) -> Processed:
                     extra=_extra_params(p), save_p=_save_owner(p, ctx))
     run = _plan_run(p)
     hooks.process(run)
+    plan.extra.update(_embedding_params(p, ctx, run))
     if ctx.job is not None and ctx.sets_job_count:
         ctx.job.set_job_count(p.n_iter)
     started = time.time()

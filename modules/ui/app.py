@@ -10,6 +10,7 @@ from modules.services import Services
 from modules.ui import paste
 from modules.ui.extensions_tab import build_extensions_tab
 from modules.ui.extras_tab import ExtrasUi, build_extras_tab, connect_send_to_extras
+from modules.ui.extra_networks import EXTRA_NETWORKS_CSS, EXTRA_NETWORKS_HEAD
 from modules.ui.img2img_tab import INPAINT_MODES, MODES, Img2ImgUi, build_img2img_tab
 from modules.ui.pnginfo_tab import PngInfoUi, build_pnginfo_tab
 from modules.ui.queue_tab import GENERATE_FOREVER_HEAD, build_queue_tab, connect_queue_tab
@@ -124,8 +125,9 @@ def build_ui(services: Services, *, extension_tabs: list[tuple[gr.Blocks, str, s
         connect_queue_tab(ctx, queue_tab, queue_ui, txt2img, img2img)
         _connect_extras(blocks, tabs, extras, txt2img, img2img, pnginfo)
     head = "\n".join(h for h in (CTRL_ENTER_HEAD, A1111_JS_HEAD, GENERATE_FOREVER_HEAD, _theme_head(services.cmd_opts.theme),
-                                  extension_head) if h)
-    return UiBundle(blocks=blocks, css=CSS + ("\n" + extension_css if extension_css else ""), js=None, head=head)
+                                  extension_head, EXTRA_NETWORKS_HEAD) if h)
+    css = CSS + EXTRA_NETWORKS_CSS
+    return UiBundle(blocks=blocks, css=css + ("\n" + extension_css if extension_css else ""), js=None, head=head)
 
 
 def _render_extension_tab(ext_blocks: gr.Blocks, title: str, elem_id: str) -> None:

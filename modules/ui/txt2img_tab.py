@@ -16,6 +16,7 @@ from modules.ui.common import (ControlsBase, build_batch_controls, build_output_
                                poll_job, script_job, ui_caller)
 from modules.core.styles import apply_styles_to_params
 from modules.ui import paste
+from modules.ui.extra_networks import build_extra_networks
 
 @dataclass
 class Txt2ImgControls(ControlsBase):
@@ -87,6 +88,7 @@ class Txt2ImgUi:
 
 def build_txt2img_tab(services: Services) -> Txt2ImgUi:
     top = build_toprow("txt2img", services)
+    networks = build_extra_networks(services, "txt2img", top)
     with gr.Row():
         with gr.Column(scale=1):
             sampling = build_sampling_controls("txt2img")
@@ -103,6 +105,7 @@ def build_txt2img_tab(services: Services) -> Txt2ImgUi:
         with gr.Column(scale=1):
             output = build_output_panel("txt2img", _build_send_buttons)
             gallery_index = gr.State(None)
+    networks.connect_gallery(output.gallery)
 
     controls = Txt2ImgControls(prompt=top.prompt, negative_prompt=top.negative_prompt, **sampling, width=width,
                                height=height, **batch, cfg_scale=cfg_scale, **seeds.controls(), **hires)
