@@ -64,6 +64,8 @@ class OffloadPlan:
     ``on_move`` (tests, logging) is called as (name, device) after each whole-component move.
     """
 
+    stream_unit_params = _STREAM_UNIT_PARAMS
+
     def __init__(self, components: dict[str, torch.nn.Module], *, execution_device: torch.device,
                  offload_device: torch.device | str = "cpu", streamed: Iterable[str] = (),
                  on_move: Callable[[str, torch.device], None] | None = None):
@@ -75,6 +77,7 @@ class OffloadPlan:
         self.on_move = on_move
         self._lock = threading.RLock()
         self._handles: dict[str, list[Any]] = {}
+        self.units: dict[str, list[torch.nn.Module]] = {}  # streamed component -> its units, in order
 
     # -- moving (overridable: the tests park offloaded weights on the meta device to prove placement)
     def load(self, module: torch.nn.Module) -> None:
@@ -154,13 +157,14 @@ class OffloadPlan:
         for part in _called_parts(name, module):
             handles.append(part.register_forward_pre_hook(self._activation_hook(name), with_kwargs=True))
         if name in self.streamed:
-            handles.extend(self._install_streaming(module))
+            handles.extend(self._install_streaming(name, module))
         else:
             self.offload(module)
 
     def _unhook(self, name: str) -> None:
         for handle in self._handles.pop(name, []):
             handle.remove()
+        self.units.pop(name, None)
 
     def _activation_hook(self, name: str):
         def hook(_module, args, kwargs):
@@ -168,10 +172,11 @@ class OffloadPlan:
             return _to_device(args, self.execution_device), _to_device(kwargs, self.execution_device)
         return hook
 
-    def _install_streaming(self, module: torch.nn.Module) -> list[Any]:
+    def _install_streaming(self, name: str, module: torch.nn.Module) -> list[Any]:
         torch.nn.Module.to(module, self.offload_device)
         handles = []
-        for unit in stream_units(module):
+        self.units[name] = stream_units(module, self.stream_unit_params)
+        for unit in self.units[name]:
             homes: dict[str, dict] = {}
 
             def pre(mod, args, kwargs, _homes=homes):
@@ -182,6 +187,7 @@ class OffloadPlan:
                 self.offload_unit(mod, _homes.pop("in", {}))
                 return output
 
+            self.offload_unit(unit, {})  # every unit starts out of the execution device
             handles.append(unit.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(unit.register_forward_hook(post, always_call=True))  # also after an error
         return handles
