@@ -285,12 +285,15 @@ def test_the_tiled_vae_setting_reaches_the_decode(tmp_path):
         model = services.models.current()
         calls: list = []
         model.components["vae"].decoder.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[-1]))
-        params = dict(prompt="x", seed=1, width=128, height=128, steps=1)
+        params = dict(prompt="x", seed=1, width=640, height=64, steps=1)  # wider than one 512 px tile
         services.generation.txt2img(Txt2ImgParams(**params), override_settings={"vae_tiling": "Never"})
-        assert calls == [16]
+        assert calls == [80]
         calls.clear()
         services.generation.txt2img(Txt2ImgParams(**params), override_settings={"vae_tiling": "Always"})
-        assert len(calls) > 1 and max(calls) == 8
+        assert calls == [64, 32]  # 512 px tiles, 25% overlap
+        calls.clear()
+        services.generation.txt2img(Txt2ImgParams(**params))  # Automatic: 40960 px is under the budget
+        assert calls == [80]
     finally:
         services.generation.queue.shutdown()
 
