@@ -62,6 +62,11 @@ def _services(ckpt: Path, data_dir: Path, args: list[str]):
 def child_lowram(ckpt: Path, data_dir: Path, mode: str, res: int) -> dict:
     from modules.core.pipeline import Txt2ImgParams
 
+    import diffusers  # noqa: F401 - imports are not part of the load time
+    import transformers  # noqa: F401
+
+    import modules.models.loader  # noqa: F401
+
     services = _services(ckpt, data_dir, ["--lowram" if mode == "lowram" else "--no-lowram"])
     t0 = time.perf_counter()
     services.models.current()
@@ -73,7 +78,8 @@ def child_lowram(ckpt: Path, data_dir: Path, mode: str, res: int) -> dict:
                                                   sampler_name="Euler", cfg_scale=7.0))
         return time.perf_counter() - t
     run(1)  # warm-up
-    one, two = run(1), run(2)
+    one = min(run(1), run(1))  # the fastest of two: other processes share this CPU
+    two = min(run(2), run(2))
     services.generation.queue.shutdown()
     return {"mode": mode, "load_s": load, "step_s": two - one, "one_step_job_s": one, **proc_status()}
 
