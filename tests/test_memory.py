@@ -294,6 +294,9 @@ def test_the_tiled_vae_setting_reaches_the_decode(tmp_path):
         calls.clear()
         services.generation.txt2img(Txt2ImgParams(**params))  # Automatic: 40960 px is under the budget
         assert calls == [80]
+        calls.clear()  # A1111's Tiling (seamless image) wraps around: never tiled
+        services.generation.txt2img(Txt2ImgParams(**params, tiling=True), override_settings={"vae_tiling": "Always"})
+        assert calls == [80]
     finally:
         services.generation.queue.shutdown()
 

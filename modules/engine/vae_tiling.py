@@ -63,16 +63,26 @@ def tiles(vae, tile_px: int | None) -> Iterator[None]:
         vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor = saved
 
 
+def _wraps_around(vae) -> bool:
+    """A1111's Tiling option (circular padding) is on: tiles would break the wrap-around, so never tile."""
+    conv = getattr(getattr(vae, "decoder", None), "conv_in", None)
+    return getattr(conv, "padding_mode", "zeros") == "circular"
+
+
 def decode(vae, latents: torch.Tensor, policy: TilingPolicy | None) -> torch.Tensor:
     """latents (already unscaled, in the VAE's dtype) -> pixels in [-1, 1]."""
     f = _downscale(vae)
-    tile = policy.tile_px(latents.shape[-1] * f, latents.shape[-2] * f, _sample_size(vae)) if policy else None
+    tile = None
+    if policy is not None and not _wraps_around(vae):
+        tile = policy.tile_px(latents.shape[-1] * f, latents.shape[-2] * f, _sample_size(vae))
     with tiles(vae, tile):
         return vae.decode(latents, return_dict=False)[0]
 
 
 def encode(vae, pixels: torch.Tensor, policy: TilingPolicy | None):
     """pixels in [-1, 1] -> the latent distribution (``.mode()`` / ``.sample()``)."""
-    tile = policy.tile_px(pixels.shape[-1], pixels.shape[-2], _sample_size(vae)) if policy else None
+    tile = None
+    if policy is not None and not _wraps_around(vae):
+        tile = policy.tile_px(pixels.shape[-1], pixels.shape[-2], _sample_size(vae))
     with tiles(vae, tile):
         return vae.encode(pixels, return_dict=False)[0]
