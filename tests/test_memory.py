@@ -352,3 +352,26 @@ def test_cuda_out_of_memory_fails_the_job_with_advice_and_the_next_job_runs(tmp_
         assert again.images[0].size == (64, 64)
     finally:
         services.generation.queue.shutdown()
+
+
+def test_fp32_cpu_mode_converts_a_fp16_file_layer_by_layer_on_first_use(tmp_path):
+    """Fast loading: ready without a full fp32 copy; each layer becomes fp32 when it first runs, and the
+    result is exactly that of converting everything at load (an fp32 copy of the same file)."""
+    import safetensors.torch
+
+    path = fp16_checkpoint(tmp_path / "half.safetensors")
+    state = safetensors.torch.load_file(str(path))
+    full = tmp_path / "full.safetensors"
+    safetensors.torch.save_file({k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}, str(full))
+    lazy = load_checkpoint(path, cpu_policy()).components
+    eager = load_checkpoint(full, cpu_policy()).components
+    unet = lazy["unet"]
+    assert unet.dtype == torch.float32  # what the sampler reads
+    assert unet.down_blocks[0].resnets[0].conv1.weight.dtype == torch.float16  # not converted yet
+    x, emb = torch.randn(1, 4, 8, 8), torch.randn(1, 77, unet.config.cross_attention_dim)
+    ids = torch.randint(0, 1000, (1, 77))
+    with torch.no_grad():
+        assert torch.equal(unet(x, 10, emb).sample, eager["unet"](x, 10, emb).sample)
+        assert torch.equal(lazy["text_encoder"](ids)[0], eager["text_encoder"](ids)[0])
+        assert torch.equal(lazy["vae"].decode(x).sample, eager["vae"].decode(x).sample)
+    assert {p.dtype for p in unet.parameters()} == {torch.float32}  # every layer ran: all converted

@@ -217,24 +217,32 @@ def _finish(model: Any, device: Any, dtype: Any) -> Any:
     return torch.nn.Module.to(model, device=device)
 
 
+def _keeps_file_dtype(policy: DevicePolicy) -> bool:
+    """The CPU never converts a half-precision file at load: low-RAM mode keeps it, fp32 converts lazily."""
+    return policy.load_device.type == "cpu" and policy.device.type == "cpu"
+
+
 def _to(policy: DevicePolicy, dtype: Any) -> tuple[Any, Any]:
-    """Where a component's tensors go at assignment: the low-RAM mode keeps the file's dtype."""
-    return policy.load_device, (None if policy.lowram else dtype)
+    """Where a component's tensors go at assignment, and in which dtype (None: the file's)."""
+    return policy.load_device, (None if _keeps_file_dtype(policy) else dtype)
 
 
 def _ready(model: Any, policy: DevicePolicy, dtype: Any) -> Any:
-    """A built component in its final dtype and place; in the low-RAM mode its half-precision weights
-    stay as they are and are upcast per layer (``precision.py``)."""
-    if policy.lowram:
-        from modules.models.precision import apply_lowram_casting, is_lowram, storage_dtype_of
+    """A built component in its final dtype and place. On the CPU, half-precision weights from the
+    file are kept and upcast per layer for each call (low-RAM mode), or converted to fp32 layer by
+    layer on first use (``precision.py``); either way the model is ready without a full fp32 copy."""
+    if _keeps_file_dtype(policy):
+        from modules.models import precision
 
-        if is_lowram(model):  # already done (the SD2 v-probe readies the UNet before probing it)
+        if precision.is_lowram(model):  # already done (the SD2 v-probe readies the UNet before probing it)
             return model
-        storage = storage_dtype_of(dict(model.named_parameters()))
+        storage = precision.storage_dtype_of(dict(model.named_parameters()))
         if storage is not None:
             model.requires_grad_(False)
             model.eval()
-            return apply_lowram_casting(model, storage, dtype)
+            if policy.lowram:
+                return precision.apply_lowram_casting(model, storage, dtype)
+            return precision.apply_lazy_upcast(model, dtype)
     return _finish(model, policy.load_device, dtype)
 
 
@@ -402,7 +410,7 @@ def load_model(
         raise UnsupportedCheckpointError(path, spec)
     say = progress or (lambda _msg: None)
     laps = _Laps()
-    sd = _read_weights(path, spec, vae_file, state_dict, say, laps, in_memory=policy.lowram)
+    sd = _read_weights(path, spec, vae_file, state_dict, say, laps, in_memory=_keeps_file_dtype(policy))
     state_dict = None
 
     components: dict[str, Any] = {}
@@ -571,7 +579,7 @@ def load_checkpoint(
         t1 = time.perf_counter()
         if progress:
             progress(f"Reading {path.name}")
-        sd = load_state_dict_file(path, in_memory=policy.lowram)
+        sd = load_state_dict_file(path, in_memory=_keeps_file_dtype(policy))
     else:
         if progress:
             progress(f"Reading {path.name}")

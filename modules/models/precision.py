@@ -56,3 +56,42 @@ def is_lowram(model: Any) -> bool:
 def _has_casting_hook(module: torch.nn.Module) -> bool:
     registry = getattr(module, "_diffusers_hook", None)
     return registry is not None and registry.get_hook("layerwise_casting") is not None
+
+
+_LAZY_LAYERS = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.Embedding)
+
+
+def apply_lazy_upcast(model: torch.nn.Module, compute: torch.dtype) -> torch.nn.Module:
+    """fp32 on the CPU from a half-precision file, without converting everything at load: each
+    Conv/Linear/Embedding is converted for good on its first call (a one-time hook), the rest now.
+
+    The model is ready as soon as it is built; the conversion is paid by the first image, layer by
+    layer, never holding a second copy of the whole model. The first floating parameter is converted
+    now, so ``model.dtype`` (diffusers and transformers read the first parameter) says ``compute``.
+    """
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    for module in model.modules():
+        own = [t for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))
+               if t.is_floating_point() and t.dtype != compute]
+        if not own:
+            continue
+        if isinstance(module, _LAZY_LAYERS) and not any(t is first for t in own):
+            _upcast_on_first_call(module, compute)
+        else:
+            _cast_own(module, compute)
+    return model
+
+
+def _cast_own(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor.data = tensor.data.to(dtype)
+
+
+def _upcast_on_first_call(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    handle = None
+
+    def hook(mod, _args):
+        _cast_own(mod, dtype)
+        handle.remove()
+    handle = module.register_forward_pre_hook(hook)
