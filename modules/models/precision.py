@@ -34,19 +34,67 @@ def storage_dtype_of(weights: dict[str, Any]) -> torch.dtype | None:
 
 def apply_lowram_casting(model: torch.nn.Module, storage: torch.dtype, compute: torch.dtype) -> torch.nn.Module:
     """Hooks on every Conv/Linear/Embedding (kept in ``storage``); everything else to ``compute``."""
-    from diffusers.hooks import apply_layerwise_casting
+    from diffusers.hooks import HookRegistry
 
+    _return_freed_memory_to_the_os()
     torch.nn.Module.to(model, dtype=storage)  # plain Module.to: diffusers' override warns on casts
-    # an empty pattern (not None): hook every supported leaf layer, skip none
-    apply_layerwise_casting(model, storage_dtype=storage, compute_dtype=compute, skip_modules_pattern=())
     for module in model.modules():
-        if _has_casting_hook(module):
-            continue
-        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            if tensor.is_floating_point() and tensor.dtype != compute:
-                tensor.data = tensor.data.to(compute)
+        if isinstance(module, _LAZY_LAYERS):
+            registry = HookRegistry.check_if_exists_or_initialize(module)
+            registry.register_hook(_StorageCastingHook(storage, compute), "layerwise_casting")
+        else:
+            _cast_own(module, compute)
     model._lowram_storage_dtype = storage  # noqa: SLF001 - read by is_lowram
     return model
+
+
+def _storage_casting_hook_type():
+    from diffusers.hooks.layerwise_casting import LayerwiseCastingHook
+
+    class StorageCastingHook(LayerwiseCastingHook):
+        """diffusers' layerwise casting hook (under its registry name, so ``ModelMixin.dtype`` reports
+        the compute dtype), but after the call the layer points back at its stored half-precision
+        tensors instead of casting the fp32 copy down again: one cast per call instead of two."""
+
+        def pre_forward(self, module, *args, **kwargs):
+            self.stored = [(t, t.data) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))
+                           if t.is_floating_point()]
+            for tensor, data in self.stored:
+                tensor.data = data.to(self.compute_dtype)
+            return args, kwargs
+
+        def post_forward(self, module, output):
+            for tensor, data in getattr(self, "stored", ()):
+                tensor.data = data
+            self.stored = []
+            return output
+    return StorageCastingHook
+
+
+def _StorageCastingHook(storage: torch.dtype, compute: torch.dtype):  # noqa: N802 - a class factory
+    global _HOOK_TYPE
+    if _HOOK_TYPE is None:
+        _HOOK_TYPE = _storage_casting_hook_type()
+    return _HOOK_TYPE(storage, compute, non_blocking=False)
+
+
+_HOOK_TYPE = None
+
+
+def _return_freed_memory_to_the_os() -> None:
+    """Per-call fp32 copies of layers (1-25 MB each) would otherwise be recycled inside glibc's heap,
+    whose dynamic mmap threshold grows to 32 MB, and RSS would keep the high-water mark: allocations
+    from 1 MB up are mapped and unmapped instead (glibc only; elsewhere nothing to do)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        ctypes.CDLL(name).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def is_lowram(model: Any) -> bool:
