@@ -261,6 +261,9 @@ INFOTEXT_FIELDS: tuple[InfotextField, ...] = (
                   omitted=INPAINT_AREAS[0], **_INPAINT),
     InfotextField("Masked area padding", "inpaint_full_res_padding", None, "inpaint_full_res_padding", to_int,
                   _inpaint(lambda p: p.inpaint_full_res_padding if p.inpaint_full_res else None), omitted=32, **_INPAINT),
+    # Extra networks: written by the run (engine/networks/activation.py) for the LoRAs it applied, as
+    # A1111 does; a paste sets nothing from it (the <lora:...> tags in the prompt carry the networks).
+    InfotextField("Lora hashes", line=EXTRA),
 )
 """In A1111's order. ``Version`` is not here: create_infotext adds it and it is always written last."""
 

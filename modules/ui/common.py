@@ -139,8 +139,10 @@ def poll_job(generation, job):
         return
     note = " (interrupted)" if processed.interrupted else ""
     first = processed.infotexts[processed.index_of_first_image] if processed.infotexts else ""
+    warnings = "".join(f"<div class='warning comments'>{html.escape(line)}</div>"
+                       for line in (processed.comments or "").splitlines() if line)  # e.g. a missing LoRA
     yield (processed.saved_images_for_gallery(), infotext_html(first),
-           f"<div class='progress-text'>Done{note}.</div>", processed.js())
+           f"<div class='progress-text'>Done{note}.</div>{warnings}", processed.js())
 
 
 # --------------------------------------------------------------------------- control groups both tabs build
