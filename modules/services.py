@@ -55,11 +55,14 @@ class Services:
 
 def _manager_factory(opts: argparse.Namespace, options: Options):
     def build():
-        from modules.models.devices import select_device_policy
+        from modules.models.devices import select_device_policy, vram_mode
         from modules.models.loader import ModelManager, make_load_fn
 
         policy = select_device_policy(use_cpu=opts.use_cpu, device_id=opts.device_id, no_half=opts.no_half,
-                                      no_half_vae=opts.no_half_vae, precision=opts.precision)
+                                      no_half_vae=opts.no_half_vae, precision=opts.precision,
+                                      vram=vram_mode(medvram=opts.medvram, lowvram=opts.lowvram,
+                                                     medvram_sdxl=getattr(opts, "medvram_sdxl", False)),
+                                      lowram=getattr(opts, "lowram", None), compile=getattr(opts, "opt_compile", False))
         manager = ModelManager(make_load_fn(policy), limit=options.sd_checkpoints_limit)
         options.onchange("sd_checkpoints_limit", lambda: manager.set_limit(options.sd_checkpoints_limit), call=False)
         return manager

@@ -57,7 +57,6 @@ LEGACY_FLAGS: dict[str, tuple[bool, str]] = {
     "--log-startup": (False, "startup is not profiled"),
     "--api-log": (False, "API requests are logged at --loglevel DEBUG"),
     "--disable-model-loading-ram-optimization": (False, "loading already streams weights"),
-    "--medvram-sdxl": (False, "use --medvram"),
     "--allow-code": (False, "custom code execution is not offered"),
     "--ngrok": (True, "tunnels are not offered; use --listen on your LAN"),
     "--ngrok-region": (True, "tunnels are not offered"),
@@ -117,6 +116,10 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     dev.add_argument("--precision", choices=("full", "half", "autocast"), default="autocast", help="evaluate in this precision")
     dev.add_argument("--medvram", action="store_true", help="move model parts to the GPU only while they run")
     dev.add_argument("--lowvram", action="store_true", help="offload layer by layer (slowest, least GPU memory)")
+    dev.add_argument("--medvram-sdxl", action="store_true", help="--medvram for SDXL models only")
+    dev.add_argument("--lowram", action="store_true", default=None, help="CPU: keep weights in the file's fp16/bf16 and upcast layer by layer (default: on when RAM is under 16 GB)")
+    dev.add_argument("--no-lowram", dest="lowram", action="store_false", help="CPU: convert weights to fp32 at load even when RAM is short")
+    dev.add_argument("--opt-compile", action="store_true", help="CUDA: compile the UNet and VAE decoder with torch.compile (slow first image per size)")
     dev.add_argument("--use-cpu", nargs="+", default=[], metavar="MODULE", help='run these on the CPU: "all", or module names')
     dev.add_argument("--device-id", default=None, help="CUDA device index to use")
 

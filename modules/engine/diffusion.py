@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from modules.engine import conditioning, depth2img, rng, scheduler_build
+from modules.engine import conditioning, depth2img, memory, rng, scheduler_build
 from modules.engine import sampler_catalog as samplers
 from modules.engine.sampling import GuidedDenoiser, InpaintBlend, StepConds, sample
 from modules.engine.upscaling import LATENT_UPSCALE_MODES, resize_image
@@ -140,7 +140,7 @@ def decode(model, latents: torch.Tensor) -> list[Image.Image]:
     scaled = latents / vae.config.scaling_factor
     if getattr(vae.config, "shift_factor", None):
         scaled = scaled + vae.config.shift_factor
-    pixels = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
+    pixels = memory.vae_decode(vae, scaled.to(vae.dtype))  # tiled when large; fp32 retry on NaN
     pixels = (pixels.float() / 2 + 0.5).clamp(0, 1)
     arrays = (pixels.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
     return [Image.fromarray(a) for a in arrays]
@@ -150,7 +150,7 @@ def encode(model, images: list[Image.Image]) -> torch.Tensor:
     vae = model.pipe.vae
     arrays = np.stack([np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for img in images])
     pixels = torch.from_numpy(arrays).permute(0, 3, 1, 2).to(device=vae.device, dtype=vae.dtype)
-    latents = vae.encode(pixels, return_dict=False)[0].mode()
+    latents = memory.vae_encode(vae, pixels).mode()
     if getattr(vae.config, "shift_factor", None):
         latents = latents - vae.config.shift_factor
     return latents * vae.config.scaling_factor
@@ -223,7 +223,8 @@ def generate_batch(req: BatchRequest, ctx) -> list[Image.Image]:
     def should_stop() -> bool:
         return job is not None and (job.should_stop() or job.should_skip())
 
-    with torch.inference_mode(), circular_padding([unet, model.pipe.vae], req.tiling):
+    with torch.inference_mode(), circular_padding([unet, model.pipe.vae], req.tiling), \
+            memory.batch_scope(model, getattr(ctx, "options", None)):
         plan = ConditioningPlan(ctx.encoder, req.prompts, req.negative_prompts, req.steps, req.clip_skip,
                                 device, dtype, hires_steps=hires_steps)
         scheduler = scheduler_build.build_scheduler(req.sampler, model.pipe.scheduler.config)

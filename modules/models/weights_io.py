@@ -453,8 +453,13 @@ def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
-def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Load any supported weights file to a CPU state dict, dispatching on the extension."""
+def load_state_dict_file(path: str | os.PathLike[str], *, in_memory: bool = False) -> dict[str, torch.Tensor]:
+    """Load any supported weights file to a CPU state dict, dispatching on the extension.
+
+    safetensors' default reader maps the file: tensors are read lazily and are cheap when they are
+    converted (fp16 file -> fp32 model) or moved to a GPU anyway. ``in_memory``: read every tensor
+    into process memory (safetensors' pread backend), for tensors the model keeps as they are (the
+    low-RAM mode), so the model is never backed by a file that could be truncated under it."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_EXTENSIONS:
@@ -463,6 +468,8 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
         _read_safetensors_header_json(path)  # clear message for truncation before the real read
         import safetensors.torch
         try:
+            if in_memory:
+                return safetensors.torch.load_file(str(path), device="cpu", backend="pread")
             return safetensors.torch.load_file(str(path), device="cpu")
         except Exception as exc:
             raise CheckpointLoadError(path, exc) from exc
