@@ -321,8 +321,6 @@ def fill_null_defaults(req: Any) -> None:
 
 def _common_params(req: m._ProcessingBase) -> dict[str, Any]:
     """The fields txt2img and img2img share, with A1111's API defaults for null fields."""
-    if req.refiner_checkpoint not in (None, "", "None"):
-        raise ProcessingError("refiner_checkpoint: a refiner model is not supported")
     choice = samplers.resolve_sampler(req.sampler_name or req.sampler_index or "Euler", req.scheduler or None)
     save = bool(req.save_images)
     return dict(
@@ -345,6 +343,8 @@ def _common_params(req: m._ProcessingBase) -> dict[str, Any]:
         # A1111's API saves samples and grid only when asked (save_images), whatever do_not_save_* say.
         save_images=save,
         do_not_save_grid=not save,
+        refiner_checkpoint=req.refiner_checkpoint if req.refiner_checkpoint not in (None, "None") else "",
+        refiner_switch_at=_or(req.refiner_switch_at, 0.8),
     )
 
 
