@@ -38,6 +38,7 @@ from modules.core.options import OptionError
 from modules.core.pipeline import (IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, HiresParams, Img2ImgParams, ProcessingError,
                                 Txt2ImgParams)
 from modules.models.vae import UnknownVaeError
+from modules.api.merge_routes import add_merge_routes
 from modules.engine.upscaling import resize_image
 from modules.core.styles import apply_styles_to_params
 
@@ -529,6 +530,7 @@ class Api:
         self._add_list_routes()
         self._add_script_routes()
         self._add_model_routes()
+        add_merge_routes(self, bad_request=bad_request, wait_for=wait_for)
 
     def _add_generation_routes(self) -> None:
         """txt2img and img2img: one generation job each, through the queue."""
