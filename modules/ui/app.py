@@ -9,6 +9,7 @@ import gradio as gr
 from modules.services import Services
 from modules.ui import paste
 from modules.ui.extensions_tab import build_extensions_tab
+from modules.ui.merger_tab import build_merger_tab
 from modules.ui.img2img_tab import INPAINT_MODES, MODES, Img2ImgUi, build_img2img_tab
 from modules.ui.pnginfo_tab import PngInfoUi, build_pnginfo_tab
 from modules.ui.quicksettings import build_quicksettings
@@ -104,6 +105,8 @@ def build_ui(services: Services, *, extension_tabs: list[tuple[gr.Blocks, str, s
                 img2img = build_img2img_tab(services)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 pnginfo = build_pnginfo_tab(services)
+            with gr.Tab("Checkpoint Merger", id="modelmerger", elem_id="tab_modelmerger"):
+                build_merger_tab(services)
             for ext_blocks, title, elem_id in extension_tabs:
                 _render_extension_tab(ext_blocks, title, elem_id)
             with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
