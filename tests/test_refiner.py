@@ -2,6 +2,7 @@
 conditioning, compatibility by latent space, model swapping, hires fix order, infotext and paste."""
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 
@@ -199,3 +200,42 @@ def test_the_infotext_fields_paste_back_into_params_and_the_api(services):
     title = params["refiner_checkpoint"]
     assert services.models.registry.get_closest(title).name == "other-sd1.safetensors"
     assert api["refiner_checkpoint"] == title
+
+
+# -- through a real server: the API fields, the Refiner script's args, and the 4xx -------------------------
+@pytest.fixture(scope="module")
+def refiner_server(tmp_path_factory):
+    from conftest import start_server
+
+    data_dir = tmp_path_factory.mktemp("refiner-server")
+    ckpt_dir = data_dir / "models" / "Stable-diffusion"
+    make_checkpoint(ckpt_dir / "base.safetensors", "sd1", seed=1)
+    make_checkpoint(ckpt_dir / "other-sd1.safetensors", "sd1", seed=2)
+    make_checkpoint(ckpt_dir / "xl-refiner.safetensors", "sdxl-refiner", seed=4)
+    srv = start_server(data_dir, "--api")
+    yield srv
+    srv.stop()
+
+
+def _txt2img(server, **body):
+    import requests
+
+    payload = {"prompt": "a red house", "steps": 4, "width": 64, "height": 64, "seed": 5, "sampler_name": "Euler",
+               "override_settings": {"sd_model_checkpoint": "base.safetensors"}, **body}
+    return requests.post(server.url + "/sdapi/v1/txt2img", json=payload, timeout=300)
+
+
+def test_the_api_fields_and_the_refiner_script_args_run_the_refiner(refiner_server):
+    direct = _txt2img(refiner_server, refiner_checkpoint="other-sd1", refiner_switch_at=0.5)
+    assert direct.status_code == 200, direct.text
+    info = json.loads(direct.json()["info"])["infotexts"][0]
+    assert "Refiner: other-sd1" in info and "Refiner switch at: 0.5" in info
+    scripted = _txt2img(refiner_server, alwayson_scripts={"Refiner": {"args": [True, "other-sd1.safetensors", 0.5]}})
+    assert scripted.status_code == 200, scripted.text
+    assert json.loads(scripted.json()["info"])["infotexts"][0] == info
+    assert scripted.json()["images"][0] == direct.json()["images"][0]
+
+
+def test_the_api_refuses_an_incompatible_refiner_with_422(refiner_server):
+    bad = _txt2img(refiner_server, refiner_checkpoint="xl-refiner.safetensors", refiner_switch_at=0.5)
+    assert bad.status_code == 422 and "latent space" in bad.json()["detail"]
