@@ -239,3 +239,17 @@ def test_the_api_fields_and_the_refiner_script_args_run_the_refiner(refiner_serv
 def test_the_api_refuses_an_incompatible_refiner_with_422(refiner_server):
     bad = _txt2img(refiner_server, refiner_checkpoint="xl-refiner.safetensors", refiner_switch_at=0.5)
     assert bad.status_code == 422 and "latent space" in bad.json()["detail"]
+
+
+def test_img2img_switches_over_the_steps_it_runs(services):
+    from PIL import Image
+
+    from modules.core.pipeline import Img2ImgParams
+
+    services.calls.reset()
+    params = Img2ImgParams(prompt="a red house", init_images=[Image.new("RGB", (64, 64), (200, 40, 40))],
+                           denoising_strength=0.5, refiner_checkpoint="other-sd1.safetensors", refiner_switch_at=0.5,
+                           **{**SMALL, "steps": 8})
+    result = services.generation.img2img(params, override_settings={"sd_model_checkpoint": "base.safetensors"})
+    assert services.calls.counts == Counter({"base": 2, "other-sd1": 2})  # 4 of 8 steps run, half on each
+    assert "Refiner: other-sd1" in result.infotexts[0]
