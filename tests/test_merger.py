@@ -218,3 +218,20 @@ def test_the_api_merges_and_refuses_with_4xx(services):
     bad = client.post("/sdapi/v1/merge-checkpoints", json={"primary_model_name": "a.safetensors",
                                                            "secondary_model_name": "xl.safetensors"})
     assert bad.status_code == 422 and "architectures" in bad.json()["detail"]
+
+
+def test_the_sidecar_config_is_copied_from_a_b_or_c_and_never_over_a_file(services):
+    ckpt_dir = services.paths.ckpt_dir
+    made = make_checkpoint(ckpt_dir / "with-yaml.safetensors", "sd1", seed=4, yaml=True)
+    services.models.refresh()
+    result = merge(services, primary_model_name="a.safetensors", secondary_model_name="with-yaml.safetensors",
+                   custom_name="cfg", config_source="A, B or C")
+    assert (ckpt_dir / "cfg.yaml").read_bytes() == made.yaml_path.read_bytes()
+    assert "config copied" in result.message
+    none = merge(services, primary_model_name="a.safetensors", secondary_model_name="with-yaml.safetensors",
+                 custom_name="no-cfg", config_source=3)
+    assert not (ckpt_dir / "no-cfg.yaml").exists() and none.filename.endswith("no-cfg.safetensors")
+    (ckpt_dir / "kept.yaml").write_text("mine")
+    kept = merge(services, primary_model_name="with-yaml.safetensors", interp_method="No interpolation",
+                 custom_name="kept", config_source="A, B or C")
+    assert (ckpt_dir / "kept.yaml").read_text() == "mine" and "was kept" in kept.message

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from modules.core import saving
-from modules.core.refiner import check_refiner, job_refiner
+from modules.core.refiner import check_refiner, job_refiner, wants_refiner
 from modules.core.jobs import Job, JobContext, JobQueue, JobState
 from modules.core.limits import Limits
 from modules.core.model_service import ModelService
@@ -79,7 +79,8 @@ class GenerationService:
         run and may render several images through the `JobRunner` it is given, all in this one job."""
         params.validate(self.limits)  # bad input fails here, before it waits in the queue
         self.options.validate_values(override_settings or {})
-        check_refiner(params, self.models, self.options.snapshot(override_settings))  # a 4xx before queueing
+        if wants_refiner(params):  # an unknown or incompatible refiner is a 4xx before queueing
+            check_refiner(params, self.models, self.options.snapshot(override_settings))
 
         def run(job: JobContext) -> Processed:
             options = self.options.snapshot(override_settings)
