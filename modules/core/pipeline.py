@@ -390,8 +390,8 @@ def create_infotext(p: GenerationParams, ctx: RunContext, *, prompt: str, negati
         p, seed=seed, subseed=subseed, sampler=choice.name, schedule=choice.effective_schedule,
         clip_skip=clip_skip, model_hash=getattr(info, "shorthash", None),
         model_name=getattr(info, "name_for_extra", None) or (model.path.stem if getattr(model, "path", None) else None),
-        vae_name=vae_file.stem if vae_file else None, vae_hash=ctx.vae_hash,
-        refiner=ctx.refiner.infotext_title if getattr(ctx.refiner, "used", False) else None,
+        vae_name=vae_file.stem if vae_file else None, vae_hash=getattr(ctx, "vae_hash", None),
+        refiner=_refiner_title(getattr(ctx, "refiner", None)),
         eta_noise_seed_delta=ctx.options.eta_noise_seed_delta, randn_source=ctx.options.randn_source)
     params = infotext_mod.written_params(source, infotext_mod.LEAD)
     params.update(extra)
@@ -399,6 +399,11 @@ def create_infotext(p: GenerationParams, ctx: RunContext, *, prompt: str, negati
     params.update(p.extra_generation_params)
     params["Version"] = VERSION
     return infotext_mod.build_infotext(prompt, negative_prompt, params)
+
+
+def _refiner_title(refiner: Any) -> str | None:
+    """The infotext's `Refiner: name [hash]`, once the refiner has run in this job."""
+    return refiner.infotext_title if getattr(refiner, "used", False) else None
 
 
 def _extra_params(p: GenerationParams) -> dict[str, Any]:
