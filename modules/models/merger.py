@@ -58,6 +58,7 @@ class TensorFile:
         self.path = Path(path)
         self._fh = None
         self._whole: dict[str, torch.Tensor] | None = None
+        self._buffer = bytearray(0)
         if self.path.suffix.lower() == ".safetensors":
             header = _read_safetensors_header_json(self.path)
             self.metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
@@ -89,6 +90,23 @@ class TensorFile:
         if not buffer:
             return torch.empty(self.shapes[key], dtype=self.dtypes[key])
         return torch.frombuffer(buffer, dtype=self.dtypes[key]).reshape(self.shapes[key])
+
+    def read(self, key: str, start: int, count: int) -> torch.Tensor:
+        """Elements start..start+count of `key`, flat. For a safetensors file the result is a view of a
+        buffer this file reuses for every read: use it before the next read."""
+        if self._whole is not None:
+            return self._whole[key].reshape(-1)[start:start + count]
+        dtype = self.dtypes[key]
+        size = torch.empty((), dtype=dtype).element_size()
+        need = count * size
+        if len(self._buffer) < need:
+            self._buffer = bytearray(need)
+        begin = int(self._entries[key]["data_offsets"][0]) + start * size
+        self._fh.seek(self._base + begin)
+        view = memoryview(self._buffer)[:need]
+        if need and self._fh.readinto(view) != need:
+            raise CheckpointLoadError(self.path, f"truncated while reading {key}")
+        return torch.frombuffer(self._buffer, dtype=dtype, count=count) if count else torch.empty(0, dtype=dtype)
 
     def close(self) -> None:
         if self._fh is not None:
@@ -235,35 +253,73 @@ def _vae_keys(vae: TensorFile) -> dict[str, tuple[int, ...]]:
 
 # ---------------------------------------------------------------- computing
 
+CHUNK = 1 << 22   # elements computed at a time: the working buffers are a few tens of MB, reused
 
-def _tensors(spec: MergeSpec, plan: MergePlan, a: TensorFile, b: TensorFile | None, c: TensorFile | None,
-             vae: TensorFile | None) -> Iterator[torch.Tensor]:
+
+class _Buffers:
+    """Working buffers reused for every chunk: no allocation (nor page faults) per tensor."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, name: str, dtype: torch.dtype, count: int) -> torch.Tensor:
+        buf = self._bufs.get((name, dtype))
+        if buf is None or buf.numel() < count:
+            buf = self._bufs[(name, dtype)] = torch.empty(max(count, CHUNK), dtype=dtype)
+        return buf[:count]
+
+
+def _chunks(spec: MergeSpec, e: _Entry, files: tuple, work: _Buffers) -> Iterator[torch.Tensor]:
+    """The output tensor `e`, flat, in chunks (each valid until the next is made)."""
+    a, b, c, vae = files
+    if e.how == "merge-first-4":  # the input conv of an inpainting model: small, done whole
+        yield _merge_first_4(spec, e, a, b, c).reshape(-1)
+        return
+    source, key = (vae, _vae_names(vae)[e.key]) if e.how == "vae" else (a, e.key)
+    total = _numel(e.shape)
+    for start in range(0, total, CHUNK):
+        count = min(CHUNK, total - start)
+        part = source.read(key, start, count)
+        if e.how == "merge":
+            part = _merge_chunk(spec, e.key, start, count, part, b, c, work)
+        if part.dtype != e.dtype:
+            part = work.get("out", e.dtype, count).copy_(part)
+        yield part
+
+
+def _merge_chunk(spec: MergeSpec, key: str, start: int, count: int, part_a: torch.Tensor, b: TensorFile,
+                 c: TensorFile | None, work: _Buffers) -> torch.Tensor:
+    """A*(1-M) + B*M or A + (B-C)*M in float32, in place in the working buffers."""
     m = float(spec.multiplier)
-    vae_names = {VAE_PREFIX + k.removeprefix(VAE_PREFIX): k for k in vae.keys()} if vae is not None else {}
-    for e in plan.entries:
-        if e.how == "vae":
-            yield vae.get(vae_names[e.key]).to(e.dtype)
-            continue
-        ta = a.get(e.key)
-        if e.how == "copy":
-            yield ta.to(e.dtype)
-            continue
-        tb = b.get(e.key).float()
-        if spec.method == ADD_DIFFERENCE:
-            tb = tb - c.get(e.key).float() if e.key in c.shapes else torch.zeros_like(tb)
-        if e.how == "merge-first-4":
-            out = ta.float().clone()
-            out[:, :4] = _combine(spec.method, out[:, :4], tb, m)
-        else:
-            out = _combine(spec.method, ta.float(), tb, m)
-        yield out.to(e.dtype)
+    wa = work.get("a", torch.float32, count).copy_(part_a)
+    wb = work.get("b", torch.float32, count).copy_(b.read(key, start, count))
+    if spec.method == WEIGHTED_SUM:
+        wa.mul_(1 - m)
+        wb.mul_(m)
+    elif key in c.shapes:
+        wb.sub_(work.get("c", torch.float32, count).copy_(c.read(key, start, count)))
+        wb.mul_(m)
+    else:
+        wb.zero_()  # B has it, C does not: A1111 adds nothing
+    return wa.add_(wb)
 
 
-def _combine(method: str, a: torch.Tensor, b: torch.Tensor, m: float) -> torch.Tensor:
-    """b is B (weighted sum) or B - C (add difference), in float32."""
-    if method == WEIGHTED_SUM:
-        return a * (1 - m) + b * m
-    return a + b * m
+def _merge_first_4(spec: MergeSpec, e: _Entry, a: TensorFile, b: TensorFile, c: TensorFile | None) -> torch.Tensor:
+    """A1111's rule for an inpainting (9) or instruct-pix2pix (8) A with a normal B: B goes into A's first 4
+    input channels."""
+    m = float(spec.multiplier)
+    out = a.get(e.key).float().clone()
+    tb = b.get(e.key).float()
+    if spec.method == WEIGHTED_SUM:
+        out[:, :4] = out[:, :4] * (1 - m) + tb * m
+    else:
+        diff = tb - c.get(e.key).float() if e.key in c.shapes else torch.zeros_like(tb)
+        out[:, :4] = out[:, :4] + diff * m
+    return out.to(e.dtype)
+
+
+def _vae_names(vae: TensorFile) -> dict[str, str]:
+    return {VAE_PREFIX + k.removeprefix(VAE_PREFIX): k for k in vae.keys()}
 
 
 # ---------------------------------------------------------------- writing
@@ -289,21 +345,28 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _write_safetensors(fh, plan: MergePlan, tensors: Iterator[torch.Tensor], metadata: dict[str, str] | None,
-                       progress: Callable[[int, int], None]) -> None:
-    header = _header(plan, metadata)
+def _write_safetensors(fh, spec: MergeSpec, plan: MergePlan, files: tuple, tick: Callable[[int, int], None]) -> None:
+    header = _header(plan, spec.metadata)
     fh.write(len(header).to_bytes(8, "little"))
     fh.write(header)
-    for i, tensor in enumerate(tensors):
-        fh.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-        progress(i + 1, len(plan.entries))
+    work = _Buffers()
+    for i, e in enumerate(plan.entries):
+        for chunk in _chunks(spec, e, files, work):
+            fh.write(chunk.contiguous().view(torch.uint8).numpy().data)
+        tick(i + 1, len(plan.entries))
 
 
-def _write_ckpt(fh, plan: MergePlan, tensors: Iterator[torch.Tensor], progress: Callable[[int, int], None]) -> None:
+def _write_ckpt(fh, spec: MergeSpec, plan: MergePlan, files: tuple, tick: Callable[[int, int], None]) -> None:
+    """A pickle holds the whole model: built tensor by tensor, then torch.save."""
     out: dict[str, torch.Tensor] = {}
-    for i, (e, tensor) in enumerate(zip(plan.entries, tensors)):
-        out[e.key] = tensor.clone()
-        progress(i + 1, len(plan.entries))
+    work = _Buffers()
+    for i, e in enumerate(plan.entries):
+        whole, pos = torch.empty(_numel(e.shape), dtype=e.dtype), 0
+        for chunk in _chunks(spec, e, files, work):
+            whole[pos:pos + chunk.numel()].copy_(chunk)
+            pos += chunk.numel()
+        out[e.key] = whole.reshape(e.shape)
+        tick(i + 1, len(plan.entries))
     torch.save({"state_dict": out}, fh)
 
 
@@ -336,14 +399,11 @@ def run_merge(spec: MergeSpec, *, progress: Callable[[int, int], None] = lambda 
         a, b, c, vae = files
         check_architectures(a, [f for f in (b, c) if f is not None])
         plan = plan_merge(spec, a, b, c, vae)
-        tensors = _tensors(spec, plan, a, b, c, vae)
         plan.output = output_for(plan) if output_for is not None else spec.output
         _check_space(plan)
         with create(plan.output) as fh:
-            if plan.output.suffix == ".safetensors":
-                _write_safetensors(fh, plan, tensors, spec.metadata, tick)
-            else:
-                _write_ckpt(fh, plan, tensors, tick)
+            write = _write_safetensors if plan.output.suffix == ".safetensors" else _write_ckpt
+            write(fh, spec, plan, (a, b, c, vae), tick)
         return plan
     finally:
         for f in files:
