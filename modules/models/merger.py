@@ -9,9 +9,10 @@ are copied from A. An inpainting (9-channel) or instruct-pix2pix (8-channel) A m
 B merges B into A's first 4 input channels; the other way round is refused, as A1111 does.
 
 Memory: a plan is made from the headers first (shapes, dtypes, every refusal), then each output
-tensor is read, computed in float32, cast and written before the next is read; a `.safetensors`
+tensor is read, computed in float32, cast and written in chunks of 4M elements through working
+buffers reused for the whole merge (no allocation per tensor, so no heap growth); a `.safetensors`
 input is read with plain positioned reads (not mmap, whose touched pages would stay resident), so
-merging two SDXL files needs a few tensors' worth of memory. `.ckpt` inputs (pickles) can only be
+merging two SDXL files needs tens of MB, whatever their size. `.ckpt` inputs (pickles) can only be
 loaded whole (by weights_io's safe loader), and a `.ckpt` output is built whole before torch.save.
 
 Writing: safetensors has no streaming writer, so `_write_safetensors` writes the documented format
