@@ -1,0 +1,1 @@
+"""ControlNet: preprocessors (annotators) and control units run inside our own sampling loop."""
