@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from modules.core.callers import CallerPolicy
+from modules.core.networks_service import ExtraNetworksService
 from modules.models.checkpoints import CheckpointRegistry
 from modules.core.generation import GenerationService
 from modules.models.hashes import HashCache
@@ -19,6 +20,7 @@ from modules.core.model_service import ModelService
 from modules.core.options import Options
 from modules.core.paths import AppPaths
 from modules.models.vae import VaeRegistry
+from modules.models.embeddings import EmbeddingDatabase
 from modules.models.depth import DepthEstimators, set_default_estimators
 from modules.core.styles import StyleDatabase
 from modules.extensions.processing_adapter import wrap as wrap_params
@@ -37,6 +39,10 @@ class Services:
     extensions: list[Any] = field(default_factory=list)   # extensions.Extension, in load order
     limits: Limits = field(default_factory=Limits)        # input limits and folder rules, from the flags
     callers: CallerPolicy | None = None  # request -> Caller (who owns and may stop which job)
+    upscalers: Any = None  # models.upscaler_models.UpscalerRegistry (models/ESRGAN & co)
+    extras: Any = None     # core.extras_service.ExtrasService (the Extras tab and /extra-* API)
+    networks: ExtraNetworksService | None = None   # LoRA/hypernetwork registries and their merging
+    queue: Any = None      # core/queue_service.QueueService: the persistent queue and history
 
     def script_runner(self, is_img2img: bool):
         """The tab's scripts.ScriptRunner; an empty one when no extensions were loaded."""
@@ -81,11 +87,41 @@ def build_services(opts: argparse.Namespace, paths: AppPaths, options: Options) 
         state=JobState(), max_per_owner=per_client, max_total=_bound(getattr(opts, "queue_max_total", None))),
         limits=limits)
     generation.make_script_p = wrap_params
+    generation.embeddings = EmbeddingDatabase([paths.embeddings_dir], hash_cache, hashing=not opts.no_hashing)
+    models.add_loaded_listener(lambda _model: generation.embeddings.invalidate())
+    generation.networks = ExtraNetworksService.from_paths(paths)
+    queue_service = _queue_service(paths, generation, callers)
     styles = StyleDatabase(paths.styles_files)
     options.lock_dir_config(limits.dir_config_locked)
     set_default_estimators(DepthEstimators.for_models_dir(paths.models_dir, device=_depth_device(opts)))
+    upscalers, extras = _build_extras(opts, paths, generation)
     return Services(cmd_opts=opts, paths=paths, options=options, models=models, generation=generation,
-                    styles=styles, callers=callers, limits=limits)
+                    styles=styles, callers=callers, limits=limits, networks=generation.networks,
+                    queue=queue_service, upscalers=upscalers, extras=extras)
+
+
+def _queue_service(paths: AppPaths, generation: GenerationService, callers: CallerPolicy):
+    """The job store under the data dir (queue/jobs.sqlite3); webui.main calls its restore() once the app is built."""
+    from modules.core.job_store import JobStore
+    from modules.core.queue_service import QueueService
+
+    store = JobStore(paths.data_dir / "queue" / "jobs.sqlite3")
+    return QueueService(store, generation, data_dir=paths.data_dir, outputs_dir=paths.outputs_dir,
+                        single_user=callers.single_user)
+
+
+def _build_extras(opts: argparse.Namespace, paths: AppPaths, generation: GenerationService) -> tuple[Any, Any]:
+    """The upscaler registry (bound for hires fix, SD upscale and X/Y/Z) and the extras service."""
+    from modules.core.extras_service import ExtrasService
+    from modules.core.face_restoration import FaceRestoration
+    from modules.engine.upscaling import bind_model_upscalers
+    from modules.models.upscaler_models import UpscalerRegistry, upscaler_folders
+
+    upscalers = UpscalerRegistry(upscaler_folders(paths.models_dir, opts))
+    bind_model_upscalers(upscalers)
+    faces = FaceRestoration.from_opts(paths.models_dir, opts)
+    generation.restore_faces = faces.for_generation
+    return upscalers, ExtrasService(generation=generation, upscalers=upscalers, faces=faces)
 
 
 def _depth_device(opts: argparse.Namespace) -> str | None:

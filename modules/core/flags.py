@@ -66,10 +66,6 @@ LEGACY_FLAGS: dict[str, tuple[bool, str]] = {
     "--gradio-inpaint-tool": (True, "the inpaint tools are fixed"),
     "--ui-config-file": (True, "UI defaults live in config.json"),
     "--clip-models-path": (True, "interrogation is not available"),
-    "--codeformer-models-path": (True, "face restoration is not available"),
-    "--gfpgan-models-path": (True, "face restoration is not available"),
-    "--esrgan-models-path": (True, "put upscalers in models/ESRGAN"),
-    "--realesrgan-models-path": (True, "put upscalers in models/ESRGAN"),
 }
 
 # Flags handled by the launcher (webui.sh). webui.py accepts them so the
@@ -110,6 +106,8 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     paths.add_argument("--vae-path", default=None, help="a VAE file to use for every checkpoint")
     paths.add_argument("--lora-dir", default=None, help="folder of LoRA files")
     paths.add_argument("--embeddings-dir", default=None, help="folder of textual inversion embeddings")
+    for folder in ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "ScuNET", "GFPGAN", "Codeformer"):  # upscalers, faces
+        paths.add_argument(f"--{folder.lower()}-models-path", default=None, help=f"folder of {folder} models (default: models/{folder})")
     paths.add_argument("--ui-settings-file", default=None, help="settings file (default: DATA_DIR/config.json)")
     paths.add_argument("--styles-file", default=None, action="append", help="styles CSV file (default: DATA_DIR/styles.csv)")
 

@@ -17,6 +17,7 @@ from modules.engine import sampler_catalog as samplers
 from modules.core.limits import LimitError, Limits, check_finite
 from modules.core.version import VERSION
 from modules.engine.upscaling import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, resize_image
+from modules.engine.upscaling import image_upscaler_names, is_image_upscaler
 
 
 
@@ -73,11 +74,13 @@ class GenerationParams:
     seed_resize_from_h: int = 0
     clip_skip: int | None = None        # None: the "Clip skip" setting
     tiling: bool = False
+    restore_faces: bool = False         # A1111's "Restore faces": the face_restoration_model setting's restorer
     save_images: bool = True
     do_not_save_grid: bool = False
     extra_generation_params: dict[str, Any] = field(default_factory=dict)
     refiner_checkpoint: str = ""        # "": no refiner (A1111 1.6+'s Refiner; see core/refiner.py)
     refiner_switch_at: float = 0.8      # the fraction of the steps after which the refiner samples
+    disable_extra_networks: bool = False    # A1111's: <lora:...> tags are stripped but not applied
 
     kind = "txt2img"  # outputs/<kind>-images; a class attribute, not a field
 
@@ -156,9 +159,9 @@ class Txt2ImgParams(GenerationParams):
                 limits.check_pixels("hires target (hr_scale, hr_resize_x, hr_resize_y)", *hires_target_size(self))
             except LimitError as err:
                 raise ProcessingError(str(err)) from None
-            if h.upscaler not in LATENT_UPSCALE_MODES and h.upscaler not in IMAGE_UPSCALERS:
+            if h.upscaler not in LATENT_UPSCALE_MODES and not is_image_upscaler(h.upscaler):
                 raise ProcessingError(f"unknown hires upscaler {h.upscaler!r}; choose one of "
-                                      f"{', '.join([*LATENT_UPSCALE_MODES, *IMAGE_UPSCALERS])}")
+                                      f"{', '.join([*LATENT_UPSCALE_MODES, *image_upscaler_names()])}")
             if not 0 <= h.denoising_strength <= 1:
                 raise ProcessingError("hires denoising strength must be between 0 and 1")
             if h.sampler_name and h.sampler_name != "Use same sampler":
@@ -299,8 +302,8 @@ class Processed:
             "cfg_scale": p.cfg_scale,
             "steps": p.steps,
             "batch_size": p.batch_size,
-            "restore_faces": False,
-            "face_restoration_model": None,
+            "restore_faces": bool(getattr(p, "restore_faces", False)),
+            "face_restoration_model": p.extra_generation_params.get("Face restoration"),
             "sd_model_name": self.sd_model_name,
             "sd_model_hash": self.sd_model_hash,
             "sd_vae_name": self.sd_vae_name,
@@ -315,6 +318,7 @@ class Processed:
             "job_timestamp": self.job_timestamp,
             "clip_skip": self.clip_skip,
             "is_using_inpainting_conditioning": self.is_using_inpainting_conditioning,
+            "comments": self.comments,
             "version": VERSION,
         }
 
@@ -339,6 +343,10 @@ class RunContext:
     make_script_p: Callable[[Any], Any] | None = None
     refiner: Any = None             # core.refiner.JobRefiner when the params name a refiner
     vae_hash: str | None = None     # the separate VAE's short sha256 (infotext "VAE hash")
+    # (image, options) -> image with faces restored (core/face_restoration.py); None: not set up
+    restore_faces: Callable[[Any, Any], Any] | None = None
+    # core.networks_service.ExtraNetworksService: merges each batch's <lora:...> networks into the model.
+    networks: Any = None
 
 
 @dataclass
@@ -412,6 +420,19 @@ def _refiner_title(refiner: Any) -> str | None:
 def _extra_params(p: GenerationParams) -> dict[str, Any]:
     """A1111's hires-fix and inpainting keys, present when those ran."""
     return infotext_mod.extra_generation_params(p)
+
+
+def _embedding_params(p: GenerationParams, ctx: RunContext, run: ProcessingRun) -> dict[str, Any]:
+    """A1111's ``TI hashes``: "name: shorthash" of each textual-inversion embedding the prompts use."""
+    used = getattr(ctx.encoder, "used_embeddings", None)
+    if used is None or not ctx.options.textual_inversion_add_hashes_to_infotext:
+        return {}
+    hires = getattr(p, "hires", None)
+    extra = [hires.prompt, hires.negative_prompt] if hires is not None and hires.enabled else []
+    found = used(run.all_prompts + run.all_negative_prompts + [t for t in extra if t], p.steps)
+    hashes = [f"{name.replace(':', '').replace(',', '')}: {emb.shorthash}" for name, emb in found.items()
+              if emb.shorthash]
+    return {infotext_mod.TI_HASHES: ", ".join(hashes)} if hashes else {}
 
 
 def hires_target_size(p: Txt2ImgParams) -> tuple[int, int]:
@@ -495,6 +516,7 @@ class _JobPlan:
     clip_skip: int
     extra: dict[str, Any]
     save_p: Any                  # what the save callbacks get as params.p
+    comments: list[str] = field(default_factory=list)   # warnings for the user (missing LoRA...)
 
 
 @dataclass
@@ -515,6 +537,7 @@ def _process(p: GenerationParams, ctx: RunContext) -> Processed:
                     extra=_extra_params(p), save_p=_save_owner(p, ctx))
     run = _plan_run(p)
     hooks.process(run)
+    plan.extra.update(_embedding_params(p, ctx, run))
     if ctx.job is not None and ctx.sets_job_count:
         ctx.job.set_job_count(p.n_iter)
     started = time.time()
@@ -589,6 +612,7 @@ def _render_batch(p: GenerationParams, ctx: RunContext, plan: _JobPlan, run: Pro
         return False
     init, plans = _init_images(p, sl.start, len(run.prompts)) if isinstance(p, Img2ImgParams) else (None, [])
     hooks.process_batch(run, n)
+    _activate_networks(p, ctx, plan, run.prompts)
     options = ctx.options
     batch = diffusion.BatchRequest(
         prompts=list(run.prompts), negative_prompts=list(run.negative_prompts),
@@ -598,8 +622,11 @@ def _render_batch(p: GenerationParams, ctx: RunContext, plan: _JobPlan, run: Pro
         sampler=plan.choice, clip_skip=plan.clip_skip, tiling=p.tiling,
         rng_source=options.randn_source, eta_noise_seed_delta=int(options.eta_noise_seed_delta),
         hires=_hires_pass(p) if isinstance(p, Txt2ImgParams) and p.hires.enabled else None, init=init,
+        activate_networks=lambda prompts: _activate_networks(p, ctx, plan, prompts, hires=True),
     )
     batch_images = diffusion.generate_batch(batch, ctx)
+    if p.restore_faces or ctx.options.get("face_restoration", False):   # the param, or A1111 1.6+'s setting
+        batch_images = _restore_faces(p, ctx, batch_images)
     if plans:
         from modules.core.masking import paste_back
 
@@ -609,6 +636,30 @@ def _render_batch(p: GenerationParams, ctx: RunContext, plan: _JobPlan, run: Pro
         _finish_image(p, ctx, plan, run, hooks.postprocess_image(run, image),
                       min(n * p.batch_size + i, len(run.all_prompts) - 1), rendered)
     return True
+
+
+def _restore_faces(p: GenerationParams, ctx: RunContext, images: list[Any]) -> list[Any]:
+    """A1111's "Restore faces" on each image of the batch, named in the infotext."""
+    if ctx.restore_faces is None:
+        raise ProcessingError("Restore faces: face restoration is not set up on this server")
+    p.extra_generation_params["Face restoration"] = ctx.options.face_restoration_model
+    return [ctx.restore_faces(image, ctx.options) for image in images]
+
+
+def _activate_networks(p: GenerationParams, ctx: RunContext, plan: _JobPlan, prompts: list[str], *,
+                       hires: bool = False) -> None:
+    """The extra networks of `prompts` (the first one's tags, as in A1111) merged into the model; their
+    Lora hashes go to the infotext (a hires prompt's are added to the first pass's), warnings to the job."""
+    if ctx.networks is None:
+        return
+    result = ctx.networks.activate(ctx.model, ctx.encoder, list(prompts), options=ctx.options,
+                                   disabled=bool(p.disable_extra_networks))
+    first_pass = plan.extra.pop("Lora hashes", None) if not hires else plan.extra.get("Lora hashes")
+    if hires and first_pass and "Lora hashes" in result.infotext:
+        merged = dict.fromkeys(first_pass.split(", ") + result.infotext["Lora hashes"].split(", "))
+        result.infotext["Lora hashes"] = ", ".join(merged)
+    plan.extra.update(result.infotext)
+    plan.comments.extend(w for w in result.warnings if w not in plan.comments)
 
 
 def _init_images(p: Img2ImgParams, start: int, count: int):
@@ -687,6 +738,7 @@ def _processed(p: GenerationParams, ctx: RunContext, run: ProcessingRun, plan: _
         extra_generation_params={**plan.extra, **p.extra_generation_params},
         is_using_inpainting_conditioning=bool(getattr(ctx.model.spec, "is_inpaint", False))
         and isinstance(p, Img2ImgParams),
+        comments="".join(f"{c}\n" for c in plan.comments),
     )
 
 

@@ -65,6 +65,8 @@ class BatchRequest:
     eta_noise_seed_delta: int
     hires: HiresPass | None = None     # hires fix's second pass, when enabled
     init: InitImages | None = None     # img2img / inpainting
+    # prompts -> None: merges those prompts' <lora:...> networks (a hires prompt's own set, as in A1111)
+    activate_networks: Any = None
 
 
 def prompt_encoder_for(model) -> conditioning.PromptEncoder:
@@ -290,6 +292,21 @@ def _img2img_start(req: BatchRequest, model, scheduler, noise: torch.Tensor, dev
     return timesteps, latents, blend, image_cond
 
 
+def _hires_upscale(image: Image.Image, size: tuple[int, int], upscaler: str, ctx) -> Image.Image:
+    """Hires fix's image-space upscale: a PIL resize or an upscaler model (tiled, see model_upscale.py)."""
+    from modules.engine.upscaling import upscale_image
+    from modules.engine.model_upscale import UpscaleInterrupted
+
+    job = getattr(ctx, "job", None)
+    on_tile = (lambda done, total: job.state.set_textinfo(f"Hires upscale ({upscaler}): tile {done}/{total}")) \
+        if job is not None else None
+    try:
+        return upscale_image(image, size, upscaler, options=getattr(ctx, "options", None), on_tile=on_tile,
+                             should_stop=job.should_stop if job is not None else None)
+    except UpscaleInterrupted:  # the pass stops at its first step anyway; finish cheaply
+        return resize_image(image, size, "Lanczos")
+
+
 def _hires_pass(req: BatchRequest, ctx, model, latents, image_rng, on_step, should_stop) -> torch.Tensor:
     """A1111's hires fix: upscale the first pass, then img2img at the target size."""
     h = req.hires
@@ -301,7 +318,7 @@ def _hires_pass(req: BatchRequest, ctx, model, latents, image_rng, on_step, shou
         latents = _upscale_latents(latents.float(), (width, height), latent_format(model).downscale,
                                    LATENT_UPSCALE_MODES[h.upscaler])
     else:
-        images = [resize_image(img, (width, height), h.upscaler) for img in decode(model, latents)]
+        images = [_hires_upscale(img, (width, height), h.upscaler, ctx) for img in decode(model, latents)]
         latents = encode(model, images).float()
 
     choice = req.sampler
@@ -310,6 +327,8 @@ def _hires_pass(req: BatchRequest, ctx, model, latents, image_rng, on_step, shou
     steps = h.steps
     prompts = [h.prompt] * batch if h.prompt else req.prompts
     negatives = [h.negative_prompt] * batch if h.negative_prompt else req.negative_prompts
+    if h.prompt and req.activate_networks is not None:
+        req.activate_networks(prompts)
     plan = ConditioningPlan(ctx.encoder, prompts, negatives, steps, req.clip_skip, device, dtype)
     scheduler = scheduler_build.build_scheduler(choice, model.pipe.scheduler.config)
     # A1111 runs exactly the hires step count: the schedule is stretched to steps/strength and

@@ -80,11 +80,13 @@ class StableDiffusionProcessing:
     seed_resize_from_w = _param("seed_resize_from_w")
     seed_resize_from_h = _param("seed_resize_from_h")
     tiling = _param("tiling")
+    restore_faces = _param("restore_faces")
     do_not_save_grid = _param("do_not_save_grid")
     extra_generation_params = _param("extra_generation_params")
     clip_skip = _param("clip_skip")
     refiner_checkpoint = _param("refiner_checkpoint")
     refiner_switch_at = _param("refiner_switch_at")
+    disable_extra_networks = _param("disable_extra_networks")
 
     all_prompts = _run_list("all_prompts")
     all_negative_prompts = _run_list("all_negative_prompts")
@@ -110,12 +112,10 @@ class StableDiffusionProcessing:
         self.is_api = False
         self.user = None
         self.comments: dict[str, Any] = {}
-        self.restore_faces = False
         self.sampler_index = None
         self.eta = None
         self.main_prompt = None
         self.main_negative_prompt = None
-        self.disable_extra_networks = False
         self.runner: Runner | None = None  # bound by the job that runs scripts
         for key, value in kwargs.items():
             setattr(self, key, value)

@@ -51,8 +51,8 @@ import torch
 
 __all__ = [
     "CheckpointLoadError", "UnsafeCheckpointError", "PickledPlaceholder", "NumpyDtypeDescription",
-    "load_ckpt_state_dict", "load_state_dict_file", "read_safetensors_header", "read_safetensors_metadata",
-    "extra_safe_globals", "PICKLE_EXTENSIONS", "SAFETENSORS_EXTENSIONS",
+    "load_ckpt_state_dict", "load_state_dict_file", "load_pickled_object", "read_safetensors_header", "read_safetensors_metadata",
+    "extra_safe_globals", "PICKLE_EXTENSIONS", "SAFETENSORS_EXTENSIONS", "load_nested_weights",
 ]
 
 log = logging.getLogger(__name__)
@@ -358,6 +358,41 @@ def load_ckpt_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     if not path.is_file():
         raise CheckpointLoadError(path, "no such file")
     return _extract_state_dict(path, _read_pickle_checkpoint(path))
+
+
+def _nested_tensors(obj: Any, depth: int = 0) -> Any:
+    """`obj` with everything but str-keyed dicts and tensors dropped (at most 3 levels deep)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, dict) and depth < 3:
+        out = {k: _nested_tensors(v, depth + 1) for k, v in obj.items() if isinstance(k, str)}
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor) or (isinstance(v, dict) and v)}
+    return None
+
+
+def load_nested_weights(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A weights file's dicts of tensors as nested in the file (Real-ESRGAN's ``{"params_ema": {...}}``),
+    read by the same safe loaders; for libraries that unwrap such layouts themselves (spandrel)."""
+    path = Path(path)
+    if path.suffix.lower() in SAFETENSORS_EXTENSIONS:
+        return load_state_dict_file(path)
+    if path.suffix.lower() not in PICKLE_EXTENSIONS:
+        return load_state_dict_file(path)  # raises the "unsupported file type" error
+    if not path.is_file():
+        raise CheckpointLoadError(path, "no such file")
+    nested = _nested_tensors(_read_pickle_checkpoint(path))
+    if not nested:
+        raise CheckpointLoadError(path, "it contains no tensors")
+    return nested
+
+
+def load_pickled_object(path: str | os.PathLike[str]) -> Any:
+    """The whole object a ``.pt`` holds (nested dicts/lists, int keys and all), read by the same
+    restricted loader: for formats that are not a flat state dict (A1111 hypernetworks)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointLoadError(path, "no such file")
+    return _read_pickle_checkpoint(path)
 
 
 def _read_safetensors_header_json(path: Path) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from modules.ui.common import (POLL_SECONDS, ControlsBase, build_batch_controls,
 from modules.core.styles import apply_styles_to_params
 from modules.ui import paste
 from modules.ui.styles_ui import StylesUi
+from modules.ui.extra_networks import build_extra_networks
 
 # Sub-tab ids in A1111's order; the index is A1111's img2img "mode".
 MODES = ("img2img", "sketch", "inpaint", "inpaint_sketch", "inpaint_upload", "batch")
@@ -184,6 +185,7 @@ class Img2ImgUi:
 
 def build_img2img_tab(services: Services) -> Img2ImgUi:
     top = build_toprow("img2img", services)
+    networks = build_extra_networks(services, "img2img", top)
     mode = gr.State(0)
     scale_tab = gr.State(0)
     with gr.Row():
@@ -202,7 +204,9 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
             script_runner = services.script_runner(True)
             script_runner.setup_ui()
         with gr.Column(scale=1):
-            output = build_output_panel("img2img")
+            output = build_output_panel("img2img", buttons=lambda: gr.Button(  # wired by ui/app.py
+                "📐 Send to extras", elem_id="img2img_send_to_extras", size="sm"))
+    networks.connect_gallery(output.gallery)
 
     controls = Img2ImgControls(prompt=top.prompt, negative_prompt=top.negative_prompt, **sampling,
                                resize_mode=resize_mode, width=size.width, height=size.height, scale_by=size.scale_by,
@@ -402,7 +406,8 @@ def _connect_generate(services: Services, top: Any, controls: Img2ImgControls, s
             yield from _run_one(services, script_runner, extra, control_values, overrides, script_args, owner)
 
     top.generate.click(run, inputs=[*extra_inputs.values(), *controls.components(), *script_runner.script_inputs],
-                       outputs=output.outputs(), concurrency_limit=None, show_progress="hidden")
+                       outputs=output.outputs(), concurrency_limit=None, show_progress="hidden",
+                       trigger_mode="multiple")  # Generate while a job runs queues another (Queue tab)
     return running_batches
 
 

@@ -329,6 +329,43 @@ def _checkpoint_choices() -> list[str]:
     return sorted(services.models.titles(), key=str.casefold) if services is not None else []
 
 
+def _networks(p: Any) -> Any:
+    """The extra-networks service (LoRA registry): the running job's, else the app's."""
+    service = getattr(getattr(p, "runner", None), "service", None)
+    networks = getattr(service, "networks", None)
+    return networks if networks is not None else getattr(_services(), "networks", None)
+
+
+def _lora_choices() -> list[str]:
+    networks = getattr(_services(), "networks", None)
+    return ["None"] + sorted((e.name for e in networks.loras.list()), key=str.casefold) if networks else ["None"]
+
+
+def _check_lora(values: list, p: Any) -> list:
+    """Each value is a LoRA name (file stem or alias), optionally ``name:weight``; "None" adds nothing."""
+    networks = _networks(p)
+    out = []
+    for value in values:
+        name, _, weight = value.partition(":")
+        if name.strip().lower() == "none":
+            out.append("None")
+            continue
+        try:
+            weight_value = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            raise ProcessingError(f"Lora {value!r}: the weight after ':' must be a number") from None
+        if networks is None or networks.loras.find(name.strip()) is None:
+            raise ProcessingError(f"unknown Lora {name.strip()!r}; known: {', '.join(_lora_choices()[1:]) or 'none'}")
+        out.append(f"{name.strip()}:{weight_value:g}")
+    return out
+
+
+def _apply_lora(p: Any, value: str, values: list) -> None:
+    """A1111 users add a LoRA by its prompt tag; the axis appends ``<lora:name:weight>`` to the prompt."""
+    if value != "None":
+        p.prompt = f"{p.prompt} <lora:{value}>"
+
+
 def _vae_choices() -> list[str]:
     services = _services()
     return services.models.vae_choices() if services is not None else ["Automatic", "None"]
@@ -340,7 +377,7 @@ def _vae_check_choices(p: Any) -> list[str]:
 
 
 def _hires_upscaler_choices() -> list[str]:
-    return [*processing.LATENT_UPSCALE_MODES, *processing.IMAGE_UPSCALERS]
+    return [*processing.LATENT_UPSCALE_MODES, *processing.image_upscaler_names()]
 
 
 def _rng_choices() -> list[str]:
@@ -417,6 +454,7 @@ AXES: list[Axis] = [
     Axis("Refiner checkpoint", "str", _set("refiner_checkpoint"), format=_format_checkpoint,
          check=_check_refiner_checkpoint, choices=lambda: ["None", *_checkpoint_choices()], cost=1.0),
     Axis("Refiner switch at", "float", _set("refiner_switch_at")),
+    Axis("Lora", "str", _apply_lora, format=_format_value, check=_check_lora, choices=_lora_choices),
 ]
 
 
