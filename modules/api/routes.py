@@ -38,6 +38,7 @@ from modules.core.options import OptionError
 from modules.core.pipeline import (IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, HiresParams, Img2ImgParams, ProcessingError,
                                 Txt2ImgParams)
 from modules.models.vae import UnknownVaeError
+from modules.api.merge_routes import add_merge_routes
 from modules.models.upscaler_models import UpscalerLoadError
 from modules.core.styles import apply_styles_to_params
 
@@ -273,8 +274,6 @@ def fill_null_defaults(req: Any) -> None:
 
 def _common_params(req: m._ProcessingBase) -> dict[str, Any]:
     """The fields txt2img and img2img share, with A1111's API defaults for null fields."""
-    if req.refiner_checkpoint not in (None, "", "None"):
-        raise ProcessingError("refiner_checkpoint: a refiner model is not supported")
     choice = samplers.resolve_sampler(req.sampler_name or req.sampler_index or "Euler", req.scheduler or None)
     save = bool(req.save_images)
     return dict(
@@ -299,6 +298,8 @@ def _common_params(req: m._ProcessingBase) -> dict[str, Any]:
         # A1111's API saves samples and grid only when asked (save_images), whatever do_not_save_* say.
         save_images=save,
         do_not_save_grid=not save,
+        refiner_checkpoint=req.refiner_checkpoint if req.refiner_checkpoint not in (None, "None") else "",
+        refiner_switch_at=_or(req.refiner_switch_at, 0.8),
     )
 
 
@@ -481,6 +482,7 @@ class Api:
         self._add_list_routes()
         self._add_script_routes()
         self._add_model_routes()
+        add_merge_routes(self, bad_request=bad_request, wait_for=wait_for)
 
     def _add_generation_routes(self) -> None:
         """txt2img and img2img: one generation job each, through the queue."""

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-__all__ = ["atomic_create_bytes", "atomic_output", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "is_temp_file_name",
+__all__ = ["atomic_create_bytes", "atomic_create_output", "atomic_output", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "is_temp_file_name",
            "remove_stale_temp_files", "TEMP_MARKER", "STALE_AFTER_SECONDS"]
 
 TEMP_MARKER = ".atomic-tmp"
@@ -219,6 +219,34 @@ def atomic_create_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     finally:
         _silent_unlink(tmp_name)
     _fsync_dir(directory)
+
+
+@contextlib.contextmanager
+def atomic_create_output(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
+    """A binary file object for a *new* file ``path``, written in a stream (a merged checkpoint of
+    gigabytes): it appears under its name, complete, only if the block exits cleanly, and never
+    replaces anything; FileExistsError if the name is taken (checked first, and again at the end)."""
+    target = Path(path)
+    if os.path.lexists(target):
+        raise FileExistsError(f"{target} already exists")
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=f"{TEMP_MARKER}{target.suffix}")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp_name, 0o666 & ~_UMASK)
+        try:
+            os.link(tmp_name, target)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here: rename, after one more check (not atomic against a racer)
+            if os.path.lexists(target):
+                raise FileExistsError(f"{target} already exists") from None
+            os.rename(tmp_name, target)
+    finally:
+        _silent_unlink(tmp_name)
+    _fsync_dir(target.parent)
 
 
 def _exclusive_write(target: Path, data: bytes) -> None:

@@ -8,9 +8,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from modules.core import saving
+from modules.core.refiner import check_refiner, job_refiner, wants_refiner
 from modules.core.jobs import Job, JobContext, JobQueue, JobState
 from modules.core.limits import Limits
 from modules.core.model_service import ModelService
@@ -85,6 +87,8 @@ class GenerationService:
         run and may render several images through the `JobRunner` it is given, all in this one job."""
         params.validate(self.limits)  # bad input fails here, before it waits in the queue
         self.options.validate_values(override_settings or {})
+        if wants_refiner(params):  # an unknown or incompatible refiner is a 4xx before queueing
+            check_refiner(params, self.models, self.options.snapshot(override_settings))
 
         def run(job: JobContext) -> Processed:
             options = self.options.snapshot(override_settings)
@@ -167,6 +171,7 @@ class GenerationService:
     # -- internals -----------------------------------------------------------------------------
     def _run(self, params: GenerationParams, job: JobContext, options: OptionsSnapshot, *,
              hooks: ProcessingHooks | None = None, sets_job_count: bool = True) -> Processed:
+        refiner = job_refiner(params, models=self.models, options=options, job=job, encoder_for=self._encoder_for)
         job.state.set_textinfo("Loading model…")
         model = self.models.current(options)
         job.state.set_textinfo(None)
@@ -176,10 +181,24 @@ class GenerationService:
                          save=self.saver(params.kind, options), job=job,
                          hooks=self.sampling_hooks() if self.sampling_hooks is not None else None,
                          processing_hooks=hooks, sets_job_count=sets_job_count, make_script_p=self.make_script_p,
+                         refiner=refiner, vae_hash=self._vae_hash(model),
                          restore_faces=self.restore_faces, networks=self.networks)
         if hooks is not None:
             hooks.bind_model(model)
         return process_images(params, ctx)
+
+    def _vae_hash(self, model) -> str | None:
+        """The infotext's `VAE hash` of the model's separate VAE (None: its own, or hashing is off)."""
+        vae_file = getattr(model, "vae_file", None)
+        if vae_file is None or not self.models.registry.hashing:
+            return None
+        from modules.models.vae import VaeInfo
+
+        try:
+            known = next((i for i in self.models.vaes.list() if i.filename == str(vae_file)), None)
+            return self.models.vaes.shorthash(known or VaeInfo(filename=str(vae_file), name=Path(vae_file).name))
+        except OSError:
+            return None
 
     def _encoder_for(self, model):
         from modules.engine.diffusion import prompt_encoder_for

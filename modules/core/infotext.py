@@ -117,6 +117,8 @@ class InfotextSource:
     model_hash: str | None = None
     model_name: str | None = None
     vae_name: str | None = None
+    vae_hash: str | None = None
+    refiner: str | None = None          # "name [hash]" of the refiner, when it ran
     eta_noise_seed_delta: Any = 0
     randn_source: str = "GPU"
 
@@ -206,7 +208,7 @@ INFOTEXT_FIELDS: tuple[InfotextField, ...] = (
     InfotextField("Batch size", "batch_size", "batch_size", "batch_size", to_int, line=None),  # pasted, not written
     InfotextField("Model hash", write=lambda s: s.model_hash),   # readers pick the checkpoint by these two
     InfotextField("Model", write=lambda s: s.model_name),
-    InfotextField("VAE hash"),
+    InfotextField("VAE hash", write=lambda s: s.vae_hash),
     InfotextField("VAE", write=lambda s: s.vae_name),
     InfotextField("Variation seed", "subseed", "subseed", "subseed", to_int, _variation(lambda s: s.subseed)),
     InfotextField("Variation seed strength", "subseed_strength", "subseed_strength", "subseed_strength", to_float,
@@ -249,6 +251,10 @@ INFOTEXT_FIELDS: tuple[InfotextField, ...] = (
                   write=_hires(lambda h, p: h.negative_prompt
                                if h.negative_prompt and h.negative_prompt != p.negative_prompt else None),
                   omitted="", **_HIRES),
+    # The refiner (A1111 1.6+), written when it ran; the UI paste goes to the Refiner script's controls.
+    InfotextField("Refiner", "refiner_checkpoint", "refiner_checkpoint", write=lambda s: s.refiner, line=EXTRA),
+    InfotextField("Refiner switch at", "refiner_switch_at", "refiner_switch_at", parse=to_float,
+                  write=lambda s: format_number(s.p.refiner_switch_at) if s.refiner else None, line=EXTRA),
     # Inpainting. The UI's radios hold these labels; the params hold a flag or an index.
     InfotextField("Mask blur", "mask_blur", "mask_blur", "mask_blur", to_int, _inpaint(lambda p: p.mask_blur),
                   **_INPAINT),

@@ -120,6 +120,11 @@ class ModelService:
         """The loaded model for the checkpoint and VAE the settings select, loading it if needed."""
         return self._load(self.selected_info(options), options)
 
+    def load(self, info: CheckpointInfo, options: Any = None):
+        """Load `info` (or take it from the cache) with the VAE `options` select, without selecting it in
+        the settings (the refiner: A1111's SkipWritingToConfig)."""
+        return self._load(info, options)
+
     def _load(self, info: CheckpointInfo, options: Any = None):
         if self.registry.hashing:
             try:

@@ -78,6 +78,8 @@ class GenerationParams:
     save_images: bool = True
     do_not_save_grid: bool = False
     extra_generation_params: dict[str, Any] = field(default_factory=dict)
+    refiner_checkpoint: str = ""        # "": no refiner (A1111 1.6+'s Refiner; see core/refiner.py)
+    refiner_switch_at: float = 0.8      # the fraction of the steps after which the refiner samples
     disable_extra_networks: bool = False    # A1111's: <lora:...> tags are stripped but not applied
 
     kind = "txt2img"  # outputs/<kind>-images; a class attribute, not a field
@@ -107,6 +109,8 @@ class GenerationParams:
         if self.cfg_scale < 0 or self.cfg_scale > 100:
             raise ProcessingError(f"CFG scale must be between 0 and 100, got {self.cfg_scale}")
         samplers.resolve_sampler(self.sampler_name, self.scheduler)  # raises with the valid names
+        if self.refiner_checkpoint and not 0.01 <= self.refiner_switch_at <= 1.0:
+            raise ProcessingError(f"refiner_switch_at must be between 0.01 and 1.0, got {self.refiner_switch_at}")
 
     def _check_limits(self, limits: Limits) -> None:
         """Non-finite numbers, prompt lengths, output and seed-resize pixels."""
@@ -337,6 +341,8 @@ class RunContext:
     sets_job_count: bool = True
     # params -> A1111's `p` over them, for the save callbacks (the extension host's adapter).
     make_script_p: Callable[[Any], Any] | None = None
+    refiner: Any = None             # core.refiner.JobRefiner when the params name a refiner
+    vae_hash: str | None = None     # the separate VAE's short sha256 (infotext "VAE hash")
     # (image, options) -> image with faces restored (core/face_restoration.py); None: not set up
     restore_faces: Callable[[Any, Any], Any] | None = None
     # core.networks_service.ExtraNetworksService: merges each batch's <lora:...> networks into the model.
@@ -395,13 +401,20 @@ def create_infotext(p: GenerationParams, ctx: RunContext, *, prompt: str, negati
         p, seed=seed, subseed=subseed, sampler=choice.name, schedule=choice.effective_schedule,
         clip_skip=clip_skip, model_hash=getattr(info, "shorthash", None),
         model_name=getattr(info, "name_for_extra", None) or (model.path.stem if getattr(model, "path", None) else None),
-        vae_name=vae_file.stem if vae_file else None,
+        vae_name=vae_file.stem if vae_file else None, vae_hash=getattr(ctx, "vae_hash", None),
+        refiner=_refiner_title(getattr(ctx, "refiner", None)),
         eta_noise_seed_delta=ctx.options.eta_noise_seed_delta, randn_source=ctx.options.randn_source)
     params = infotext_mod.written_params(source, infotext_mod.LEAD)
     params.update(extra)
+    params.update(infotext_mod.written_params(source, infotext_mod.EXTRA))  # keys only the run knows (Refiner)
     params.update(p.extra_generation_params)
     params["Version"] = VERSION
     return infotext_mod.build_infotext(prompt, negative_prompt, params)
+
+
+def _refiner_title(refiner: Any) -> str | None:
+    """The infotext's `Refiner: name [hash]`, once the refiner has run in this job."""
+    return refiner.infotext_title if getattr(refiner, "used", False) else None
 
 
 def _extra_params(p: GenerationParams) -> dict[str, Any]:

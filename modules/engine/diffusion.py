@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from modules.engine import conditioning, depth2img, memory, rng, scheduler_build
+from modules.engine import conditioning, depth2img, memory, refiner, rng, scheduler_build
 from modules.engine import sampler_catalog as samplers
 from modules.engine.sampling import GuidedDenoiser, InpaintBlend, StepConds, sample
 from modules.engine.upscaling import LATENT_UPSCALE_MODES, resize_image
@@ -199,6 +199,7 @@ def _upscale_latents(latents: torch.Tensor, size: tuple[int, int], downscale: in
 
 
 def generate_batch(req: BatchRequest, ctx) -> list[Image.Image]:
+    refiner.begin_batch(ctx)
     model = ctx.model
     unet = model.pipe.unet
     device = model.policy.device
@@ -244,15 +245,20 @@ def generate_batch(req: BatchRequest, ctx) -> list[Image.Image]:
             uncond_time_ids=added_time_ids(model, *size, aesthetic=2.5, device=device, dtype=dtype),
             image_cond=image_cond, hooks=ctx.hooks,
         )
+        denoiser, conds_at = refiner.wrap(ctx, denoiser, plan.at, len(timesteps), hires=False,
+                                          hires_enabled=req.hires is not None,
+                                          build=_refiner_builder(req, ctx, req.prompts, req.negative_prompts,
+                                                                 req.steps, (req.width, req.height), hires_steps))
         if len(timesteps):
             latents = sample(
                 scheduler=scheduler, denoiser=denoiser, latents=latents.to(dtype), timesteps=timesteps,
-                conds_at=plan.at, cfg_scale=req.cfg_scale, generators=image_rng.generators, inpaint=blend,
+                conds_at=conds_at, cfg_scale=req.cfg_scale, generators=image_rng.generators, inpaint=blend,
                 on_step=on_step, should_stop=should_stop, total_steps=len(timesteps),
             )
+        model = refiner.current_model(ctx, model)
         if req.hires is not None and not should_stop():
-            latents = _hires_pass(req, ctx, model, latents, image_rng, on_step, should_stop)
-        return decode(model, latents)
+            latents = _hires_pass(req, refiner.context_for(ctx, model), model, latents, image_rng, on_step, should_stop)
+        return decode(refiner.current_model(ctx, model), latents)
 
 
 def _img2img_start(req: BatchRequest, model, scheduler, noise: torch.Tensor, device, dtype):
@@ -346,8 +352,30 @@ def _hires_pass(req: BatchRequest, ctx, model, latents, image_rng, on_step, shou
         image_cond=inpainting_txt2img_cond(model, batch, width, height, device, dtype),
         hooks=ctx.hooks,
     )
+    denoiser, conds_at = refiner.wrap(ctx, denoiser, plan.at, len(timesteps), hires=True, hires_enabled=True,
+                                      build=_refiner_builder(req, ctx, prompts, negatives, steps, (width, height)))
     return sample(
         scheduler=scheduler, denoiser=denoiser, latents=latents.to(dtype), timesteps=timesteps,
-        conds_at=plan.at, cfg_scale=req.cfg_scale, generators=image_rng.generators,
+        conds_at=conds_at, cfg_scale=req.cfg_scale, generators=image_rng.generators,
         on_step=on_step, should_stop=should_stop, total_steps=len(timesteps),
     )
+
+
+def _refiner_builder(req: BatchRequest, ctx, prompts: list[str], negatives: list[str], steps: int,
+                     size: tuple[int, int], hires_steps: int | None = None) -> refiner.Builder:
+    """(refiner model, its encoder) -> (denoiser, conds_at) for the rest of a pass: the refiner's own
+    conditioning (the SDXL refiner: bigG alone) and time ids (aesthetic scores from the settings)."""
+    def build(model, encoder):
+        device, dtype = model.policy.device, model.pipe.unet.dtype
+        plan = ConditioningPlan(encoder, prompts, negatives, steps, req.clip_skip, device, dtype,
+                                hires_steps=hires_steps)
+        shape = (len(prompts), *size)
+        high, low = ctx.refiner.aesthetic_scores
+        denoiser = GuidedDenoiser(
+            model.pipe.unet,
+            time_ids=added_time_ids(model, *shape, aesthetic=high, device=device, dtype=dtype),
+            uncond_time_ids=added_time_ids(model, *shape, aesthetic=low, device=device, dtype=dtype),
+            image_cond=inpainting_txt2img_cond(model, *shape, device, dtype), hooks=ctx.hooks,
+        )
+        return denoiser, plan.at
+    return build

@@ -84,6 +84,8 @@ class StableDiffusionProcessing:
     do_not_save_grid = _param("do_not_save_grid")
     extra_generation_params = _param("extra_generation_params")
     clip_skip = _param("clip_skip")
+    refiner_checkpoint = _param("refiner_checkpoint")
+    refiner_switch_at = _param("refiner_switch_at")
     disable_extra_networks = _param("disable_extra_networks")
 
     all_prompts = _run_list("all_prompts")
@@ -114,7 +116,6 @@ class StableDiffusionProcessing:
         self.eta = None
         self.main_prompt = None
         self.main_negative_prompt = None
-        self.refiner_checkpoint = None
         self.runner: Runner | None = None  # bound by the job that runs scripts
         for key, value in kwargs.items():
             setattr(self, key, value)

@@ -9,6 +9,7 @@ import gradio as gr
 from modules.services import Services
 from modules.ui import paste
 from modules.ui.extensions_tab import build_extensions_tab
+from modules.ui.merger_tab import build_merger_tab
 from modules.ui.extras_tab import ExtrasUi, build_extras_tab, connect_send_to_extras
 from modules.ui.extra_networks import EXTRA_NETWORKS_CSS, EXTRA_NETWORKS_HEAD
 from modules.ui.img2img_tab import INPAINT_MODES, MODES, Img2ImgUi, build_img2img_tab
@@ -109,6 +110,8 @@ def build_ui(services: Services, *, extension_tabs: list[tuple[gr.Blocks, str, s
                 extras = build_extras_tab(services)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 pnginfo = build_pnginfo_tab(services)
+            with gr.Tab("Checkpoint Merger", id="modelmerger", elem_id="tab_modelmerger"):
+                build_merger_tab(services)
             with gr.Tab("Queue", id="queue", elem_id="tab_queue") as queue_tab:
                 queue_ui = build_queue_tab(services)
             for ext_blocks, title, elem_id in extension_tabs:

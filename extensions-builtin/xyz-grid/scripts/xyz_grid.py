@@ -279,6 +279,13 @@ def _check_checkpoint(values: list, p: Any) -> list:
     return out
 
 
+def _check_refiner_checkpoint(values: list, p: Any) -> list:
+    """Checkpoint titles, with "None" (no refiner) kept as the empty name."""
+    named = [v for v in values if v not in ("", "None")]
+    titles = iter(_check_checkpoint(named, p)) if named else iter(())
+    return ["" if v in ("", "None") else next(titles) for v in values]
+
+
 def _check_choice(choices: Callable[[Any], list[str]], what: str) -> Callable[[list, Any], list]:
     def check(values: list, p: Any) -> list:
         known = choices(p)
@@ -444,6 +451,9 @@ AXES: list[Axis] = [
     Axis("RNG source", "str", _override("randn_source"),
          check=_check_choice(lambda p: _rng_choices(), "RNG source"), choices=_rng_choices),
     Axis("Size", "str", _apply_size, check=_check_size),
+    Axis("Refiner checkpoint", "str", _set("refiner_checkpoint"), format=_format_checkpoint,
+         check=_check_refiner_checkpoint, choices=lambda: ["None", *_checkpoint_choices()], cost=1.0),
+    Axis("Refiner switch at", "float", _set("refiner_switch_at")),
     Axis("Lora", "str", _apply_lora, format=_format_value, check=_check_lora, choices=_lora_choices),
 ]
 
