@@ -1,0 +1,191 @@
+"""ControlNet files -> diffusers ``ControlNetModel``, offline, by assignment (as ``loader`` does for UNets).
+
+Layouts read (all through ``weights_io``, so ``.pth`` files are never fully unpickled):
+
+* lllyasviel's single file (ControlNet v1.0 / v1.1): ``input_blocks.*``, ``zero_convs.*``,
+  ``input_hint_block.*``, ``middle_block_out.*``, with or without the ``control_model.`` prefix
+  (v1.0 files also carry a whole SD model beside it: only ``control_model.*`` is read);
+* the diffusers layout (``controlnet_cond_embedding.*``, ``controlnet_down_blocks.*``).
+
+The family (SD1 / SD2 / SDXL) and every width come from the tensor names and shapes; the rest of
+the config from the shipped ``configs/controlnet/<family>/config.json``. Nothing reaches a hub.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from modules.models.weights_io import CheckpointLoadError
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs" / "controlnet"
+LDM_PREFIX = "control_model."
+FAMILY_LABELS = {"sd1": "SD1.5", "sd2": "SD2.x", "sdxl": "SDXL"}
+
+__all__ = ["ControlNetSpec", "ControlNetFamilyMismatch", "detect_controlnet", "load_controlnet",
+           "controlnet_config", "ldm_to_diffusers_keys", "check_compatible"]
+
+
+class ControlNetFamilyMismatch(ValueError):
+    """A ControlNet for one family used with a checkpoint of another."""
+
+
+@dataclass(frozen=True)
+class ControlNetSpec:
+    kind: str                 # "controlnet" (T2I-Adapters and control-LoRAs are refused with a reason)
+    layout: str               # "ldm" | "diffusers"
+    family: str               # "sd1" | "sd2" | "sdxl"
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def family_label(self) -> str:
+        return FAMILY_LABELS.get(self.family, self.family)
+
+
+def _has(shapes: Shapes, *prefixes: str) -> bool:
+    return any(k.startswith(prefixes) for k in shapes)
+
+
+def _strip_ldm_prefix(shapes: Mapping[str, Any]) -> dict[str, Any]:
+    """v1.0 files: the ControlNet under ``control_model.``, the SD model beside it (dropped)."""
+    if not _has(shapes, LDM_PREFIX):
+        return dict(shapes)
+    return {k[len(LDM_PREFIX):]: v for k, v in shapes.items() if k.startswith(LDM_PREFIX)}
+
+
+def _layout(shapes: Shapes) -> str:
+    if "controlnet_cond_embedding.conv_in.weight" in shapes:
+        return "diffusers"
+    if "input_hint_block.0.weight" in shapes and "zero_convs.0.0.weight" in shapes:
+        return "ldm"
+    if _has(shapes, "adapter.", "body.0.") or "conv_in.weight" in shapes and _has(shapes, "body."):
+        raise CheckpointLoadError("", "a T2I-Adapter: not supported yet (only ControlNet models load)")
+    if any("lora_controlnet" in k for k in shapes) or any(k.endswith(".up") for k in shapes):
+        raise CheckpointLoadError("", "a control-LoRA: not supported yet (only full ControlNet models load)")
+    raise CheckpointLoadError("", "not a ControlNet model (no input_hint_block / controlnet_cond_embedding)")
+
+
+# ---------------------------------------------------------------- LDM -> diffusers names
+
+
+def _ldm_layers_per_block(shapes: Shapes) -> int:
+    """The first downsampler sits at input block layers_per_block + 1."""
+    ops = sorted(int(m[1]) for k in shapes if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.weight$", k)))
+    if ops:
+        return ops[0] - 1
+    return max(int(m[1]) for k in shapes if (m := re.match(r"input_blocks\.(\d+)\.", k)))
+
+
+def ldm_to_diffusers_keys(sd: dict[str, Any]) -> dict[str, Any]:
+    """lllyasviel layout (no prefix) -> diffusers ControlNetModel names, with diffusers' own converter;
+    SDXL's ``label_emb`` (which that converter leaves out) is mapped here."""
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    out = convert_controlnet_checkpoint(sd, {"layers_per_block": _ldm_layers_per_block(sd)})
+    for src, dst in (("label_emb.0.0", "add_embedding.linear_1"), ("label_emb.0.2", "add_embedding.linear_2")):
+        for p in ("weight", "bias"):
+            if f"{src}.{p}" in sd:
+                out[f"{dst}.{p}"] = sd[f"{src}.{p}"]
+    return {k: v for k, v in out.items() if v is not None}
+
+
+# ---------------------------------------------------------------- config from shapes
+
+
+def _count(shapes: Shapes, pattern: str) -> int:
+    found = {m[1] for k in shapes if (m := re.match(pattern, k))}
+    return len(found)
+
+
+def _family_of(shapes: Shapes) -> str:
+    if "add_embedding.linear_1.weight" in shapes:
+        return "sdxl"
+    proj = next((s for k, s in shapes.items() if k.endswith("attentions.0.proj_in.weight")), None)
+    return "sd2" if proj is not None and len(proj) == 2 else "sd1"
+
+
+def controlnet_config(shapes: Shapes) -> tuple[str, dict[str, Any]]:
+    """(family, diffusers config) for a state dict in diffusers names."""
+    family = _family_of(shapes)
+    cfg = json.loads((CONFIG_ROOT / family / "config.json").read_text(encoding="utf-8"))
+    levels = _count(shapes, r"down_blocks\.(\d+)\.")
+    boc = [shapes[f"down_blocks.{b}.resnets.0.conv1.weight"][0] for b in range(levels)]
+    cfg["block_out_channels"] = boc
+    cfg["layers_per_block"] = _count(shapes, r"down_blocks\.0\.resnets\.(\d+)\.")
+    has_attn = [f"down_blocks.{b}.attentions.0.proj_in.weight" in shapes for b in range(levels)]
+    cfg["down_block_types"] = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attn]
+    first = has_attn.index(True) if any(has_attn) else None
+    if first is not None:
+        cfg["cross_attention_dim"] = shapes[f"down_blocks.{first}.attentions.0.transformer_blocks.0.attn2.to_k.weight"][1]
+    cfg["in_channels"] = shapes["conv_in.weight"][1]
+    cfg["conditioning_channels"] = shapes["controlnet_cond_embedding.conv_in.weight"][1]
+    n_blocks = _count(shapes, r"controlnet_cond_embedding\.blocks\.(\d+)\.")
+    cfg["conditioning_embedding_out_channels"] = [shapes["controlnet_cond_embedding.conv_in.weight"][0]] + [
+        shapes[f"controlnet_cond_embedding.blocks.{2 * i + 1}.weight"][0] for i in range(n_blocks // 2)]
+    if family != "sd1":  # head width 64, as SD2/SDXL UNets use
+        cfg["attention_head_dim"] = [max(1, c // 64) for c in boc]
+        cfg["transformer_layers_per_block"] = [
+            max(1, _count(shapes, rf"down_blocks\.{b}\.attentions\.0\.transformer_blocks\.(\d+)\.")) for b in range(levels)]
+    if family == "sdxl":
+        cfg["projection_class_embeddings_input_dim"] = shapes["add_embedding.linear_1.weight"][1]
+    return family, cfg
+
+
+def detect_controlnet(shapes: Shapes) -> ControlNetSpec:
+    """What a ControlNet file holds, from its tensor names and shapes only. Raises CheckpointLoadError."""
+    shapes = _strip_ldm_prefix(shapes)
+    layout = _layout(shapes)
+    names = shapes if layout == "diffusers" else _ldm_shapes_as_diffusers(shapes)
+    family, cfg = controlnet_config(names)
+    return ControlNetSpec(kind="controlnet", layout=layout, family=family, config=cfg)
+
+
+def _ldm_shapes_as_diffusers(shapes: Shapes) -> dict[str, tuple[int, ...]]:
+    """Rename shapes without tensors: the converter only moves values, so shapes ride along."""
+    class _Shape(tuple):
+        pass
+    renamed = ldm_to_diffusers_keys({k: _Shape(v) for k, v in shapes.items()})
+    return {k: tuple(v) for k, v in renamed.items()}
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_controlnet(path: Path, device: Any = None, dtype: Any = None) -> tuple[Any, ControlNetSpec]:
+    """(ControlNetModel on `device`/`dtype`, its spec). Raises CheckpointLoadError naming the file."""
+    from diffusers import ControlNetModel
+
+    from modules.models.loader import _assign, _build_empty, _finish
+    from modules.models.weights_io import load_state_dict_file
+
+    path = Path(path)
+    sd = _strip_ldm_prefix(load_state_dict_file(path))
+    try:
+        spec = detect_controlnet({k: tuple(v.shape) for k, v in sd.items()})
+    except CheckpointLoadError as exc:
+        raise CheckpointLoadError(path, exc.cause) from None
+    except (KeyError, ValueError, IndexError) as exc:
+        raise CheckpointLoadError(path, f"not a ControlNet model this loader understands ({exc})") from exc
+    weights = dict(sd) if spec.layout == "diffusers" else ldm_to_diffusers_keys(sd)
+    cfg = copy.deepcopy(spec.config)
+    model = _build_empty(lambda: ControlNetModel.from_config(cfg))
+    import torch
+
+    target = (device or torch.device("cpu"), dtype or torch.float32)
+    _assign(model, weights, path, "ControlNet", sd, target)
+    return _finish(model, *target), spec
+
+
+def check_compatible(spec: ControlNetSpec, name: str, model_family_info: Any, model_title: str) -> None:
+    """An SDXL ControlNet on an SD1.5 checkpoint (and the like) is refused, naming both."""
+    fam = model_family_info
+    base = "sdxl" if fam.is_sdxl else "sd2" if fam.is_sd2 else "sd1"
+    if base != spec.family:
+        raise ControlNetFamilyMismatch(
+            f"ControlNet {name} is a {spec.family_label} ControlNet, but the checkpoint {model_title} is "
+            f"{FAMILY_LABELS[base]}: pick a {FAMILY_LABELS[base]} ControlNet model or a {spec.family_label} checkpoint")

@@ -1,0 +1,91 @@
+"""Tiny seeded-random ControlNets in the real on-disk layouts, for the tiny checkpoints of tiny_models.
+
+* ``layout="ldm"``: lllyasviel's single file (``input_blocks``, ``zero_convs``, ``input_hint_block``,
+  ``middle_block_out``), written by inverting diffusers' own LDM -> diffusers ControlNet conversion;
+  ``prefixed=True`` puts it under ``control_model.`` as ControlNet v1.0 files do.
+* ``layout="diffusers"``: ``ControlNetModel.state_dict()`` as diffusers saves it.
+
+The zero convolutions are jittered like every other tensor, so a unit visibly changes the image.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tiny_models import tiny_configs, unet_to_ldm
+
+TINY_COND_CHANNELS = (16, 32, 96, 256)   # controlnet_cond_embedding widths: the real ones (LDM files fix conv_out at input_hint_block.14)
+
+
+@dataclass
+class TinyControlNet:
+    path: Path
+    family: str
+    config_dir: Path                 # a diffusers config dir (config.json) for from_single_file
+    diffusers_state_dict: dict
+    config: dict
+
+
+def build_controlnet(family: str, seed: int = 0):
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet_cfg = {k: v for k, v in tiny_configs(family)["unet"].items() if not k.startswith("_")}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 500)
+        unet = UNet2DConditionModel.from_config(unet_cfg)
+        cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=TINY_COND_CHANNELS)
+        with torch.no_grad():
+            for p in cn.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    return cn.eval()
+
+
+def controlnet_to_ldm(sd: dict, config: dict) -> dict:
+    """diffusers ControlNetModel names -> lllyasviel's, the inverse of convert_controlnet_checkpoint."""
+    out, unet_part = {}, {}
+    n_blocks = len(config["conditioning_embedding_out_channels"]) * 2 - 2
+    for k, v in sd.items():
+        if m := re.match(r"controlnet_down_blocks\.(\d+)\.(weight|bias)$", k):
+            out[f"zero_convs.{m[1]}.0.{m[2]}"] = v
+        elif m := re.match(r"controlnet_mid_block\.(weight|bias)$", k):
+            out[f"middle_block_out.0.{m[1]}"] = v
+        elif m := re.match(r"controlnet_cond_embedding\.conv_in\.(weight|bias)$", k):
+            out[f"input_hint_block.0.{m[1]}"] = v
+        elif m := re.match(r"controlnet_cond_embedding\.blocks\.(\d+)\.(weight|bias)$", k):
+            out[f"input_hint_block.{2 * (int(m[1]) + 1)}.{m[2]}"] = v
+        elif m := re.match(r"controlnet_cond_embedding\.conv_out\.(weight|bias)$", k):
+            out[f"input_hint_block.{2 * (n_blocks + 1)}.{m[1]}"] = v
+        else:
+            unet_part[k] = v
+    out.update(unet_to_ldm(unet_part, {**config, "up_block_types": []}))
+    return out
+
+
+def make_controlnet(path, family: str = "sd1", *, layout: str = "ldm", prefixed: bool = False, seed: int = 0,
+                    fmt: str = "safetensors") -> TinyControlNet:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cn = build_controlnet(family, seed)
+    dsd = {k: v.detach().clone().contiguous() for k, v in cn.state_dict().items()}
+    config = dict(cn.config)
+    if layout == "ldm":
+        sd = controlnet_to_ldm(dsd, config)
+        if prefixed:
+            sd = {"control_model." + k: v for k, v in sd.items()}
+    else:
+        sd = dict(dsd)
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(path))
+    else:
+        torch.save(sd, str(path))
+    config_dir = path.parent / f"{path.stem}.tiny-config"
+    config_dir.mkdir(exist_ok=True)
+    clean = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if not k.startswith("_")}
+    (config_dir / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel", **clean}, indent=2))
+    return TinyControlNet(path=path, family=family, config_dir=config_dir, diffusers_state_dict=dsd, config=config)
