@@ -19,6 +19,7 @@ from modules.core.model_service import ModelService
 from modules.core.options import Options
 from modules.core.paths import AppPaths
 from modules.models.vae import VaeRegistry
+from modules.models.controlnet_registry import ControlNetRegistry
 from modules.core.styles import StyleDatabase
 from modules.extensions.processing_adapter import wrap as wrap_params
 
@@ -36,6 +37,7 @@ class Services:
     extensions: list[Any] = field(default_factory=list)   # extensions.Extension, in load order
     limits: Limits = field(default_factory=Limits)        # input limits and folder rules, from the flags
     callers: CallerPolicy | None = None  # request -> Caller (who owns and may stop which job)
+    controlnets: Any = None  # models.controlnet_registry.ControlNetRegistry
 
     def script_runner(self, is_img2img: bool):
         """The tab's scripts.ScriptRunner; an empty one when no extensions were loaded."""
@@ -80,10 +82,21 @@ def build_services(opts: argparse.Namespace, paths: AppPaths, options: Options) 
         state=JobState(), max_per_owner=per_client, max_total=_bound(getattr(opts, "queue_max_total", None))),
         limits=limits)
     generation.make_script_p = wrap_params
+    generation.controlnets = controlnet_registry(opts, paths)
     styles = StyleDatabase(paths.styles_files)
     options.lock_dir_config(limits.dir_config_locked)
     return Services(cmd_opts=opts, paths=paths, options=options, models=models, generation=generation,
-                    styles=styles, callers=callers, limits=limits)
+                    styles=styles, callers=callers, limits=limits, controlnets=generation.controlnets)
+
+
+def controlnet_registry(opts: argparse.Namespace, paths: AppPaths) -> ControlNetRegistry:
+    """models/ControlNet, the extension's own models folder if present, and --controlnet-dir."""
+    roots = [paths.models_dir / "ControlNet", paths.extensions_dir / "sd-webui-controlnet" / "models"]
+    if getattr(opts, "controlnet_dir", None):
+        roots.insert(0, Path(opts.controlnet_dir).expanduser().resolve())
+    registry = ControlNetRegistry(roots)
+    registry.refresh()
+    return registry
 
 
 def _bound(value: int | None) -> int | None:

@@ -109,6 +109,7 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     paths.add_argument("--vae-dir", default=None, help="folder of VAE files")
     paths.add_argument("--vae-path", default=None, help="a VAE file to use for every checkpoint")
     paths.add_argument("--lora-dir", default=None, help="folder of LoRA files")
+    paths.add_argument("--controlnet-dir", default=None, help="folder of ControlNet models, besides models/ControlNet")
     paths.add_argument("--embeddings-dir", default=None, help="folder of textual inversion embeddings")
     paths.add_argument("--ui-settings-file", default=None, help="settings file (default: DATA_DIR/config.json)")
     paths.add_argument("--styles-file", default=None, action="append", help="styles CSV file (default: DATA_DIR/styles.csv)")

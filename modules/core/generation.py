@@ -61,6 +61,7 @@ class GenerationService:
         self.sampling_hooks: Any = None
         # params -> A1111's `p` (what save callbacks get as params.p): set by build_services.
         self.make_script_p: Callable[[Any], Any] | None = None
+        self.controlnets: Any = None   # models.controlnet_registry.ControlNetRegistry: set by build_services
 
     @property
     def state(self) -> JobState:
@@ -156,7 +157,8 @@ class GenerationService:
         ctx = RunContext(model=model, encoder=self._encoder_for(model), options=options,
                          save=self.saver(params.kind, options), job=job,
                          hooks=self.sampling_hooks() if self.sampling_hooks is not None else None,
-                         processing_hooks=hooks, sets_job_count=sets_job_count, make_script_p=self.make_script_p)
+                         processing_hooks=hooks, sets_job_count=sets_job_count, make_script_p=self.make_script_p,
+                         controlnets=self.controlnets)
         if hooks is not None:
             hooks.bind_model(model)
         return process_images(params, ctx)

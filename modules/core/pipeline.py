@@ -76,6 +76,7 @@ class GenerationParams:
     save_images: bool = True
     do_not_save_grid: bool = False
     extra_generation_params: dict[str, Any] = field(default_factory=dict)
+    controlnet_units: list[Any] = field(default_factory=list)   # core.controlnet_units.ControlNetUnit
 
     kind = "txt2img"  # outputs/<kind>-images; a class attribute, not a field
 
@@ -104,6 +105,7 @@ class GenerationParams:
         if self.cfg_scale < 0 or self.cfg_scale > 100:
             raise ProcessingError(f"CFG scale must be between 0 and 100, got {self.cfg_scale}")
         samplers.resolve_sampler(self.sampler_name, self.scheduler)  # raises with the valid names
+        _validate_controlnet_units(self, limits)
 
     def _check_limits(self, limits: Limits) -> None:
         """Non-finite numbers, prompt lengths, output and seed-resize pixels."""
@@ -330,6 +332,7 @@ class RunContext:
     sets_job_count: bool = True
     # params -> A1111's `p` over them, for the save callbacks (the extension host's adapter).
     make_script_p: Callable[[Any], Any] | None = None
+    controlnets: Any = None         # models.controlnet_registry.ControlNetRegistry (ControlNet units)
 
 
 @dataclass
@@ -479,6 +482,7 @@ class _JobPlan:
     clip_skip: int
     extra: dict[str, Any]
     save_p: Any                  # what the save callbacks get as params.p
+    control: Any = None          # the engine's ControlNet inputs (core.controlnet_run), once per job
 
 
 @dataclass
@@ -499,6 +503,7 @@ def _process(p: GenerationParams, ctx: RunContext) -> Processed:
                     extra=_extra_params(p), save_p=_save_owner(p, ctx))
     run = _plan_run(p)
     hooks.process(run)
+    plan.control = _control_inputs(p, ctx)
     if ctx.job is not None and ctx.sets_job_count:
         ctx.job.set_job_count(p.n_iter)
     started = time.time()
@@ -518,6 +523,24 @@ def _process(p: GenerationParams, ctx: RunContext) -> Processed:
     processed = _processed(p, ctx, run, plan, rendered, index_of_first_image, started)
     hooks.postprocess(run, processed)
     return processed
+
+
+def _validate_controlnet_units(p: GenerationParams, limits: Limits) -> None:
+    from modules.core.controlnet_units import MAX_UNITS, ControlNetUnitError
+
+    if len(p.controlnet_units) > MAX_UNITS:
+        raise ProcessingError(f"at most {MAX_UNITS} ControlNet units, got {len(p.controlnet_units)}")
+    try:
+        for i, unit in enumerate(p.controlnet_units):
+            unit.normalized(i).validate(i, limits.max_side)
+    except ControlNetUnitError as err:
+        raise ProcessingError(str(err)) from None
+
+
+def _control_inputs(p: GenerationParams, ctx: RunContext) -> Any:
+    from modules.core.controlnet_run import control_inputs
+
+    return control_inputs(p, ctx)
 
 
 def _check_model(p: GenerationParams, ctx: RunContext) -> None:
@@ -579,6 +602,7 @@ def _render_batch(p: GenerationParams, ctx: RunContext, plan: _JobPlan, run: Pro
         sampler=plan.choice, clip_skip=plan.clip_skip, tiling=p.tiling,
         rng_source=options.randn_source, eta_noise_seed_delta=int(options.eta_noise_seed_delta),
         hires=_hires_pass(p) if isinstance(p, Txt2ImgParams) and p.hires.enabled else None, init=init,
+        control=plan.control,
     )
     batch_images = diffusion.generate_batch(batch, ctx)
     if plans:

@@ -64,6 +64,7 @@ class BatchRequest:
     eta_noise_seed_delta: int
     hires: HiresPass | None = None     # hires fix's second pass, when enabled
     init: InitImages | None = None     # img2img / inpainting
+    control: list[Any] | None = None   # ControlNet units: engine.control.units.ControlInput
 
 
 def prompt_encoder_for(model) -> conditioning.PromptEncoder:
@@ -238,7 +239,7 @@ def generate_batch(req: BatchRequest, ctx) -> list[Image.Image]:
             unet,
             time_ids=added_time_ids(model, *size, aesthetic=6.0, device=device, dtype=dtype),
             uncond_time_ids=added_time_ids(model, *size, aesthetic=2.5, device=device, dtype=dtype),
-            image_cond=image_cond, hooks=ctx.hooks,
+            image_cond=image_cond, hooks=ctx.hooks, control=_control(req, req.width, req.height, device),
         )
         if len(timesteps):
             latents = sample(
@@ -249,6 +250,15 @@ def generate_batch(req: BatchRequest, ctx) -> list[Image.Image]:
         if req.hires is not None and not should_stop():
             latents = _hires_pass(req, ctx, model, latents, image_rng, on_step, should_stop)
         return decode(model, latents)
+
+
+def _control(req: BatchRequest, width: int, height: int, device, *, hires: bool = False):
+    """The ControlNet units of one pass, their maps fitted to its size; None without units."""
+    if not req.control:
+        return None
+    from modules.engine.control.units import ControlApplier
+
+    return ControlApplier(req.control, width, height, torch.device(device), hires=hires) or None
 
 
 def _img2img_start(req: BatchRequest, model, scheduler, noise: torch.Tensor, device, dtype):
@@ -321,7 +331,7 @@ def _hires_pass(req: BatchRequest, ctx, model, latents, image_rng, on_step, shou
         time_ids=added_time_ids(model, batch, width, height, aesthetic=6.0, device=device, dtype=dtype),
         uncond_time_ids=added_time_ids(model, batch, width, height, aesthetic=2.5, device=device, dtype=dtype),
         image_cond=inpainting_txt2img_cond(model, batch, width, height, device, dtype),
-        hooks=ctx.hooks,
+        hooks=ctx.hooks, control=_control(req, width, height, device, hires=True),
     )
     return sample(
         scheduler=scheduler, denoiser=denoiser, latents=latents.to(dtype), timesteps=timesteps,

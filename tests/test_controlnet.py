@@ -1,0 +1,183 @@
+"""ControlNet built in: tiny real-layout ControlNets (lllyasviel single file, diffusers) on the tiny
+SD1/SDXL checkpoints, run inside our own sampling loop."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modules.core.controlnet_units import ControlNetUnit, units_from_infotext
+from modules.core.flags import parse_args
+from modules.core.infotext import parse_infotext
+from modules.core.options import Options, default_templates
+from modules.core.paths import AppPaths
+from modules.core.pipeline import HiresParams, Img2ImgParams, ProcessingError, Txt2ImgParams
+from modules.models.controlnet import detect_controlnet, load_controlnet
+from modules.models.detection import read_shapes
+from modules.services import build_services
+from tiny_controlnets import make_controlnet
+from tiny_models import make_checkpoint
+
+SMALL = dict(width=64, height=64, steps=3, cfg_scale=7.0, seed=1234, prompt="a cat")
+
+
+def _services(data_dir: Path, family: str):
+    opts = parse_args(["--data-dir", str(data_dir)], env={}).opts
+    paths = AppPaths.from_opts(opts)
+    paths.ensure_user_dirs()
+    make_checkpoint(paths.ckpt_dir / f"tiny-{family}.safetensors", family)
+    cn_dir = paths.models_dir / "ControlNet"
+    make_controlnet(cn_dir / f"control_tiny_{family}.safetensors", family, layout="ldm", seed=1)
+    make_controlnet(cn_dir / f"control_tiny_{family}_b.safetensors", family, layout="diffusers", seed=2)
+    other = "sdxl" if family == "sd1" else "sd1"
+    make_controlnet(cn_dir / f"control_tiny_{other}.safetensors", other, layout="ldm", seed=3)
+    options = Options(paths.config_file, default_templates())
+    options.load()
+    return build_services(opts, paths, options)
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    services = _services(tmp_path_factory.mktemp("cn-sd1"), "sd1")
+    yield services
+    services.generation.queue.shutdown()
+
+
+def _hint(size=64) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+def _pixels(result) -> np.ndarray:
+    return np.asarray(result.images[0].convert("RGB"), dtype=np.int16)
+
+
+def _run(services, units=(), **kw):
+    return services.generation.txt2img(Txt2ImgParams(**{**SMALL, **kw}, controlnet_units=list(units)))
+
+
+def unit(model="control_tiny_sd1", **kw) -> ControlNetUnit:
+    return ControlNetUnit(model=model, image=_hint(), **kw)
+
+
+# ---------------------------------------------------------------- files
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("layout,prefixed", [("ldm", False), ("ldm", True), ("diffusers", False)])
+def test_every_layout_loads_the_weights_it_holds(tmp_path, family, layout, prefixed):
+    fmt = "pth" if prefixed else "safetensors"
+    tiny = make_controlnet(tmp_path / f"cn.{fmt}", family, layout=layout, prefixed=prefixed, fmt=fmt)
+    spec = detect_controlnet(read_shapes(tiny.path))
+    assert (spec.family, spec.layout) == (family, layout)
+    model, _ = load_controlnet(tiny.path)
+    got = model.state_dict()
+    assert set(got) == set(tiny.diffusers_state_dict)
+    assert all(torch.equal(got[k], tiny.diffusers_state_dict[k]) for k in got)
+
+
+@pytest.mark.parametrize("family,layout", [("sd1", "ldm"), ("sd1", "diffusers"), ("sdxl", "diffusers")])
+def test_diffusers_itself_reads_the_fixture_the_same(tmp_path, family, layout):
+    """The fixture is a real file: diffusers' from_single_file (local config, no hub) reads the same weights.
+    (diffusers' LDM converter leaves SDXL's label_emb out, so SDXL is checked in its diffusers layout.)"""
+    from diffusers import ControlNetModel
+
+    tiny = make_controlnet(tmp_path / "cn.safetensors", family, layout=layout)
+    ref = ControlNetModel.from_single_file(str(tiny.path), config=str(tiny.config_dir), local_files_only=True)
+    ours, _ = load_controlnet(tiny.path)
+    ref_sd, our_sd = ref.state_dict(), ours.state_dict()
+    assert set(ref_sd) == set(our_sd)
+    assert all(torch.equal(ref_sd[k], our_sd[k]) for k in ref_sd)
+
+
+def test_not_a_controlnet_is_refused_with_what_it_is(tmp_path):
+    from safetensors.torch import save_file
+
+    from modules.models.weights_io import CheckpointLoadError
+
+    path = tmp_path / "junk.safetensors"
+    save_file({"foo.weight": torch.zeros(2)}, str(path))
+    with pytest.raises(CheckpointLoadError, match="not a ControlNet"):
+        load_controlnet(path)
+
+
+# ---------------------------------------------------------------- generation
+
+
+def test_models_are_listed_with_the_extension_hash(sd1):
+    titles = sd1.controlnets.titles()
+    assert any(t.startswith("control_tiny_sd1 [") and t.endswith("]") for t in titles)
+    title = next(t for t in titles if t.startswith("control_tiny_sd1 ["))
+    assert sd1.controlnets.find(title).name == "control_tiny_sd1"
+
+
+def test_weight_zero_and_empty_guidance_window_are_bit_identical_to_no_unit(sd1):
+    base = _pixels(_run(sd1))
+    assert np.array_equal(base, _pixels(_run(sd1, [unit(weight=0.0)])))
+    assert np.array_equal(base, _pixels(_run(sd1, [unit(guidance_start=0.5, guidance_end=0.5)])))
+    assert np.array_equal(base, _pixels(_run(sd1, [unit(enabled=False)])))
+
+
+def test_a_unit_changes_the_image_and_two_units_differ_from_one(sd1):
+    base = _pixels(_run(sd1))
+    one = _pixels(_run(sd1, [unit()]))
+    assert not np.array_equal(base, one)
+    two = _pixels(_run(sd1, [unit(), unit(model="control_tiny_sd1_b", module="invert")]))
+    assert not np.array_equal(one, two) and not np.array_equal(base, two)
+    # by title with the hash, as the API's model list names it
+    title = next(t for t in sd1.controlnets.titles() if t.startswith("control_tiny_sd1 ["))
+    assert np.array_equal(one, _pixels(_run(sd1, [unit(model=title)])))
+
+
+def test_control_modes_and_guidance_window_change_the_result(sd1):
+    balanced = _pixels(_run(sd1, [unit()]))
+    prompt = _pixels(_run(sd1, [unit(control_mode="My prompt is more important")]))
+    control = _pixels(_run(sd1, [unit(control_mode=2)]))
+    late = _pixels(_run(sd1, [unit(guidance_start=0.5)]))
+    for other in (prompt, control, late):
+        assert not np.array_equal(balanced, other)
+    assert not np.array_equal(prompt, control)
+
+
+def test_infotext_carries_the_units_and_parses_back(sd1):
+    result = _run(sd1, [unit(weight=0.8, control_mode=1), ControlNetUnit(enabled=False)])
+    parsed = parse_infotext(result.infotexts[0])
+    assert parsed["ControlNet 0"].startswith("Module: none, Model: control_tiny_sd1, Weight: 0.8, "
+                                            "Resize Mode: Crop and Resize")
+    assert "ControlNet 1" not in parsed
+    back = units_from_infotext(parsed)[0]
+    assert (back.model, back.weight, back.control_mode) == ("control_tiny_sd1", 0.8, "My prompt is more important")
+
+
+def test_img2img_hires_and_batch_run_with_a_unit(sd1):
+    init = Image.new("RGB", (64, 64), (200, 40, 40))
+    params = Img2ImgParams(**SMALL, init_images=[init], denoising_strength=0.6,
+                           controlnet_units=[ControlNetUnit(model="control_tiny_sd1")])  # uses the init image
+    plain = Img2ImgParams(**SMALL, init_images=[init], denoising_strength=0.6)
+    assert not np.array_equal(_pixels(sd1.generation.img2img(params)), _pixels(sd1.generation.img2img(plain)))
+    hires = _run(sd1, [unit(resize_mode="Resize and Fill")], hires=HiresParams(enabled=True, scale=1.5, steps=2))
+    assert hires.images[0].size == (96, 96)
+    batch = _run(sd1, [unit()], batch_size=2)
+    assert len(batch.images) >= 2
+
+
+def test_wrong_family_and_unknown_model_are_clear_errors(sd1):
+    with pytest.raises(ProcessingError, match=r"control_tiny_sdxl.*SDXL ControlNet.*tiny-sd1.*SD1\.5"):
+        _run(sd1, [unit(model="control_tiny_sdxl")])
+    with pytest.raises(ProcessingError, match="not found"):
+        _run(sd1, [unit(model="nope")])
+    with pytest.raises(ProcessingError, match="weight"):
+        _run(sd1, [unit(weight=3)])
+
+
+def test_sdxl_controlnet_on_sdxl(tmp_path):
+    services = _services(tmp_path, "sdxl")
+    try:
+        base = _pixels(_run(services))
+        assert not np.array_equal(base, _pixels(_run(services, [unit(model="control_tiny_sdxl")])))
+        assert np.array_equal(base, _pixels(_run(services, [unit(model="control_tiny_sdxl_b", weight=0)])))
+    finally:
+        services.generation.queue.shutdown()
