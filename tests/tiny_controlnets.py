@@ -66,8 +66,10 @@ def controlnet_to_ldm(sd: dict, config: dict) -> dict:
 
 
 def make_controlnet(path, family: str = "sd1", *, layout: str = "ldm", prefixed: bool = False, seed: int = 0,
-                    fmt: str = "safetensors") -> TinyControlNet:
+                    fmt: str | None = None) -> TinyControlNet:
+    """Write it at `path`: safetensors, or torch.save for .pth/.pt (fmt: from the suffix when not given)."""
     path = Path(path)
+    fmt = fmt or ("safetensors" if path.suffix == ".safetensors" else "pth")
     path.parent.mkdir(parents=True, exist_ok=True)
     cn = build_controlnet(family, seed)
     dsd = {k: v.detach().clone().contiguous() for k, v in cn.state_dict().items()}

@@ -7,8 +7,8 @@ from typing import Any
 
 def control_inputs(p: Any, ctx: Any) -> list[Any] | None:
     """The engine's ControlInputs for `p.controlnet_units`, or None when no unit takes part.
-    Raises pipeline.ProcessingError with a message for the user."""
-    from modules.core.pipeline import ProcessingError
+    Raises ControlNetUnitError with a message for the user."""
+    from modules.core.controlnet_units import ControlNetUnitError as ProcessingError
 
     units = [u.normalized(i) for i, u in enumerate(getattr(p, "controlnet_units", None) or [])]
     if not any(u.active and u.weight > 0 and u.guidance_start < u.guidance_end for u in units):

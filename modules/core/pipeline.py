@@ -539,8 +539,12 @@ def _validate_controlnet_units(p: GenerationParams, limits: Limits) -> None:
 
 def _control_inputs(p: GenerationParams, ctx: RunContext) -> Any:
     from modules.core.controlnet_run import control_inputs
+    from modules.core.controlnet_units import ControlNetUnitError
 
-    return control_inputs(p, ctx)
+    try:
+        return control_inputs(p, ctx)
+    except ControlNetUnitError as err:
+        raise ProcessingError(str(err)) from None
 
 
 def _check_model(p: GenerationParams, ctx: RunContext) -> None:

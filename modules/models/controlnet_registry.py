@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from modules.models.network_files import scan_network_files
+from modules.models.checkpoints import scan_model_files
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,13 @@ class ControlNetRegistry:
         self._lock = threading.RLock()
 
     def refresh(self) -> list[ControlNetFile]:
-        found = []
-        for entry in scan_network_files([r for r in self.roots if r.is_dir()], EXTENSIONS):
-            path = entry.path
+        found, seen = [], set()
+        # (scan_model_files, not network_files: that one reads weights metadata and pulls torch in at startup)
+        paths = [p for r in self.roots if r.is_dir() for p in scan_model_files(r, lambda n: n.endswith(EXTENSIONS))]
+        for path in paths:
+            if path.resolve() in seen:
+                continue
+            seen.add(path.resolve())
             try:
                 key = (path.resolve(), path.stat().st_mtime)
                 if key not in self._hashes:
