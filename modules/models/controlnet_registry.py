@@ -84,6 +84,10 @@ class ControlNetRegistry:
     def titles(self) -> list[str]:
         return [f.title for f in self.files()]
 
+    def titles_refreshed(self) -> list[str]:
+        self.refresh()
+        return self.titles()
+
     def find(self, name: str) -> ControlNetFile:
         """By title (``name [hash]``), name, hash, or file name; refreshes once when not found."""
         for attempt in (0, 1):
