@@ -181,3 +181,30 @@ def test_sdxl_controlnet_on_sdxl(tmp_path):
         assert np.array_equal(base, _pixels(_run(services, [unit(model="control_tiny_sdxl_b", weight=0)])))
     finally:
         services.generation.queue.shutdown()
+
+
+def test_external_code_is_importable_the_ways_extensions_import_it_and_drives_units(sd1):
+    import importlib
+
+    from modules.extensions import processing_adapter
+    from modules.extensions.controlnet_external_code import install_aliases
+
+    install_aliases()
+    external_code = importlib.import_module("extensions.sd-webui-controlnet.scripts.external_code", "external_code")
+    assert importlib.import_module("extensions-builtin.sd-webui-controlnet.scripts.external_code") is external_code
+    from lib_controlnet import external_code as forge_style
+
+    assert forge_style is external_code
+    p = processing_adapter.wrap(Txt2ImgParams(**SMALL))
+    assert external_code.get_all_units_in_processing(p) == []
+    hint = np.asarray(_hint())   # extensions hand numpy images and Enums
+    external_code.update_cn_script_in_processing(p, [
+        external_code.ControlNetUnit(model="control_tiny_sd1", image=hint, control_mode=external_code.ControlMode.CONTROL,
+                                     resize_mode=external_code.ResizeMode.RESIZE),
+        {"model": "control_tiny_sd1_b", "input_image": hint, "enabled": False}])
+    units = external_code.get_all_units_in_processing(p)
+    assert [u.enabled for u in units] == [True, False]
+    assert units[0].control_mode == "ControlNet is more important" and units[0].resize_mode == "Just Resize"
+    result = sd1.generation.txt2img(p.params)
+    assert 'Control Mode: ControlNet is more important' in result.infotexts[0]
+    assert not np.array_equal(_pixels(result), _pixels(_run(sd1)))
