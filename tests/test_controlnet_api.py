@@ -53,6 +53,8 @@ def test_info_routes(api):
     assert {"none", "invert"} <= set(modules["module_list"])
     assert modules["module_detail"]["invert"]["model_free"] is True
     assert requests.get(api.url + "/controlnet/settings").json() == {"control_net_unit_count": 3}
+    scripts = requests.get(api.url + "/sdapi/v1/scripts").json()   # clients check for it there
+    assert "controlnet" in scripts["txt2img"] and "controlnet" in scripts["img2img"]
 
 
 def test_detect_returns_maps(api):

@@ -726,8 +726,9 @@ class Api:
 
         @r.get("/scripts", response_model=m.ScriptsList)
         def get_scripts_list() -> dict:
-            return {"txt2img": [s.name for s in self.services.script_runner(False).scripts],
-                    "img2img": [s.name for s in self.services.script_runner(True).scripts]}
+            builtin = ["controlnet"]  # built in, not a Script: listed as sd-webui-controlnet's always-on script is
+            return {"txt2img": [s.name for s in self.services.script_runner(False).scripts] + builtin,
+                    "img2img": [s.name for s in self.services.script_runner(True).scripts] + builtin}
 
         @r.get("/script-info", response_model=list[m.ScriptInfo])
         def get_script_info() -> list:
