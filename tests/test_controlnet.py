@@ -18,7 +18,7 @@ from modules.core.pipeline import HiresParams, Img2ImgParams, ProcessingError, T
 from modules.models.controlnet import detect_controlnet, load_controlnet
 from modules.models.detection import read_shapes
 from modules.services import build_services
-from tiny_controlnets import make_controlnet
+from tiny_controlnets import make_controlnet, make_t2i_adapter
 from tiny_models import make_checkpoint
 
 SMALL = dict(width=64, height=64, steps=3, cfg_scale=7.0, seed=1234, prompt="a cat")
@@ -34,6 +34,8 @@ def _services(data_dir: Path, family: str):
     make_controlnet(cn_dir / f"control_tiny_{family}_b.safetensors", family, layout="diffusers", seed=2)
     other = "sdxl" if family == "sd1" else "sd1"
     make_controlnet(cn_dir / f"control_tiny_{other}.safetensors", other, layout="ldm", seed=3)
+    if family == "sd1":
+        make_t2i_adapter(cn_dir / "t2iadapter_tiny_sd14v1.pth", "sd1")
     options = Options(paths.config_file, default_templates())
     options.load()
     return build_services(opts, paths, options)
@@ -208,3 +210,25 @@ def test_external_code_is_importable_the_ways_extensions_import_it_and_drives_un
     result = sd1.generation.txt2img(p.params)
     assert 'Control Mode: ControlNet is more important' in result.infotexts[0]
     assert not np.array_equal(_pixels(result), _pixels(_run(sd1)))
+
+
+@pytest.mark.parametrize("layout,suffix,in_channels", [("original", "pth", 3), ("diffusers", "safetensors", 1)])
+def test_t2i_adapter_files_load(tmp_path, layout, suffix, in_channels):
+    tiny = make_t2i_adapter(tmp_path / f"adapter.{suffix}", "sd1", layout=layout, in_channels=in_channels)
+    spec = detect_controlnet(read_shapes(tiny.path))
+    assert (spec.kind, spec.family, spec.config["in_channels"]) == ("t2i_adapter", "sd1", in_channels)
+    model, _ = load_controlnet(tiny.path)
+    got = model.state_dict()
+    assert set(got) == set(tiny.diffusers_state_dict)
+    assert all(torch.equal(got[k], tiny.diffusers_state_dict[k]) for k in got)
+
+
+def test_t2i_adapter_unit_changes_the_image_and_weight_zero_does_not(sd1):
+    base = _pixels(_run(sd1))
+    adapted = _pixels(_run(sd1, [unit(model="t2iadapter_tiny_sd14v1")]))
+    assert not np.array_equal(base, adapted)
+    assert np.array_equal(base, _pixels(_run(sd1, [unit(model="t2iadapter_tiny_sd14v1", weight=0)])))
+    both = _pixels(_run(sd1, [unit(model="t2iadapter_tiny_sd14v1"), unit()]))
+    assert not np.array_equal(both, adapted)
+    soft = _pixels(_run(sd1, [unit(model="t2iadapter_tiny_sd14v1", control_mode=2)]))
+    assert not np.array_equal(soft, adapted)

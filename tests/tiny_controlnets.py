@@ -91,3 +91,42 @@ def make_controlnet(path, family: str = "sd1", *, layout: str = "ldm", prefixed:
     clean = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if not k.startswith("_")}
     (config_dir / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel", **clean}, indent=2))
     return TinyControlNet(path=path, family=family, config_dir=config_dir, diffusers_state_dict=dsd, config=config)
+
+
+def adapter_to_original(sd: dict, num_res_blocks: int) -> dict:
+    """diffusers T2IAdapter names -> TencentARC's full adapter names (the inverse of our loader's mapping)."""
+    out = {}
+    for k, v in sd.items():
+        k = k.removeprefix("adapter.")
+        if m := re.match(r"body\.(\d+)\.resnets\.(\d+)\.(.+)$", k):
+            k = f"body.{int(m[1]) * num_res_blocks + int(m[2])}.{m[3]}"
+        elif m := re.match(r"body\.(\d+)\.in_conv\.(.+)$", k):
+            k = f"body.{int(m[1]) * num_res_blocks}.in_conv.{m[2]}"
+        out[k] = v
+    return out
+
+
+def make_t2i_adapter(path, family: str = "sd1", *, layout: str = "original", in_channels: int = 3,
+                     seed: int = 0) -> TinyControlNet:
+    """A tiny full T2I-Adapter matching the tiny UNet's block widths (original TencentARC names, or diffusers')."""
+    from diffusers import T2IAdapter
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    channels = tiny_configs(family)["unet"]["block_out_channels"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 700)
+        adapter = T2IAdapter(in_channels=in_channels, channels=list(channels), num_res_blocks=2, downscale_factor=8)
+        with torch.no_grad():
+            for p in adapter.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    dsd = {k: v.detach().clone().contiguous() for k, v in adapter.state_dict().items()}
+    sd = dsd if layout == "diffusers" else adapter_to_original(dsd, 2)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(path))
+    else:
+        torch.save(sd, str(path))
+    return TinyControlNet(path=path, family=family, config_dir=path.parent, diffusers_state_dict=dsd,
+                          config=dict(adapter.config))

@@ -132,10 +132,9 @@ class GuidedDenoiser:
             added = {"text_embeds": pooled, "time_ids": time_ids if ids_per_row else time_ids[rows]}
         residuals = {}
         if self.control is not None:  # from the 4 latent channels, before inpainting models' extra ones
-            found = self.control.residuals(x, t, embeds, added, n_cond, *self._step)
-            if found is not None:
-                residuals = {"down_block_additional_residuals": [r.to(self.dtype) for r in found[0]],
-                             "mid_block_additional_residual": found[1].to(self.dtype)}
+            found = self.control.residuals(x, t, embeds, added, n_cond, *self._step) or {}
+            residuals = {k: [r.to(self.dtype) for r in v] if isinstance(v, list) else v.to(self.dtype)
+                         for k, v in found.items()}
         if self.image_cond is not None:
             x = torch.cat([x, self.image_cond[rows]], dim=1)
         return self.unet(x, t, encoder_hidden_states=embeds.to(self.dtype),

@@ -5,7 +5,10 @@ Layouts read (all through ``weights_io``, so ``.pth`` files are never fully unpi
 * lllyasviel's single file (ControlNet v1.0 / v1.1): ``input_blocks.*``, ``zero_convs.*``,
   ``input_hint_block.*``, ``middle_block_out.*``, with or without the ``control_model.`` prefix
   (v1.0 files also carry a whole SD model beside it: only ``control_model.*`` is read);
-* the diffusers layout (``controlnet_cond_embedding.*``, ``controlnet_down_blocks.*``).
+* the diffusers layout (``controlnet_cond_embedding.*``, ``controlnet_down_blocks.*``);
+* T2I-Adapters (diffusers ``T2IAdapter``): TencentARC's original full adapters (``conv_in``,
+  ``body.N.block1``...) and the diffusers layout (``adapter.body.N.resnets.M``...), SD1 (8x pixel
+  unshuffle) and SDXL (16x, ``full_adapter_xl``).
 
 The family (SD1 / SD2 / SDXL) and every width come from the tensor names and shapes; the rest of
 the config from the shipped ``configs/controlnet/<family>/config.json``. Nothing reaches a hub.
@@ -37,8 +40,8 @@ class ControlNetFamilyMismatch(ValueError):
 
 @dataclass(frozen=True)
 class ControlNetSpec:
-    kind: str                 # "controlnet" (T2I-Adapters and control-LoRAs are refused with a reason)
-    layout: str               # "ldm" | "diffusers"
+    kind: str                 # "controlnet" | "t2i_adapter" (control-LoRAs are refused with a reason)
+    layout: str               # "ldm" | "diffusers" | "original" (TencentARC's adapter names)
     family: str               # "sd1" | "sd2" | "sdxl"
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -63,8 +66,16 @@ def _layout(shapes: Shapes) -> str:
         return "diffusers"
     if "input_hint_block.0.weight" in shapes and "zero_convs.0.0.weight" in shapes:
         return "ldm"
-    if _has(shapes, "adapter.", "body.0.") or "conv_in.weight" in shapes and _has(shapes, "body."):
-        raise CheckpointLoadError("", "a T2I-Adapter: not supported yet (only ControlNet models load)")
+    if "adapter.conv_in.weight" in shapes:
+        return "adapter-diffusers"
+    if "conv_in.weight" in shapes and "body.0.block1.weight" in shapes:
+        if _has(shapes, "body.0.skep."):
+            raise CheckpointLoadError("", "a T2I-Adapter with skip convolutions (sk=False): diffusers' T2IAdapter "
+                                          "has no class for it, so it is not supported")
+        return "adapter-original"
+    if "conv_in.weight" in shapes and _has(shapes, "body."):
+        raise CheckpointLoadError("", "a T2I-Adapter of a kind diffusers has no class for (style/light adapter): "
+                                      "not supported")
     if any("lora_controlnet" in k for k in shapes) or any(k.endswith(".up") for k in shapes):
         raise CheckpointLoadError("", "a control-LoRA: not supported yet (only full ControlNet models load)")
     raise CheckpointLoadError("", "not a ControlNet model (no input_hint_block / controlnet_cond_embedding)")
@@ -136,10 +147,49 @@ def controlnet_config(shapes: Shapes) -> tuple[str, dict[str, Any]]:
     return family, cfg
 
 
+def adapter_to_diffusers_keys(sd: dict[str, Any], num_res_blocks: int) -> dict[str, Any]:
+    """TencentARC's full adapter names -> diffusers T2IAdapter's (``body.{i*n+j}`` -> ``body.i.resnets.j``)."""
+    out = {}
+    for key, value in sd.items():
+        if m := re.match(r"body\.(\d+)\.(block1|block2|in_conv)\.(weight|bias)$", key):
+            k = int(m[1])
+            i, j = divmod(k, num_res_blocks)
+            new = f"adapter.body.{i}.in_conv.{m[3]}" if m[2] == "in_conv" else f"adapter.body.{i}.resnets.{j}.{m[2]}.{m[3]}"
+        else:
+            new = "adapter." + key
+        out[new] = value
+    return out
+
+
+def _original_adapter_res_blocks(shapes: Shapes) -> int:
+    """Blocks per level: the first ``in_conv`` (the second level's entry) sits at index num_res_blocks."""
+    firsts = sorted(int(m[1]) for k in shapes if (m := re.match(r"body\.(\d+)\.in_conv\.weight$", k)))
+    return firsts[0] if firsts else _count(shapes, r"body\.(\d+)\.")
+
+
+def adapter_config(shapes: Shapes) -> tuple[str, dict[str, Any]]:
+    """(family, T2IAdapter config) for a state dict in diffusers names."""
+    levels = _count(shapes, r"adapter\.body\.(\d+)\.")
+    channels = [shapes[f"adapter.body.{i}.resnets.0.block1.weight"][0] for i in range(levels)]
+    unshuffled = shapes["adapter.conv_in.weight"][1]
+    for factor, family, kind in ((8, "sd1", "full_adapter"), (16, "sdxl", "full_adapter_xl")):
+        if unshuffled % (factor * factor) == 0 and unshuffled // (factor * factor) in (1, 3):
+            return family, {"in_channels": unshuffled // (factor * factor), "channels": channels,
+                            "num_res_blocks": _count(shapes, r"adapter\.body\.0\.resnets\.(\d+)\."),
+                            "downscale_factor": factor, "adapter_type": kind}
+    raise CheckpointLoadError("", f"a T2I-Adapter whose input ({unshuffled} unshuffled channels) is neither SD1's "
+                                  "nor SDXL's")
+
+
 def detect_controlnet(shapes: Shapes) -> ControlNetSpec:
     """What a ControlNet file holds, from its tensor names and shapes only. Raises CheckpointLoadError."""
     shapes = _strip_ldm_prefix(shapes)
     layout = _layout(shapes)
+    if layout.startswith("adapter-"):
+        names = dict(shapes) if layout == "adapter-diffusers" else adapter_to_diffusers_keys(
+            dict(shapes), _original_adapter_res_blocks(shapes))
+        family, cfg = adapter_config(names)
+        return ControlNetSpec(kind="t2i_adapter", layout=layout.removeprefix("adapter-"), family=family, config=cfg)
     names = shapes if layout == "diffusers" else _ldm_shapes_as_diffusers(shapes)
     family, cfg = controlnet_config(names)
     return ControlNetSpec(kind="controlnet", layout=layout, family=family, config=cfg)
@@ -171,13 +221,19 @@ def load_controlnet(path: Path, device: Any = None, dtype: Any = None) -> tuple[
         raise CheckpointLoadError(path, exc.cause) from None
     except (KeyError, ValueError, IndexError) as exc:
         raise CheckpointLoadError(path, f"not a ControlNet model this loader understands ({exc})") from exc
-    weights = dict(sd) if spec.layout == "diffusers" else ldm_to_diffusers_keys(sd)
     cfg = copy.deepcopy(spec.config)
-    model = _build_empty(lambda: ControlNetModel.from_config(cfg))
+    if spec.kind == "t2i_adapter":
+        from diffusers import T2IAdapter
+
+        weights = dict(sd) if spec.layout == "diffusers" else adapter_to_diffusers_keys(sd, cfg["num_res_blocks"])
+        model = _build_empty(lambda: T2IAdapter(**cfg))
+    else:
+        weights = dict(sd) if spec.layout == "diffusers" else ldm_to_diffusers_keys(sd)
+        model = _build_empty(lambda: ControlNetModel.from_config(cfg))
     import torch
 
     target = (device or torch.device("cpu"), dtype or torch.float32)
-    _assign(model, weights, path, "ControlNet", sd, target)
+    _assign(model, weights, path, "T2I-Adapter" if spec.kind == "t2i_adapter" else "ControlNet", sd, target)
     return _finish(model, *target), spec
 
 

@@ -14,6 +14,10 @@ sd-webui-controlnet's semantics, re-implemented here:
   pushes towards it (the unconditional rows run without it);
 * the map is fitted to the image size with the unit's resize mode (Just Resize, Crop and Resize,
   Resize and Fill), and refitted to the hires size in the hires-fix pass.
+
+T2I-Adapters (diffusers ``T2IAdapter``) work the same way, through the UNet's
+``down_intrablock_additional_residuals``; their features do not depend on the step, so they are
+computed once per pass. Their soft-injection scales are the extension's (0.25, 0.62, 0.825, 1.0).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from PIL import Image
 from modules.engine.control.preprocessors import PreprocessorArgs, get_preprocessor
 
 SOFT_INJECTION_BASE = 0.825   # lllyasviel's guess-mode decay per block
+ADAPTER_SOFT_SCALES = (0.25, 0.62, 0.825, 1.0)   # sd-webui-controlnet's, for 4-level T2I-Adapters
 DEFAULT_PROCESSOR_RES = 512
 BALANCED, PROMPT_MORE, CONTROL_MORE = "Balanced", "My prompt is more important", "ControlNet is more important"
 
@@ -120,10 +125,23 @@ def map_to_tensor(image: Image.Image, device, dtype) -> torch.Tensor:
 # ---------------------------------------------------------------- the loop
 
 
-def block_scales(n: int, weight: float, mode: str) -> list[float]:
+def block_scales(n: int, weight: float, mode: str, adapter: bool = False) -> list[float]:
     if mode == BALANCED:
         return [weight] * n
+    if adapter and n == len(ADAPTER_SOFT_SCALES):
+        return [weight * s for s in ADAPTER_SOFT_SCALES]
     return [weight * SOFT_INJECTION_BASE ** float(n - 1 - i) for i in range(n)]
+
+
+def is_adapter(model: Any) -> bool:
+    return type(model).__name__ == "T2IAdapter"
+
+
+def _hint_for(unit: "ControlInput", width: int, height: int, device) -> torch.Tensor:
+    fitted = fit_map(unit.detected_map, width, height, unit.resize_mode)
+    if is_adapter(unit.model) and unit.model.config.in_channels == 1:
+        return map_to_tensor(fitted, device, unit.model.dtype).mean(dim=1, keepdim=True)
+    return map_to_tensor(fitted, device, unit.model.dtype)
 
 
 class ControlApplier:
@@ -133,23 +151,29 @@ class ControlApplier:
         wanted = "Low res only" if hires else "High res only"
         self.units = [u for u in inputs if u.hr_option != wanted]
         self.device = device
-        self.hints = [map_to_tensor(fit_map(u.detected_map, width, height, u.resize_mode), device, u.model.dtype)
-                      for u in self.units]
+        self.hints = [_hint_for(u, width, height, device) for u in self.units]
+        self._adapter_features: dict[int, list[torch.Tensor]] = {}
 
     def __bool__(self) -> bool:
         return bool(self.units)
 
     def residuals(self, x: torch.Tensor, t, embeds: torch.Tensor, added: dict | None, n_cond: int,
-                  step: int, total: int) -> tuple[list[torch.Tensor], torch.Tensor] | None:
-        """Summed (down, mid) residuals for one UNet call whose first `n_cond` rows are conditional."""
+                  step: int, total: int) -> dict[str, Any] | None:
+        """The UNet's extra keyword arguments for one call whose first `n_cond` rows are conditional:
+        summed ControlNet (down, mid) residuals and T2I-Adapter features; None when no unit runs."""
         fraction = step / max(total, 1)
         down_sum: list[torch.Tensor] | None = None
         mid_sum = None
-        for unit, hint in zip(self.units, self.hints):
+        intrablock: list[torch.Tensor] | None = None
+        for index, (unit, hint) in enumerate(zip(self.units, self.hints)):
             if not unit.guidance_start <= fraction < unit.guidance_end:
                 continue
             rows = n_cond if unit.control_mode == CONTROL_MORE else x.shape[0]
             if rows == 0:
+                continue
+            if is_adapter(unit.model):
+                features = self._adapter(index, unit, hint, rows, x.shape[0])
+                intrablock = features if intrablock is None else [a + b for a, b in zip(intrablock, features)]
                 continue
             down, mid = self._run(unit, hint, x[:rows], t, embeds[:rows], _rows(added, rows))
             scales = block_scales(len(down) + 1, unit.weight, unit.control_mode)
@@ -160,9 +184,28 @@ class ControlApplier:
                 mid = _pad_rows(mid, x.shape[0])
             down_sum = down if down_sum is None else [a + b for a, b in zip(down_sum, down)]
             mid_sum = mid if mid_sum is None else mid_sum + mid
-        if down_sum is None:
-            return None
-        return down_sum, mid_sum
+        out: dict[str, Any] = {}
+        if down_sum is not None:
+            out["down_block_additional_residuals"] = down_sum
+            out["mid_block_additional_residual"] = mid_sum
+        if intrablock is not None:   # a new list per call: the UNet pops from it
+            out["down_intrablock_additional_residuals"] = list(intrablock)
+        return out or None
+
+    def _adapter(self, index: int, unit: ControlInput, hint, rows: int, total_rows: int) -> list[torch.Tensor]:
+        """The adapter's features (once per pass), scaled, for `rows` conditional rows of `total_rows`."""
+        features = self._adapter_features.get(index)
+        if features is None:
+            model = unit.model
+            if unit.low_vram:
+                model.to(self.device)
+            features = list(model(hint))
+            if unit.low_vram and self.device.type != "cpu":
+                model.to("cpu")
+            self._adapter_features[index] = features
+        scales = block_scales(len(features), unit.weight, unit.control_mode, adapter=True)
+        out = [(f * s).expand(rows, -1, -1, -1) for f, s in zip(features, scales)]
+        return [_pad_rows(f, total_rows) for f in out] if rows < total_rows else out
 
     def _run(self, unit: ControlInput, hint, x, t, embeds, added):
         model = unit.model
