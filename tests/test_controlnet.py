@@ -232,3 +232,29 @@ def test_t2i_adapter_unit_changes_the_image_and_weight_zero_does_not(sd1):
     assert not np.array_equal(both, adapted)
     soft = _pixels(_run(sd1, [unit(model="t2iadapter_tiny_sd14v1", control_mode=2)]))
     assert not np.array_equal(soft, adapted)
+
+
+def test_xyz_plot_controlnet_weight_axis(sd1):
+    import importlib.util
+    import sys
+
+    from modules.extensions import scripts
+
+    path = Path(__file__).resolve().parent.parent / "extensions-builtin" / "xyz-grid" / "scripts" / "xyz_grid.py"
+    spec = importlib.util.spec_from_file_location("xyz_grid_cn_test", path)
+    xyz = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = xyz
+    spec.loader.exec_module(xyz)
+    sd1.scripts = scripts.ScriptRegistry.from_modules({xyz.__name__: xyz})
+    runner = sd1.script_runner(False)
+    runner.ensure_defaults()
+    args = ["[ControlNet] Weight", "0, 1", None, "Nothing", "", None, "Nothing", "", None, True, True, False, False,
+            False, False, False, 0, False]
+    full = runner.args_from_api("X/Y/Z plot", args, None)
+    processed = sd1.generation.submit(Txt2ImgParams(**SMALL, controlnet_units=[unit()]),
+                                      script=runner.job_script(full)).result()
+    cells = processed.images[-2:]
+    base = _pixels(_run(sd1))
+    assert np.array_equal(np.asarray(cells[0].convert("RGB"), dtype=np.int16), base)
+    assert not np.array_equal(np.asarray(cells[1].convert("RGB"), dtype=np.int16), base)
+    assert "Weight: 0.0" in processed.infotexts[-2] and "Weight: 1.0" in processed.infotexts[-1]
