@@ -258,3 +258,19 @@ def test_xyz_plot_controlnet_weight_axis(sd1):
     assert np.array_equal(np.asarray(cells[0].convert("RGB"), dtype=np.int16), base)
     assert not np.array_equal(np.asarray(cells[1].convert("RGB"), dtype=np.int16), base)
     assert "Weight: 0.0" in processed.infotexts[-2] and "Weight: 1.0" in processed.infotexts[-1]
+
+
+def test_inpaint_only_masked_crops_the_control_map_like_the_picture(sd1):
+    from modules.core.controlnet_run import _crop_to_masked_area
+
+    init = Image.fromarray(np.random.default_rng(3).integers(0, 255, (128, 128, 3), dtype=np.uint8))
+    mask = Image.new("L", (128, 128))
+    mask.paste(255, (80, 80, 112, 112))
+    kw = dict(**SMALL, init_images=[init], mask=mask, inpaint_full_res=True, inpaint_full_res_padding=8,
+              denoising_strength=0.8)
+    own = Image.new("RGB", (32, 32))
+    cropped, kept = _crop_to_masked_area(Img2ImgParams(**kw), init, [init, own])
+    assert kept is own and cropped.size[0] < 128 and cropped.size[1] < 128
+    plain = sd1.generation.img2img(Img2ImgParams(**kw))
+    controlled = sd1.generation.img2img(Img2ImgParams(**kw, controlnet_units=[ControlNetUnit(model="control_tiny_sd1")]))
+    assert not np.array_equal(_pixels(plain), _pixels(controlled))

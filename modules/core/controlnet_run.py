@@ -31,8 +31,24 @@ def control_inputs(p: Any, ctx: Any) -> list[Any] | None:
 
     fallback = p.init_images[0].convert("RGB") if getattr(p, "init_images", None) else None
     sources = [u.image.convert("RGB") if u.image is not None else fallback for u in units]
+    sources = _crop_to_masked_area(p, fallback, sources)
     try:
         return prepare_inputs(units, sources, p.width, p.height, load)
     except (ControlNetFamilyMismatch, UnknownControlNetError, CheckpointLoadError, ValueError,
             preprocessors.UnknownPreprocessorError, preprocessors.PreprocessorUnavailableError) as err:
         raise ProcessingError(str(err)) from None
+
+
+def _crop_to_masked_area(p: Any, init: Any, sources: list[Any]) -> list[Any]:
+    """Inpaint "Only masked" renders a crop of the init image: maps of the init image's size are cropped
+    the same way, so the control lines up with what is drawn (as the extension does)."""
+    if init is None or getattr(p, "mask", None) is None or not getattr(p, "inpaint_full_res", False):
+        return sources
+    from modules.core import masking
+
+    plan = masking.plan_inpaint(init, p.mask, width=p.width, height=p.height, resize_mode=p.resize_mode,
+                                mask_blur=p.mask_blur, invert=p.inpainting_mask_invert,
+                                inpainting_fill=p.inpainting_fill, full_res=True, padding=p.inpaint_full_res_padding)
+    if plan.crop is None:
+        return sources
+    return [s.crop(tuple(plan.crop)) if s is not None and s.size == init.size else s for s in sources]
