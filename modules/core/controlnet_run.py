@@ -24,8 +24,10 @@ def control_inputs(p: Any, ctx: Any) -> list[Any] | None:
 
     model = ctx.model
 
-    def load(name: str):
-        file, controlnet, spec = registry.load(name, model.policy.device, model.pipe.unet.dtype)
+    def load(name: str, low_vram: bool):
+        # low VRAM: the model lives on the CPU and visits the GPU only while it runs (engine.control.units)
+        device = "cpu" if low_vram else model.policy.device
+        file, controlnet, spec = registry.load(name, device, model.pipe.unet.dtype)
         check_compatible(spec, file.title, model.spec.family_info, model.title)
         return file.title, controlnet
 

@@ -96,10 +96,10 @@ def detect_map(unit: Any, source: Image.Image, width: int, height: int) -> Image
 
 
 def prepare_inputs(units: list[Any], sources: list[Image.Image | None], width: int, height: int,
-                   load_model: Callable[[str], tuple[str, Any]]) -> list[ControlInput]:
+                   load_model: Callable[[str, bool], tuple[str, Any]]) -> list[ControlInput]:
     """The active units (weight > 0, a non-empty guidance window) as ControlInputs.
 
-    `sources[i]`: unit i's input image (its own, or the img2img image); `load_model(name)` ->
+    `sources[i]`: unit i's input image (its own, or the img2img image); `load_model(name, low_vram)` ->
     (title, ControlNetModel), raising a clear error for unknown or incompatible models."""
     inputs = []
     for index, (unit, source) in enumerate(zip(units, sources)):
@@ -107,7 +107,7 @@ def prepare_inputs(units: list[Any], sources: list[Image.Image | None], width: i
             continue
         if source is None:
             raise ValueError(f"ControlNet unit {index} has no input image (and there is no img2img image to use)")
-        title, model = load_model(unit.model)
+        title, model = load_model(unit.model, bool(unit.low_vram))
         inputs.append(ControlInput(
             name=title, model=model, detected_map=detect_map(unit, source, width, height),
             resize_mode=unit.resize_mode, weight=float(unit.weight), guidance_start=float(unit.guidance_start),
