@@ -20,6 +20,7 @@ from modules.core.options import Options
 from modules.core.paths import AppPaths
 from modules.models.vae import VaeRegistry
 from modules.models.controlnet_registry import ControlNetRegistry
+from modules.models.depth import DepthEstimators, set_default_estimators
 from modules.core.styles import StyleDatabase
 from modules.extensions.processing_adapter import wrap as wrap_params
 
@@ -85,6 +86,7 @@ def build_services(opts: argparse.Namespace, paths: AppPaths, options: Options) 
     generation.controlnets = controlnet_registry(opts, paths)
     styles = StyleDatabase(paths.styles_files)
     options.lock_dir_config(limits.dir_config_locked)
+    set_default_estimators(DepthEstimators.for_models_dir(paths.models_dir, device=_depth_device(opts)))
     return Services(cmd_opts=opts, paths=paths, options=options, models=models, generation=generation,
                     styles=styles, callers=callers, limits=limits, controlnets=generation.controlnets)
 
@@ -97,6 +99,12 @@ def controlnet_registry(opts: argparse.Namespace, paths: AppPaths) -> ControlNet
     registry = ControlNetRegistry(roots)
     registry.refresh()
     return registry
+
+
+def _depth_device(opts: argparse.Namespace) -> str | None:
+    """The depth estimator's device: the CPU with --use-cpu all/controlnet, else CUDA when present."""
+    names = {str(n).lower() for n in (getattr(opts, "use_cpu", None) or [])}
+    return "cpu" if names & {"all", "controlnet"} else None
 
 
 def _bound(value: int | None) -> int | None:

@@ -261,16 +261,30 @@ def test_xyz_plot_controlnet_weight_axis(sd1):
 
 
 def test_inpaint_only_masked_crops_the_control_map_like_the_picture(sd1):
-    from modules.core.controlnet_run import _crop_to_masked_area
+    from modules.core.controlnet_run import _masked_area_crop
 
     init = Image.fromarray(np.random.default_rng(3).integers(0, 255, (128, 128, 3), dtype=np.uint8))
     mask = Image.new("L", (128, 128))
     mask.paste(255, (80, 80, 112, 112))
     kw = dict(**SMALL, init_images=[init], mask=mask, inpaint_full_res=True, inpaint_full_res_padding=8,
               denoising_strength=0.8)
-    own = Image.new("RGB", (32, 32))
-    cropped, kept = _crop_to_masked_area(Img2ImgParams(**kw), init, [init, own])
-    assert kept is own and cropped.size[0] < 128 and cropped.size[1] < 128
+    x1, y1, x2, y2 = _masked_area_crop(Img2ImgParams(**kw), init)
+    assert x1 <= 80 and y1 <= 80 and x2 >= 112 and y2 >= 112 and (x2 - x1) < 128
     plain = sd1.generation.img2img(Img2ImgParams(**kw))
     controlled = sd1.generation.img2img(Img2ImgParams(**kw, controlnet_units=[ControlNetUnit(model="control_tiny_sd1")]))
     assert not np.array_equal(_pixels(plain), _pixels(controlled))
+
+
+def test_inpaint_units_read_the_mask_and_feed_minus_one_where_masked():
+    from modules.engine.control.units import detect_map, fit_map, map_to_tensor
+
+    picture = Image.new("RGB", (64, 64), (255, 0, 0))
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (0, 0, 32, 64))
+    inpaint_map = detect_map(ControlNetUnit(module="inpaint_only", model="x"), picture, 64, 64, mask)
+    assert inpaint_map.mode == "RGBA"
+    hint = map_to_tensor(fit_map(inpaint_map, 64, 64, "Just Resize"), "cpu", torch.float32)[0]
+    assert torch.all(hint[:, :, :28] == -1) and torch.allclose(hint[0, :, 36:], torch.ones(64, 28))
+    # other preprocessors never see the mask (the extension composites alpha onto white for them)
+    plain = detect_map(ControlNetUnit(module="none", model="x"), picture, 64, 64, mask)
+    assert plain.mode == "RGB" and plain.getpixel((5, 5)) == (255, 0, 0)

@@ -12,6 +12,8 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 
+from modules.api.asgi_reply import send_response
+
 __all__ = ["BodySizeLimit"]
 
 _MULTIPART_SLACK = 1024 * 1024
@@ -78,7 +80,4 @@ class BodySizeLimit:
 
 async def _refuse(send: Any, status: int, detail: str) -> None:
     body = json.dumps({"error": "HTTPException", "detail": detail, "body": "", "errors": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
+    await send_response(send, status, body, b"application/json", ((b"connection", b"close"),))

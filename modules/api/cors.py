@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from modules.api.asgi_reply import send_text
 from modules.api.hosts import split_host
 
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
@@ -100,13 +101,8 @@ class CrossSiteGuard:
         if kind == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
-        body = (f"Cross-site request refused: Origin {origin[:100]!r} is not this server. To let that site "
-                f"use this server, start it with --cors-allow-origins {origin[:100]}\n").encode("utf-8", "replace")
-        await send({"type": "http.response.start", "status": 403,
-                    "headers": [(b"content-type", b"text/plain; charset=utf-8"),
-                                (b"x-content-type-options", b"nosniff"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send_text(send, 403, f"Cross-site request refused: Origin {origin[:100]!r} is not this server. To let "
+                                   f"that site use this server, start it with --cors-allow-origins {origin[:100]}\n")
 
 
 def install(app: Any, opts: Any) -> CorsPolicy:

@@ -20,6 +20,9 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from modules.api.asgi_reply import send_text
+
+
 def split_host(host_header: str) -> tuple[str, int | None] | None:
     """'name:port' / '[v6]:port' / 'name' -> (lower-case name without trailing dot, port or None); None if malformed."""
     value = host_header.strip().lower()
@@ -119,14 +122,9 @@ class HostCheckMiddleware:
             return
         shown = repr((host or "")[:100]) if host else "(none)"
         name = (host_name(host or "") or "NAME")[:100]
-        body = (f"Invalid Host header {shown}: this server does not answer to that name "
-                f"(a DNS rebinding guard). If it is this server's name, start it with "
-                f"--allowed-hosts {name}\n").encode("utf-8", "replace")
-        await send({"type": "http.response.start", "status": 400,
-                    "headers": [(b"content-type", b"text/plain; charset=utf-8"),
-                                (b"x-content-type-options", b"nosniff"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send_text(send, 400, f"Invalid Host header {shown}: this server does not answer to that name "
+                                   f"(a DNS rebinding guard). If it is this server's name, start it with "
+                                   f"--allowed-hosts {name}\n")
 
 
 def install(app: Any, opts: Any) -> HostPolicy:

@@ -144,6 +144,8 @@ class StableDiffusionProcessingImg2Img(_ProcessingBase):
     initial_noise_multiplier: Optional[float] = None
     latent_mask: Optional[str] = None
     include_init_images: Optional[bool] = False
+    depth_image: Optional[str] = Field(None, description="SD2 depth models: a base64 depth map of the init image "
+                                       "(greyscale, white = near, 8- or 16-bit); omitted: the depth estimator makes it")
 
 
 StableDiffusionImg2ImgProcessingAPI = StableDiffusionProcessingImg2Img

@@ -373,7 +373,7 @@ def txt2img_params(req: m.StableDiffusionProcessingTxt2Img) -> Txt2ImgParams:
 
 
 def img2img_params(req: m.StableDiffusionProcessingImg2Img, init_images: list[Image.Image],
-                   mask: Image.Image | None) -> Img2ImgParams:
+                   mask: Image.Image | None, depth_image: Image.Image | None = None) -> Img2ImgParams:
     # A1111's API defaults differ from its UI's: fill 0 ("fill") and "only masked" on.
     blur = req.mask_blur if req.mask_blur is not None else _or(req.mask_blur_x, 4)
     return Img2ImgParams(
@@ -387,6 +387,7 @@ def img2img_params(req: m.StableDiffusionProcessingImg2Img, init_images: list[Im
         inpainting_fill=_or(req.inpainting_fill, 0),
         inpaint_full_res=bool(_or(req.inpaint_full_res, True)),
         inpaint_full_res_padding=_or(req.inpaint_full_res_padding, 0),
+        depth_image=depth_image,
     )
 
 
@@ -556,11 +557,14 @@ class Api:
                          for i, data in enumerate(req.init_images)]
                 return inits, decode_base64_to_image(req.mask, field="mask", limits=limits) if req.mask else None
             init_images, mask = await run_in_threadpool(decode_all)
-            images, info = await self._generate(req, img2img_params(req, init_images, mask), request)
+            depth = (await run_in_threadpool(decode_base64_to_image, req.depth_image, field="depth_image",
+                                             limits=limits)) if req.depth_image else None
+            images, info = await self._generate(req, img2img_params(req, init_images, mask, depth), request)
             parameters = req.model_dump()
             if not req.include_init_images:  # A1111 leaves the (large) inputs out of the echo
                 parameters["init_images"] = None
                 parameters["mask"] = None
+                parameters["depth_image"] = None
             return m.ImageToImageResponse(images=images, parameters=parameters, info=info)
 
     def _add_extras_routes(self) -> None:

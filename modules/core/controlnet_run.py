@@ -33,24 +33,27 @@ def control_inputs(p: Any, ctx: Any) -> list[Any] | None:
 
     fallback = p.init_images[0].convert("RGB") if getattr(p, "init_images", None) else None
     sources = [u.image.convert("RGB") if u.image is not None else fallback for u in units]
-    sources = _crop_to_masked_area(p, fallback, sources)
+    # A unit on the img2img picture takes the img2img mask too (the inpaint preprocessors read it).
+    masks = [getattr(p, "mask", None) if u.image is None else None for u in units]
+    crop = _masked_area_crop(p, fallback)
+    if crop is not None:   # inpaint "Only masked" renders a crop of the init image: so do its maps
+        sources = [s.crop(crop) if s is not None and s.size == fallback.size else s for s in sources]
+        masks = [m.crop(crop) if m is not None and m.size == fallback.size else m for m in masks]
     try:
-        return prepare_inputs(units, sources, p.width, p.height, load)
+        return prepare_inputs(units, sources, p.width, p.height, load, masks)
     except (ControlNetFamilyMismatch, UnknownControlNetError, CheckpointLoadError, ValueError,
             preprocessors.UnknownPreprocessorError, preprocessors.PreprocessorUnavailableError) as err:
         raise ProcessingError(str(err)) from None
 
 
-def _crop_to_masked_area(p: Any, init: Any, sources: list[Any]) -> list[Any]:
-    """Inpaint "Only masked" renders a crop of the init image: maps of the init image's size are cropped
-    the same way, so the control lines up with what is drawn (as the extension does)."""
+def _masked_area_crop(p: Any, init: Any) -> tuple[int, int, int, int] | None:
+    """Inpaint "Only masked": the region of the init image that is rendered (A1111's crop), else None.
+    Maps of the init image's size are cropped the same way, so the control lines up (as the extension does)."""
     if init is None or getattr(p, "mask", None) is None or not getattr(p, "inpaint_full_res", False):
-        return sources
+        return None
     from modules.core import masking
 
     plan = masking.plan_inpaint(init, p.mask, width=p.width, height=p.height, resize_mode=p.resize_mode,
                                 mask_blur=p.mask_blur, invert=p.inpainting_mask_invert,
                                 inpainting_fill=p.inpainting_fill, full_res=True, padding=p.inpaint_full_res_padding)
-    if plan.crop is None:
-        return sources
-    return [s.crop(tuple(plan.crop)) if s is not None and s.size == init.size else s for s in sources]
+    return tuple(plan.crop) if plan.crop is not None else None

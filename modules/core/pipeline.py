@@ -179,6 +179,7 @@ class Img2ImgParams(GenerationParams):
     inpainting_fill: int = 1            # index into MASKED_CONTENT
     inpaint_full_res: bool = False      # "Only masked"
     inpaint_full_res_padding: int = 32
+    depth_image: Any = None             # PIL image: depth map for SD2 depth models (white = near); None: estimate
 
     kind = "img2img"
 
@@ -202,6 +203,8 @@ class Img2ImgParams(GenerationParams):
             raise ProcessingError(f"masked content must be 0-{len(MASKED_CONTENT) - 1}, got {self.inpainting_fill}")
         if not 0 <= self.mask_blur <= 64 or not 0 <= self.inpaint_full_res_padding <= 256:
             raise ProcessingError("mask blur must be 0-64 and masked area padding 0-256")
+        if self.depth_image is not None:
+            limits.check_input_pixels("depth_image", *self.depth_image.size)
 
 
 class Processed:
@@ -550,9 +553,12 @@ def _control_inputs(p: GenerationParams, ctx: RunContext) -> Any:
 def _check_model(p: GenerationParams, ctx: RunContext) -> None:
     p.validate()
     if getattr(ctx.model, "needs_depth_map", False):
-        raise ProcessingError(
-            f"{ctx.model.title} is an SD2 depth model: it needs a depth map of the init image, and the "
-            "MiDaS depth estimator it uses is not available offline yet. Pick another checkpoint.")
+        from modules.core import depth_maps
+
+        reason = depth_maps.refusal(ctx.model.title, is_img2img=isinstance(p, Img2ImgParams),
+                                    has_depth_image=getattr(p, "depth_image", None) is not None)
+        if reason:
+            raise ProcessingError(reason)
 
 
 def _plan_run(p: GenerationParams) -> ProcessingRun:
@@ -631,8 +637,18 @@ def _init_images(p: Img2ImgParams, start: int, count: int):
         masks=[plan.mask_for_latents for plan in plans] if p.mask is not None else None,
         denoising_strength=p.denoising_strength, inpainting_fill=p.inpainting_fill,
         latent_upscale=p.resize_mode == 3 and p.mask is None,
+        depth_maps=_depth_maps(p, start, prepared) if p.depth_image is not None else None,
     )
     return init, plans
+
+
+def _depth_maps(p: Img2ImgParams, start: int, prepared: list) -> list:
+    """The supplied depth map, cropped/resized like each init image (see core/depth_maps.py)."""
+    from modules.core.depth_maps import prepare_depth_image
+
+    return [prepare_depth_image(p.depth_image, width=p.width, height=p.height, resize_mode=p.resize_mode, plan=plan,
+                                source_size=p.init_images[(start + i) % len(p.init_images)].size)
+            for i, (_, plan) in enumerate(prepared)]
 
 
 def _finish_image(p: GenerationParams, ctx: RunContext, plan: _JobPlan, run: ProcessingRun, image: Any,

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from modules.engine import conditioning, rng, scheduler_build
+from modules.engine import conditioning, depth2img, rng, scheduler_build
 from modules.engine import sampler_catalog as samplers
 from modules.engine.sampling import GuidedDenoiser, InpaintBlend, StepConds, sample
 from modules.engine.upscaling import LATENT_UPSCALE_MODES, resize_image
@@ -29,6 +29,7 @@ class InitImages:
     denoising_strength: float
     inpainting_fill: int                 # 0 fill, 1 original, 2 latent noise, 3 latent nothing
     latent_upscale: bool = False         # "Just resize (latent upscale)": resize in latent space
+    depth_maps: list[Image.Image] | None = None  # SD2 depth models: the user's maps ("F"); None: estimate
 
 
 @dataclass(frozen=True)
@@ -285,6 +286,8 @@ def _img2img_start(req: BatchRequest, model, scheduler, noise: torch.Tensor, dev
             init_latents = init_latents * (1 - mask)
         if image_cond is None:  # ordinary models inpaint by resetting the unmasked latents each step
             blend = InpaintBlend(init_latents=init_latents, mask=mask, noise=noise)
+    if image_cond is None:  # SD2 depth models: the init image's depth as an extra UNet channel
+        image_cond = depth2img.depth_image_cond(model, init, req.width, req.height, device, dtype)
     if len(timesteps) == 0:
         return timesteps, init_latents, blend, image_cond
     latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(init_latents.shape[0]))

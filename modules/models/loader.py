@@ -391,8 +391,8 @@ def load_model(
 
     status, needs_depth = "ready", False
     if spec.is_depth:
-        status = ("loaded; generation needs a depth map (the MiDaS depth estimator in the checkpoint is not "
-                  "loaded: pass depth_map to the pipeline)")
+        status = ("ready for img2img: the init image's depth comes from a supplied depth map or the depth "
+                  "estimator in models/depth/ (the MiDaS weights inside the checkpoint are not used)")
         needs_depth = True
     seconds = round(time.perf_counter() - laps.start, 3)
     say(f"Model loaded in {seconds:.1f}s")

@@ -25,6 +25,7 @@ from modules.core.infotext import INPAINT_AREAS, MASK_MODES
 from modules.core.masking import flatten, prepare_mask
 from modules.core.jobs import QueueFullError
 from modules.core.pipeline import MASKED_CONTENT, RESIZE_MODES, Img2ImgParams, ProcessingError
+from modules.ui.depth_input import build_depth_input
 from modules.services import Services
 from modules.ui.controlnet_ui import MAX_UNITS, build_controlnet_ui, units_from_values
 from modules.ui.common import (POLL_SECONDS, ControlsBase, build_batch_controls, build_output_panel,
@@ -198,6 +199,7 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
                                            elem_id="img2img_denoising_strength")
             seeds = build_seed_controls("img2img")
             inpaint_controls, inpaint = _build_inpaint_controls()
+            depth_image = build_depth_input()
             controlnet = build_controlnet_ui("img2img", services)
             script_runner = services.script_runner(True)
             script_runner.setup_ui()
@@ -212,7 +214,7 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
     running_batches = _connect_generate(services, top, controls, script_runner, output,
                                         {"mode": mode, "scale_tab": scale_tab, "styles": top.styles_ui.dropdown,
                                          "override_settings": top.override_settings, **inputs.values(),
-                                         **controlnet.inputs})
+                                         "depth_image": depth_image, **controlnet.inputs})
 
     def stop_batches(caller: Any) -> None:  # the Batch tab's loops of the caller (an admin: all of them)
         for event, owner in list(running_batches.items()):
@@ -415,6 +417,7 @@ def _run_one(services: Services, script_runner: Any, extra: dict[str, Any], cont
                                      inpaint=extra["inpaint"], inpaint_sketch=extra["inpaint_sketch"],
                                      upload_img=extra["upload_img"], upload_mask=extra["upload_mask"])
         params = Img2ImgControls.to_params(control_values, init_images=[init], mask=mask)
+        params.depth_image = extra.get("depth_image")
         params.controlnet_units = units_from_values(extra, MAX_UNITS)
         if extra["scale_tab"] == 1:
             params.width, params.height = scaled_size(init, control_values["scale_by"])

@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 from PIL import Image, ImageOps
 
+from modules.engine.control import annotators
+
 
 @dataclass(frozen=True)
 class PreprocessorArgs:
@@ -19,6 +21,8 @@ class PreprocessorArgs:
     resolution: int = 512
     threshold_a: float = -1
     threshold_b: float = -1
+    # Random preprocessors (shuffle): the extension seeds NumPy with (seed + subseed) & 0xFFFFFFFF.
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,8 @@ class Preprocessor:
     detail: dict[str, Any] = field(default_factory=lambda: {"model_free": False, "sliders": []})
     # None when usable; otherwise why not (e.g. "needs models/depth/<folder>/config.json + weights")
     unavailable: Callable[[], str | None] = lambda: None
+    # the extension's display name ("alias"), e.g. "depth_midas" for "depth"; "" = the name
+    label: str = ""
 
 
 class UnknownPreprocessorError(LookupError):
@@ -47,12 +53,14 @@ def register(pre: Preprocessor) -> Preprocessor:
     return pre
 
 
-def preprocessor_names() -> list[str]:
-    return list(PREPROCESSORS)
+def preprocessor_names(alias_names: bool = False) -> list[str]:
+    """The module names (``alias_names``: the extension's labels, as ``/controlnet/module_list?alias_names=true``)."""
+    return [(p.label or p.name) if alias_names else p.name for p in PREPROCESSORS.values()]
 
 
 def get_preprocessor(name: str) -> Preprocessor:
-    pre = PREPROCESSORS.get(name)
+    """By module name or by label, as the extension accepts both."""
+    pre = PREPROCESSORS.get(name) or next((p for p in PREPROCESSORS.values() if p.label == name), None)
     if pre is None:
         raise UnknownPreprocessorError(f"unknown ControlNet preprocessor {name!r}; "
                                        f"valid: {', '.join(PREPROCESSORS)}")
@@ -70,5 +78,11 @@ def _invert(image: Image.Image, args: PreprocessorArgs) -> Image.Image:
     return ImageOps.invert(image.convert("RGB"))
 
 
-register(Preprocessor("none", _identity, {"model_free": True, "sliders": []}))
-register(Preprocessor("invert", _invert, {"model_free": True, "sliders": []}))
+# module_detail as the extension serves it: "model_free" means "needs no ControlNet model" (reference_*),
+# so it is False here; "none" shows the resolution slider, "invert" hides it.
+_RESOLUTION = {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8}
+register(Preprocessor("none", _identity, {"model_free": False, "sliders": [_RESOLUTION]}))
+register(Preprocessor("invert", _invert, {"model_free": False, "sliders": []},
+                      label="invert (from white bg & black line)"))
+for _spec in annotators.BUILTIN:  # the model-free maps, depth, and those listed but needing controlnet-aux
+    register(Preprocessor(**_spec))

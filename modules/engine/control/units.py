@@ -56,8 +56,9 @@ class ControlInput:
 
 def fit_map(image: Image.Image, width: int, height: int, resize_mode: str) -> Image.Image:
     """The control map at width x height: stretched, cropped to cover, or fitted inside and padded
-    with black (black is "no control" for edge, line and depth maps)."""
-    image = image.convert("RGB")
+    with black (black is "no control" for edge, line and depth maps). RGBA maps (the inpaint
+    preprocessors': the mask in alpha) keep their alpha; padding is unmasked."""
+    image = image.convert("RGBA" if image.mode == "RGBA" else "RGB")
     if resize_mode == "Just Resize" or image.size == (width, height):
         return image.resize((width, height), Image.Resampling.LANCZOS)
     scale_cover = max(width / image.width, height / image.height)
@@ -65,7 +66,7 @@ def fit_map(image: Image.Image, width: int, height: int, resize_mode: str) -> Im
     scale = scale_fit if resize_mode == "Resize and Fill" else scale_cover
     w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
     resized = image.resize((w, h), Image.Resampling.LANCZOS)
-    canvas = Image.new("RGB", (width, height))
+    canvas = Image.new(image.mode, (width, height))
     canvas.paste(resized, ((width - w) // 2, (height - h) // 2))
     return canvas
 
@@ -82,12 +83,20 @@ def run_preprocessor(module: str, image: Image.Image, args: PreprocessorArgs) ->
     return get_preprocessor(module).run(image, args)
 
 
-def detect_map(unit: Any, source: Image.Image, width: int, height: int) -> Image.Image:
-    """Unit `unit` (core.controlnet_units.ControlNetUnit) on `source`: its preprocessor's map."""
+def takes_mask(module: str) -> bool:
+    """The inpaint family reads the mask from the alpha channel (others composite alpha onto white)."""
+    return "inpaint" in (module or "")
+
+
+def detect_map(unit: Any, source: Image.Image, width: int, height: int, mask: Image.Image | None = None) -> Image.Image:
+    """Unit `unit` (core.controlnet_units.ControlNetUnit) on `source`: its preprocessor's map.
+    `mask` (white = repaint): the unit's own, else the img2img mask; given to the inpaint family."""
     image = source
-    if unit.mask is not None:   # preprocessors that use a mask read it from the alpha channel
-        image = source.convert("RGB").copy()
-        image.putalpha(unit.mask.convert("L").resize(source.size))
+    mask = unit.mask if unit.mask is not None else mask
+    if mask is not None and takes_mask(unit.module):
+        from modules.engine.control.annotators import compose_inpaint_input
+
+        image = compose_inpaint_input(source, mask)
     resolution = unit.processor_res if unit.processor_res > 0 else DEFAULT_PROCESSOR_RES
     if unit.pixel_perfect:
         resolution = pixel_perfect_resolution(source.size, width, height, unit.resize_mode)
@@ -96,7 +105,8 @@ def detect_map(unit: Any, source: Image.Image, width: int, height: int) -> Image
 
 
 def prepare_inputs(units: list[Any], sources: list[Image.Image | None], width: int, height: int,
-                   load_model: Callable[[str, bool], tuple[str, Any]]) -> list[ControlInput]:
+                   load_model: Callable[[str, bool], tuple[str, Any]],
+                   masks: list[Image.Image | None] | None = None) -> list[ControlInput]:
     """The active units (weight > 0, a non-empty guidance window) as ControlInputs.
 
     `sources[i]`: unit i's input image (its own, or the img2img image); `load_model(name, low_vram)` ->
@@ -109,7 +119,8 @@ def prepare_inputs(units: list[Any], sources: list[Image.Image | None], width: i
             raise ValueError(f"ControlNet unit {index} has no input image (and there is no img2img image to use)")
         title, model = load_model(unit.model, bool(unit.low_vram))
         inputs.append(ControlInput(
-            name=title, model=model, detected_map=detect_map(unit, source, width, height),
+            name=title, model=model,
+            detected_map=detect_map(unit, source, width, height, masks[index] if masks else None),
             resize_mode=unit.resize_mode, weight=float(unit.weight), guidance_start=float(unit.guidance_start),
             guidance_end=float(unit.guidance_end), control_mode=unit.control_mode, low_vram=bool(unit.low_vram),
             hr_option=unit.hr_option))
@@ -117,8 +128,14 @@ def prepare_inputs(units: list[Any], sources: list[Image.Image | None], width: i
 
 
 def map_to_tensor(image: Image.Image, device, dtype) -> torch.Tensor:
-    """[1, 3, H, W] in 0..1, as diffusers' ControlNet pipelines feed the hint."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    """[1, 3, H, W] in 0..1, as diffusers' ControlNet pipelines feed the hint; an RGBA (inpaint) map
+    becomes the inpaint ControlNet's hint: masked pixels -1."""
+    if image.mode == "RGBA":
+        from modules.engine.control.annotators import inpaint_hint
+
+        array = np.ascontiguousarray(inpaint_hint(image), dtype=np.float32)
+    else:
+        array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1)[None].to(device=device, dtype=dtype)
 
 
