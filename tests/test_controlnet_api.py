@@ -50,8 +50,11 @@ def test_info_routes(api):
     models = requests.get(api.url + "/controlnet/model_list").json()["model_list"]
     assert len(models) == 1 and models[0].startswith("control_v11p_tiny [")
     modules = requests.get(api.url + "/controlnet/module_list").json()
-    assert {"none", "invert"} <= set(modules["module_list"])
-    assert modules["module_detail"]["invert"]["model_free"] is True
+    assert {"none", "invert", "canny"} <= set(modules["module_list"])
+    assert set(modules["module_detail"]) == set(modules["module_list"])
+    assert "sliders" in modules["module_detail"]["canny"]
+    aliases = requests.get(api.url + "/controlnet/module_list", params={"alias_names": "true"}).json()
+    assert "depth_midas" in aliases["module_list"] and "depth_midas" in aliases["module_detail"]
     assert requests.get(api.url + "/controlnet/settings").json() == {"control_net_unit_count": 3}
     scripts = requests.get(api.url + "/sdapi/v1/scripts").json()   # clients check for it there
     assert "controlnet" in scripts["txt2img"] and "controlnet" in scripts["img2img"]

@@ -45,10 +45,10 @@ def take_units(req: Any, params: Any, limits: Limits, decode: Decode) -> None:
         raise HTTPException(status_code=422, detail=str(err)) from None
 
 
-def _module_detail(name: str) -> dict[str, Any]:
+def _module_details(alias_names: bool) -> dict[str, dict[str, Any]]:
     from modules.engine.control.preprocessors import PREPROCESSORS
 
-    return dict(PREPROCESSORS[name].detail)
+    return {((p.label or p.name) if alias_names else p.name): dict(p.detail) for p in PREPROCESSORS.values()}
 
 
 def register(app: FastAPI, services: Any, decode: Decode, encode_png: Callable[[Any], str]) -> None:
@@ -71,8 +71,7 @@ def register(app: FastAPI, services: Any, decode: Decode, encode_png: Callable[[
     def module_list(alias_names: bool = False) -> dict:
         from modules.engine.control.preprocessors import preprocessor_names
 
-        names = preprocessor_names()
-        return {"module_list": names, "module_detail": {n: _module_detail(n) for n in names}}
+        return {"module_list": preprocessor_names(alias_names), "module_detail": _module_details(alias_names)}
 
     @router.get("/settings")
     def settings() -> dict:

@@ -153,13 +153,13 @@ def get_models(update: bool = False) -> list[str]:
 def get_modules(alias_names: bool = False) -> list[str]:
     from modules.engine.control.preprocessors import preprocessor_names
 
-    return preprocessor_names()
+    return preprocessor_names(alias_names)
 
 
 def get_modules_detail(alias_names: bool = False) -> dict[str, Any]:
     from modules.engine.control.preprocessors import PREPROCESSORS
 
-    return {name: dict(pre.detail) for name, pre in PREPROCESSORS.items()}
+    return {((p.label or p.name) if alias_names else p.name): dict(p.detail) for p in PREPROCESSORS.values()}
 
 
 def get_max_models_num() -> int:
