@@ -288,3 +288,26 @@ def test_inpaint_units_read_the_mask_and_feed_minus_one_where_masked():
     # other preprocessors never see the mask (the extension composites alpha onto white for them)
     plain = detect_map(ControlNetUnit(module="none", model="x"), picture, 64, 64, mask)
     assert plain.mode == "RGB" and plain.getpixel((5, 5)) == (255, 0, 0)
+
+
+def test_control_lora_builds_on_the_checkpoint_unet(sd1, tmp_path):
+    """Stability's control-LoRA layout: diffusers' own loader (peft) applies it to a copy of the checkpoint's
+    UNet; a LoRA layer ends as base + up @ down, full tensors as given."""
+    from tiny_controlnets import make_control_lora
+
+    model = sd1.models.current()
+    unet_sd = {k: v.detach().clone() for k, v in model.pipe.unet.state_dict().items()}
+    path = sd1.paths.models_dir / "ControlNet" / "control-lora-tiny-rank4.safetensors"
+    lora = make_control_lora(path, "sd1", base_unet_sd=unet_sd)
+    spec = detect_controlnet(read_shapes(path))
+    assert (spec.kind, spec.family) == ("control_lora", "sd1")
+    cn, _ = load_controlnet(path, base_unet=model.pipe.unet)
+    got = cn.state_dict()
+    k = "input_blocks.1.1.transformer_blocks.0.attn1.to_q"
+    expected = unet_sd["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"] + lora[k + ".up"] @ lora[k + ".down"]
+    assert torch.allclose(got["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"], expected, atol=1e-6)
+    assert torch.equal(got["controlnet_down_blocks.0.weight"], lora["zero_convs.0.0.weight"])
+    assert not any("lora" in name for name in got)   # fused: runs as a plain ControlNet
+    sd1.controlnets.refresh()
+    base = _pixels(_run(sd1))
+    assert not np.array_equal(base, _pixels(_run(sd1, [unit(model="control-lora-tiny-rank4")])))

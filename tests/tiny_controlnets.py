@@ -130,3 +130,38 @@ def make_t2i_adapter(path, family: str = "sd1", *, layout: str = "original", in_
         torch.save(sd, str(path))
     return TinyControlNet(path=path, family=family, config_dir=path.parent, diffusers_state_dict=dsd,
                           config=dict(adapter.config))
+
+
+CONTROL_LORA_LAYERS = re.compile(r"(input_blocks|middle_block)\..*\.(to_q|to_k|to_v|to_out\.0|ff\.net\.0\.proj|ff\.net\.2|"
+                                 r"proj_in|proj_out|in_layers\.2|out_layers\.3)\.weight$")
+
+
+def make_control_lora(path, family: str = "sd1", *, base_unet_sd: dict, rank: int = 4, seed: int = 0) -> dict:
+    """A tiny control-LoRA in Stability's layout: LDM names, ``<layer>.up`` / ``<layer>.down`` factors for the
+    UNet copy's attention, feed-forward and resnet-conv weights (conv ``up`` factors are 1x1), every other tensor
+    (norms, biases, time embedding, hint block, zero convs) in full, and the ``lora_controlnet`` marker.
+    `base_unet_sd`: the diffusers state dict of the checkpoint's UNet it is made for. Returns the file's dict."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = {k: v for k, v in tiny_configs(family)["unet"].items() if not k.startswith("_")}
+    unet = UNet2DConditionModel.from_config(cfg)
+    unet.load_state_dict(base_unet_sd)
+    gen = torch.Generator().manual_seed(seed + 900)
+    cn = ControlNetModel.from_unet(unet)
+    with torch.no_grad():
+        for p in cn.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    sd = {"lora_controlnet": torch.tensor([])}
+    for k, v in controlnet_to_ldm(cn.state_dict(), dict(cn.config)).items():
+        if CONTROL_LORA_LAYERS.match(k):
+            base = k[:-len(".weight")]
+            sd[base + ".up"] = torch.randn(v.shape[0], rank, *((1, 1) if v.ndim == 4 else ()), generator=gen) * 0.1
+            sd[base + ".down"] = torch.randn(rank, *v.shape[1:], generator=gen) * 0.1
+        else:
+            sd[k] = v.detach().clone().contiguous()
+    from safetensors.torch import save_file
+
+    save_file(sd, str(path))
+    return sd

@@ -27,7 +27,7 @@ def control_inputs(p: Any, ctx: Any) -> list[Any] | None:
     def load(name: str, low_vram: bool):
         # low VRAM: the model lives on the CPU and visits the GPU only while it runs (engine.control.units)
         device = "cpu" if low_vram else model.policy.device
-        file, controlnet, spec = registry.load(name, device, model.pipe.unet.dtype)
+        file, controlnet, spec = registry.load(name, device, model.pipe.unet.dtype, model.pipe.unet)
         check_compatible(spec, file.title, model.spec.family_info, model.title)
         return file.title, controlnet
 

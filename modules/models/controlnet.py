@@ -6,6 +6,9 @@ Layouts read (all through ``weights_io``, so ``.pth`` files are never fully unpi
   ``input_hint_block.*``, ``middle_block_out.*``, with or without the ``control_model.`` prefix
   (v1.0 files also carry a whole SD model beside it: only ``control_model.*`` is read);
 * the diffusers layout (``controlnet_cond_embedding.*``, ``controlnet_down_blocks.*``);
+* Stability's control-LoRAs (``lora_controlnet``): diffusers builds the ControlNet from the
+  checkpoint's own UNet (``ControlNetModel.from_unet``) and applies the file with
+  ``load_lora_adapter`` (peft); the LoRA is then fused, so it runs as a plain ControlNet;
 * T2I-Adapters (diffusers ``T2IAdapter``): TencentARC's original full adapters (``conv_in``,
   ``body.N.block1``...) and the diffusers layout (``adapter.body.N.resnets.M``...), SD1 (8x pixel
   unshuffle) and SDXL (16x, ``full_adapter_xl``).
@@ -40,7 +43,7 @@ class ControlNetFamilyMismatch(ValueError):
 
 @dataclass(frozen=True)
 class ControlNetSpec:
-    kind: str                 # "controlnet" | "t2i_adapter" (control-LoRAs are refused with a reason)
+    kind: str                 # "controlnet" | "t2i_adapter" | "control_lora"
     layout: str               # "ldm" | "diffusers" | "original" (TencentARC's adapter names)
     family: str               # "sd1" | "sd2" | "sdxl"
     config: dict[str, Any] = field(default_factory=dict)
@@ -62,6 +65,8 @@ def _strip_ldm_prefix(shapes: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _layout(shapes: Shapes) -> str:
+    if "lora_controlnet" in shapes:
+        return "control-lora"
     if "controlnet_cond_embedding.conv_in.weight" in shapes:
         return "diffusers"
     if "input_hint_block.0.weight" in shapes and "zero_convs.0.0.weight" in shapes:
@@ -76,8 +81,8 @@ def _layout(shapes: Shapes) -> str:
     if "conv_in.weight" in shapes and _has(shapes, "body."):
         raise CheckpointLoadError("", "a T2I-Adapter of a kind diffusers has no class for (style/light adapter): "
                                       "not supported")
-    if any("lora_controlnet" in k for k in shapes) or any(k.endswith(".up") for k in shapes):
-        raise CheckpointLoadError("", "a control-LoRA: not supported yet (only full ControlNet models load)")
+    if any(k.endswith(".up") for k in shapes):
+        raise CheckpointLoadError("", "a LoRA-style ControlNet without the 'lora_controlnet' marker: not supported")
     raise CheckpointLoadError("", "not a ControlNet model (no input_hint_block / controlnet_cond_embedding)")
 
 
@@ -185,6 +190,9 @@ def detect_controlnet(shapes: Shapes) -> ControlNetSpec:
     """What a ControlNet file holds, from its tensor names and shapes only. Raises CheckpointLoadError."""
     shapes = _strip_ldm_prefix(shapes)
     layout = _layout(shapes)
+    if layout == "control-lora":
+        return ControlNetSpec(kind="control_lora", layout="control-lora", family=_control_lora_family(shapes),
+                              config={"conditioning_channels": shapes["input_hint_block.0.weight"][1]})
     if layout.startswith("adapter-"):
         names = dict(shapes) if layout == "adapter-diffusers" else adapter_to_diffusers_keys(
             dict(shapes), _original_adapter_res_blocks(shapes))
@@ -193,6 +201,30 @@ def detect_controlnet(shapes: Shapes) -> ControlNetSpec:
     names = shapes if layout == "diffusers" else _ldm_shapes_as_diffusers(shapes)
     family, cfg = controlnet_config(names)
     return ControlNetSpec(kind="controlnet", layout=layout, family=family, config=cfg)
+
+
+def _control_lora_family(shapes: Shapes) -> str:
+    """SDXL has label_emb; SD2 projects attention with linears (2-D LoRA factors), SD1 with 1x1 convs."""
+    if "label_emb.0.0.weight" in shapes:
+        return "sdxl"
+    proj = next((s for k, s in shapes.items() if k.endswith(".proj_in.down")), None)
+    return "sd2" if proj is not None and len(proj) == 2 else "sd1"
+
+
+def _load_control_lora(sd: dict[str, Any], spec: ControlNetSpec, base_unet: Any, path: Path) -> Any:
+    """diffusers' SAI control-LoRA path on a copy of the checkpoint's UNet, fused into plain weights."""
+    from diffusers import ControlNetModel
+
+    if base_unet is None:
+        raise CheckpointLoadError(path, "a control-LoRA needs the checkpoint's UNet to build on")
+    model = ControlNetModel.from_unet(base_unet, conditioning_channels=spec.config["conditioning_channels"])
+    try:
+        model.load_lora_adapter(dict(sd), prefix=None, adapter_name="control_lora")
+        model.fuse_lora()
+        model.unload_lora()
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise CheckpointLoadError(path, f"control-LoRA does not fit the checkpoint's UNet: {exc}") from exc
+    return model
 
 
 def _ldm_shapes_as_diffusers(shapes: Shapes) -> dict[str, tuple[int, ...]]:
@@ -206,8 +238,9 @@ def _ldm_shapes_as_diffusers(shapes: Shapes) -> dict[str, tuple[int, ...]]:
 # ---------------------------------------------------------------- loading
 
 
-def load_controlnet(path: Path, device: Any = None, dtype: Any = None) -> tuple[Any, ControlNetSpec]:
-    """(ControlNetModel on `device`/`dtype`, its spec). Raises CheckpointLoadError naming the file."""
+def load_controlnet(path: Path, device: Any = None, dtype: Any = None, base_unet: Any = None) -> tuple[Any, ControlNetSpec]:
+    """(ControlNetModel or T2IAdapter on `device`/`dtype`, its spec). Raises CheckpointLoadError naming the file.
+    `base_unet`: the checkpoint's UNet, which a control-LoRA builds on."""
     from diffusers import ControlNetModel
 
     from modules.models.loader import _assign, _build_empty, _finish
@@ -222,6 +255,11 @@ def load_controlnet(path: Path, device: Any = None, dtype: Any = None) -> tuple[
     except (KeyError, ValueError, IndexError) as exc:
         raise CheckpointLoadError(path, f"not a ControlNet model this loader understands ({exc})") from exc
     cfg = copy.deepcopy(spec.config)
+    import torch
+
+    target = (device or torch.device("cpu"), dtype or torch.float32)
+    if spec.kind == "control_lora":
+        return _finish(_load_control_lora(sd, spec, base_unet, path), *target), spec
     if spec.kind == "t2i_adapter":
         from diffusers import T2IAdapter
 
@@ -230,9 +268,6 @@ def load_controlnet(path: Path, device: Any = None, dtype: Any = None) -> tuple[
     else:
         weights = dict(sd) if spec.layout == "diffusers" else ldm_to_diffusers_keys(sd)
         model = _build_empty(lambda: ControlNetModel.from_config(cfg))
-    import torch
-
-    target = (device or torch.device("cpu"), dtype or torch.float32)
     _assign(model, weights, path, "T2I-Adapter" if spec.kind == "t2i_adapter" else "ControlNet", sd, target)
     return _finish(model, *target), spec
 

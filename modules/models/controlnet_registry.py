@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,7 @@ class ControlNetRegistry:
         self.roots = [Path(r) for r in roots]
         self._files: list[ControlNetFile] = []
         self._hashes: dict[tuple[Path, float], str] = {}
-        self._loaded: OrderedDict[tuple[Path, float, str, str], tuple[Any, Any]] = OrderedDict()
+        self._loaded: OrderedDict[tuple[Path, float, str, str], tuple[Any, Any, Any]] = OrderedDict()
         self._lock = threading.RLock()
 
     def refresh(self) -> list[ControlNetFile]:
@@ -111,19 +112,20 @@ class ControlNetRegistry:
                 return f
         return next((f for f in files if f.name == bare or f.shorthash == (tag or wanted)), None)
 
-    def load(self, name: str, device: Any, dtype: Any) -> tuple[ControlNetFile, Any, Any]:
-        """(file, ControlNetModel, ControlNetSpec) for `name`, from the cache when loaded before."""
+    def load(self, name: str, device: Any, dtype: Any, base_unet: Any = None) -> tuple[ControlNetFile, Any, Any]:
+        """(file, model, ControlNetSpec) for `name`, from the cache when loaded before. `base_unet`: the
+        checkpoint's UNet (a control-LoRA is built on it, so its cache entry is per UNet)."""
         from modules.models.controlnet import load_controlnet
 
         file = self.find(name)
         key = (file.path.resolve(), file.path.stat().st_mtime, str(device), str(dtype))
         with self._lock:
             cached = self._loaded.get(key)
-            if cached is not None:
+            if cached is not None and (cached[1].kind != "control_lora" or cached[2]() is base_unet):
                 self._loaded.move_to_end(key)
-                return (file, *cached)
-            model, spec = load_controlnet(file.path, device, dtype)
-            self._loaded[key] = (model, spec)
+                return file, cached[0], cached[1]
+            model, spec = load_controlnet(file.path, device, dtype, base_unet)
+            self._loaded[key] = (model, spec, weakref.ref(base_unet) if base_unet is not None else (lambda: None))
             while len(self._loaded) > CACHE_SIZE:
                 self._loaded.popitem(last=False)
             return file, model, spec
