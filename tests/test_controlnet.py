@@ -110,6 +110,11 @@ def test_not_a_controlnet_is_refused_with_what_it_is(tmp_path):
 
 
 def test_models_are_listed_with_the_extension_hash(sd1):
+    annotator = sd1.paths.models_dir / "ControlNet" / "annotators" / "dpt" / "model.safetensors"
+    annotator.parent.mkdir(parents=True, exist_ok=True)
+    annotator.write_bytes(b"not a controlnet")
+    sd1.controlnets.refresh()
+    assert not any(t.startswith("model [") for t in sd1.controlnets.titles())
     titles = sd1.controlnets.titles()
     assert any(t.startswith("control_tiny_sd1 [") and t.endswith("]") for t in titles)
     title = next(t for t in titles if t.startswith("control_tiny_sd1 ["))

@@ -21,7 +21,8 @@ from modules.models.checkpoints import scan_model_files
 log = logging.getLogger(__name__)
 
 EXTENSIONS = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
-CACHE_SIZE = 2   # loaded ControlNets kept (sd-webui-controlnet's default model cache size)
+CACHE_SIZE = 2
+SKIPPED_DIR = "annotators"   # models/ControlNet/annotators/: the preprocessors' estimator folders, not ControlNets   # loaded ControlNets kept (sd-webui-controlnet's default model cache size)
 
 __all__ = ["ControlNetFile", "ControlNetRegistry", "UnknownControlNetError", "short_model_hash"]
 
@@ -61,7 +62,8 @@ class ControlNetRegistry:
     def refresh(self) -> list[ControlNetFile]:
         found, seen = [], set()
         # (scan_model_files, not network_files: that one reads weights metadata and pulls torch in at startup)
-        paths = [p for r in self.roots if r.is_dir() for p in scan_model_files(r, lambda n: n.endswith(EXTENSIONS))]
+        paths = [p for r in self.roots if r.is_dir() for p in scan_model_files(r, lambda n: n.endswith(EXTENSIONS))
+                 if SKIPPED_DIR not in p.relative_to(r).parts[:-1]]
         for path in paths:
             if path.resolve() in seen:
                 continue
