@@ -124,6 +124,9 @@ def test_bad_units_are_422_and_the_server_stays_up(api):
     for unit, words in (({"model": model, "resize_mode": "Sideways", "image": b64(hint())}, "resize"),
                         ({"model": model, "weight": 5, "image": b64(hint())}, "weight"),
                         ({"model": "missing", "image": b64(hint())}, "not found"),
+                        # a path is never opened: only files listed in the ControlNet folders load
+                        ({"model": "../Stable-diffusion/tiny-sd1.safetensors", "image": b64(hint())}, "not found"),
+                        ({"model": model, "module": "../../etc/passwd", "image": b64(hint())}, "preprocessor"),
                         ({"model": model, "image": "not base64!"}, "image"),
                         ({"model": model}, "no input image")):
         r = _txt2img(api, [unit])
