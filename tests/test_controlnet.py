@@ -316,3 +316,10 @@ def test_control_lora_builds_on_the_checkpoint_unet(sd1, tmp_path):
     sd1.controlnets.refresh()
     base = _pixels(_run(sd1))
     assert not np.array_equal(base, _pixels(_run(sd1, [unit(model="control-lora-tiny-rank4")])))
+
+
+def test_random_preprocessors_follow_the_seed(sd1):
+    """shuffle draws from the job's seed (the extension's seed + subseed): the same seed repeats the image."""
+    a = _pixels(_run(sd1, [unit(module="shuffle")], seed=5))
+    b = _pixels(_run(sd1, [unit(module="shuffle")], seed=5))
+    assert np.array_equal(a, b)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 
-def control_inputs(p: Any, ctx: Any) -> list[Any] | None:
-    """The engine's ControlInputs for `p.controlnet_units`, or None when no unit takes part.
+def control_inputs(p: Any, ctx: Any, seed: int | None = None) -> list[Any] | None:
+    """The engine's ControlInputs for `p.controlnet_units`, or None when no unit takes part. `seed`: for
+    random preprocessors (shuffle), the extension's (seed + subseed) of the first image.
     Raises ControlNetUnitError with a message for the user."""
     from modules.core.controlnet_units import ControlNetUnitError as ProcessingError
 
@@ -40,7 +41,7 @@ def control_inputs(p: Any, ctx: Any) -> list[Any] | None:
         sources = [s.crop(crop) if s is not None and s.size == fallback.size else s for s in sources]
         masks = [m.crop(crop) if m is not None and m.size == fallback.size else m for m in masks]
     try:
-        return prepare_inputs(units, sources, p.width, p.height, load, masks)
+        return prepare_inputs(units, sources, p.width, p.height, load, masks, seed=seed)
     except (ControlNetFamilyMismatch, UnknownControlNetError, CheckpointLoadError, ValueError,
             preprocessors.UnknownPreprocessorError, preprocessors.PreprocessorUnavailableError) as err:
         raise ProcessingError(str(err)) from None

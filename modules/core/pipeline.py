@@ -506,7 +506,7 @@ def _process(p: GenerationParams, ctx: RunContext) -> Processed:
                     extra=_extra_params(p), save_p=_save_owner(p, ctx))
     run = _plan_run(p)
     hooks.process(run)
-    plan.control = _control_inputs(p, ctx)
+    plan.control = _control_inputs(p, ctx, seed=(run.all_seeds[0] + run.all_subseeds[0]) & 0xFFFFFFFF)
     if ctx.job is not None and ctx.sets_job_count:
         ctx.job.set_job_count(p.n_iter)
     started = time.time()
@@ -540,12 +540,12 @@ def _validate_controlnet_units(p: GenerationParams, limits: Limits) -> None:
         raise ProcessingError(str(err)) from None
 
 
-def _control_inputs(p: GenerationParams, ctx: RunContext) -> Any:
+def _control_inputs(p: GenerationParams, ctx: RunContext, seed: int) -> Any:
     from modules.core.controlnet_run import control_inputs
     from modules.core.controlnet_units import ControlNetUnitError
 
     try:
-        return control_inputs(p, ctx)
+        return control_inputs(p, ctx, seed)
     except ControlNetUnitError as err:
         raise ProcessingError(str(err)) from None
 

@@ -88,7 +88,8 @@ def takes_mask(module: str) -> bool:
     return "inpaint" in (module or "")
 
 
-def detect_map(unit: Any, source: Image.Image, width: int, height: int, mask: Image.Image | None = None) -> Image.Image:
+def detect_map(unit: Any, source: Image.Image, width: int, height: int, mask: Image.Image | None = None,
+               seed: int | None = None) -> Image.Image:
     """Unit `unit` (core.controlnet_units.ControlNetUnit) on `source`: its preprocessor's map.
     `mask` (white = repaint): the unit's own, else the img2img mask; given to the inpaint family."""
     image = source
@@ -100,13 +101,14 @@ def detect_map(unit: Any, source: Image.Image, width: int, height: int, mask: Im
     resolution = unit.processor_res if unit.processor_res > 0 else DEFAULT_PROCESSOR_RES
     if unit.pixel_perfect:
         resolution = pixel_perfect_resolution(source.size, width, height, unit.resize_mode)
-    args = PreprocessorArgs(resolution=resolution, threshold_a=unit.threshold_a, threshold_b=unit.threshold_b)
+    args = PreprocessorArgs(resolution=resolution, threshold_a=unit.threshold_a, threshold_b=unit.threshold_b,
+                            seed=seed)
     return run_preprocessor(unit.module, image, args)
 
 
 def prepare_inputs(units: list[Any], sources: list[Image.Image | None], width: int, height: int,
                    load_model: Callable[[str, bool], tuple[str, Any]],
-                   masks: list[Image.Image | None] | None = None) -> list[ControlInput]:
+                   masks: list[Image.Image | None] | None = None, seed: int | None = None) -> list[ControlInput]:
     """The active units (weight > 0, a non-empty guidance window) as ControlInputs.
 
     `sources[i]`: unit i's input image (its own, or the img2img image); `load_model(name, low_vram)` ->
@@ -120,7 +122,7 @@ def prepare_inputs(units: list[Any], sources: list[Image.Image | None], width: i
         title, model = load_model(unit.model, bool(unit.low_vram))
         inputs.append(ControlInput(
             name=title, model=model,
-            detected_map=detect_map(unit, source, width, height, masks[index] if masks else None),
+            detected_map=detect_map(unit, source, width, height, masks[index] if masks else None, seed),
             resize_mode=unit.resize_mode, weight=float(unit.weight), guidance_start=float(unit.guidance_start),
             guidance_end=float(unit.guidance_end), control_mode=unit.control_mode, low_vram=bool(unit.low_vram),
             hr_option=unit.hr_option))
