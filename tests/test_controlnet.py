@@ -320,6 +320,6 @@ def test_control_lora_builds_on_the_checkpoint_unet(sd1, tmp_path):
 
 def test_random_preprocessors_follow_the_seed(sd1):
     """shuffle draws from the job's seed (the extension's seed + subseed): the same seed repeats the image."""
-    a = _pixels(_run(sd1, [unit(module="shuffle")], seed=5))
-    b = _pixels(_run(sd1, [unit(module="shuffle")], seed=5))
+    a = _pixels(_run(sd1, [unit(module="shuffle")], seed=5, subseed=7))
+    b = _pixels(_run(sd1, [unit(module="shuffle")], seed=5, subseed=7))
     assert np.array_equal(a, b)
