@@ -12,11 +12,13 @@ from typing import Any, Mapping
 
 import gradio as gr
 
-from modules.core.controlnet_units import CONTROL_MODES, MAX_UNITS, RESIZE_MODES, ControlNetUnit, units_from_infotext
+from modules.core.controlnet_units import (CONTROL_MODES, HR_OPTIONS, MAX_UNITS, RESIZE_MODES, ControlNetUnit,
+                                           units_from_infotext)
 
 # Unit fields with a control, in the order the values arrive.
-FIELDS = ("enabled", "image", "module", "model", "weight", "guidance_start", "guidance_end", "control_mode",
-          "resize_mode", "processor_res", "threshold_a", "threshold_b", "pixel_perfect", "low_vram")
+FIELDS = ("enabled", "image", "mask", "module", "model", "weight", "guidance_start", "guidance_end", "control_mode",
+          "resize_mode", "processor_res", "threshold_a", "threshold_b", "pixel_perfect", "low_vram", "hr_option")
+_NOT_PASTED = ("image", "mask")
 _ID_SUFFIX = {
     "enabled": "controlnet_enable_checkbox", "image": "controlnet_input_image",
     "module": "controlnet_preprocessor_dropdown", "model": "controlnet_model_dropdown",
@@ -25,6 +27,7 @@ _ID_SUFFIX = {
     "resize_mode": "controlnet_resize_mode_radio", "processor_res": "controlnet_preprocessor_resolution_slider",
     "threshold_a": "controlnet_threshold_A_slider", "threshold_b": "controlnet_threshold_B_slider",
     "pixel_perfect": "controlnet_pixel_perfect_checkbox", "low_vram": "controlnet_low_vram_checkbox",
+    "mask": "controlnet_mask_image", "hr_option": "controlnet_hr_option_radio",
 }
 
 
@@ -59,7 +62,7 @@ class ControlNetUi:
         fields_ = []
         for i in range(self.count):
             for name in FIELDS:
-                if name != "image":
+                if name not in _NOT_PASTED:
                     fields_.append((self.inputs[input_name(i, name)], _pasted(i, name)))
         return paste.script_field_targets(fields_)
 
@@ -72,7 +75,8 @@ def units_from_values(values: Mapping[str, Any], count: int) -> list[ControlNetU
         if not get("enabled"):
             continue
         units.append(ControlNetUnit(
-            enabled=True, image=get("image"), module=get("module") or "none", model=get("model") or "None",
+            enabled=True, image=get("image"), mask=get("mask"), module=get("module") or "none",
+            model=get("model") or "None", hr_option=get("hr_option") or HR_OPTIONS[0],
             weight=float(get("weight")), guidance_start=float(get("guidance_start")),
             guidance_end=float(get("guidance_end")), control_mode=get("control_mode") or CONTROL_MODES[0],
             resize_mode=get("resize_mode") or RESIZE_MODES[1], processor_res=int(get("processor_res")),
@@ -111,6 +115,8 @@ def _build_unit(ui: ControlNetUi, i: int, registry: Any) -> None:
     with gr.Row():
         c["image"] = gr.Image(type="pil", label="Single Image", elem_id=eid("image"), height=240,
                               sources=["upload", "clipboard"])
+        c["mask"] = gr.Image(type="pil", image_mode="L", label="Mask (optional; white = masked, for inpaint)",
+                             elem_id=eid("mask"), height=240, sources=["upload", "clipboard"])
         preview = gr.Image(type="pil", label="Preprocessor Preview", visible=False, interactive=False,
                            elem_id=prefix + "controlnet_generated_image", height=240)
     with gr.Row():
@@ -141,23 +147,32 @@ def _build_unit(ui: ControlNetUi, i: int, registry: Any) -> None:
                                  elem_id=eid("control_mode"))
     c["resize_mode"] = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[1], label="Resize Mode",
                                 elem_id=eid("resize_mode"))
+    c["hr_option"] = gr.Radio(list(HR_OPTIONS), value=HR_OPTIONS[0], label="Hires-Fix Option",
+                              elem_id=eid("hr_option"))
     for name in FIELDS:
         ui.inputs[input_name(i, name)] = c[name]
     allow_preview.change(lambda on: gr.update(visible=bool(on)), inputs=allow_preview, outputs=preview,
                          show_progress="hidden")
-    run.click(preview_map, inputs=[c["image"], c["module"], c["processor_res"], c["threshold_a"], c["threshold_b"]],
+    run.click(preview_map, inputs=[c["image"], c["mask"], c["module"], c["processor_res"], c["threshold_a"],
+                                   c["threshold_b"]],
               outputs=[preview, allow_preview], show_progress="hidden")
     refresh.click(lambda current: gr.update(choices=["None", *registry.titles_refreshed()], value=current),
                   inputs=c["model"], outputs=c["model"], show_progress="hidden")
 
 
-def preview_map(image, module, resolution, threshold_a, threshold_b):
-    """💥: the unit's preprocessor on its image, shown in the preview (which it turns on)."""
+def preview_map(image, mask, module, resolution, threshold_a, threshold_b):
+    """💥: the unit's preprocessor on its image (with its mask, for the inpaint family), shown in the
+    preview (which it turns on)."""
     from modules.engine.control import preprocessors as pre
+    from modules.engine.control.units import takes_mask
 
     if image is None:
         gr.Warning("ControlNet: upload an image to preview its map")
         return gr.update(), gr.update()
+    if mask is not None and takes_mask(module):
+        from modules.engine.control.annotators import compose_inpaint_input
+
+        image = compose_inpaint_input(image, mask)
     try:
         result = pre.get_preprocessor(module or "none").run(
             image, pre.PreprocessorArgs(resolution=int(resolution or 512), threshold_a=float(threshold_a),
