@@ -68,7 +68,7 @@ def unit(model="control_tiny_sd1", **kw) -> ControlNetUnit:
 # ---------------------------------------------------------------- files
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 @pytest.mark.parametrize("layout,prefixed", [("ldm", False), ("ldm", True), ("diffusers", False)])
 def test_every_layout_loads_the_weights_it_holds(tmp_path, family, layout, prefixed):
     fmt = "pth" if prefixed else "safetensors"
@@ -180,12 +180,15 @@ def test_wrong_family_and_unknown_model_are_clear_errors(sd1):
         _run(sd1, [unit(weight=3)])
 
 
-def test_sdxl_controlnet_on_sdxl(tmp_path):
-    services = _services(tmp_path, "sdxl")
+@pytest.mark.parametrize("family", ["sdxl", "sd2"])
+def test_sdxl_and_sd2_controlnets_on_their_checkpoints(tmp_path, family):
+    services = _services(tmp_path, family)
     try:
         base = _pixels(_run(services))
-        assert not np.array_equal(base, _pixels(_run(services, [unit(model="control_tiny_sdxl")])))
-        assert np.array_equal(base, _pixels(_run(services, [unit(model="control_tiny_sdxl_b", weight=0)])))
+        assert not np.array_equal(base, _pixels(_run(services, [unit(model=f"control_tiny_{family}")])))
+        assert np.array_equal(base, _pixels(_run(services, [unit(model=f"control_tiny_{family}_b", weight=0)])))
+        with pytest.raises(ProcessingError, match=r"SD1\.5 ControlNet"):
+            _run(services, [unit(model="control_tiny_sd1")])
     finally:
         services.generation.queue.shutdown()
 
