@@ -113,8 +113,11 @@ def test_models_are_listed_with_the_extension_hash(sd1):
     annotator = sd1.paths.models_dir / "ControlNet" / "annotators" / "dpt" / "model.safetensors"
     annotator.parent.mkdir(parents=True, exist_ok=True)
     annotator.write_bytes(b"not a controlnet")
+    folder = sd1.paths.models_dir / "ControlNet" / "controlnet-tiny-diffusers"
+    make_controlnet(folder / "diffusion_pytorch_model.safetensors", "sd1", layout="diffusers", seed=4)
     sd1.controlnets.refresh()
     assert not any(t.startswith("model [") for t in sd1.controlnets.titles())
+    assert sd1.controlnets.find("controlnet-tiny-diffusers").path.parent == folder
     titles = sd1.controlnets.titles()
     assert any(t.startswith("control_tiny_sd1 [") and t.endswith("]") for t in titles)
     title = next(t for t in titles if t.startswith("control_tiny_sd1 ["))

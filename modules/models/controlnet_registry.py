@@ -75,7 +75,9 @@ class ControlNetRegistry:
             except OSError as exc:
                 log.warning("Skipping ControlNet model %s: %s", path, exc)
                 continue
-            found.append(ControlNetFile(path=path, name=path.stem, shorthash=self._hashes[key]))
+            # a diffusers model folder (config.json + diffusion_pytorch_model.safetensors) is named by its folder
+            name = path.parent.name if path.stem.startswith("diffusion_pytorch_model") else path.stem
+            found.append(ControlNetFile(path=path, name=name, shorthash=self._hashes[key]))
         with self._lock:
             self._files = found
         return found
