@@ -285,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         attach_extensions(services, found, callbacks)
         app = create_app(services, callbacks=callbacks, extensions=found)
         log.info("UI built in %.1fs", time.perf_counter() - started)
+        # Jobs queued before a restart are queued again (the running one is marked interrupted): after the
+        # extensions are attached, so they run with the same save and sampling hooks as new jobs.
+        services.queue.restore()
         serve(app, sock, services)
     except (StartupError, FlagError) as err:
         print(f"webui: error: {err}", file=sys.stderr)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from modules.core.callers import CallerPolicy
+from modules.core.networks_service import ExtraNetworksService
 from modules.models.checkpoints import CheckpointRegistry
 from modules.core.generation import GenerationService
 from modules.models.hashes import HashCache
@@ -38,6 +39,8 @@ class Services:
     extensions: list[Any] = field(default_factory=list)   # extensions.Extension, in load order
     limits: Limits = field(default_factory=Limits)        # input limits and folder rules, from the flags
     callers: CallerPolicy | None = None  # request -> Caller (who owns and may stop which job)
+    networks: ExtraNetworksService | None = None   # LoRA/hypernetwork registries and their merging
+    queue: Any = None      # core/queue_service.QueueService: the persistent queue and history
     controlnets: Any = None  # models.controlnet_registry.ControlNetRegistry
 
     def script_runner(self, is_img2img: bool):
@@ -83,12 +86,25 @@ def build_services(opts: argparse.Namespace, paths: AppPaths, options: Options) 
         state=JobState(), max_per_owner=per_client, max_total=_bound(getattr(opts, "queue_max_total", None))),
         limits=limits)
     generation.make_script_p = wrap_params
+    generation.networks = ExtraNetworksService.from_paths(paths)
+    queue_service = _queue_service(paths, generation, callers)
     generation.controlnets = controlnet_registry(opts, paths)
     styles = StyleDatabase(paths.styles_files)
     options.lock_dir_config(limits.dir_config_locked)
     set_default_estimators(DepthEstimators.for_models_dir(paths.models_dir, device=_depth_device(opts)))
     return Services(cmd_opts=opts, paths=paths, options=options, models=models, generation=generation,
-                    styles=styles, callers=callers, limits=limits, controlnets=generation.controlnets)
+                    styles=styles, callers=callers, limits=limits, networks=generation.networks,
+                    queue=queue_service, controlnets=generation.controlnets)
+
+
+def _queue_service(paths: AppPaths, generation: GenerationService, callers: CallerPolicy):
+    """The job store under the data dir (queue/jobs.sqlite3); webui.main calls its restore() once the app is built."""
+    from modules.core.job_store import JobStore
+    from modules.core.queue_service import QueueService
+
+    store = JobStore(paths.data_dir / "queue" / "jobs.sqlite3")
+    return QueueService(store, generation, data_dir=paths.data_dir, outputs_dir=paths.outputs_dir,
+                        single_user=callers.single_user)
 
 
 def controlnet_registry(opts: argparse.Namespace, paths: AppPaths) -> ControlNetRegistry:

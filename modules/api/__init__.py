@@ -50,4 +50,8 @@ def setup_api(app: Any, services: Any, *, gradio_credentials: Iterable[tuple[str
 
         install_error_handlers(app)
         api = Api(app, services)
+        if getattr(services, "queue", None) is not None:
+            from modules.api.queue_routes import QueueApi
+
+            QueueApi(app, services, api)   # /queue/v1: submit without waiting, the history
     return ApiSetup(api=api, auth=policy, hosts=host_policy, cors=cors_policy)

@@ -39,7 +39,7 @@ from modules.core import flags as cmd_args
 
 log = logging.getLogger(__name__)
 
-ALWAYS_PROTECTED = ("/sdapi/", "/docs", "/openapi.json", "/redoc")
+ALWAYS_PROTECTED = ("/sdapi/", "/queue/", "/docs", "/openapi.json", "/redoc")
 REALM_HEADER = (b"www-authenticate", b"Basic")
 
 # What the Gradio login page loads before anyone has logged in (paths under the UI's mount).

@@ -273,6 +273,14 @@ class HypernetworkItem(_Response):
     path: Optional[str] = None
 
 
+class LoraItem(_Response):
+    """``GET /sdapi/v1/loras``: A1111's fields (metadata: the file's safetensors training metadata)."""
+    name: str
+    alias: str
+    path: str
+    metadata: dict[str, Any] = {}
+
+
 class FaceRestorerItem(_Response):
     name: str
     cmd_dir: Optional[str] = None

@@ -343,6 +343,7 @@ def _common_params(req: m._ProcessingBase) -> dict[str, Any]:
         seed_resize_from_w=max(0, _or(req.seed_resize_from_w, 0)),
         seed_resize_from_h=max(0, _or(req.seed_resize_from_h, 0)),
         tiling=bool(req.tiling),
+        disable_extra_networks=bool(req.disable_extra_networks),
         # A1111's API saves samples and grid only when asked (save_images), whatever do_not_save_* say.
         save_images=save,
         do_not_save_grid=not save,
@@ -517,7 +518,7 @@ class Api:
         script = runner.job_script(script_args, is_api=True) if runner.has_work(script_args) else None
         job = self.generation.submit(params, override_settings=overrides, restore_settings=restore,
                                      job_id=req.force_task_id or None, script=script,
-                                     owner=self.caller(request).name)
+                                     owner=self.caller(request).name, source="api")
         processed = await wait_for(job, request, self.generation.queue)
         images: list[str] = []
         if _or(req.send_images, True):
@@ -706,7 +707,20 @@ class Api:
 
         @r.get("/hypernetworks", response_model=list[m.HypernetworkItem])
         def get_hypernetworks() -> list:
-            return []
+            networks = self.services.networks
+            return [] if networks is None else [{"name": f.name, "path": str(f.path)}
+                                                for f in networks.hypernetworks.list()]
+
+        @r.get("/loras", response_model=list[m.LoraItem])
+        def get_loras() -> list:
+            networks = self.services.networks
+            return [] if networks is None else [e.api_dict() for e in networks.loras.list()]
+
+        @r.post("/refresh-loras")
+        def refresh_loras() -> dict:
+            if self.services.networks is not None:
+                self.services.networks.loras.refresh()
+            return {}
 
         @r.get("/face-restorers", response_model=list[m.FaceRestorerItem])
         def get_face_restorers() -> list:

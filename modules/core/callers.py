@@ -30,6 +30,15 @@ def basic_auth_user(header: str | None) -> str | None:
     return user if sep and user else None
 
 
+def _first_user(credentials: str | None) -> str | None:
+    """The user name of the first ``user:password`` pair of a credentials flag."""
+    try:
+        pairs = flags.parse_credentials(credentials or "")
+    except flags.FlagError:   # also when none is given; a bad flag is reported where it is read
+        return None
+    return pairs[0][0] if pairs else None
+
+
 class CallerPolicy:
     """Turns a request's (user, address) into a :class:`Caller`, from the flags."""
 
@@ -37,6 +46,10 @@ class CallerPolicy:
         self.api_login = bool(getattr(opts, "api_auth", None) or getattr(opts, "gradio_auth", None)
                               or getattr(opts, "gradio_auth_path", None))
         self.admins = {name.strip() for name in (getattr(opts, "admin_users", None) or "").split(",") if name.strip()}
+        if not self.admins:
+            # Without --admin-users: the first --gradio-auth user (else the first --api-auth one) is the admin.
+            first = _first_user(getattr(opts, "gradio_auth", None) or getattr(opts, "api_auth", None))
+            self.admins = {first} if first else set()
         # Nobody else can reach the server and nobody logs in: its one user owns every job.
         self.single_user = not self.api_login and not flags.is_non_local(opts)
 

@@ -61,6 +61,10 @@ class GenerationService:
         self.sampling_hooks: Any = None
         # params -> A1111's `p` (what save callbacks get as params.p): set by build_services.
         self.make_script_p: Callable[[Any], Any] | None = None
+        # core.networks_service.ExtraNetworksService: set by build_services (None: tags are only stripped).
+        self.networks: Any = None
+        # core/queue_service.QueueService: records every job in the job store (None: nothing is recorded).
+        self.queue_service: Any = None
         self.controlnets: Any = None   # models.controlnet_registry.ControlNetRegistry: set by build_services
 
     @property
@@ -70,7 +74,8 @@ class GenerationService:
     # -- entry points ------------------------------------------------------------------------
     def submit(self, params: GenerationParams, *, override_settings: dict[str, Any] | None = None,
                restore_settings: bool = True, job_id: str | None = None, owner: str | None = None,
-               script: Callable[[GenerationParams, "JobRunner", JobContext], Processed] | None = None) -> Job[Processed]:
+               script: Callable[[GenerationParams, "JobRunner", JobContext], Processed] | None = None,
+               source: str = "ui", meta: dict[str, Any] | None = None, bounded: bool = True) -> Job[Processed]:
         """Queue a txt2img or img2img job. The job reads a snapshot of the settings taken when it starts,
         with `override_settings` applied to that snapshot only: no other client ever sees them. With
         `restore_settings=False` (A1111's override_settings_restore_afterwards) they are saved as the
@@ -89,8 +94,19 @@ class GenerationService:
             if not restore_settings:
                 self._keep_overrides(override_settings or {})
             return result
-        return self.queue.submit(run, name=params.kind, job_count=params.n_iter, job_id=job_id,
-                                 owner=owner)
+        meta = {"source": source, **(meta or {})}
+        recorded = None
+        if self.queue_service is not None and "rid" not in meta:
+            recorded = meta["rid"] = self.queue_service.record_generation(
+                params, owner=owner, source=source, override_settings=override_settings,
+                restore_settings=restore_settings, scripted=script is not None)
+        try:
+            return self.queue.submit(run, name=params.kind, job_count=params.n_iter, job_id=job_id or meta.get("rid"),
+                                     owner=owner, meta=meta, bounded=bounded)
+        except BaseException:
+            if recorded is not None:
+                self.queue_service.discard(recorded)   # refused (queue full): leave no queued row behind
+            raise
 
     def in_job_thread(self) -> bool:
         return self.queue.in_worker()
@@ -158,6 +174,7 @@ class GenerationService:
                          save=self.saver(params.kind, options), job=job,
                          hooks=self.sampling_hooks() if self.sampling_hooks is not None else None,
                          processing_hooks=hooks, sets_job_count=sets_job_count, make_script_p=self.make_script_p,
+                         networks=self.networks,
                          controlnets=self.controlnets)
         if hooks is not None:
             hooks.bind_model(model)
@@ -197,6 +214,8 @@ class GenerationService:
                 embed_info=options.enable_pnginfo,
                 before_save=self.save_hooks[0], after_save=self.save_hooks[1], p=p,
             )
+            if self.queue_service is not None and saved.path:
+                self.queue_service.on_saved(str(saved.path), info, grid)   # the file first, then the row naming it
             return saved.path
         return save
 

@@ -270,6 +270,9 @@ INFOTEXT_FIELDS: tuple[InfotextField, ...] = (
                   omitted=INPAINT_AREAS[0], **_INPAINT),
     InfotextField("Masked area padding", "inpaint_full_res_padding", None, "inpaint_full_res_padding", to_int,
                   _inpaint(lambda p: p.inpaint_full_res_padding if p.inpaint_full_res else None), omitted=32, **_INPAINT),
+    # Extra networks: written by the run (engine/networks/activation.py) for the LoRAs it applied, as
+    # A1111 does; a paste sets nothing from it (the <lora:...> tags in the prompt carry the networks).
+    InfotextField("Lora hashes", line=EXTRA),
     # ControlNet units (sd-webui-controlnet's keys); a paste restores them through core.controlnet_units.
     *(InfotextField(f"ControlNet {i}", write=_controlnet_unit(i), line=EXTRA) for i in range(10)),
 )

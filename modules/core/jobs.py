@@ -235,6 +235,7 @@ class Job(Generic[T]):
         self._preview_every = preview_every
         self._result: T | None = None
         self._done = threading.Event()
+        self.meta: dict[str, Any] = {}   # what a listener keeps on the job (core/queue_service.py: its store id)
 
     def __repr__(self) -> str:
         return f"<Job {self.id} {self.name!r} {self.status}>"
@@ -359,10 +360,13 @@ class JobContext:
 
 
 class JobQueue:
-    """FIFO of jobs run one at a time by a single worker thread.
+    """Jobs run one at a time by a single worker thread, taken round-robin across owners.
 
-    Jobs submitted from any thread run in submission order; an exception in one job is stored
-    on that job and the worker carries on with the next. ``max_per_owner`` bounds the unfinished
+    Each owner's jobs run in their order (submission order, changed by :meth:`move`); between
+    owners the worker serves the one it served least recently, so one client's batch of 50 does
+    not starve the others (jobs without an owner count as one more owner). An owner may pause
+    its own waiting jobs (:meth:`set_paused`). An exception in one job is stored on that job and
+    the worker carries on with the next. ``max_per_owner`` bounds the unfinished
     (queued or running) jobs of one owner, ``max_total`` the queued ones of everybody; a submit
     over either raises :class:`QueueFullError` (None: no bound).
     """
@@ -380,6 +384,11 @@ class JobQueue:
         self._finished: collections.OrderedDict[str, Job[Any]] = collections.OrderedDict()
         self._history = history
         self._closed = False
+        self._served: dict[str | None, int] = {}   # owner -> tick of the last job taken for it
+        self._tick = 0
+        self._paused: set[str | None] = set()
+        # Objects with on_start(job) / on_finish(job), called on the worker (or the cancelling) thread.
+        self.listeners: list[Any] = []
         self._worker = threading.Thread(target=self._run, name=worker_name, daemon=True)
         self._worker.start()
 
@@ -390,19 +399,23 @@ class JobQueue:
     # -- submitting ------------------------------------------------------
     def submit(self, fn: Callable[[JobContext], T], *, name: str, job_count: int = 1,
                job_id: str | None = None, preview_fn: PreviewFn | None = None,
-               preview_every: int = 0, owner: str | None = None) -> Job[T]:
+               preview_every: int = 0, owner: str | None = None, meta: dict[str, Any] | None = None,
+               bounded: bool = True) -> Job[T]:
         """Queue ``fn(ctx)``; ``job_id`` lets a client use its own task id (A1111's ``id_task``).
 
         ``owner`` (a user name or client address) is who may stop the job and see its preview;
-        jobs with an owner count against the per-owner bound. Over a bound: :class:`QueueFullError`.
+        jobs with an owner count against the per-owner bound. Over a bound: :class:`QueueFullError`
+        (``bounded=False``: jobs accepted before a restart, requeued). ``meta`` is kept on the job.
         """
         job: Job[T] = Job(fn, name=name, job_count=max(1, int(job_count)),
                           job_id=job_id or uuid.uuid4().hex[:16],
                           preview_fn=preview_fn, preview_every=preview_every, owner=owner)
+        job.meta.update(meta or {})
         with self._cond:
             if self._closed:
                 raise RuntimeError("the job queue is shut down")
-            self._check_bounds(owner)
+            if bounded:
+                self._check_bounds(owner)
             self._queue.append(job)
             self._cond.notify_all()
         return job
@@ -440,9 +453,12 @@ class JobQueue:
             if self._running is not None and self._running.id == job_id:
                 return 0
             ahead = 1 if self._running is not None else 0
-            for i, queued in enumerate(self._queue):
+            order = self.order()
+            for i, queued in enumerate(order):
                 if queued.id == job_id:
                     return ahead + i
+            if any(queued.id == job_id for queued in self._queue):
+                return ahead + len(order)  # paused: behind everything that will run
             return None
 
     def get(self, job_id: str) -> Job[Any] | None:
@@ -465,6 +481,7 @@ class JobQueue:
                     self._queue.remove(queued)
                     queued._finish("cancelled")
                     self._remember(queued)
+                    self._notify("on_finish", queued)
                     return True
             return False
 
@@ -508,6 +525,7 @@ class JobQueue:
                 self._queue.remove(job)
                 job._finish("cancelled")
                 self._remember(job)
+                self._notify("on_finish", job)
                 return True
             if self._running is job:
                 self.state.interrupt()
@@ -524,6 +542,7 @@ class JobQueue:
                     queued = self._queue.popleft()
                     queued._finish("cancelled")
                     self._remember(queued)
+                    self._notify("on_finish", queued)
             if interrupt and self._running is not None:
                 self.state.interrupt()
             self._cond.notify_all()
@@ -536,18 +555,27 @@ class JobQueue:
         while len(self._finished) > self._history:
             self._finished.popitem(last=False)
 
+    def _notify(self, event: str, job: Job[Any]) -> None:
+        for listener in list(self.listeners):
+            try:
+                getattr(listener, event)(job)
+            except Exception:  # a broken listener (the store's disk is full...) never stops the queue
+                log.exception("queue listener %s failed on %s", event, job)
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._closed:
+                job = self._take_next()
+                while job is None and not (self._closed and not self._queue):
                     self._cond.wait()
-                if not self._queue:
+                    job = self._take_next()
+                if job is None:
                     return  # closed and drained
-                job = self._queue.popleft()
                 self._running = job
                 job.status = "running"
                 job.started_at = time.time()
                 self.state.begin(job.name, job.job_count, job.id)
+            self._notify("on_start", job)
             self._execute(job)
 
     def _execute(self, job: Job[Any]) -> None:
@@ -570,6 +598,80 @@ class JobQueue:
             ctx._close_bar()
             with self._cond:
                 self.state.end()
-                self._running = None
                 job._finish(status, result, error)
                 self._remember(job)
+            # Before the next job is taken: the store names this job's files before anything else runs.
+            self._notify("on_finish", job)
+            with self._cond:
+                self._running = None
+                self._cond.notify_all()
+
+    # -- order, fairness, pause (round-robin across owners) ------------------------------------
+    def order(self) -> list[Job[Any]]:
+        """The waiting jobs in the order the worker will take them (paused owners' jobs left out)."""
+        with self._cond:
+            per_owner: dict[str | None, list[Job[Any]]] = {}
+            for job in self._queue:
+                if job.owner not in self._paused:
+                    per_owner.setdefault(job.owner, []).append(job)
+            # Least recently served first; owners never served by their first job's place in the queue.
+            owners = sorted(per_owner, key=lambda o: self._served.get(o, -1))
+            out: list[Job[Any]] = []
+            for r in range(max((len(v) for v in per_owner.values()), default=0)):
+                out.extend(per_owner[o][r] for o in owners if r < len(per_owner[o]))
+            return out
+
+    def _take_next(self) -> Job[Any] | None:
+        """The next job round-robin across owners (under the lock), or None."""
+        best: Job[Any] | None = None
+        best_key = None
+        seen: set[str | None] = set()
+        for job in self._queue:
+            if (job.owner in self._paused and not self._closed) or job.owner in seen:
+                continue
+            seen.add(job.owner)  # only each owner's first job competes
+            key = self._served.get(job.owner, -1)
+            if best is None or key < best_key:
+                best, best_key = job, key
+        if best is None:
+            return None
+        self._queue.remove(best)
+        self._tick += 1
+        self._served[best.owner] = self._tick
+        if len(self._served) > 10_000:  # forget owners with nothing queued (many one-off addresses)
+            waiting = {job.owner for job in self._queue}
+            self._served = {o: t for o, t in self._served.items() if o in waiting}
+        return best
+
+    def queued(self, owner: str | None = None) -> list[Job[Any]]:
+        """Waiting jobs (of ``owner`` when given) in queue order, paused ones included."""
+        with self._cond:
+            return [job for job in self._queue if owner is None or job.owner == owner]
+
+    def move(self, job_id: str, delta: int) -> bool:
+        """Move a waiting job ``delta`` places among its owner's waiting jobs (-1: one up)."""
+        with self._cond:
+            job = next((j for j in self._queue if j.id == job_id), None)
+            if job is None:
+                return False
+            mine = [j for j in self._queue if j.owner == job.owner]
+            i = mine.index(job)
+            k = max(0, min(len(mine) - 1, i + int(delta)))
+            if k == i:
+                return False
+            slots = [n for n, j in enumerate(self._queue) if j.owner == job.owner]
+            mine.insert(k, mine.pop(i))
+            for slot, moved in zip(slots, mine):
+                self._queue[slot] = moved
+            self._cond.notify_all()
+            return True
+
+    def set_paused(self, owner: str | None, paused: bool) -> None:
+        """Hold (or release) ``owner``'s waiting jobs; a running job is not affected."""
+        with self._cond:
+            (self._paused.add if paused else self._paused.discard)(owner)
+            self._cond.notify_all()
+
+    def is_paused(self, owner: str | None) -> bool:
+        with self._cond:
+            return owner in self._paused

@@ -76,6 +76,7 @@ class GenerationParams:
     save_images: bool = True
     do_not_save_grid: bool = False
     extra_generation_params: dict[str, Any] = field(default_factory=dict)
+    disable_extra_networks: bool = False    # A1111's: <lora:...> tags are stripped but not applied
     controlnet_units: list[Any] = field(default_factory=list)   # core.controlnet_units.ControlNetUnit
 
     kind = "txt2img"  # outputs/<kind>-images; a class attribute, not a field
@@ -313,6 +314,7 @@ class Processed:
             "job_timestamp": self.job_timestamp,
             "clip_skip": self.clip_skip,
             "is_using_inpainting_conditioning": self.is_using_inpainting_conditioning,
+            "comments": self.comments,
             "version": VERSION,
         }
 
@@ -335,6 +337,8 @@ class RunContext:
     sets_job_count: bool = True
     # params -> A1111's `p` over them, for the save callbacks (the extension host's adapter).
     make_script_p: Callable[[Any], Any] | None = None
+    # core.networks_service.ExtraNetworksService: merges each batch's <lora:...> networks into the model.
+    networks: Any = None
     controlnets: Any = None         # models.controlnet_registry.ControlNetRegistry (ControlNet units)
 
 
@@ -485,6 +489,7 @@ class _JobPlan:
     clip_skip: int
     extra: dict[str, Any]
     save_p: Any                  # what the save callbacks get as params.p
+    comments: list[str] = field(default_factory=list)   # warnings for the user (missing LoRA...)
     control: Any = None          # the engine's ControlNet inputs (core.controlnet_run), once per job
 
 
@@ -603,6 +608,7 @@ def _render_batch(p: GenerationParams, ctx: RunContext, plan: _JobPlan, run: Pro
         return False
     init, plans = _init_images(p, sl.start, len(run.prompts)) if isinstance(p, Img2ImgParams) else (None, [])
     hooks.process_batch(run, n)
+    _activate_networks(p, ctx, plan, run.prompts)
     options = ctx.options
     batch = diffusion.BatchRequest(
         prompts=list(run.prompts), negative_prompts=list(run.negative_prompts),
@@ -612,6 +618,7 @@ def _render_batch(p: GenerationParams, ctx: RunContext, plan: _JobPlan, run: Pro
         sampler=plan.choice, clip_skip=plan.clip_skip, tiling=p.tiling,
         rng_source=options.randn_source, eta_noise_seed_delta=int(options.eta_noise_seed_delta),
         hires=_hires_pass(p) if isinstance(p, Txt2ImgParams) and p.hires.enabled else None, init=init,
+        activate_networks=lambda prompts: _activate_networks(p, ctx, plan, prompts, hires=True),
         control=plan.control,
     )
     batch_images = diffusion.generate_batch(batch, ctx)
@@ -624,6 +631,22 @@ def _render_batch(p: GenerationParams, ctx: RunContext, plan: _JobPlan, run: Pro
         _finish_image(p, ctx, plan, run, hooks.postprocess_image(run, image),
                       min(n * p.batch_size + i, len(run.all_prompts) - 1), rendered)
     return True
+
+
+def _activate_networks(p: GenerationParams, ctx: RunContext, plan: _JobPlan, prompts: list[str], *,
+                       hires: bool = False) -> None:
+    """The extra networks of `prompts` (the first one's tags, as in A1111) merged into the model; their
+    Lora hashes go to the infotext (a hires prompt's are added to the first pass's), warnings to the job."""
+    if ctx.networks is None:
+        return
+    result = ctx.networks.activate(ctx.model, ctx.encoder, list(prompts), options=ctx.options,
+                                   disabled=bool(p.disable_extra_networks))
+    first_pass = plan.extra.pop("Lora hashes", None) if not hires else plan.extra.get("Lora hashes")
+    if hires and first_pass and "Lora hashes" in result.infotext:
+        merged = dict.fromkeys(first_pass.split(", ") + result.infotext["Lora hashes"].split(", "))
+        result.infotext["Lora hashes"] = ", ".join(merged)
+    plan.extra.update(result.infotext)
+    plan.comments.extend(w for w in result.warnings if w not in plan.comments)
 
 
 def _init_images(p: Img2ImgParams, start: int, count: int):
@@ -702,6 +725,7 @@ def _processed(p: GenerationParams, ctx: RunContext, run: ProcessingRun, plan: _
         extra_generation_params={**plan.extra, **p.extra_generation_params},
         is_using_inpainting_conditioning=bool(getattr(ctx.model.spec, "is_inpaint", False))
         and isinstance(p, Img2ImgParams),
+        comments="".join(f"{c}\n" for c in plan.comments),
     )
 
 

@@ -65,6 +65,8 @@ class BatchRequest:
     eta_noise_seed_delta: int
     hires: HiresPass | None = None     # hires fix's second pass, when enabled
     init: InitImages | None = None     # img2img / inpainting
+    # prompts -> None: merges those prompts' <lora:...> networks (a hires prompt's own set, as in A1111)
+    activate_networks: Any = None
     control: list[Any] | None = None   # ControlNet units: engine.control.units.ControlInput
 
 
@@ -314,6 +316,8 @@ def _hires_pass(req: BatchRequest, ctx, model, latents, image_rng, on_step, shou
     steps = h.steps
     prompts = [h.prompt] * batch if h.prompt else req.prompts
     negatives = [h.negative_prompt] * batch if h.negative_prompt else req.negative_prompts
+    if h.prompt and req.activate_networks is not None:
+        req.activate_networks(prompts)
     plan = ConditioningPlan(ctx.encoder, prompts, negatives, steps, req.clip_skip, device, dtype)
     scheduler = scheduler_build.build_scheduler(choice, model.pipe.scheduler.config)
     # A1111 runs exactly the hires step count: the schedule is stretched to steps/strength and

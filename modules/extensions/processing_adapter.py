@@ -83,6 +83,7 @@ class StableDiffusionProcessing:
     do_not_save_grid = _param("do_not_save_grid")
     extra_generation_params = _param("extra_generation_params")
     clip_skip = _param("clip_skip")
+    disable_extra_networks = _param("disable_extra_networks")
 
     all_prompts = _run_list("all_prompts")
     all_negative_prompts = _run_list("all_negative_prompts")
@@ -113,7 +114,6 @@ class StableDiffusionProcessing:
         self.eta = None
         self.main_prompt = None
         self.main_negative_prompt = None
-        self.disable_extra_networks = False
         self.refiner_checkpoint = None
         self.runner: Runner | None = None  # bound by the job that runs scripts
         for key, value in kwargs.items():

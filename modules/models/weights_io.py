@@ -51,7 +51,7 @@ import torch
 
 __all__ = [
     "CheckpointLoadError", "UnsafeCheckpointError", "PickledPlaceholder", "NumpyDtypeDescription",
-    "load_ckpt_state_dict", "load_state_dict_file", "read_safetensors_header", "read_safetensors_metadata",
+    "load_ckpt_state_dict", "load_state_dict_file", "load_pickled_object", "read_safetensors_header", "read_safetensors_metadata",
     "extra_safe_globals", "PICKLE_EXTENSIONS", "SAFETENSORS_EXTENSIONS",
 ]
 
@@ -358,6 +358,15 @@ def load_ckpt_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     if not path.is_file():
         raise CheckpointLoadError(path, "no such file")
     return _extract_state_dict(path, _read_pickle_checkpoint(path))
+
+
+def load_pickled_object(path: str | os.PathLike[str]) -> Any:
+    """The whole object a ``.pt`` holds (nested dicts/lists, int keys and all), read by the same
+    restricted loader: for formats that are not a flat state dict (A1111 hypernetworks)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointLoadError(path, "no such file")
+    return _read_pickle_checkpoint(path)
 
 
 def _read_safetensors_header_json(path: Path) -> dict[str, Any]:

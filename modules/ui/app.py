@@ -11,6 +11,7 @@ from modules.ui import paste
 from modules.ui.extensions_tab import build_extensions_tab
 from modules.ui.img2img_tab import INPAINT_MODES, MODES, Img2ImgUi, build_img2img_tab
 from modules.ui.pnginfo_tab import PngInfoUi, build_pnginfo_tab
+from modules.ui.queue_tab import GENERATE_FOREVER_HEAD, build_queue_tab, connect_queue_tab
 from modules.ui.quicksettings import build_quicksettings
 from modules.ui.settings_tab import build_settings_tab
 from modules.ui.styles_ui import connect_styles
@@ -104,6 +105,8 @@ def build_ui(services: Services, *, extension_tabs: list[tuple[gr.Blocks, str, s
                 img2img = build_img2img_tab(services)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 pnginfo = build_pnginfo_tab(services)
+            with gr.Tab("Queue", id="queue", elem_id="tab_queue") as queue_tab:
+                queue_ui = build_queue_tab(services)
             for ext_blocks, title, elem_id in extension_tabs:
                 _render_extension_tab(ext_blocks, title, elem_id)
             with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
@@ -115,7 +118,9 @@ def build_ui(services: Services, *, extension_tabs: list[tuple[gr.Blocks, str, s
                                  checkpoint=_find(blocks, "setting_sd_model_checkpoint"),
                                  pending_checkpoint=gr.State(None))
         _connect_paste(ctx, txt2img, img2img, pnginfo)
-    head = "\n".join(h for h in (CTRL_ENTER_HEAD, A1111_JS_HEAD, _theme_head(services.cmd_opts.theme), extension_head) if h)
+        connect_queue_tab(ctx, queue_tab, queue_ui, txt2img, img2img)
+    head = "\n".join(h for h in (CTRL_ENTER_HEAD, A1111_JS_HEAD, GENERATE_FOREVER_HEAD, _theme_head(services.cmd_opts.theme),
+                                  extension_head) if h)
     return UiBundle(blocks=blocks, css=CSS + ("\n" + extension_css if extension_css else ""), js=None, head=head)
 
 

@@ -125,13 +125,53 @@ def ui_caller(services, request: Any):
     return policy.caller(getattr(request, "username", None), getattr(client, "host", None))
 
 
+def _my_jobs_ahead(generation, job) -> list:
+    """This owner's jobs of the same kind, submitted from the UI, that run before (or with) `job`."""
+    queue = generation.queue
+    running = queue.running()
+    # One owner's jobs keep their own order (round-robin interleaves owners only); paused ones included.
+    same = [j for j in ([running] if running is not None else []) + queue.queued(job.owner)
+            if j.owner == job.owner and j.name == job.name and j.meta.get("ui_polled")]
+    return same[:same.index(job) + 1] if job in same else same
+
+
+def queue_status_html(generation, job) -> str:
+    """Where `job` waits: how many jobs run before it, and when it should be done."""
+    ahead = generation.queue.queue_position(job)
+    if ahead is None:
+        return ""
+    service = getattr(generation, "queue_service", None)
+    eta = service.eta(job) if service is not None else None
+    paused = generation.queue.is_paused(job.owner)
+    text = (f"Your queue is paused: resume it in the Queue tab ({ahead} job(s) ahead)" if paused
+            else f"Waiting in queue: {ahead} job(s) ahead")
+    if eta:
+        text += f" · ETA {eta:.0f}s"
+    return f"<div class='progress-text queue-busy'>{html.escape(text)}…</div>"
+
+
 def poll_job(generation, job):
     """Yield (gallery, infotext, progress, generation info) updates while `job` waits and runs (the live
-    preview, progress and ETA: only while `job` itself runs), then its images and infotext, or its error."""
+    preview, progress and ETA: only while `job` itself runs), then its images and infotext, or its error.
+
+    Generate may be clicked again while a job runs (the click queues another job): of one owner's UI jobs,
+    only the first unfinished one drives the panel, with a count of the others; each shows its result."""
+    job.meta["ui_polled"] = True
     while not job.wait(POLL_SECONDS):
-        preview = generation.state.current_image if generation.queue.running() is job else None
-        shown = [preview] if preview is not None else gr.update()
-        yield shown, "", progress_html(generation.state.snapshot(), generation.queue.queue_position(job)), gr.update()
+        mine = _my_jobs_ahead(generation, job)
+        if mine and mine[0] is not job:
+            continue   # an earlier job of this owner shows its progress; this one waits its turn
+        more = len([j for j in generation.queue.queued(job.owner) if j is not job and j.name == job.name
+                    and j.meta.get("ui_polled")])
+        more_html = f"<div class='progress-text queue-busy'>+{more} more queued</div>" if more else ""
+        if generation.queue.running() is job:
+            preview = generation.state.current_image
+            shown = [preview] if preview is not None else gr.update()
+            body = progress_html(generation.state.snapshot(), 0).replace("class='progress-text'",
+                                                                        "class='progress-text queue-busy'", 1)
+            yield shown, "", body + more_html, gr.update()
+        else:
+            yield gr.update(), "", queue_status_html(generation, job) + more_html, gr.update()
     try:
         processed = job.result()
     except Exception as err:  # shown to the user; the queue keeps working
@@ -139,8 +179,10 @@ def poll_job(generation, job):
         return
     note = " (interrupted)" if processed.interrupted else ""
     first = processed.infotexts[processed.index_of_first_image] if processed.infotexts else ""
+    warnings = "".join(f"<div class='warning comments'>{html.escape(line)}</div>"
+                       for line in (processed.comments or "").splitlines() if line)  # e.g. a missing LoRA
     yield (processed.saved_images_for_gallery(), infotext_html(first),
-           f"<div class='progress-text'>Done{note}.</div>", processed.js())
+           f"<div class='progress-text'>Done{note}.</div>{warnings}", processed.js())
 
 
 # --------------------------------------------------------------------------- control groups both tabs build

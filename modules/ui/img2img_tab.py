@@ -404,7 +404,8 @@ def _connect_generate(services: Services, top: Any, controls: Img2ImgControls, s
             yield from _run_one(services, script_runner, extra, control_values, overrides, script_args, owner)
 
     top.generate.click(run, inputs=[*extra_inputs.values(), *controls.components(), *script_runner.script_inputs],
-                       outputs=output.outputs(), concurrency_limit=None, show_progress="hidden")
+                       outputs=output.outputs(), concurrency_limit=None, show_progress="hidden",
+                       trigger_mode="multiple")  # Generate while a job runs queues another (Queue tab)
     return running_batches
 
 

@@ -175,7 +175,8 @@ def _connect_generate(services: Services, top: Any, controls: Txt2ImgControls, s
 
     top.generate.click(run, inputs=[top.styles_ui.dropdown, top.override_settings, *controls.components(),
                                     *controlnet.components, *script_runner.script_inputs],
-                       outputs=output.outputs(), concurrency_limit=None, show_progress="hidden")
+                       outputs=output.outputs(), concurrency_limit=None, show_progress="hidden",
+                       trigger_mode="multiple")  # Generate while a job runs queues another (Queue tab)
     top.generate.click(lambda: None, outputs=gallery_index, show_progress="hidden")  # a new gallery: nothing selected
 
     def select(evt: gr.SelectData):

@@ -322,6 +322,43 @@ def _checkpoint_choices() -> list[str]:
     return sorted(services.models.titles(), key=str.casefold) if services is not None else []
 
 
+def _networks(p: Any) -> Any:
+    """The extra-networks service (LoRA registry): the running job's, else the app's."""
+    service = getattr(getattr(p, "runner", None), "service", None)
+    networks = getattr(service, "networks", None)
+    return networks if networks is not None else getattr(_services(), "networks", None)
+
+
+def _lora_choices() -> list[str]:
+    networks = getattr(_services(), "networks", None)
+    return ["None"] + sorted((e.name for e in networks.loras.list()), key=str.casefold) if networks else ["None"]
+
+
+def _check_lora(values: list, p: Any) -> list:
+    """Each value is a LoRA name (file stem or alias), optionally ``name:weight``; "None" adds nothing."""
+    networks = _networks(p)
+    out = []
+    for value in values:
+        name, _, weight = value.partition(":")
+        if name.strip().lower() == "none":
+            out.append("None")
+            continue
+        try:
+            weight_value = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            raise ProcessingError(f"Lora {value!r}: the weight after ':' must be a number") from None
+        if networks is None or networks.loras.find(name.strip()) is None:
+            raise ProcessingError(f"unknown Lora {name.strip()!r}; known: {', '.join(_lora_choices()[1:]) or 'none'}")
+        out.append(f"{name.strip()}:{weight_value:g}")
+    return out
+
+
+def _apply_lora(p: Any, value: str, values: list) -> None:
+    """A1111 users add a LoRA by its prompt tag; the axis appends ``<lora:name:weight>`` to the prompt."""
+    if value != "None":
+        p.prompt = f"{p.prompt} <lora:{value}>"
+
+
 def _vae_choices() -> list[str]:
     services = _services()
     return services.models.vae_choices() if services is not None else ["Automatic", "None"]
@@ -407,6 +444,7 @@ AXES: list[Axis] = [
     Axis("RNG source", "str", _override("randn_source"),
          check=_check_choice(lambda p: _rng_choices(), "RNG source"), choices=_rng_choices),
     Axis("Size", "str", _apply_size, check=_check_size),
+    Axis("Lora", "str", _apply_lora, format=_format_value, check=_check_lora, choices=_lora_choices),
 ]
 
 

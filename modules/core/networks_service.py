@@ -1,0 +1,53 @@
+"""The extra networks a job may use (LoRA/LyCORIS, hypernetworks): registries and the engine that
+merges them, built on first use so that starting the server imports no torch."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from modules.core.paths import AppPaths
+
+
+def lora_roots(paths: AppPaths) -> list[Path]:
+    """``models/Lora`` (or ``--lora-dir``) and ``models/LyCORIS``, as A1111 scans them."""
+    return [paths.lora_dir, paths.models_dir / "LyCORIS"]
+
+
+def hypernetwork_roots(paths: AppPaths) -> list[Path]:
+    return [paths.models_dir / "hypernetworks"]
+
+
+class ExtraNetworksService:
+    def __init__(self, lora_dirs: list[Path], hypernetwork_dirs: list[Path]):
+        self.lora_dirs, self.hypernetwork_dirs = list(lora_dirs), list(hypernetwork_dirs)
+        self._engine: Any = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_paths(cls, paths: AppPaths) -> "ExtraNetworksService":
+        return cls(lora_roots(paths), hypernetwork_roots(paths))
+
+    @property
+    def engine(self) -> Any:
+        """engine.networks.activation.ExtraNetworks (imports torch)."""
+        with self._lock:
+            if self._engine is None:
+                from modules.engine.networks.activation import ExtraNetworks
+                from modules.engine.networks.hypernetwork import Hypernetworks
+                from modules.models.lora_registry import LoraRegistry
+
+                self._engine = ExtraNetworks(LoraRegistry(self.lora_dirs), Hypernetworks(self.hypernetwork_dirs))
+            return self._engine
+
+    @property
+    def loras(self) -> Any:
+        return self.engine.loras
+
+    @property
+    def hypernetworks(self) -> Any:
+        return self.engine.hypernetworks
+
+    def activate(self, model: Any, encoder: Any, prompts: list[str], *, options: Any = None,
+                 disabled: bool = False) -> Any:
+        return self.engine.activate(model, encoder, prompts, options=options, disabled=disabled)

@@ -1,0 +1,218 @@
+"""A job's ``<lora:...>`` tags -> networks merged into the loaded model, with warnings and infotext.
+
+A1111's rules: the tags of a batch's first prompt are the ones applied; ``<lyco:...>`` is ``<lora:...>``;
+``<lora:name:te:unet:dyn>`` with ``te=``/``unet=``/``dyn=`` as named arguments (unet defaults to te);
+a missing, unreadable or wrong-family network is reported (job comments, API info, console) and the
+image is still made.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Hashable
+
+from modules.engine import prompt_parser
+from modules.engine.networks.keys import group_layers
+from modules.engine.networks.merge import MergeReport, NetworkMerger, NetworkUse, NetworkWeights
+from modules.models import weights_io
+from modules.models.lora_registry import LoraEntry, LoraRegistry
+
+log = logging.getLogger(__name__)
+
+LORA_TAGS = ("lora", "lyco")
+_MERGER_ATTR = "_webui_network_merger"   # on the UNet module: the merger lives and dies with its weights
+
+
+@dataclass
+class Activation:
+    warnings: list[str] = field(default_factory=list)
+    infotext: dict[str, str] = field(default_factory=dict)
+    report: MergeReport | None = None
+
+
+@dataclass(frozen=True)
+class LoraCall:
+    name: str
+    te: float
+    unet: float
+    dyn: int | None
+
+
+def parse_lora_call(items: list[str]) -> LoraCall:
+    """A1111's argument rules for ``<lora:name:te:unet:dyn>``; ValueError names the bad argument."""
+    positional = [x for x in items if "=" not in x]
+    named = dict(x.split("=", 1) for x in items if "=" in x)
+    if not positional or not positional[0].strip():
+        raise ValueError("no network name")
+    te = float(named.get("te", positional[1] if len(positional) > 1 else 1.0))
+    unet = float(named.get("unet", positional[2] if len(positional) > 2 else te))
+    dyn_text = named.get("dyn", positional[3] if len(positional) > 3 else None)
+    return LoraCall(positional[0].strip(), te, unet, int(dyn_text) if dyn_text not in (None, "") else None)
+
+
+def _family_version(model: Any) -> str:
+    info = model.spec.family_info
+    return "SDXL" if info.is_sdxl else "SD2" if info.is_sd2 else "SD1" if info.is_sd1 else "?"
+
+
+class ExtraNetworks:
+    """Applies prompt-tag networks to whichever model a job uses. One per app (built in services)."""
+
+    def __init__(self, loras: LoraRegistry, hypernetworks: Any = None):
+        self.loras = loras
+        self.hypernetworks = hypernetworks
+        self._weights: OrderedDict[Hashable, NetworkWeights] = OrderedDict()   # parsed files by stamp
+        self._lock = threading.Lock()
+
+    # -- entry point ------------------------------------------------------------------------
+    def activate(self, model: Any, encoder: Any, prompts: list[str], *, options: Any = None,
+                 disabled: bool = False) -> Activation:
+        """Merge the first prompt's networks into `model` (undoing the last job's); report what happened.
+        The set merged last time costs nothing: not even its files are read again."""
+        _, calls = prompt_parser.parse_extra_networks_prompts(prompts)
+        grouped = prompt_parser.group_extra_networks([] if disabled else calls)
+        out = Activation()
+        if getattr(getattr(model, "pipe", None), "unet", None) is None:
+            if calls and not disabled:
+                self._warn(out, "Extra networks need a UNet model; this one has none: tags ignored")
+            return out
+        wanted = self._lora_requests([c for t in LORA_TAGS for c in grouped.pop(t, [])], model, out)
+        merger = self.merger(model)
+        signature = tuple((stamp, call.te, call.unet, call.dyn) for call, _, stamp in wanted)
+        if signature == merger.applied:
+            out.report = merger.unchanged()
+            named = [(call.name, entry) for call, entry, _ in wanted]
+        else:
+            uses, named = [], []
+            for call, entry, stamp in wanted:
+                weights = self._load(entry, stamp, out)
+                if weights is not None:
+                    uses.append(NetworkUse(weights, te=call.te, unet=call.unet, dyn=call.dyn))
+                    named.append((call.name, entry))
+            out.report = self._apply(merger, uses, out)
+            self._trim(int(getattr(options, "lora_in_memory_limit", 0) or 0))
+        if out.report.text_encoders_changed and encoder is not None:
+            encoder.clear_cache()   # prompt encodings made with the old text-encoder weights are stale
+        self._report(named, out, options)
+        if self.hypernetworks is not None:
+            self.hypernetworks.activate(model, grouped.pop("hypernet", []), out)
+        for unknown in grouped:
+            log.warning("Skipping unknown extra network: %s", unknown)
+        return out
+
+    def _apply(self, merger: NetworkMerger, uses: list[NetworkUse], out: Activation) -> MergeReport:
+        """merger.apply; on an unexpected failure (out of memory...) the model goes back to its own
+        weights and the job goes on without networks."""
+        try:
+            return merger.apply(uses)
+        except Exception as exc:  # the image is still made, as A1111 does
+            log.exception("Applying networks failed")
+            self._warn(out, f"LoRA could not be applied ({type(exc).__name__}: {exc}); the image is made without")
+            merger.restore()
+            return MergeReport([], changed=True, text_encoders_changed=True)
+
+    def merger(self, model: Any) -> NetworkMerger:
+        unet = model.pipe.unet
+        merger = getattr(unet, _MERGER_ATTR, None)
+        if merger is None:
+            components = {name: getattr(model.pipe, name) for name in ("unet", "text_encoder", "text_encoder_2")
+                          if getattr(model.pipe, name, None) is not None}
+            merger = NetworkMerger(components, unet.config)
+            object.__setattr__(unet, _MERGER_ATTR, merger)
+        return merger
+
+    # -- LoRA ---------------------------------------------------------------------------------
+    def _lora_requests(self, calls: list, model: Any, out: Activation) -> list[tuple[LoraCall, LoraEntry, tuple]]:
+        """(call, file, file stamp) for each tag that names a usable file; warnings for the others."""
+        wanted, rescanned = [], False
+        for call in calls:
+            try:
+                parsed = parse_lora_call(call.items)
+            except ValueError as exc:
+                self._warn(out, f"<{call.name}:{':'.join(call.items)}>: bad arguments ({exc}); ignored")
+                continue
+            entry = self.loras.find(parsed.name)
+            if entry is None and not rescanned:   # a file added since the last scan (A1111 rescans too)
+                self.loras.refresh()
+                entry, rescanned = self.loras.find(parsed.name), True
+            if entry is None:
+                self._warn(out, f"LoRA not found: {parsed.name} (looked in {', '.join(map(str, self.loras.roots))})")
+                continue
+            version = _family_version(model)
+            if entry.sd_version in ("SD1", "SD2", "SDXL") and entry.sd_version != version:
+                self._warn(out, f"LoRA {parsed.name} was made for {entry.sd_version}; the loaded model is "
+                                f"{model.spec.family_info.label}; not applied")
+                continue
+            try:
+                stamp = entry.stamp()
+            except OSError as exc:
+                self._warn(out, f"LoRA {parsed.name} could not be read: {exc}")
+                continue
+            if parsed.te or parsed.unet:
+                wanted.append((parsed, entry, stamp))
+        return wanted
+
+    def _load(self, entry: LoraEntry, stamp: tuple, out: Activation | None) -> NetworkWeights | None:
+        with self._lock:
+            cached = self._weights.get(stamp)
+            if cached is not None:
+                self._weights.move_to_end(stamp)
+                return cached
+        try:
+            state_dict = weights_io.load_state_dict_file(entry.path)
+        except weights_io.CheckpointLoadError as exc:
+            self._warn(out, f"LoRA {entry.name} could not be loaded: {exc}")
+            return None
+        try:
+            groups, unknown = group_layers(state_dict)
+        except (ValueError, KeyError) as exc:   # diffusers' converters refuse a malformed key set
+            self._warn(out, f"LoRA {entry.name}: its tensor names are not a known layout ({exc}); not applied")
+            return None
+        if not groups:
+            self._warn(out, f"LoRA {entry.name} holds no network weights this program knows ({len(unknown)} "
+                            "other tensors); not applied")
+            return None
+        weights = NetworkWeights(key=stamp, name=entry.name, groups=groups, unknown_keys=unknown)
+        with self._lock:
+            self._weights[stamp] = weights
+        return weights
+
+    def weights_of(self, entry: LoraEntry) -> NetworkWeights | None:
+        """The parsed file (None, with a logged warning, when it cannot be read)."""
+        return self._load(entry, entry.stamp(), None)
+
+    def _trim(self, keep: int) -> None:
+        """Keep at most `keep` parsed files (A1111's ``lora_in_memory_limit``; 0: none once merged)."""
+        with self._lock:
+            while len(self._weights) > max(0, keep):
+                self._weights.popitem(last=False)
+
+    def _report(self, named: list[tuple[str, LoraEntry]], out: Activation, options: Any) -> None:
+        hashes = []
+        for (mentioned, entry), outcome in zip(named, out.report.outcomes):
+            total = outcome.total
+            if outcome.error:
+                self._warn(out, f"LoRA {mentioned} does not fit this model ({outcome.error}); not applied")
+                continue
+            if outcome.unmatched and len(outcome.unmatched) == total:
+                self._warn(out, f"LoRA {mentioned}: none of its {total} layers exist in this model (made for "
+                                "another model family?); not applied")
+                continue
+            if outcome.unmatched:
+                self._warn(out, f"LoRA {mentioned}: {len(outcome.unmatched)} of {total} layers did not match this "
+                                f"model and were skipped (e.g. {outcome.unmatched[0]})")
+            if getattr(options, "lora_add_hashes_to_infotext", True):
+                try:
+                    hashes.append(f"{mentioned.replace(':', '').replace(',', '')}: {entry.shorthash}")
+                except OSError as exc:
+                    log.warning("Could not hash %s: %s", entry.path, exc)
+        if hashes:
+            out.infotext["Lora hashes"] = ", ".join(hashes)
+
+    @staticmethod
+    def _warn(out: Activation | None, message: str) -> None:
+        log.warning("%s", message)
+        if out is not None and message not in out.warnings:
+            out.warnings.append(message)

@@ -1,0 +1,172 @@
+"""Networks merged into a loaded model's weights: no per-step cost, exact restore.
+
+Before sampling, each layer a network touches gets ``W = W0 + sum(multiplier * delta)``, computed in
+float32 from ``W0``, a copy of the original kept (on the CPU) only for touched layers. A new set of
+networks first puts the original weights back bit for bit, then merges the new set; the same set
+again is a no-op. The checkpoint is never reloaded.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Hashable, Mapping
+
+import torch
+
+from modules.engine.networks import deltas
+from modules.engine.networks.keys import LayerGroup, LayerIndex, LayerRef, resolve_all
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NetworkWeights:
+    """One network file's layers, parsed once (model-independent)."""
+    key: Hashable                      # (path, mtime, size): a changed file is a new network
+    name: str
+    groups: dict[str, LayerGroup]
+    unknown_keys: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class NetworkUse:
+    """A network as a prompt asks for it."""
+    weights: NetworkWeights
+    te: float = 1.0
+    unet: float = 1.0
+    dyn: int | None = None
+
+    def multiplier(self, component: str) -> float:
+        return self.unet if component == "unet" else self.te
+
+    @property
+    def signature(self) -> tuple:
+        return (self.weights.key, self.te, self.unet, self.dyn)
+
+
+@dataclass
+class NetworkOutcome:
+    name: str
+    layers: int = 0                    # layers changed
+    total: int = 0                     # layers the file holds
+    unmatched: list[str] = field(default_factory=list)   # file prefixes naming no layer of this model
+    error: str | None = None           # set when the network was not applied at all
+
+
+@dataclass
+class MergeReport:
+    outcomes: list[NetworkOutcome]
+    changed: bool                      # weights were rewritten (False: the same set was already merged)
+    text_encoders_changed: bool        # prompt encodings made before are stale
+
+
+class NetworkMerger:
+    """The networks merged into one loaded pipeline, with the backups of the layers they touch."""
+
+    def __init__(self, components: Mapping[str, torch.nn.Module], unet_config=None):
+        self.index = LayerIndex(components, unet_config)
+        self.backups: dict[LayerRef, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.applied: tuple = ()
+        self.last_outcomes: list[NetworkOutcome] = []
+
+    @property
+    def backup_bytes(self) -> int:
+        return sum(w.numel() * w.element_size() + (b.numel() * b.element_size() if b is not None else 0)
+                   for w, b in self.backups.values())
+
+    def apply(self, uses: list[NetworkUse]) -> MergeReport:
+        """Merge exactly `uses` (in order) into the model; the previous set is undone first."""
+        signature = tuple(u.signature for u in uses)
+        if signature == self.applied:
+            return self.unchanged()
+        touched_before = set(self.backups)
+        outcomes = [NetworkOutcome(u.weights.name) for u in uses]
+        plans = [self._plan(u, o) for u, o in zip(uses, outcomes)]
+        while True:
+            failed = self._merge(uses, plans, outcomes)
+            if failed is None:
+                break
+            plans[failed] = {}  # merge again without the network that does not fit
+        self._restore(set(self.backups) - {ref for plan in plans for ref in plan})
+        self.applied, self.last_outcomes = signature, outcomes
+        return MergeReport(outcomes, changed=True,
+                           text_encoders_changed=any(r.component != "unet" for r in touched_before | set(self.backups)))
+
+    def unchanged(self) -> MergeReport:
+        """The report of the set already merged (nothing is done)."""
+        return MergeReport(list(self.last_outcomes), changed=False, text_encoders_changed=False)
+
+    def _plan(self, use: NetworkUse, outcome: NetworkOutcome) -> dict[LayerRef, LayerGroup]:
+        """The layers `use` changes (parts whose multiplier is 0 are left out entirely)."""
+        found, outcome.unmatched = resolve_all(use.weights.groups, self.index)
+        outcome.total = len(use.weights.groups)
+        return {ref: use.weights.groups[prefix] for prefix, ref in found.items() if use.multiplier(ref.component)}
+
+    def _merge(self, uses: list[NetworkUse], plans: list[dict], outcomes: list[NetworkOutcome]) -> int | None:
+        """Merge every planned layer; the index of a network that fails a layer (after undoing), else None."""
+        layers: dict[LayerRef, list[int]] = {}
+        for i, plan in enumerate(plans):
+            for ref in plan:
+                layers.setdefault(ref, []).append(i)
+        for outcome, plan in zip(outcomes, plans):
+            outcome.layers = len(plan)
+        for ref, users in layers.items():
+            module = self.index.modules[ref]
+            try:
+                self._merge_layer(ref, module, [(uses[i], plans[i][ref]) for i in users], users)
+            except _LayerFailed as failed:
+                outcomes[failed.network].error = f"{ref.component} layer {ref.name}: {failed.reason}"
+                outcomes[failed.network].layers = 0
+                log.warning("Network %s not applied: %s", outcomes[failed.network].name,
+                            outcomes[failed.network].error)
+                return failed.network
+        return None
+
+    @torch.no_grad()
+    def _merge_layer(self, ref: LayerRef, module: torch.nn.Module, users: list[tuple[NetworkUse, LayerGroup]],
+                     indices: list[int]) -> None:
+        weight, bias = module.weight, getattr(module, "bias", None)
+        if ref not in self.backups:
+            self.backups[ref] = (weight.detach().to("cpu", copy=True),
+                                 bias.detach().to("cpu", copy=True) if bias is not None else None)
+        original_w, original_b = self.backups[ref]
+        w0 = original_w.to(device=weight.device, dtype=torch.float32)
+        new_w, new_b = w0.clone(), None
+        for (use, group), index in zip(users, indices):
+            parts = {k: v.to(weight.device) for k, v in group.parts.items()}
+            mult = use.multiplier(ref.component)
+            try:
+                db = deltas.add_into(new_w, parts, w0, mult, use.dyn)
+            except (deltas.NetworkFormatError, RuntimeError, KeyError, IndexError) as exc:
+                raise _LayerFailed(index, str(exc) or type(exc).__name__) from None
+            if db is not None:
+                if bias is None or db.numel() != bias.numel():
+                    raise _LayerFailed(index, "bias change for a layer without that bias")
+                if new_b is None:
+                    new_b = original_b.to(device=bias.device, dtype=torch.float32).clone()
+                new_b += db.reshape(new_b.shape) * mult
+        weight.copy_(new_w.to(weight.dtype))
+        if new_b is not None:
+            bias.copy_(new_b.to(bias.dtype))
+        elif original_b is not None:
+            bias.copy_(original_b)   # an earlier set may have changed it
+
+    def restore(self) -> None:
+        """Put every touched layer's original weights back (bit for bit) and drop the backups."""
+        self._restore(set(self.backups))
+        self.applied, self.last_outcomes = (), []
+
+    @torch.no_grad()
+    def _restore(self, refs: set[LayerRef]) -> None:
+        for ref in refs:
+            w, b = self.backups.pop(ref)
+            module = self.index.modules[ref]
+            module.weight.copy_(w)
+            if b is not None:
+                module.bias.copy_(b)
+
+
+class _LayerFailed(Exception):
+    def __init__(self, network: int, reason: str):
+        super().__init__(reason)
+        self.network, self.reason = network, reason
