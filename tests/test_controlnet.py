@@ -329,3 +329,17 @@ def test_random_preprocessors_follow_the_seed(sd1):
     a = _pixels(_run(sd1, [unit(module="shuffle")], seed=5, subseed=7))
     b = _pixels(_run(sd1, [unit(module="shuffle")], seed=5, subseed=7))
     assert np.array_equal(a, b)
+
+
+def test_units_survive_the_persistent_queue_round_trip(tmp_path):
+    import json
+
+    from modules.core.queue_service import params_from_body, params_to_body
+
+    params = Txt2ImgParams(**SMALL, controlnet_units=[unit(weight=0.7, mask=Image.new("L", (64, 64), 255))])
+    body = json.loads(json.dumps(params_to_body(params, tmp_path)))
+    back = params_from_body("txt2img", body, tmp_path)
+    got = back.controlnet_units[0]
+    assert (got.model, got.weight) == ("control_tiny_sd1", 0.7)
+    assert np.array_equal(np.asarray(got.image), np.asarray(params.controlnet_units[0].image))
+    assert got.mask.getpixel((3, 3)) == 255
