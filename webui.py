@@ -152,6 +152,9 @@ def create_app(services: Services, *, callbacks=None, extensions=()):
         # The UI has its own login page; without its session only that page is served.
         ui_routes = [r for r in app.routes if not any(r is old for old in routes_before_ui)]
         api.attach_ui(ui_routes, mount=next(r for r in ui_routes if isinstance(r, Mount)))
+        from modules.api.extra_networks import install_preview_routes  # card previews, behind the UI's login
+
+        install_preview_routes(next(r for r in ui_routes if isinstance(r, Mount)).app, services)
     if callbacks is not None:
         _run_app_started(app, callbacks, None if opts.nowebui else ui.blocks)
     return app

@@ -4,6 +4,7 @@ from modules.core.pipeline import (  # noqa: F401 - re-exported for extensions
     Img2ImgParams, Processed, ProcessingError, Txt2ImgParams, create_infotext, fix_seed, get_fixed_seed,
     process_images,
 )
+from modules.engine.upscaling import image_upscaler_names  # noqa: F401 - built-ins then model files
 from modules.extensions.processing_adapter import (  # noqa: F401
     StableDiffusionProcessing, StableDiffusionProcessingImg2Img, StableDiffusionProcessingTxt2Img,
 )

@@ -20,6 +20,7 @@ from modules.core.model_service import ModelService
 from modules.core.options import Options
 from modules.core.paths import AppPaths
 from modules.models.vae import VaeRegistry
+from modules.models.embeddings import EmbeddingDatabase
 from modules.models.controlnet_registry import ControlNetRegistry
 from modules.models.depth import DepthEstimators, set_default_estimators
 from modules.core.styles import StyleDatabase
@@ -39,6 +40,8 @@ class Services:
     extensions: list[Any] = field(default_factory=list)   # extensions.Extension, in load order
     limits: Limits = field(default_factory=Limits)        # input limits and folder rules, from the flags
     callers: CallerPolicy | None = None  # request -> Caller (who owns and may stop which job)
+    upscalers: Any = None  # models.upscaler_models.UpscalerRegistry (models/ESRGAN & co)
+    extras: Any = None     # core.extras_service.ExtrasService (the Extras tab and /extra-* API)
     networks: ExtraNetworksService | None = None   # LoRA/hypernetwork registries and their merging
     queue: Any = None      # core/queue_service.QueueService: the persistent queue and history
     controlnets: Any = None  # models.controlnet_registry.ControlNetRegistry
@@ -54,11 +57,14 @@ class Services:
 
 def _manager_factory(opts: argparse.Namespace, options: Options):
     def build():
-        from modules.models.devices import select_device_policy
+        from modules.models.devices import select_device_policy, vram_mode
         from modules.models.loader import ModelManager, make_load_fn
 
         policy = select_device_policy(use_cpu=opts.use_cpu, device_id=opts.device_id, no_half=opts.no_half,
-                                      no_half_vae=opts.no_half_vae, precision=opts.precision)
+                                      no_half_vae=opts.no_half_vae, precision=opts.precision,
+                                      vram=vram_mode(medvram=opts.medvram, lowvram=opts.lowvram,
+                                                     medvram_sdxl=getattr(opts, "medvram_sdxl", False)),
+                                      lowram=getattr(opts, "lowram", None), compile=getattr(opts, "opt_compile", False))
         manager = ModelManager(make_load_fn(policy), limit=options.sd_checkpoints_limit)
         options.onchange("sd_checkpoints_limit", lambda: manager.set_limit(options.sd_checkpoints_limit), call=False)
         return manager
@@ -86,15 +92,19 @@ def build_services(opts: argparse.Namespace, paths: AppPaths, options: Options) 
         state=JobState(), max_per_owner=per_client, max_total=_bound(getattr(opts, "queue_max_total", None))),
         limits=limits)
     generation.make_script_p = wrap_params
+    generation.embeddings = EmbeddingDatabase([paths.embeddings_dir], hash_cache, hashing=not opts.no_hashing)
+    models.add_loaded_listener(lambda _model: generation.embeddings.invalidate())
     generation.networks = ExtraNetworksService.from_paths(paths)
     queue_service = _queue_service(paths, generation, callers)
     generation.controlnets = controlnet_registry(opts, paths)
     styles = StyleDatabase(paths.styles_files)
     options.lock_dir_config(limits.dir_config_locked)
     set_default_estimators(DepthEstimators.for_models_dir(paths.models_dir, device=_depth_device(opts)))
+    upscalers, extras = _build_extras(opts, paths, generation)
     return Services(cmd_opts=opts, paths=paths, options=options, models=models, generation=generation,
                     styles=styles, callers=callers, limits=limits, networks=generation.networks,
-                    queue=queue_service, controlnets=generation.controlnets)
+                    queue=queue_service, upscalers=upscalers, extras=extras,
+                    controlnets=generation.controlnets)
 
 
 def _queue_service(paths: AppPaths, generation: GenerationService, callers: CallerPolicy):
@@ -105,6 +115,20 @@ def _queue_service(paths: AppPaths, generation: GenerationService, callers: Call
     store = JobStore(paths.data_dir / "queue" / "jobs.sqlite3")
     return QueueService(store, generation, data_dir=paths.data_dir, outputs_dir=paths.outputs_dir,
                         single_user=callers.single_user)
+
+
+def _build_extras(opts: argparse.Namespace, paths: AppPaths, generation: GenerationService) -> tuple[Any, Any]:
+    """The upscaler registry (bound for hires fix, SD upscale and X/Y/Z) and the extras service."""
+    from modules.core.extras_service import ExtrasService
+    from modules.core.face_restoration import FaceRestoration
+    from modules.engine.upscaling import bind_model_upscalers
+    from modules.models.upscaler_models import UpscalerRegistry, upscaler_folders
+
+    upscalers = UpscalerRegistry(upscaler_folders(paths.models_dir, opts))
+    bind_model_upscalers(upscalers)
+    faces = FaceRestoration.from_opts(paths.models_dir, opts)
+    generation.restore_faces = faces.for_generation
+    return upscalers, ExtrasService(generation=generation, upscalers=upscalers, faces=faces)
 
 
 def controlnet_registry(opts: argparse.Namespace, paths: AppPaths) -> ControlNetRegistry:

@@ -40,4 +40,7 @@ def __getattr__(name: str) -> Any:
         return None if services is None else services.models.loaded_model
     if name == "services":
         return context.services()
+    if name == "sd_upscalers":  # A1111's list of upscalers; extensions read .name (and .scale)
+        from modules.engine.upscaling import upscaler_entries
+        return upscaler_entries()
     raise AttributeError(f"module 'modules.shared' has no attribute {name!r}")

@@ -197,7 +197,7 @@ def test_bad_input_gives_4xx_json_and_the_server_keeps_serving(api):
     assert_error(post(api, "img2img", {**TINY, "prompt": "x"}), 404, "Init image not found")  # A1111's status
     assert_error(post(api, "img2img", {**TINY, "init_images": ["###"]}), 422, "init_images[0]")
     assert_error(post(api, "extra-single-image", {"image": png_b64(Image.new("RGB", (8, 8))), "upscaler_1": "4x-Foo"}),
-                 404, "4x-Foo")
+                 422, "4x-Foo")
     assert_error(post(api, "extra-single-image", {"image": png_b64(Image.new("RGB", (8, 8))), "resize_mode": 3}),
                  422, "resize_mode")
     # still serving, and still generating

@@ -10,7 +10,7 @@ def test_page_shows_the_tabs(server, page, tmp_path):
     page.goto(server.url + "/")
     page.get_by_role("tab", name="Settings").wait_for(timeout=60000)
     tabs = [t.strip() for t in page.locator("#tabs > .tab-wrapper [role=tab]").all_inner_texts()]
-    assert tabs == ["txt2img", "img2img", "PNG Info", "Queue", "Settings", "Extensions"]
+    assert tabs == ["txt2img", "img2img", "Extras", "PNG Info", "Queue", "Settings", "Extensions"]
     # With no checkpoint, the page says where to put one.
     assert "models/Stable-diffusion" in page.locator("#checkpoint_status").inner_text()
     page.screenshot(path=str(tmp_path / "home.png"), full_page=True)

@@ -13,11 +13,15 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from modules.engine.upscaling import resize_image
-from modules.processing import Img2ImgParams, Processed, ProcessingError
+from modules.processing import Img2ImgParams, Processed, ProcessingError, image_upscaler_names
 
 TITLE = "SD upscale"
 UPSCALERS = ("None", "Lanczos", "Nearest")  # A1111's order of the built-in upscalers (script_args index)
+
+
+def upscaler_names() -> list[str]:
+    """The script_args index space: the built-ins, then the model files (A1111's shared.sd_upscalers)."""
+    return image_upscaler_names()
 
 
 @dataclass(frozen=True)
@@ -33,19 +37,21 @@ class SdUpscaleArgs:
         defaults = cls()
         try:
             overlap = int(args[1]) if len(args) > 1 and args[1] is not None else defaults.overlap
-            index = args[2] if len(args) > 2 and args[2] is not None else UPSCALERS.index(defaults.upscaler)
-            upscaler = UPSCALERS[int(index)] if not isinstance(index, str) else index
+            names = upscaler_names()
+            index = args[2] if len(args) > 2 and args[2] is not None else names.index(defaults.upscaler)
+            upscaler = names[int(index)] if not isinstance(index, str) else index
             scale = float(args[3]) if len(args) > 3 and args[3] is not None else defaults.scale_factor
         except (ValueError, TypeError, IndexError) as err:
             raise ProcessingError(f"SD upscale: bad script_args {args!r}: expected [info, overlap, upscaler_index "
-                                  f"(0-{len(UPSCALERS) - 1}), scale_factor]") from err
+                                  f"(0-{len(upscaler_names()) - 1}), scale_factor]") from err
         result = cls(overlap=overlap, upscaler=upscaler, scale_factor=scale)
         result.validate()
         return result
 
     def validate(self) -> None:
-        if self.upscaler not in UPSCALERS:
-            raise ProcessingError(f"SD upscale: unknown upscaler {self.upscaler!r}; choose one of {', '.join(UPSCALERS)}")
+        if self.upscaler not in upscaler_names():
+            raise ProcessingError(f"SD upscale: unknown upscaler {self.upscaler!r}; choose one of "
+                                  f"{', '.join(upscaler_names())}")
         if not 0 <= self.overlap <= 512:
             raise ProcessingError(f"SD upscale: overlap must be 0-512, got {self.overlap}")
         if not 1 <= self.scale_factor <= 8:
@@ -108,11 +114,14 @@ def combine_tiles(tiles: list[Tile], size: tuple[int, int], overlap: int) -> Ima
     return Image.fromarray((total / np.maximum(weight, 1e-6)).round().clip(0, 255).astype(np.uint8))
 
 
-def upscale(image: Image.Image, args: SdUpscaleArgs) -> Image.Image:
+def upscale(image: Image.Image, args: SdUpscaleArgs, options: Any = None) -> Image.Image:
+    """The first step: the chosen upscaler (PIL, or a model run tiled: engine/model_upscale.py)."""
+    from modules.engine.upscaling import upscale_image
+
     if args.upscaler == "None":  # A1111's "None" upscaler leaves the image as it is
         return image.convert("RGB")
     size = (int(image.width * args.scale_factor), int(image.height * args.scale_factor))
-    return resize_image(image.convert("RGB"), size, args.upscaler)
+    return upscale_image(image.convert("RGB"), size, args.upscaler, options=options)
 
 
 def run_sd_upscale(params: Img2ImgParams, args: SdUpscaleArgs, run: Callable[[Img2ImgParams], Processed],

@@ -39,7 +39,7 @@ from modules.api import controlnet_routes
 from modules.core.pipeline import (IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, HiresParams, Img2ImgParams, ProcessingError,
                                 Txt2ImgParams)
 from modules.models.vae import UnknownVaeError
-from modules.engine.upscaling import resize_image
+from modules.models.upscaler_models import UpscalerLoadError
 from modules.core.styles import apply_styles_to_params
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ ERROR_STATUS: list[tuple[type[BaseException], int]] = [
     (LimitError, 422),
     (UnknownVaeError, 422),
     (ModelLoadError, 422),                 # the user's file is bad, not the server
+    (UpscalerLoadError, 422),              # an upscaler file that cannot be used
     (NoCheckpointError, 503),              # nothing to load: the server is not ready to generate
     (CancelledError, 409),
 ]
@@ -181,62 +182,13 @@ def _json_safe_items(info: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# --------------------------------------------------------------------------- extras (PIL only)
+# --------------------------------------------------------------------------- extras
 
-def _resize(image: Image.Image, upscaler: str, scale: float, round_to_8: bool) -> Image.Image:
-    """A1111's upscaler contract for the non-model upscalers: scale, then snap to the target size."""
-    target = (int(image.width * scale), int(image.height * scale))
-    if round_to_8:
-        target = (max(8, target[0] // 8 * 8), max(8, target[1] // 8 * 8))
-    out = resize_image(image, (max(1, int(image.width * scale)), max(1, int(image.height * scale))), upscaler)
-    return out if out.size == target else resize_image(out, target)
+def extras_params(req: m.ExtrasBaseRequest) -> Any:
+    """The typed extras request the UI builds too (core/extras.py)."""
+    from modules.core.extras import ExtrasParams
 
-
-def postprocess_image(image: Image.Image, req: m.ExtrasBaseRequest,
-                      limits: Limits | None = None) -> tuple[Image.Image, dict[str, Any]]:
-    """Extras on one image with the built-in upscalers; returns the image and its info fields.
-    The upscale target is checked against ``limits.max_pixels`` before anything is resized."""
-    limits = limits or Limits()
-    for name in (req.upscaler_1, req.upscaler_2):
-        if name not in IMAGE_UPSCALERS:
-            raise bad_request(f"upscaler {name!r} not found; available: {', '.join(IMAGE_UPSCALERS)}", 404)
-    existing = {k: v for k, v in (image.info or {}).items() if isinstance(k, str) and isinstance(v, str)}
-    image = image.convert("RGB")
-    info: dict[str, Any] = {}
-    if req.upscaler_1 != "None":
-        if req.resize_mode == 1:
-            w, h = req.upscaling_resize_w, req.upscaling_resize_h
-            scale = max(w / image.width, h / image.height)
-            info["Postprocess upscale to"] = f"{w}x{h}"
-        else:
-            scale = req.upscaling_resize
-            info["Postprocess upscale by"] = scale
-        target = (int(image.width * scale), int(image.height * scale))
-        if req.resize_mode == 1:
-            target = (max(target[0], w), max(target[1], h))
-        try:
-            limits.check_pixels("upscale target (upscaling_resize, upscaling_resize_w/h)", *target)
-        except LimitError as err:
-            raise bad_request(str(err), 413) from None
-        first = _resize(image, req.upscaler_1, scale, round_to_8=req.resize_mode != 1)
-        info["Postprocess upscaler"] = req.upscaler_1
-        if req.upscaler_2 != "None" and req.extras_upscaler_2_visibility > 0:
-            second = _resize(image, req.upscaler_2, scale, round_to_8=req.resize_mode != 1)
-            if second.size != first.size:
-                second = resize_image(second, first.size)
-            first = Image.blend(first, second, req.extras_upscaler_2_visibility)
-            info["Postprocess upscaler 2"] = req.upscaler_2
-        if req.resize_mode == 1 and req.upscaling_crop:
-            cropped = Image.new("RGB", (w, h))
-            cropped.paste(first, box=(w // 2 - first.width // 2, h // 2 - first.height // 2))
-            first = cropped
-            info["Postprocess crop to"] = f"{w}x{h}"
-        image = first
-    if info:
-        image.info = {**existing, "postprocessing": _info_text(info)}
-    else:
-        image.info = existing
-    return image, info
+    return ExtrasParams(**{name: getattr(req, name) for name in ExtrasParams.__dataclass_fields__})
 
 
 def _info_text(info: dict[str, Any]) -> str:
@@ -343,6 +295,7 @@ def _common_params(req: m._ProcessingBase) -> dict[str, Any]:
         seed_resize_from_w=max(0, _or(req.seed_resize_from_w, 0)),
         seed_resize_from_h=max(0, _or(req.seed_resize_from_h, 0)),
         tiling=bool(req.tiling),
+        restore_faces=bool(req.restore_faces),
         disable_extra_networks=bool(req.disable_extra_networks),
         # A1111's API saves samples and grid only when asked (save_images), whatever do_not_save_* say.
         save_images=save,
@@ -447,19 +400,16 @@ class Api:
             raise bad_request(f"{field}: {count} images; at most {self.limits.max_input_images} per request "
                               f"(--max-input-images)", 413)
 
-    def _check_extras_target(self, image: Image.Image, req: m.ExtrasBaseRequest) -> None:
-        """The upscale target of `image`, refused before the job is queued (413 naming the fields)."""
-        if req.upscaler_1 == "None":
-            return
-        if req.resize_mode == 1:
-            scale = max(req.upscaling_resize_w / image.width, req.upscaling_resize_h / image.height)
-        else:
-            scale = req.upscaling_resize
-        target = (int(image.width * scale), int(image.height * scale))
+    async def _extras(self, images: list[Image.Image], req: m.ExtrasBaseRequest, request: Request) -> Any:
+        """One extras job (core/extras_service.py) over `images`; A1111's API does not save the results."""
+        params = extras_params(req)
         try:
-            self.limits.check_pixels("upscale target (upscaling_resize, upscaling_resize_w/h)", *target)
+            for image in images:
+                params.check_target(image.size, self.limits)
         except LimitError as err:
             raise bad_request(str(err), 413) from None
+        job = self.services.extras.submit(images, params, save=False, owner=self.caller(request).name)
+        return await wait_for(job, request, self.generation.queue)
 
     def caller(self, request: Request) -> Caller:
         """Who sent `request`: its Basic-auth user when the API requires a login, else its address."""
@@ -507,7 +457,7 @@ class Api:
         apply_styles_to_params(params, self.services.styles, req.styles)
         overrides = self.override_settings(req.override_settings)
         restore = True if req.override_settings_restore_afterwards is None else bool(req.override_settings_restore_afterwards)
-        for name in ("restore_faces", "eta", "s_churn", "s_tmax", "s_tmin", "s_noise", "s_min_uncond",
+        for name in ("eta", "s_churn", "s_tmax", "s_tmin", "s_noise", "s_min_uncond",
                      "firstpass_image", "image_cfg_scale", "initial_noise_multiplier"):
             if getattr(req, name, None) not in (None, False):
                 log.info("%s: %s is not supported and was ignored", params.kind, name)
@@ -577,14 +527,9 @@ class Api:
         async def extras_single_image_api(req: m.ExtrasSingleImageRequest,
                                           request: Request) -> m.ExtrasSingleImageResponse:
             image = await run_in_threadpool(lambda: decode_base64_to_image(req.image, limits=self.limits))
-            self._check_extras_target(image, req)
-
-            def run(job: Any) -> tuple[str, str]:
-                out, info = postprocess_image(image, req, self.limits)
-                return encode_pil_to_base64(out, options), _html_info(info)
-            job = gen.queue.submit(run, name="extras", owner=self.caller(request).name)
-            encoded, html_info = await wait_for(job, request, gen.queue)
-            return m.ExtrasSingleImageResponse(image=encoded, html_info=html_info)
+            result = await self._extras([image], req, request)
+            encoded = encode_pil_to_base64(result.images[0], options) if result.images else None
+            return m.ExtrasSingleImageResponse(image=encoded, html_info=_html_info(result.info))
 
         @r.post("/extra-batch-images", response_model=m.ExtrasBatchImagesResponse)
         async def extras_batch_images_api(req: m.ExtrasBatchImagesRequest,
@@ -593,20 +538,9 @@ class Api:
             sources = await run_in_threadpool(
                 lambda: [decode_base64_to_image(f.data, field=f"imageList[{i}].data", limits=self.limits)
                          for i, f in enumerate(req.imageList)])
-            for image in sources:
-                self._check_extras_target(image, req)
-
-            def run(job: Any) -> tuple[list[str], str]:
-                job.set_job_count(len(sources))
-                out, last_info = [], {}
-                for image in sources:
-                    result, last_info = postprocess_image(image, req, self.limits)
-                    out.append(encode_pil_to_base64(result, options))
-                    job.nextjob()
-                return out, _html_info(last_info)
-            job = gen.queue.submit(run, name="extras", job_count=max(1, len(sources)), owner=self.caller(request).name)
-            encoded, html_info = await wait_for(job, request, gen.queue)
-            return m.ExtrasBatchImagesResponse(images=encoded if req.show_extras_results else [], html_info=html_info)
+            result = await self._extras(sources, req, request)
+            images = [encode_pil_to_base64(i, options) for i in result.images] if req.show_extras_results else []
+            return m.ExtrasBatchImagesResponse(images=images, html_info=_html_info(result.info))
 
         @r.post("/png-info", response_model=m.PNGInfoResponse)
         def pnginfoapi(req: m.PNGInfoRequest) -> m.PNGInfoResponse:
@@ -690,8 +624,11 @@ class Api:
 
         @r.get("/upscalers", response_model=list[m.UpscalerItem])
         def get_upscalers() -> list[dict]:
-            return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-                    for name in IMAGE_UPSCALERS]
+            builtin = [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                       for name in IMAGE_UPSCALERS]
+            return builtin + [{"name": u.name, "model_name": u.architecture, "model_path": str(u.path),
+                               "model_url": None, "scale": u.scale}
+                              for u in self.services.upscalers.infos() if u.usable]
 
         @r.get("/latent-upscale-modes", response_model=list[m.LatentUpscalerModeItem])
         def get_latent_upscale_modes() -> list[dict]:
@@ -724,11 +661,13 @@ class Api:
 
         @r.get("/face-restorers", response_model=list[m.FaceRestorerItem])
         def get_face_restorers() -> list:
-            return []
+            return self.services.extras.faces.restorers() if self.services.extras.faces is not None else []
 
         @r.get("/realesrgan-models", response_model=list[m.RealesrganItem])
         def get_realesrgan_models() -> list:
-            return []
+            return [{"name": u.name, "path": str(u.path), "scale": u.scale}
+                    for u in self.services.upscalers.infos()
+                    if u.usable and self.services.upscalers.get(u.name).folder == "RealESRGAN"]
 
         @r.get("/prompt-styles", response_model=list[m.PromptStyleItem])
         def get_prompt_styles() -> list[dict]:
@@ -736,7 +675,8 @@ class Api:
 
         @r.get("/embeddings", response_model=m.EmbeddingsResponse)
         def get_embeddings() -> dict:
-            return {"loaded": {}, "skipped": {}}
+            from modules.models.embeddings import api_response
+            return api_response(self.services.generation.embeddings_report())
 
     def _add_script_routes(self) -> None:
         """Scripts and extensions."""
@@ -778,6 +718,11 @@ class Api:
         @r.post("/refresh-checkpoints")
         def refresh_checkpoints() -> dict:
             models.registry.refresh()
+            return {}
+
+        @r.post("/refresh-embeddings")
+        def refresh_embeddings() -> dict:
+            self.services.generation.embeddings_report(refresh=True)
             return {}
 
         @r.post("/refresh-vae")

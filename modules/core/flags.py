@@ -57,7 +57,6 @@ LEGACY_FLAGS: dict[str, tuple[bool, str]] = {
     "--log-startup": (False, "startup is not profiled"),
     "--api-log": (False, "API requests are logged at --loglevel DEBUG"),
     "--disable-model-loading-ram-optimization": (False, "loading already streams weights"),
-    "--medvram-sdxl": (False, "use --medvram"),
     "--allow-code": (False, "custom code execution is not offered"),
     "--ngrok": (True, "tunnels are not offered; use --listen on your LAN"),
     "--ngrok-region": (True, "tunnels are not offered"),
@@ -66,10 +65,6 @@ LEGACY_FLAGS: dict[str, tuple[bool, str]] = {
     "--gradio-inpaint-tool": (True, "the inpaint tools are fixed"),
     "--ui-config-file": (True, "UI defaults live in config.json"),
     "--clip-models-path": (True, "interrogation is not available"),
-    "--codeformer-models-path": (True, "face restoration is not available"),
-    "--gfpgan-models-path": (True, "face restoration is not available"),
-    "--esrgan-models-path": (True, "put upscalers in models/ESRGAN"),
-    "--realesrgan-models-path": (True, "put upscalers in models/ESRGAN"),
 }
 
 # Flags handled by the launcher (webui.sh). webui.py accepts them so the
@@ -111,6 +106,8 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     paths.add_argument("--lora-dir", default=None, help="folder of LoRA files")
     paths.add_argument("--controlnet-dir", default=None, help="folder of ControlNet models, besides models/ControlNet")
     paths.add_argument("--embeddings-dir", default=None, help="folder of textual inversion embeddings")
+    for folder in ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "ScuNET", "GFPGAN", "Codeformer"):  # upscalers, faces
+        paths.add_argument(f"--{folder.lower()}-models-path", default=None, help=f"folder of {folder} models (default: models/{folder})")
     paths.add_argument("--ui-settings-file", default=None, help="settings file (default: DATA_DIR/config.json)")
     paths.add_argument("--styles-file", default=None, action="append", help="styles CSV file (default: DATA_DIR/styles.csv)")
 
@@ -120,6 +117,10 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     dev.add_argument("--precision", choices=("full", "half", "autocast"), default="autocast", help="evaluate in this precision")
     dev.add_argument("--medvram", action="store_true", help="move model parts to the GPU only while they run")
     dev.add_argument("--lowvram", action="store_true", help="offload layer by layer (slowest, least GPU memory)")
+    dev.add_argument("--medvram-sdxl", action="store_true", help="--medvram for SDXL models only")
+    dev.add_argument("--lowram", action="store_true", default=None, help="CPU: keep weights in the file's fp16/bf16 and upcast layer by layer (default: on when RAM is under 16 GB)")
+    dev.add_argument("--no-lowram", dest="lowram", action="store_false", help="CPU: convert weights to fp32 at load even when RAM is short")
+    dev.add_argument("--opt-compile", action="store_true", help="CUDA: compile the UNet and VAE decoder with torch.compile (slow first image per size)")
     dev.add_argument("--use-cpu", nargs="+", default=[], metavar="MODULE", help='run these on the CPU: "all", or module names')
     dev.add_argument("--device-id", default=None, help="CUDA device index to use")
 

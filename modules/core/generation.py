@@ -52,6 +52,7 @@ class GenerationService:
         self.paths = paths
         self.queue = queue
         self._encoders: dict[int, tuple[Any, Any]] = {}   # id(LoadedModel) -> (model, PromptEncoder)
+        self.embeddings: Any = None   # models.embeddings.EmbeddingDatabase, set by build_services
         self._running = threading.local()   # .options: the settings snapshot of the job on this thread
         self._counting_tokenizer = None
         # (before_save, after_save) given to saving.save_image: webui.py points them at the
@@ -61,6 +62,8 @@ class GenerationService:
         self.sampling_hooks: Any = None
         # params -> A1111's `p` (what save callbacks get as params.p): set by build_services.
         self.make_script_p: Callable[[Any], Any] | None = None
+        # (image, options) -> image: "Restore faces" (core/face_restoration.py), set by build_services.
+        self.restore_faces: Callable[[Any, Any], Any] | None = None
         # core.networks_service.ExtraNetworksService: set by build_services (None: tags are only stripped).
         self.networks: Any = None
         # core/queue_service.QueueService: records every job in the job store (None: nothing is recorded).
@@ -174,7 +177,7 @@ class GenerationService:
                          save=self.saver(params.kind, options), job=job,
                          hooks=self.sampling_hooks() if self.sampling_hooks is not None else None,
                          processing_hooks=hooks, sets_job_count=sets_job_count, make_script_p=self.make_script_p,
-                         networks=self.networks,
+                         restore_faces=self.restore_faces, networks=self.networks,
                          controlnets=self.controlnets)
         if hooks is not None:
             hooks.bind_model(model)
@@ -190,7 +193,27 @@ class GenerationService:
         if entry is None or entry[0] is not model:
             entry = (model, prompt_encoder_for(model))
             self._encoders[id(model)] = entry
-        return entry[1]
+        encoder = entry[1]
+        if self.embeddings is not None:  # rescans embeddings/ if a file changed; a new set also re-keys the cache
+            encoder.embeddings = self.embeddings.for_layout(encoder.embedding_layout)
+        return encoder
+
+    def embeddings_report(self, *, refresh: bool = False):
+        """Textual-inversion embeddings loaded and skipped for the loaded model (else the last one used);
+        ``refresh`` rereads every file. Never loads a checkpoint."""
+        from modules.models.embeddings import EmbeddingReport
+
+        if self.embeddings is None:
+            return EmbeddingReport()
+        model = self.models.loaded_model
+        layout = None
+        if model is not None:
+            from modules.engine.diffusion import prompt_encoder_for
+
+            entry = self._encoders.get(id(model))
+            encoder = entry[1] if entry is not None and entry[0] is model else prompt_encoder_for(model)
+            layout = encoder.embedding_layout
+        return self.embeddings.refresh(layout) if refresh else self.embeddings.report(layout)
 
     @staticmethod
     def _preview_fn(model):
@@ -227,5 +250,11 @@ class GenerationService:
         text = (text or "")[:self.limits.max_prompt_length]  # a hostile length never stalls the counter
         if self._counting_tokenizer is None:  # CLIP-L and OpenCLIP share one vocab, so one tokenizer counts for all
             self._counting_tokenizer = families.load_tokenizer("clip-l")
-        counted = conditioning.count_prompt_tokens(text, self._counting_tokenizer)
+        counted = conditioning.count_prompt_tokens(text, self._counting_tokenizer, embeddings=self._loaded_embeddings())
         return counted.count, counted.max_length
+
+    def _loaded_embeddings(self):
+        """The embedding set of the loaded model's encoder (an embedding counts as its vectors), if any."""
+        model = self.models.loaded_model
+        entry = self._encoders.get(id(model)) if model is not None else None
+        return entry[1].embeddings if entry is not None and entry[0] is model else None

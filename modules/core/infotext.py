@@ -196,6 +196,7 @@ def _controlnet_unit(index: int) -> Callable[[InfotextSource], Any]:
 
 
 _HIRES = {"kinds": (TXT2IMG,), "line": EXTRA}
+TI_HASHES = "TI hashes"
 _INPAINT = {"kinds": (IMG2IMG,), "line": EXTRA}
 
 INFOTEXT_FIELDS: tuple[InfotextField, ...] = (
@@ -270,6 +271,9 @@ INFOTEXT_FIELDS: tuple[InfotextField, ...] = (
                   omitted=INPAINT_AREAS[0], **_INPAINT),
     InfotextField("Masked area padding", "inpaint_full_res_padding", None, "inpaint_full_res_padding", to_int,
                   _inpaint(lambda p: p.inpaint_full_res_padding if p.inpaint_full_res else None), omitted=32, **_INPAINT),
+    # Textual inversion: "name: shorthash, ..." of the embeddings the prompts used. The pipeline writes it
+    # (it needs the loaded embeddings: pipeline._embedding_params); pasting sets nothing, as in A1111.
+    InfotextField(TI_HASHES, line=EXTRA),
     # Extra networks: written by the run (engine/networks/activation.py) for the LoRAs it applied, as
     # A1111 does; a paste sets nothing from it (the <lora:...> tags in the prompt carry the networks).
     InfotextField("Lora hashes", line=EXTRA),

@@ -310,6 +310,8 @@ def _core_templates() -> list[tuple[str, OptionInfo]]:
         ("sd_model_checkpoint", OptionInfo("", "Stable Diffusion checkpoint", kind="dropdown", section=SD)),
         ("sd_checkpoints_limit", OptionInfo(1, "Maximum number of checkpoints loaded at the same time", minimum=1, maximum=10, step=1, section=SD)),
         ("sd_vae", OptionInfo("Automatic", "SD VAE", kind="dropdown", section=SD).info("Automatic: a VAE named like the checkpoint; None: the VAE baked into the checkpoint")),
+        ("vae_tiling", OptionInfo("Automatic", "Tiled VAE: decode and encode large images in overlapping tiles", choices=("Automatic", "Always", "Never"), section=SD).info("Automatic: above the pixel budget below, or when memory is short (--lowvram, low-RAM mode)")),
+        ("vae_tiling_pixels", OptionInfo(1024 * 1024, "Tiled VAE: pixel budget for Automatic (width x height above which tiles are used)", minimum=65536, maximum=16777216, step=65536, section=SD)),
         ("CLIP_stop_at_last_layers", OptionInfo(1, "Clip skip", minimum=1, maximum=12, step=1, section=SD, infotext="Clip skip")),
         ("eta_ancestral", OptionInfo(1.0, "Eta for ancestral samplers", minimum=0.0, maximum=1.0, step=0.01, section=SAMPLER)),
         ("eta_noise_seed_delta", OptionInfo(0, "Eta noise seed delta (ENSD)", section=SAMPLER, infotext="ENSD")),

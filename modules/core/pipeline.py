@@ -17,6 +17,7 @@ from modules.engine import sampler_catalog as samplers
 from modules.core.limits import LimitError, Limits, check_finite
 from modules.core.version import VERSION
 from modules.engine.upscaling import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, resize_image
+from modules.engine.upscaling import image_upscaler_names, is_image_upscaler
 
 
 
@@ -73,6 +74,7 @@ class GenerationParams:
     seed_resize_from_h: int = 0
     clip_skip: int | None = None        # None: the "Clip skip" setting
     tiling: bool = False
+    restore_faces: bool = False         # A1111's "Restore faces": the face_restoration_model setting's restorer
     save_images: bool = True
     do_not_save_grid: bool = False
     extra_generation_params: dict[str, Any] = field(default_factory=dict)
@@ -155,9 +157,9 @@ class Txt2ImgParams(GenerationParams):
                 limits.check_pixels("hires target (hr_scale, hr_resize_x, hr_resize_y)", *hires_target_size(self))
             except LimitError as err:
                 raise ProcessingError(str(err)) from None
-            if h.upscaler not in LATENT_UPSCALE_MODES and h.upscaler not in IMAGE_UPSCALERS:
+            if h.upscaler not in LATENT_UPSCALE_MODES and not is_image_upscaler(h.upscaler):
                 raise ProcessingError(f"unknown hires upscaler {h.upscaler!r}; choose one of "
-                                      f"{', '.join([*LATENT_UPSCALE_MODES, *IMAGE_UPSCALERS])}")
+                                      f"{', '.join([*LATENT_UPSCALE_MODES, *image_upscaler_names()])}")
             if not 0 <= h.denoising_strength <= 1:
                 raise ProcessingError("hires denoising strength must be between 0 and 1")
             if h.sampler_name and h.sampler_name != "Use same sampler":
@@ -298,8 +300,8 @@ class Processed:
             "cfg_scale": p.cfg_scale,
             "steps": p.steps,
             "batch_size": p.batch_size,
-            "restore_faces": False,
-            "face_restoration_model": None,
+            "restore_faces": bool(getattr(p, "restore_faces", False)),
+            "face_restoration_model": p.extra_generation_params.get("Face restoration"),
             "sd_model_name": self.sd_model_name,
             "sd_model_hash": self.sd_model_hash,
             "sd_vae_name": self.sd_vae_name,
@@ -337,6 +339,8 @@ class RunContext:
     sets_job_count: bool = True
     # params -> A1111's `p` over them, for the save callbacks (the extension host's adapter).
     make_script_p: Callable[[Any], Any] | None = None
+    # (image, options) -> image with faces restored (core/face_restoration.py); None: not set up
+    restore_faces: Callable[[Any, Any], Any] | None = None
     # core.networks_service.ExtraNetworksService: merges each batch's <lora:...> networks into the model.
     networks: Any = None
     controlnets: Any = None         # models.controlnet_registry.ControlNetRegistry (ControlNet units)
@@ -406,6 +410,19 @@ def create_infotext(p: GenerationParams, ctx: RunContext, *, prompt: str, negati
 def _extra_params(p: GenerationParams) -> dict[str, Any]:
     """A1111's hires-fix and inpainting keys, present when those ran."""
     return infotext_mod.extra_generation_params(p)
+
+
+def _embedding_params(p: GenerationParams, ctx: RunContext, run: ProcessingRun) -> dict[str, Any]:
+    """A1111's ``TI hashes``: "name: shorthash" of each textual-inversion embedding the prompts use."""
+    used = getattr(ctx.encoder, "used_embeddings", None)
+    if used is None or not ctx.options.textual_inversion_add_hashes_to_infotext:
+        return {}
+    hires = getattr(p, "hires", None)
+    extra = [hires.prompt, hires.negative_prompt] if hires is not None and hires.enabled else []
+    found = used(run.all_prompts + run.all_negative_prompts + [t for t in extra if t], p.steps)
+    hashes = [f"{name.replace(':', '').replace(',', '')}: {emb.shorthash}" for name, emb in found.items()
+              if emb.shorthash]
+    return {infotext_mod.TI_HASHES: ", ".join(hashes)} if hashes else {}
 
 
 def hires_target_size(p: Txt2ImgParams) -> tuple[int, int]:
@@ -511,6 +528,7 @@ def _process(p: GenerationParams, ctx: RunContext) -> Processed:
                     extra=_extra_params(p), save_p=_save_owner(p, ctx))
     run = _plan_run(p)
     hooks.process(run)
+    plan.extra.update(_embedding_params(p, ctx, run))
     plan.control = _control_inputs(p, ctx, seed=(run.all_seeds[0] + run.all_subseeds[0]) & 0xFFFFFFFF)
     if ctx.job is not None and ctx.sets_job_count:
         ctx.job.set_job_count(p.n_iter)
@@ -622,6 +640,8 @@ def _render_batch(p: GenerationParams, ctx: RunContext, plan: _JobPlan, run: Pro
         control=plan.control,
     )
     batch_images = diffusion.generate_batch(batch, ctx)
+    if p.restore_faces or ctx.options.get("face_restoration", False):   # the param, or A1111 1.6+'s setting
+        batch_images = _restore_faces(p, ctx, batch_images)
     if plans:
         from modules.core.masking import paste_back
 
@@ -631,6 +651,14 @@ def _render_batch(p: GenerationParams, ctx: RunContext, plan: _JobPlan, run: Pro
         _finish_image(p, ctx, plan, run, hooks.postprocess_image(run, image),
                       min(n * p.batch_size + i, len(run.all_prompts) - 1), rendered)
     return True
+
+
+def _restore_faces(p: GenerationParams, ctx: RunContext, images: list[Any]) -> list[Any]:
+    """A1111's "Restore faces" on each image of the batch, named in the infotext."""
+    if ctx.restore_faces is None:
+        raise ProcessingError("Restore faces: face restoration is not set up on this server")
+    p.extra_generation_params["Face restoration"] = ctx.options.face_restoration_model
+    return [ctx.restore_faces(image, ctx.options) for image in images]
 
 
 def _activate_networks(p: GenerationParams, ctx: RunContext, plan: _JobPlan, prompts: list[str], *,

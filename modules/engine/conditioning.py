@@ -43,10 +43,11 @@ exactly even for edited prompts.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, NamedTuple
@@ -95,6 +96,7 @@ Ignore = parse the brackets but apply no weights; None = brackets are literal te
 ``BREAK`` is an ordinary word)."""
 
 EncoderKind = Literal["clip-l", "openclip", "openclip-g-proj"]
+_EMBEDDING_KEYS = {"clip-l": "clip_l", "openclip": "clip_h", "openclip-g-proj": "clip_g"}
 
 
 # ---------------------------------------------------------------------------
@@ -144,6 +146,11 @@ class EncoderSlot:
         return self.kind == "openclip-g-proj"
 
     @property
+    def embedding_key(self) -> str:
+        """Which vectors of an SDXL embedding (clip_l / clip_g) this encoder takes."""
+        return _EMBEDDING_KEYS[self.kind]
+
+    @property
     def width(self) -> int:
         return int(self.text_model.config.hidden_size)
 
@@ -181,6 +188,8 @@ class PromptChunk:
 
     tokens: list[int] = field(default_factory=list)
     multipliers: list[float] = field(default_factory=list)
+    # (position in tokens, embedding): textual-inversion vectors that replace placeholder tokens there
+    fixes: list[tuple[int, Any]] = field(default_factory=list)
 
     def ids(self, bos: int, eos: int, pad: int) -> list[int]:
         """The 77 ids the encoder sees: BOS, tokens, EOS, then ``pad`` (EOS for CLIP-L)."""
@@ -224,8 +233,13 @@ def tokenize_prompt(
     emphasis: str = "Original",
     comma_padding_backtrack: int = DEFAULT_COMMA_PADDING_BACKTRACK,
     comma_id: int | None = None,
+    embeddings: Any = None,
 ) -> TokenizedPrompt:
     """Pack one (already scheduled, tag-free) prompt into 75-token chunks, A1111's way.
+
+    ``embeddings`` (models.embeddings.EmbeddingSet): a textual-inversion name in the text takes as many
+    positions as the embedding has vectors, recorded in the chunk's ``fixes``; an embedding that does
+    not fit in the current chunk starts the next one (A1111 never splits one across chunks).
 
     A chunk is only closed when the next token does not fit, so exactly 75 tokens is one chunk.
     At that moment, if the chunk's last comma is at most ``comma_padding_backtrack`` tokens from
@@ -239,6 +253,7 @@ def tokenize_prompt(
     parsed = _fragments(text, emphasis)
     tokenized = _tokenize_fragments(tokenizer, [t for t, _ in parsed])
     use_weights = emphasis != "Ignore"
+    lookup = embeddings.lookup(tokenizer) if embeddings else {}
 
     chunks: list[PromptChunk] = []
     chunk = PromptChunk()
@@ -257,7 +272,9 @@ def tokenize_prompt(
             close()
             continue
         w = weight if use_weights else 1.0
-        for tok in ids:
+        position = 0
+        while position < len(ids):
+            tok = ids[position]
             if tok == comma_id:
                 last_comma = len(chunk.tokens)
             elif (
@@ -267,18 +284,38 @@ def tokenize_prompt(
                 and len(chunk.tokens) - last_comma <= comma_padding_backtrack
             ):
                 cut = last_comma + 1
-                carried = PromptChunk(chunk.tokens[cut:], chunk.multipliers[cut:])
+                carried = PromptChunk(chunk.tokens[cut:], chunk.multipliers[cut:],
+                                      [(at - cut, e) for at, e in chunk.fixes if at >= cut])
                 del chunk.tokens[cut:], chunk.multipliers[cut:]
+                chunk.fixes = [(at, e) for at, e in chunk.fixes if at < cut]
                 close()
                 chunk = carried
             if len(chunk.tokens) == CHUNK_LENGTH:
                 close()
-            chunk.tokens.append(tok)
-            chunk.multipliers.append(w)
+            embedding, name_length = _embedding_at(lookup, ids, position)
+            if embedding is None:
+                chunk.tokens.append(tok)
+                chunk.multipliers.append(w)
+                position += 1
+                continue
+            if len(chunk.tokens) + embedding.count > CHUNK_LENGTH:
+                close()
+            chunk.fixes.append((len(chunk.tokens), embedding))
+            chunk.tokens += [0] * embedding.count
+            chunk.multipliers += [w] * embedding.count
+            position += name_length
 
     if chunk.tokens or not chunks:
         close(is_last=True)
     return TokenizedPrompt(chunks, token_count)
+
+
+def _embedding_at(lookup: Mapping[int, Any], ids: Sequence[int], position: int) -> tuple[Any, int]:
+    """The embedding whose name's tokens start at ``ids[position]`` (longest name first), and that length."""
+    for name_ids, embedding in lookup.get(ids[position], ()):
+        if tuple(ids[position:position + len(name_ids)]) == name_ids:
+            return embedding, len(name_ids)
+    return None, 0
 
 
 class TokenCount(NamedTuple):
@@ -301,6 +338,7 @@ def count_prompt_tokens(
     is_positive: bool = True,
     emphasis: str = "Original",
     comma_padding_backtrack: int = DEFAULT_COMMA_PADDING_BACKTRACK,
+    embeddings: Any = None,
 ) -> TokenCount:
     """The UI token counter: the longest step-text of the prompt, as ``(count, max_length)``.
 
@@ -319,7 +357,8 @@ def count_prompt_tokens(
     except Exception:  # a counter must never fail on a half-typed prompt
         texts = [stripped]
     count = max(
-        tokenize_prompt(t, tokenizer, emphasis=emphasis, comma_padding_backtrack=comma_padding_backtrack).token_count
+        tokenize_prompt(t, tokenizer, emphasis=emphasis, comma_padding_backtrack=comma_padding_backtrack,
+                        embeddings=embeddings).token_count
         for t in dict.fromkeys(texts)
     )
     return TokenCount(count, _target_token_count(count))
@@ -480,6 +519,29 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+@contextlib.contextmanager
+def _embedding_vectors(model, slot: EncoderSlot, rows: Sequence[PromptChunk]) -> Iterator[None]:
+    """While the encoder runs, its token-embedding output takes the textual-inversion vectors at each
+    chunk's fixes (position + 1: after BOS). A forward hook, removed at once: the model is shared."""
+    fixes = [(row, at, emb.for_encoder(slot.embedding_key)) for row, chunk in enumerate(rows) for at, emb in chunk.fixes]
+    fixes = [f for f in fixes if f[2] is not None and f[2].shape[-1] == slot.width]
+    if not fixes:
+        yield
+        return
+
+    def replace(module, inputs, output):
+        output = output.clone()
+        for row, at, vectors in fixes:
+            output[row, at + 1:at + 1 + vectors.shape[0]] = vectors.to(output)
+        return output
+
+    handle = model.get_input_embeddings().register_forward_hook(replace)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class PromptEncoder:
     """Encodes prompts for one loaded model. Holds the model's text encoders and a small cache.
 
@@ -506,6 +568,8 @@ class PromptEncoder:
         self.zero_empty_negative = zero_empty_negative
         self.family = family
         self._cache = _LRU(cache_size)
+        # models.embeddings.EmbeddingSet of the textual-inversion embeddings usable with these encoders
+        self.embeddings: Any = None
 
     # --- construction -----------------------------------------------------------------------
 
@@ -555,6 +619,11 @@ class PromptEncoder:
         return sum(s.width for s in self.encoders)
 
     @property
+    def embedding_layout(self) -> tuple[tuple[str, int], ...]:
+        """(embedding key, width) per encoder: which embeddings fit (models.embeddings.fits)."""
+        return tuple((s.embedding_key, s.width) for s in self.encoders)
+
+    @property
     def pooled_slot(self) -> EncoderSlot | None:
         return next((s for s in reversed(self.encoders) if s.has_pooled), None)
 
@@ -562,12 +631,13 @@ class PromptEncoder:
         enc = self.encoders[slot]
         return tokenize_prompt(text, enc.tokenizer, emphasis=self.options.emphasis,
                                comma_padding_backtrack=self.options.comma_padding_backtrack,
-                               comma_id=enc.comma_id)
+                               comma_id=enc.comma_id, embeddings=self.embeddings)
 
     def count_tokens(self, text: str, steps: int = 20, *, is_positive: bool = True) -> TokenCount:
         return count_prompt_tokens(text, self.encoders[0].tokenizer, steps, is_positive=is_positive,
                                    emphasis=self.options.emphasis,
-                                   comma_padding_backtrack=self.options.comma_padding_backtrack)
+                                   comma_padding_backtrack=self.options.comma_padding_backtrack,
+                                   embeddings=self.embeddings)
 
     # --- cache ------------------------------------------------------------------------------
 
@@ -598,7 +668,7 @@ class PromptEncoder:
         if clip_skip < 1:
             raise ValueError("clip_skip must be >= 1")
         zero = is_negative and self.zero_empty_negative and all(t == "" for t in texts)
-        key = (tuple(texts), clip_skip, self.options, zero, cache_tag)
+        key = (tuple(texts), clip_skip, self.options, zero, cache_tag, getattr(self.embeddings, "key", None))
         cached = self._cache.get(key)
         if cached is not None:
             return cached
@@ -667,6 +737,22 @@ class PromptEncoder:
                                           use_old_scheduling=use_old_scheduling, cache_tag=cache_tag)
         return [[ComposableCond(scheduled[i], float(w)) for i, w in parts] for parts in per_prompt]
 
+    def used_embeddings(self, prompts: Sequence[str], steps: int) -> dict[str, Any]:
+        """{name: embedding} of the textual-inversion embeddings these prompts encode (for ``TI hashes``)."""
+        if not self.embeddings:
+            return {}
+        stripped = [prompt_parser.parse_extra_networks(p)[0] for p in dict.fromkeys(prompts)]
+        try:
+            _, flat, _ = prompt_parser.get_multicond_prompt_list(stripped)
+            texts = [t for sched in prompt_parser.get_learned_conditioning_prompt_schedules(flat, steps) for _, t in sched]
+        except Exception:  # the encoder reports bad prompts; here we only list names
+            texts = stripped
+        used: dict[str, Any] = {}
+        for text in dict.fromkeys(texts):
+            for chunk in self.tokenize(text).chunks:
+                used.update((emb.name, emb) for _, emb in chunk.fixes)
+        return used
+
     def empty_chunk(self, *, clip_skip: int = 1, cache_tag: Hashable = None) -> torch.Tensor:
         """The empty prompt's encoding, [1, 77, D] (never zeroed)."""
         return self.encode_batch([""], clip_skip=clip_skip, cache_tag=cache_tag).embeds
@@ -708,7 +794,7 @@ class PromptEncoder:
         use_last = layer == 1 and slot.layer.final_layer_norm
         # One forward for every chunk of every text: rows are independent in the transformer,
         # and A1111's per-chunk batching only matters for the emphasis mean below.
-        with torch.no_grad():
+        with torch.no_grad(), _embedding_vectors(model, slot, rows):
             out = model(input_ids=ids.to(_model_device(model)), output_hidden_states=not use_last)
             if use_last:
                 z = out.last_hidden_state

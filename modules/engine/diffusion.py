@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from modules.engine import conditioning, depth2img, rng, scheduler_build
+from modules.engine import conditioning, depth2img, memory, rng, scheduler_build
 from modules.engine import sampler_catalog as samplers
 from modules.engine.sampling import GuidedDenoiser, InpaintBlend, StepConds, sample
 from modules.engine.upscaling import LATENT_UPSCALE_MODES, resize_image
@@ -141,7 +141,7 @@ def decode(model, latents: torch.Tensor) -> list[Image.Image]:
     scaled = latents / vae.config.scaling_factor
     if getattr(vae.config, "shift_factor", None):
         scaled = scaled + vae.config.shift_factor
-    pixels = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
+    pixels = memory.vae_decode(vae, scaled.to(vae.dtype))  # tiled when large; fp32 retry on NaN
     pixels = (pixels.float() / 2 + 0.5).clamp(0, 1)
     arrays = (pixels.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
     return [Image.fromarray(a) for a in arrays]
@@ -151,7 +151,7 @@ def encode(model, images: list[Image.Image]) -> torch.Tensor:
     vae = model.pipe.vae
     arrays = np.stack([np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for img in images])
     pixels = torch.from_numpy(arrays).permute(0, 3, 1, 2).to(device=vae.device, dtype=vae.dtype)
-    latents = vae.encode(pixels, return_dict=False)[0].mode()
+    latents = memory.vae_encode(vae, pixels).mode()
     if getattr(vae.config, "shift_factor", None):
         latents = latents - vae.config.shift_factor
     return latents * vae.config.scaling_factor
@@ -224,7 +224,8 @@ def generate_batch(req: BatchRequest, ctx) -> list[Image.Image]:
     def should_stop() -> bool:
         return job is not None and (job.should_stop() or job.should_skip())
 
-    with torch.inference_mode(), circular_padding([unet, model.pipe.vae], req.tiling):
+    with torch.inference_mode(), circular_padding([unet, model.pipe.vae], req.tiling), \
+            memory.batch_scope(model, getattr(ctx, "options", None)):
         plan = ConditioningPlan(ctx.encoder, req.prompts, req.negative_prompts, req.steps, req.clip_skip,
                                 device, dtype, hires_steps=hires_steps)
         scheduler = scheduler_build.build_scheduler(req.sampler, model.pipe.scheduler.config)
@@ -296,6 +297,21 @@ def _img2img_start(req: BatchRequest, model, scheduler, noise: torch.Tensor, dev
     return timesteps, latents, blend, image_cond
 
 
+def _hires_upscale(image: Image.Image, size: tuple[int, int], upscaler: str, ctx) -> Image.Image:
+    """Hires fix's image-space upscale: a PIL resize or an upscaler model (tiled, see model_upscale.py)."""
+    from modules.engine.upscaling import upscale_image
+    from modules.engine.model_upscale import UpscaleInterrupted
+
+    job = getattr(ctx, "job", None)
+    on_tile = (lambda done, total: job.state.set_textinfo(f"Hires upscale ({upscaler}): tile {done}/{total}")) \
+        if job is not None else None
+    try:
+        return upscale_image(image, size, upscaler, options=getattr(ctx, "options", None), on_tile=on_tile,
+                             should_stop=job.should_stop if job is not None else None)
+    except UpscaleInterrupted:  # the pass stops at its first step anyway; finish cheaply
+        return resize_image(image, size, "Lanczos")
+
+
 def _hires_pass(req: BatchRequest, ctx, model, latents, image_rng, on_step, should_stop) -> torch.Tensor:
     """A1111's hires fix: upscale the first pass, then img2img at the target size."""
     h = req.hires
@@ -307,7 +323,7 @@ def _hires_pass(req: BatchRequest, ctx, model, latents, image_rng, on_step, shou
         latents = _upscale_latents(latents.float(), (width, height), latent_format(model).downscale,
                                    LATENT_UPSCALE_MODES[h.upscaler])
     else:
-        images = [resize_image(img, (width, height), h.upscaler) for img in decode(model, latents)]
+        images = [_hires_upscale(img, (width, height), h.upscaler, ctx) for img in decode(model, latents)]
         latents = encode(model, images).float()
 
     choice = req.sampler

@@ -80,6 +80,7 @@ class StableDiffusionProcessing:
     seed_resize_from_w = _param("seed_resize_from_w")
     seed_resize_from_h = _param("seed_resize_from_h")
     tiling = _param("tiling")
+    restore_faces = _param("restore_faces")
     do_not_save_grid = _param("do_not_save_grid")
     extra_generation_params = _param("extra_generation_params")
     clip_skip = _param("clip_skip")
@@ -109,7 +110,6 @@ class StableDiffusionProcessing:
         self.is_api = False
         self.user = None
         self.comments: dict[str, Any] = {}
-        self.restore_faces = False
         self.sampler_index = None
         self.eta = None
         self.main_prompt = None

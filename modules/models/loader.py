@@ -68,6 +68,8 @@ class LoadedModel:
     needs_depth_map: bool = False
     # the checkpoint's own VAE, kept while a separate one is active so switching back is instant
     baked_vae: Any = None
+    # --medvram/--lowvram: the offload.OffloadPlan whose hooks move the components (None: all resident)
+    offload: Any = None
 
     @property
     def family(self) -> str:
@@ -114,6 +116,9 @@ class LoadedModel:
         pipe = self.pipe
         self.pipe = None
         self.baked_vae = None
+        if self.offload is not None:
+            self.offload.remove()  # the hooks hold the modules: drop them too
+            self.offload = None
         self.components.clear()
         if pipe is not None:
             for name in list(getattr(pipe, "components", {})):
@@ -161,11 +166,11 @@ def _cast_weights(weights: dict[str, Any], source: dict[str, Any] | None, to: tu
     an fp16 file loaded as fp32 (or moved to the GPU) then never holds two full copies."""
     if to is None:
         return
-    device, dtype = to
+    device, dtype = to  # dtype None: keep each tensor's own (the low-RAM mode)
     owner = {id(v): k for k, v in source.items()} if source is not None else {}
     for key in list(weights):
         old = weights[key]
-        target = dtype if old.is_floating_point() else old.dtype
+        target = dtype if dtype is not None and old.is_floating_point() else old.dtype
         if old.dtype == target and old.device == device:
             continue
         weights[key] = old.to(device=device, dtype=target)
@@ -210,6 +215,35 @@ def _finish(model: Any, device: Any, dtype: Any) -> Any:
     if any(p.dtype != dtype for p in model.parameters() if p.is_floating_point()):
         return torch.nn.Module.to(model, device=device, dtype=dtype)
     return torch.nn.Module.to(model, device=device)
+
+
+def _keeps_file_dtype(policy: DevicePolicy) -> bool:
+    """The CPU never converts a half-precision file at load: low-RAM mode keeps it, fp32 converts lazily."""
+    return policy.load_device.type == "cpu" and policy.device.type == "cpu"
+
+
+def _to(policy: DevicePolicy, dtype: Any) -> tuple[Any, Any]:
+    """Where a component's tensors go at assignment, and in which dtype (None: the file's)."""
+    return policy.load_device, (None if _keeps_file_dtype(policy) else dtype)
+
+
+def _ready(model: Any, policy: DevicePolicy, dtype: Any) -> Any:
+    """A built component in its final dtype and place. On the CPU, half-precision weights from the
+    file are kept and upcast per layer for each call (low-RAM mode), or converted to fp32 layer by
+    layer on first use (``precision.py``); either way the model is ready without a full fp32 copy."""
+    if _keeps_file_dtype(policy):
+        from modules.models import precision
+
+        if precision.is_lowram(model):  # already done (the SD2 v-probe readies the UNet before probing it)
+            return model
+        storage = precision.storage_dtype_of(dict(model.named_parameters()))
+        if storage is not None:
+            model.requires_grad_(False)
+            model.eval()
+            if policy.lowram:
+                return precision.apply_lowram_casting(model, storage, dtype)
+            return precision.apply_lazy_upcast(model, dtype)
+    return _finish(model, policy.load_device, dtype)
 
 
 # ---------------------------------------------------------------- components
@@ -353,8 +387,8 @@ def load_vae(vae_file: Path, spec: ModelSpec, policy: DevicePolicy, progress: Pr
             else:
                 inferred.pop(key, None)
         cfg = inferred
-    vae = _load_vae_weights(sd, cfg, vae_file, (policy.device, policy.vae_dtype))
-    return _finish(vae, policy.device, policy.vae_dtype)
+    vae = _load_vae_weights(sd, cfg, vae_file, _to(policy, policy.vae_dtype))
+    return _ready(vae, policy, policy.vae_dtype)
 
 
 def load_model(
@@ -376,7 +410,7 @@ def load_model(
         raise UnsupportedCheckpointError(path, spec)
     say = progress or (lambda _msg: None)
     laps = _Laps()
-    sd = _read_weights(path, spec, vae_file, state_dict, say, laps)
+    sd = _read_weights(path, spec, vae_file, state_dict, say, laps, in_memory=_keeps_file_dtype(policy))
     state_dict = None
 
     components: dict[str, Any] = {}
@@ -394,11 +428,25 @@ def load_model(
         status = ("ready for img2img: the init image's depth comes from a supplied depth map or the depth "
                   "estimator in models/depth/ (the MiDaS weights inside the checkpoint are not used)")
         needs_depth = True
+    offload = _install_offload(components, spec, policy)
     seconds = round(time.perf_counter() - laps.start, 3)
     say(f"Model loaded in {seconds:.1f}s")
     return LoadedModel(info=info, path=path, spec=spec, policy=policy, pipe=pipe, components=components,
                        vae_file=Path(vae_file) if vae_file else None, load_seconds=seconds, timings=laps.timings,
-                       status=status, needs_depth_map=needs_depth, baked_vae=baked)
+                       status=status, needs_depth_map=needs_depth, baked_vae=baked, offload=offload)
+
+
+def _install_offload(components: dict[str, Any], spec: ModelSpec, policy: DevicePolicy) -> Any:
+    """--medvram/--lowvram hooks (models/offload.py); otherwise the CUDA fast path's layout and compile."""
+    from modules.models import offload
+
+    assert spec.family_info is not None
+    plan = offload.install_offload(components, policy.offload_for(spec.family_info.is_sdxl), policy.device)
+    if plan is None and policy.is_cuda:
+        from modules.models import fast_path
+
+        fast_path.apply(components, policy)
+    return plan
 
 
 class _Laps:
@@ -415,10 +463,10 @@ class _Laps:
 
 
 def _read_weights(path: Path, spec: ModelSpec, vae_file: Path | None, state_dict: Mapping[str, Any] | None,
-                  say: Progress, laps: _Laps) -> dict[str, Any]:
+                  say: Progress, laps: _Laps, in_memory: bool = False) -> dict[str, Any]:
     if state_dict is None:
         say(f"Reading {path.name}")
-        state_dict = load_state_dict_file(path)
+        state_dict = load_state_dict_file(path, in_memory=in_memory)
         laps("read")
     sd = detection.normalize_checkpoint_keys(state_dict)
     if sd is not state_dict and isinstance(state_dict, dict):
@@ -446,8 +494,8 @@ def _build_pipeline(sd: dict[str, Any], spec: ModelSpec, path: Path, policy: Dev
     baked = None
     if spec.has_vae:
         say("Loading VAE")
-        baked = _finish(_load_vae_weights(sd, spec.vae_config, path, (policy.device, policy.vae_dtype)),
-                        policy.device, policy.vae_dtype)
+        baked = _ready(_load_vae_weights(sd, spec.vae_config, path, _to(policy, policy.vae_dtype)),
+                       policy, policy.vae_dtype)
     sd.clear()  # everything we keep now lives in the modules
     if vae_file is not None:
         components["vae"] = load_vae(Path(vae_file), spec, policy, progress)
@@ -470,10 +518,9 @@ def _build_pipeline(sd: dict[str, Any], spec: ModelSpec, path: Path, policy: Dev
 
 def _load_denoiser(sd: dict[str, Any], spec: ModelSpec, path: Path, policy: DevicePolicy) -> tuple[Any, ModelSpec]:
     """The UNet; where the weights cannot tell eps from v (SD2), the probe decides and may change the spec."""
-    dev = policy.device
-    unet = _load_unet(sd, spec.unet_config, path, (dev, policy.dtype))
+    unet = _load_unet(sd, spec.unet_config, path, _to(policy, policy.dtype))
     if spec.needs_v_probe:
-        unet = _finish(unet, dev, policy.dtype)
+        unet = _ready(unet, policy, policy.dtype)
         is_v, score = detection.probe_v_prediction(unet)
         new_spec = spec.with_prediction("v_prediction" if is_v else "epsilon", "probe")
         log.info("%s: v-prediction probe score %.3f -> %s", path.name, score, new_spec.prediction_type)
@@ -485,19 +532,19 @@ def _load_denoiser(sd: dict[str, Any], spec: ModelSpec, path: Path, policy: Devi
             unet = _build_empty(lambda: UNet2DConditionModel.from_config(new_spec.unet_config))
             _assign(unet, weights, path, "UNet")
         spec = new_spec
-    return _finish(unet, dev, policy.dtype), spec
+    return _ready(unet, policy, policy.dtype), spec
 
 
 def _load_text_encoders(sd: dict[str, Any], spec: ModelSpec, path: Path, policy: DevicePolicy,
                         components: dict[str, Any]) -> None:
     """One model per text-encoder slot of the family record, built by the loader for its layout."""
     assert spec.family_info is not None
-    dev, te_dtype = policy.device, policy.text_encoder_dtype
+    te_dtype = policy.text_encoder_dtype
     for slot in spec.family_info.text.slots:
         cfg = spec.text_encoder_config_for(slot.component)
         what = slot.component.replace("_", " ")
-        model = _TEXT_ENCODER_LOADERS[slot.tokenizer](sd, cfg, slot, path, what, (dev, te_dtype))
-        components[slot.component] = _finish(model, dev, te_dtype)
+        model = _TEXT_ENCODER_LOADERS[slot.tokenizer](sd, cfg, slot, path, what, _to(policy, te_dtype))
+        components[slot.component] = _ready(model, policy, te_dtype)
 
 
 def _release(sd: dict[str, Any], prefixes: tuple[str, ...]) -> None:
@@ -532,7 +579,7 @@ def load_checkpoint(
         t1 = time.perf_counter()
         if progress:
             progress(f"Reading {path.name}")
-        sd = load_state_dict_file(path)
+        sd = load_state_dict_file(path, in_memory=_keeps_file_dtype(policy))
     else:
         if progress:
             progress(f"Reading {path.name}")
@@ -566,6 +613,8 @@ def replace_vae(model: LoadedModel, vae_file: Path | None, progress: Progress | 
             model.baked_vae = current  # keep the checkpoint's VAE for switching back
     model.components["vae"] = new
     model.pipe.register_modules(vae=new)
+    if model.offload is not None:
+        model.offload.replace("vae", new)
     model.vae_file = Path(vae_file) if vae_file else None
     torch_gc(model.policy.device)
     return model

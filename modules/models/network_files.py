@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from modules.core.atomic import atomic_write_json
-from modules.models import weights_io
 from modules.models.checkpoints import scan_model_files
 
 log = logging.getLogger(__name__)
@@ -80,6 +79,8 @@ class NetworkFile:
         """The safetensors ``__metadata__`` map (kohya ``ss_*`` fields); empty for other formats or bad files."""
         if self.path.suffix.lower() != ".safetensors":
             return {}
+        from modules.models import weights_io  # imports torch: only when metadata is read, never to list files
+
         try:
             return weights_io.read_safetensors_metadata(self.path)
         except weights_io.CheckpointLoadError as exc:

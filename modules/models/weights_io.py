@@ -52,7 +52,7 @@ import torch
 __all__ = [
     "CheckpointLoadError", "UnsafeCheckpointError", "PickledPlaceholder", "NumpyDtypeDescription",
     "load_ckpt_state_dict", "load_state_dict_file", "load_pickled_object", "read_safetensors_header", "read_safetensors_metadata",
-    "extra_safe_globals", "PICKLE_EXTENSIONS", "SAFETENSORS_EXTENSIONS",
+    "extra_safe_globals", "PICKLE_EXTENSIONS", "SAFETENSORS_EXTENSIONS", "load_nested_weights",
 ]
 
 log = logging.getLogger(__name__)
@@ -360,6 +360,32 @@ def load_ckpt_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     return _extract_state_dict(path, _read_pickle_checkpoint(path))
 
 
+def _nested_tensors(obj: Any, depth: int = 0) -> Any:
+    """`obj` with everything but str-keyed dicts and tensors dropped (at most 3 levels deep)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, dict) and depth < 3:
+        out = {k: _nested_tensors(v, depth + 1) for k, v in obj.items() if isinstance(k, str)}
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor) or (isinstance(v, dict) and v)}
+    return None
+
+
+def load_nested_weights(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A weights file's dicts of tensors as nested in the file (Real-ESRGAN's ``{"params_ema": {...}}``),
+    read by the same safe loaders; for libraries that unwrap such layouts themselves (spandrel)."""
+    path = Path(path)
+    if path.suffix.lower() in SAFETENSORS_EXTENSIONS:
+        return load_state_dict_file(path)
+    if path.suffix.lower() not in PICKLE_EXTENSIONS:
+        return load_state_dict_file(path)  # raises the "unsupported file type" error
+    if not path.is_file():
+        raise CheckpointLoadError(path, "no such file")
+    nested = _nested_tensors(_read_pickle_checkpoint(path))
+    if not nested:
+        raise CheckpointLoadError(path, "it contains no tensors")
+    return nested
+
+
 def load_pickled_object(path: str | os.PathLike[str]) -> Any:
     """The whole object a ``.pt`` holds (nested dicts/lists, int keys and all), read by the same
     restricted loader: for formats that are not a flat state dict (A1111 hypernetworks)."""
@@ -427,8 +453,13 @@ def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
-def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Load any supported weights file to a CPU state dict, dispatching on the extension."""
+def load_state_dict_file(path: str | os.PathLike[str], *, in_memory: bool = False) -> dict[str, torch.Tensor]:
+    """Load any supported weights file to a CPU state dict, dispatching on the extension.
+
+    safetensors' default reader maps the file: tensors are read lazily and are cheap when they are
+    converted (fp16 file -> fp32 model) or moved to a GPU anyway. ``in_memory``: read every tensor
+    into process memory (safetensors' pread backend), for tensors the model keeps as they are (the
+    low-RAM mode), so the model is never backed by a file that could be truncated under it."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_EXTENSIONS:
@@ -437,6 +468,8 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
         _read_safetensors_header_json(path)  # clear message for truncation before the real read
         import safetensors.torch
         try:
+            if in_memory:
+                return safetensors.torch.load_file(str(path), device="cpu", backend="pread")
             return safetensors.torch.load_file(str(path), device="cpu")
         except Exception as exc:
             raise CheckpointLoadError(path, exc) from exc

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import gradio as gr
 
 from modules.services import Services
 from modules.ui import paste
 from modules.ui.extensions_tab import build_extensions_tab
+from modules.ui.extras_tab import ExtrasUi, build_extras_tab, connect_send_to_extras
+from modules.ui.extra_networks import EXTRA_NETWORKS_CSS, EXTRA_NETWORKS_HEAD
 from modules.ui.img2img_tab import INPAINT_MODES, MODES, Img2ImgUi, build_img2img_tab
 from modules.ui.pnginfo_tab import PngInfoUi, build_pnginfo_tab
 from modules.ui.queue_tab import GENERATE_FOREVER_HEAD, build_queue_tab, connect_queue_tab
@@ -103,6 +105,8 @@ def build_ui(services: Services, *, extension_tabs: list[tuple[gr.Blocks, str, s
                 txt2img = build_txt2img_tab(services)
             with gr.Tab("img2img", id="img2img", elem_id="tab_img2img"):
                 img2img = build_img2img_tab(services)
+            with gr.Tab("Extras", id="extras", elem_id="tab_extras"):
+                extras = build_extras_tab(services)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 pnginfo = build_pnginfo_tab(services)
             with gr.Tab("Queue", id="queue", elem_id="tab_queue") as queue_tab:
@@ -119,9 +123,11 @@ def build_ui(services: Services, *, extension_tabs: list[tuple[gr.Blocks, str, s
                                  pending_checkpoint=gr.State(None))
         _connect_paste(ctx, txt2img, img2img, pnginfo)
         connect_queue_tab(ctx, queue_tab, queue_ui, txt2img, img2img)
+        _connect_extras(blocks, tabs, extras, txt2img, img2img, pnginfo)
     head = "\n".join(h for h in (CTRL_ENTER_HEAD, A1111_JS_HEAD, GENERATE_FOREVER_HEAD, _theme_head(services.cmd_opts.theme),
-                                  extension_head) if h)
-    return UiBundle(blocks=blocks, css=CSS + ("\n" + extension_css if extension_css else ""), js=None, head=head)
+                                  extension_head, EXTRA_NETWORKS_HEAD) if h)
+    css = CSS + EXTRA_NETWORKS_CSS
+    return UiBundle(blocks=blocks, css=css + ("\n" + extension_css if extension_css else ""), js=None, head=head)
 
 
 def _render_extension_tab(ext_blocks: gr.Blocks, title: str, elem_id: str) -> None:
@@ -191,3 +197,41 @@ def _connect_paste(ctx: paste.PasteContext, txt2img: Txt2ImgUi, img2img: Img2Img
                            read=_gallery_image,
                            inputs=[txt2img.gallery, txt2img.gallery_index, txt2img.generation_info],
                            image_outputs=outputs, image_value=value)
+
+
+def _select_index(gallery) -> Any:
+    """A gr.State that follows the selected image of `gallery` (None: none selected)."""
+    index = gr.State(None)
+
+    def select(evt: gr.SelectData):
+        return evt.index
+    gallery.select(select, outputs=index, show_progress="hidden")
+    return index
+
+
+def _connect_extras(blocks: gr.Blocks, tabs, extras: ExtrasUi, txt2img: Txt2ImgUi, img2img: Img2ImgUi,
+                    pnginfo: PngInfoUi) -> None:
+    """"Send to extras" from PNG Info and the txt2img/img2img galleries; Extras' own send buttons."""
+    connect_send_to_extras(extras, tabs, _find(blocks, "pnginfo_send_to_extras"),
+                           lambda text, image: (text, image), [pnginfo.generation_info, pnginfo.image])
+    for tab, gallery, index, info in (("txt2img", txt2img.gallery, txt2img.gallery_index, txt2img.generation_info),
+                                      ("img2img", img2img.gallery, _select_index(img2img.gallery),
+                                       img2img.generation_info)):
+        connect_send_to_extras(extras, tabs, _find(blocks, f"{tab}_send_to_extras"), _gallery_image,
+                               [gallery, index, info])
+    extras_index = _select_index(extras.gallery)
+
+    def to_img2img(mode: int):
+        def send(gallery, index):
+            _text, image = _gallery_image(gallery, index, None)
+            if image is None:
+                return [gr.update()] * 6
+            picture = {"background": image, "layers": [], "composite": image} if mode == 2 else image
+            return (gr.Tabs(selected="img2img"), gr.Tabs(selected=MODES[mode]), mode,
+                    gr.update(visible=mode in INPAINT_MODES), picture if mode == 0 else gr.update(),
+                    picture if mode == 2 else gr.update())
+        return send
+    for button, mode in ((extras.send_to_img2img, 0), (extras.send_to_inpaint, 2)):
+        button.click(to_img2img(mode), inputs=[extras.gallery, extras_index],
+                     outputs=[tabs, img2img.tabs, img2img.mode, img2img.inpaint_controls, img2img.init_img,
+                              img2img.inpaint], show_progress="hidden")

@@ -79,6 +79,7 @@ class Toprow:
     skip: Any
     styles_ui: Any
     override_settings: Any   # settings named by a pasted infotext (A1111's "Override settings"); shown only when set
+    extra_networks: Any = None   # the 🎴 button that opens the Extra Networks browser (ui/extra_networks.py)
 
 
 def build_toprow(tabname: str, services) -> Toprow:
@@ -98,12 +99,13 @@ def build_toprow(tabname: str, services) -> Toprow:
             with gr.Row():
                 interrupt = gr.Button("Interrupt", elem_id=f"{tabname}_interrupt", size="sm")
                 skip = gr.Button("Skip", elem_id=f"{tabname}_skip", size="sm")
+            extra_networks = gr.Button("🎴 Extra networks", elem_id=f"{tabname}_extra_networks", size="sm")
             styles_ui = build_styles_row(tabname, services)
     override_settings = gr.Dropdown([], value=[], multiselect=True, label="Override settings", visible=False,
                                     elem_id=f"{tabname}_override_settings", allow_custom_value=True)
     return Toprow(prompt=prompt, negative_prompt=negative_prompt, token_counter=token_counter,
                   paste_button=paste_button, generate=generate, interrupt=interrupt, skip=skip,
-                  styles_ui=styles_ui, override_settings=override_settings)
+                  styles_ui=styles_ui, override_settings=override_settings, extra_networks=extra_networks)
 
 
 def script_job(runner, script_args: list[Any]):

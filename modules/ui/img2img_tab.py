@@ -35,6 +35,7 @@ from modules.ui.common import (POLL_SECONDS, ControlsBase, build_batch_controls,
 from modules.core.styles import apply_styles_to_params
 from modules.ui import paste
 from modules.ui.styles_ui import StylesUi
+from modules.ui.extra_networks import build_extra_networks
 
 # Sub-tab ids in A1111's order; the index is A1111's img2img "mode".
 MODES = ("img2img", "sketch", "inpaint", "inpaint_sketch", "inpaint_upload", "batch")
@@ -185,6 +186,7 @@ class Img2ImgUi:
 
 def build_img2img_tab(services: Services) -> Img2ImgUi:
     top = build_toprow("img2img", services)
+    networks = build_extra_networks(services, "img2img", top)
     mode = gr.State(0)
     scale_tab = gr.State(0)
     with gr.Row():
@@ -204,7 +206,9 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
             script_runner = services.script_runner(True)
             script_runner.setup_ui()
         with gr.Column(scale=1):
-            output = build_output_panel("img2img")
+            output = build_output_panel("img2img", buttons=lambda: gr.Button(  # wired by ui/app.py
+                "📐 Send to extras", elem_id="img2img_send_to_extras", size="sm"))
+    networks.connect_gallery(output.gallery)
 
     controls = Img2ImgControls(prompt=top.prompt, negative_prompt=top.negative_prompt, **sampling,
                                resize_mode=resize_mode, width=size.width, height=size.height, scale_by=size.scale_by,

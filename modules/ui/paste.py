@@ -42,9 +42,9 @@ def _hires_sampler(v: Any) -> str:
 
 
 def _hires_upscaler(v: Any) -> str:
-    from modules.core.pipeline import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES
+    from modules.core.pipeline import LATENT_UPSCALE_MODES, image_upscaler_names
 
-    return infotext.one_of((*LATENT_UPSCALE_MODES, *IMAGE_UPSCALERS[1:]))(v)
+    return infotext.one_of((*LATENT_UPSCALE_MODES, *image_upscaler_names()[1:]))(v)
 
 
 # What the dropdowns can show: a value they lack leaves the field alone.

@@ -57,6 +57,7 @@ def build_pnginfo_tab(services: Services) -> PngInfoUi:
                 send_to_txt2img = gr.Button("Send to txt2img", elem_id="pnginfo_send_to_txt2img", size="sm")
                 send_to_img2img = gr.Button("Send to img2img", elem_id="pnginfo_send_to_img2img", size="sm")
                 send_to_inpaint = gr.Button("Send to inpaint", elem_id="pnginfo_send_to_inpaint", size="sm")
+                gr.Button("Send to extras", elem_id="pnginfo_send_to_extras", size="sm")  # wired by ui/app.py
 
     image.change(info_html, inputs=image, outputs=[html_info, generation_info], show_progress="hidden")
     return PngInfoUi(image=image, html_info=html_info, generation_info=generation_info,

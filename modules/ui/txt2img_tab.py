@@ -9,12 +9,14 @@ import gradio as gr
 from modules.engine import sampler_catalog as samplers
 from modules.core.jobs import QueueFullError
 from modules.core.pipeline import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, HiresParams, ProcessingError, Txt2ImgParams
+from modules.core.pipeline import image_upscaler_names
 from modules.services import Services
 from modules.ui.common import (ControlsBase, build_batch_controls, build_output_panel, build_sampling_controls,
                                build_seed_controls, build_toprow, connect_tab_helpers, error_updates, paste_targets,
                                poll_job, script_job, ui_caller)
 from modules.core.styles import apply_styles_to_params
 from modules.ui import paste
+from modules.ui.extra_networks import build_extra_networks
 from modules.ui.controlnet_ui import build_controlnet_ui
 
 @dataclass
@@ -87,6 +89,7 @@ class Txt2ImgUi:
 
 def build_txt2img_tab(services: Services) -> Txt2ImgUi:
     top = build_toprow("txt2img", services)
+    networks = build_extra_networks(services, "txt2img", top)
     with gr.Row():
         with gr.Column(scale=1):
             sampling = build_sampling_controls("txt2img")
@@ -104,6 +107,7 @@ def build_txt2img_tab(services: Services) -> Txt2ImgUi:
         with gr.Column(scale=1):
             output = build_output_panel("txt2img", _build_send_buttons)
             gallery_index = gr.State(None)
+    networks.connect_gallery(output.gallery)
 
     controls = Txt2ImgControls(prompt=top.prompt, negative_prompt=top.negative_prompt, **sampling, width=width,
                                height=height, **batch, cfg_scale=cfg_scale, **seeds.controls(), **hires)
@@ -122,7 +126,7 @@ def _build_hires_fix() -> dict[str, Any]:
     with gr.Accordion("Hires. fix", open=False, elem_id="txt2img_hr"):
         hires_enabled = gr.Checkbox(False, label="Enable", elem_id="txt2img_enable_hr")
         with gr.Row():
-            hires_upscaler = gr.Dropdown([*LATENT_UPSCALE_MODES, *IMAGE_UPSCALERS[1:]], value="Latent",
+            hires_upscaler = gr.Dropdown([*LATENT_UPSCALE_MODES, *image_upscaler_names()[1:]], value="Latent",
                                          label="Upscaler", elem_id="txt2img_hr_upscaler")
             hires_steps = gr.Slider(0, 150, value=0, step=1, label="Hires steps", elem_id="txt2img_hires_steps")
             hires_denoising = gr.Slider(0, 1, value=0.7, step=0.01, label="Denoising strength",
@@ -148,6 +152,7 @@ def _build_send_buttons() -> tuple[Any, Any]:
     with gr.Row(elem_id="txt2img_send_buttons"):
         send_to_img2img = gr.Button("🖼️ Send to img2img", elem_id="txt2img_send_to_img2img", size="sm")
         send_to_inpaint = gr.Button("🎨️ Send to inpaint", elem_id="txt2img_send_to_inpaint", size="sm")
+        gr.Button("📐 Send to extras", elem_id="txt2img_send_to_extras", size="sm")  # wired by ui/app.py
     return send_to_img2img, send_to_inpaint
 
 

@@ -23,7 +23,7 @@ class Script(scripts.Script):
         overlap = gr.Slider(0, 256, value=64, step=16, label="Tile overlap", elem_id=self.elem_id("overlap"))
         scale_factor = gr.Slider(1.0, 4.0, value=2.0, step=0.05, label="Scale Factor",
                                  elem_id=self.elem_id("scale_factor"))
-        upscaler_index = gr.Radio(list(sd_upscale.UPSCALERS), value="Lanczos", type="index", label="Upscaler",
+        upscaler_index = gr.Radio(sd_upscale.upscaler_names(), value="Lanczos", type="index", label="Upscaler",
                                   elem_id=self.elem_id("upscaler_index"))
         return [info, overlap, upscaler_index, scale_factor]
 

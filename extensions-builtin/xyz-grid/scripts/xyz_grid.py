@@ -370,7 +370,7 @@ def _vae_check_choices(p: Any) -> list[str]:
 
 
 def _hires_upscaler_choices() -> list[str]:
-    return [*processing.LATENT_UPSCALE_MODES, *processing.IMAGE_UPSCALERS]
+    return [*processing.LATENT_UPSCALE_MODES, *processing.image_upscaler_names()]
 
 
 def _rng_choices() -> list[str]:

@@ -1,0 +1,242 @@
+"""Memory benchmarks on the CPU: low-RAM mode, load to ready, checkpoint switching, tiled VAE.
+
+    venv/bin/python bench/memory.py lowram [--res 512] [--ckpt FILE]   # peak RSS and step time, fp32 vs low-RAM
+    venv/bin/python bench/memory.py load [--runs 3]                      # fp16 file -> ready, ours vs diffusers
+    venv/bin/python bench/memory.py switch [--switches 20] [--mode lowram|fp32]
+    venv/bin/python bench/memory.py vae [--res 2048]                     # tiled VAE decode peak RSS
+
+Each measurement runs in a fresh Python process (peak RSS is per process), on a full-size SD1.5-shaped
+fp16 checkpoint (random weights; generated once into --dir). Prints figures; asserts nothing.
+Run full-size benchmarks under `flock /tmp/bench.lock` on a shared machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import ROOT, make_sd1_checkpoint
+
+PROMPT = "a photograph of an astronaut riding a horse"
+DEFAULT_DIR = Path("/work/bench-cache") if Path("/work/bench-cache").is_dir() else ROOT / "bench-cache"
+
+
+def proc_status() -> dict[str, int]:
+    """VmRSS / VmHWM (peak) / RssAnon / RssFile of this process, in bytes (Linux)."""
+    out = {}
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+# ------------------------------------------------------------------ children (one process each)
+
+
+def _services(ckpt: Path, data_dir: Path, args: list[str]):
+    from modules.core.flags import parse_args
+    from modules.core.options import Options, default_templates
+    from modules.core.paths import AppPaths
+    from modules.services import build_services
+
+    opts = parse_args(["--data-dir", str(data_dir), "--ckpt", str(ckpt), "--no-hashing", *args], env={}).opts
+    paths = AppPaths.from_opts(opts)
+    paths.ensure_user_dirs()
+    options = Options(paths.config_file, default_templates())
+    for key, value in (("samples_save", False), ("grid_save", False), ("live_previews_enable", False)):
+        options.set(key, value)
+    return build_services(opts, paths, options)
+
+
+def child_lowram(ckpt: Path, data_dir: Path, mode: str, res: int) -> dict:
+    from modules.core.pipeline import Txt2ImgParams
+
+    import diffusers  # noqa: F401 - imports are not part of the load time
+    import transformers  # noqa: F401
+
+    import modules.models.loader  # noqa: F401
+
+    services = _services(ckpt, data_dir, ["--lowram" if mode == "lowram" else "--no-lowram"])
+    t0 = time.perf_counter()
+    services.models.current()
+    load = time.perf_counter() - t0
+
+    def run(steps: int) -> float:
+        t = time.perf_counter()
+        services.generation.txt2img(Txt2ImgParams(prompt=PROMPT, steps=steps, width=res, height=res, seed=1,
+                                                  sampler_name="Euler", cfg_scale=7.0))
+        return time.perf_counter() - t
+    run(1)  # warm-up
+    one = min(run(1), run(1))  # the fastest of two: other processes share this CPU
+    two = min(run(2), run(2))
+    services.generation.queue.shutdown()
+    return {"mode": mode, "load_s": load, "step_s": two - one, "one_step_job_s": one, **proc_status()}
+
+
+def child_load(ckpt: Path, mode: str, runs: int) -> dict:
+    import torch
+
+    torch.set_grad_enabled(False)
+    import diffusers  # noqa: F401 - imports are not part of "load to ready"
+    import transformers  # noqa: F401
+
+    from modules.models.devices import cpu_policy
+    from modules.models.loader import load_checkpoint
+
+    ckpt.read_bytes()  # page cache warm
+    times, timings = [], {}
+    for _ in range(runs):
+        t = time.perf_counter()
+        if mode == "diffusers":
+            model = _raw_pipeline(ckpt)
+        else:
+            model = load_checkpoint(ckpt, cpu_policy(lowram=mode == "lowram"))
+            timings = model.timings
+        times.append(time.perf_counter() - t)
+        del model
+        import gc
+        gc.collect()
+    return {"mode": mode, "times": times, "median_s": statistics.median(times), "timings": timings, **proc_status()}
+
+
+def _raw_pipeline(ckpt: Path):
+    from diffusers import StableDiffusionPipeline
+
+    from modules.models.families import load_tokenizers
+
+    return StableDiffusionPipeline.from_single_file(str(ckpt), config=str(ROOT / "configs/diffusers/sd1"),
+                                                    local_files_only=True, safety_checker=None,
+                                                    requires_safety_checker=False, **load_tokenizers("sd1"))
+
+
+def child_switch(paths: list[Path], mode: str, switches: int) -> dict:
+    import torch
+
+    torch.set_grad_enabled(False)
+    from modules.models.devices import cpu_policy
+    from modules.models.loader import ModelManager, make_load_fn
+
+    manager = ModelManager(make_load_fn(cpu_policy(lowram=mode == "lowram")), limit=1)
+    manager.switch(paths[0])
+    first = proc_status()["VmRSS"]
+    after = []
+    for i in range(1, switches + 1):
+        manager.switch(paths[i % len(paths)])
+        after.append(proc_status()["VmRSS"])
+    return {"mode": mode, "rss_after_first_load": first, "rss_after_each_switch": after,
+            "ratio_last_to_first": after[-1] / first, "max_ratio": max(after) / first, **proc_status()}
+
+
+def child_vae(ckpt: Path, res: int, mode: str) -> dict:
+    import torch
+
+    torch.set_grad_enabled(False)
+    from modules.engine import vae_tiling
+    from modules.models import detection
+    from modules.models.devices import cpu_policy
+    from modules.models.loader import load_vae
+
+    # only the VAE: the file is memory-mapped, so the UNet's pages are never read
+    vae = load_vae(ckpt, detection.identify(ckpt), cpu_policy())
+    before = proc_status()
+    latents = torch.randn(1, 4, res // 8, res // 8)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        pixels = vae_tiling.decode(vae, latents, vae_tiling.TilingPolicy(mode=mode))
+    return {"res": res, "mode": mode, "seconds": time.perf_counter() - t, "shape": list(pixels.shape),
+            "rss_before_decode": before["VmRSS"], **proc_status()}
+
+
+# ------------------------------------------------------------------ parent
+
+
+def spawn(*args: str) -> dict:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, __file__, "_child", *args], capture_output=True, text=True, env=env,
+                         cwd=str(ROOT))
+    if out.returncode != 0:
+        raise SystemExit(f"child {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("lowram", "load", "switch", "vae", "_child"))
+    parser.add_argument("rest", nargs="*")
+    parser.add_argument("--dir", default=str(DEFAULT_DIR))
+    parser.add_argument("--ckpt", default=None, help="an fp16 SD1.5 .safetensors (default: generate one into --dir)")
+    parser.add_argument("--res", type=int, default=None)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--switches", type=int, default=20)
+    parser.add_argument("--mode", default="lowram")
+    args = parser.parse_args()
+    if args.what == "_child":
+        return _child(args.rest)
+    workdir = Path(args.dir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = Path(args.ckpt) if args.ckpt else make_sd1_checkpoint(workdir, "full", "fp16")
+    size = f"{ckpt.name} ({ckpt.stat().st_size / 1e9:.2f} GB)"
+    if args.what == "lowram":
+        res = args.res or 512
+        rows = [spawn("lowram", str(ckpt), str(workdir / "data"), mode, str(res)) for mode in ("fp32", "lowram")]
+        print(f"{size} at {res}x{res}, Euler, CFG 7, batch 1, our txt2img path (step = 2-step job - 1-step job):")
+        for r in rows:
+            print(f"  {r['mode']:7s} load {r['load_s']:.2f}s  step {r['step_s']:.2f}s  peak RSS {gb(r['VmHWM'])}"
+                  f"  (RSS now {gb(r['VmRSS'])}: anon {gb(r['RssAnon'])}, file {gb(r['RssFile'])})")
+        fp32, low = rows
+        print(f"  low-RAM / fp32: step time {low['step_s'] / fp32['step_s']:.3f}x (target <= 1.10x), "
+              f"peak RSS {gb(low['VmHWM'])} (target <= 3.0 GB)")
+    elif args.what == "load":
+        rows = [spawn("load", str(ckpt), mode, str(args.runs)) for mode in ("lowram", "fp32", "diffusers")]
+        print(f"{size}: load to ready (imports done, page cache warm), median of {args.runs} runs:")
+        for r in rows:
+            print(f"  {r['mode']:9s} {r['median_s']:.2f}s  runs {[round(t, 2) for t in r['times']]}  "
+                  f"peak RSS {gb(r['VmHWM'])}  {r['timings'] or ''}")
+        print(f"  ours low-RAM / diffusers: {rows[0]['median_s'] / rows[2]['median_s']:.2f}x; "
+              f"ours fp32 / diffusers: {rows[1]['median_s'] / rows[2]['median_s']:.2f}x (target: ready <= 2.5 s)")
+    elif args.what == "switch":
+        paths = []
+        for i in range(3):  # three names of the same bytes (hard links): three cache entries, one file's pages
+            link = workdir / f"switch-{i}-{ckpt.name}"
+            if not link.exists():
+                os.link(ckpt, link)
+            paths.append(link)
+        r = spawn("switch", args.mode, str(args.switches), *map(str, paths))
+        print(f"{args.switches} switches among 3 checkpoints ({size} each), mode {args.mode}, sd_checkpoints_limit=1:")
+        print(f"  RSS after first load {gb(r['rss_after_first_load'])}; after switches "
+              f"{[round(x / 1e9, 2) for x in r['rss_after_each_switch']]} GB")
+        print(f"  last / first {r['ratio_last_to_first']:.3f}x, worst {r['max_ratio']:.3f}x (target: within 5%); "
+              f"peak RSS {gb(r['VmHWM'])}")
+    elif args.what == "vae":
+        res = args.res or 2048
+        r = spawn("vae", str(ckpt), str(res), "Automatic")
+        print(f"SD1.5 VAE decode {res}x{res} on the CPU, fp32, tiled (Automatic): {r['seconds']:.1f}s, "
+              f"peak RSS {gb(r['VmHWM'])} (RSS before decode {gb(r['rss_before_decode'])}; target peak < 4 GB)")
+
+
+def _child(rest: list[str]) -> None:
+    kind, *a = rest
+    if kind == "lowram":
+        result = child_lowram(Path(a[0]), Path(a[1]), a[2], int(a[3]))
+    elif kind == "load":
+        result = child_load(Path(a[0]), a[1], int(a[2]))
+    elif kind == "switch":
+        result = child_switch([Path(p) for p in a[2:]], a[0], int(a[1]))
+    else:
+        result = child_vae(Path(a[0]), int(a[1]), a[2])
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
