@@ -203,6 +203,8 @@ def attach_extensions(services: Services, found, callbacks) -> None:
     from modules.extensions import loader as extensions, scripts
 
     shared.bind(services)  # before the imports: scripts read shared.opts at import time
+    from modules.extensions.controlnet_external_code import install_aliases
+    install_aliases()  # sd-webui-controlnet's external_code import paths, for extensions that drive ControlNet
     script_modules = extensions.load_scripts(found, callbacks)
     extensions.log_summary(found)
     services.extensions = list(found)

@@ -21,6 +21,7 @@ from modules.core.options import Options
 from modules.core.paths import AppPaths
 from modules.models.vae import VaeRegistry
 from modules.models.embeddings import EmbeddingDatabase
+from modules.models.controlnet_registry import ControlNetRegistry
 from modules.models.depth import DepthEstimators, set_default_estimators
 from modules.core.styles import StyleDatabase
 from modules.extensions.processing_adapter import wrap as wrap_params
@@ -43,6 +44,7 @@ class Services:
     extras: Any = None     # core.extras_service.ExtrasService (the Extras tab and /extra-* API)
     networks: ExtraNetworksService | None = None   # LoRA/hypernetwork registries and their merging
     queue: Any = None      # core/queue_service.QueueService: the persistent queue and history
+    controlnets: Any = None  # models.controlnet_registry.ControlNetRegistry
 
     def script_runner(self, is_img2img: bool):
         """The tab's scripts.ScriptRunner; an empty one when no extensions were loaded."""
@@ -94,13 +96,15 @@ def build_services(opts: argparse.Namespace, paths: AppPaths, options: Options) 
     models.add_loaded_listener(lambda _model: generation.embeddings.invalidate())
     generation.networks = ExtraNetworksService.from_paths(paths)
     queue_service = _queue_service(paths, generation, callers)
+    generation.controlnets = controlnet_registry(opts, paths)
     styles = StyleDatabase(paths.styles_files)
     options.lock_dir_config(limits.dir_config_locked)
     set_default_estimators(DepthEstimators.for_models_dir(paths.models_dir, device=_depth_device(opts)))
     upscalers, extras = _build_extras(opts, paths, generation)
     return Services(cmd_opts=opts, paths=paths, options=options, models=models, generation=generation,
                     styles=styles, callers=callers, limits=limits, networks=generation.networks,
-                    queue=queue_service, upscalers=upscalers, extras=extras)
+                    queue=queue_service, upscalers=upscalers, extras=extras,
+                    controlnets=generation.controlnets)
 
 
 def _queue_service(paths: AppPaths, generation: GenerationService, callers: CallerPolicy):
@@ -125,6 +129,16 @@ def _build_extras(opts: argparse.Namespace, paths: AppPaths, generation: Generat
     faces = FaceRestoration.from_opts(paths.models_dir, opts)
     generation.restore_faces = faces.for_generation
     return upscalers, ExtrasService(generation=generation, upscalers=upscalers, faces=faces)
+
+
+def controlnet_registry(opts: argparse.Namespace, paths: AppPaths) -> ControlNetRegistry:
+    """models/ControlNet, the extension's own models folder if present, and --controlnet-dir."""
+    roots = [paths.models_dir / "ControlNet", paths.extensions_dir / "sd-webui-controlnet" / "models"]
+    if getattr(opts, "controlnet_dir", None):
+        roots.insert(0, Path(opts.controlnet_dir).expanduser().resolve())
+    registry = ControlNetRegistry(roots)
+    registry.refresh()
+    return registry
 
 
 def _depth_device(opts: argparse.Namespace) -> str | None:

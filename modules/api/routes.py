@@ -35,6 +35,7 @@ from modules.core.jobs import Caller, QueueFullError
 from modules.core.model_service import ModelLoadError, NoCheckpointError, UnknownCheckpointError
 from modules.core.limits import LimitError, Limits, is_dir_config_key
 from modules.core.options import OptionError
+from modules.api import controlnet_routes
 from modules.core.pipeline import (IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, HiresParams, Img2ImgParams, ProcessingError,
                                 Txt2ImgParams)
 from modules.models.vae import UnknownVaeError
@@ -380,6 +381,7 @@ class Api:
         self.FlagsModel = m.make_flags_model(services.cmd_opts)
         self._add_routes()
         app.include_router(self.router)
+        controlnet_routes.register(app, services, decode_base64_to_image, encode_png_base64)
 
     # -- helpers -----------------------------------------------------------------------
     def _selected_title(self) -> str | None:
@@ -460,6 +462,7 @@ class Api:
                      "firstpass_image", "image_cfg_scale", "initial_noise_multiplier"):
             if getattr(req, name, None) not in (None, False):
                 log.info("%s: %s is not supported and was ignored", params.kind, name)
+        controlnet_routes.take_units(req, params, self.limits, decode_base64_to_image)
         runner = self.services.script_runner(isinstance(req, m.StableDiffusionProcessingImg2Img))
         script_args = await run_in_threadpool(runner.args_from_api, req.script_name, req.script_args,
                                               req.alwayson_scripts)
@@ -683,8 +686,9 @@ class Api:
 
         @r.get("/scripts", response_model=m.ScriptsList)
         def get_scripts_list() -> dict:
-            return {"txt2img": [s.name for s in self.services.script_runner(False).scripts],
-                    "img2img": [s.name for s in self.services.script_runner(True).scripts]}
+            builtin = ["controlnet"]  # built in, not a Script: listed as sd-webui-controlnet's always-on script is
+            return {"txt2img": [s.name for s in self.services.script_runner(False).scripts] + builtin,
+                    "img2img": [s.name for s in self.services.script_runner(True).scripts] + builtin}
 
         @r.get("/script-info", response_model=list[m.ScriptInfo])
         def get_script_info() -> list:

@@ -104,6 +104,7 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     paths.add_argument("--vae-dir", default=None, help="folder of VAE files")
     paths.add_argument("--vae-path", default=None, help="a VAE file to use for every checkpoint")
     paths.add_argument("--lora-dir", default=None, help="folder of LoRA files")
+    paths.add_argument("--controlnet-dir", default=None, help="folder of ControlNet models, besides models/ControlNet")
     paths.add_argument("--embeddings-dir", default=None, help="folder of textual inversion embeddings")
     for folder in ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "ScuNET", "GFPGAN", "Codeformer"):  # upscalers, faces
         paths.add_argument(f"--{folder.lower()}-models-path", default=None, help=f"folder of {folder} models (default: models/{folder})")

@@ -70,6 +70,7 @@ class GenerationService:
         self.networks: Any = None
         # core/queue_service.QueueService: records every job in the job store (None: nothing is recorded).
         self.queue_service: Any = None
+        self.controlnets: Any = None   # models.controlnet_registry.ControlNetRegistry: set by build_services
 
     @property
     def state(self) -> JobState:
@@ -182,7 +183,8 @@ class GenerationService:
                          hooks=self.sampling_hooks() if self.sampling_hooks is not None else None,
                          processing_hooks=hooks, sets_job_count=sets_job_count, make_script_p=self.make_script_p,
                          refiner=refiner, vae_hash=self._vae_hash(model),
-                         restore_faces=self.restore_faces, networks=self.networks)
+                         restore_faces=self.restore_faces, networks=self.networks,
+                         controlnets=self.controlnets)
         if hooks is not None:
             hooks.bind_model(model)
         return process_images(params, ctx)

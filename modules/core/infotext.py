@@ -188,6 +188,15 @@ def _inpaint(value: Callable[[Any], Any]) -> Callable[[InfotextSource], Any]:
     return lambda s: value(s.p) if getattr(s.p, "mask", None) is not None else None
 
 
+def _controlnet_unit(index: int) -> Callable[[InfotextSource], Any]:
+    """sd-webui-controlnet's ``ControlNet N`` entry for unit N, when it took part."""
+    def write(s: InfotextSource) -> Any:
+        units = getattr(s.p, "controlnet_units", None) or []
+        unit = units[index].normalized(index) if index < len(units) else None
+        return unit.infotext() if unit is not None and unit.active else None
+    return write
+
+
 _HIRES = {"kinds": (TXT2IMG,), "line": EXTRA}
 TI_HASHES = "TI hashes"
 _INPAINT = {"kinds": (IMG2IMG,), "line": EXTRA}
@@ -274,6 +283,8 @@ INFOTEXT_FIELDS: tuple[InfotextField, ...] = (
     # Extra networks: written by the run (engine/networks/activation.py) for the LoRAs it applied, as
     # A1111 does; a paste sets nothing from it (the <lora:...> tags in the prompt carry the networks).
     InfotextField("Lora hashes", line=EXTRA),
+    # ControlNet units (sd-webui-controlnet's keys); a paste restores them through core.controlnet_units.
+    *(InfotextField(f"ControlNet {i}", write=_controlnet_unit(i), line=EXTRA) for i in range(10)),
 )
 """In A1111's order. ``Version`` is not here: create_infotext adds it and it is always written last."""
 

@@ -321,4 +321,5 @@ def _core_templates() -> list[tuple[str, OptionInfo]]:
         ("live_previews_enable", OptionInfo(True, "Show live previews of the created image", section=LIVE)),
         ("disabled_extensions", OptionInfo([], "Disabled extensions", section=EXT, hidden=True)),
         ("disable_all_extensions", OptionInfo("none", "Disable all extensions (preserves the list of disabled extensions)", choices=("none", "extra", "all"), section=EXT)),
+        ("control_net_unit_count", OptionInfo(3, "ControlNet unit count (tabs in the ControlNet accordion)", minimum=1, maximum=10, step=1, section=SD).needs_restart()),
     ]

@@ -59,5 +59,5 @@ class AppPaths:
     def ensure_user_dirs(self) -> None:
         """Create the user folders, so a fresh --data-dir is usable at once."""
         for d in (self.ckpt_dir, self.vae_dir, self.lora_dir, self.esrgan_dir, self.embeddings_dir,
-                  self.outputs_dir, self.extensions_dir):
+                  self.outputs_dir, self.extensions_dir, self.models_dir / "ControlNet"):
             d.mkdir(parents=True, exist_ok=True)

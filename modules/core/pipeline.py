@@ -81,6 +81,7 @@ class GenerationParams:
     refiner_checkpoint: str = ""        # "": no refiner (A1111 1.6+'s Refiner; see core/refiner.py)
     refiner_switch_at: float = 0.8      # the fraction of the steps after which the refiner samples
     disable_extra_networks: bool = False    # A1111's: <lora:...> tags are stripped but not applied
+    controlnet_units: list[Any] = field(default_factory=list)   # core.controlnet_units.ControlNetUnit
 
     kind = "txt2img"  # outputs/<kind>-images; a class attribute, not a field
 
@@ -111,6 +112,7 @@ class GenerationParams:
         samplers.resolve_sampler(self.sampler_name, self.scheduler)  # raises with the valid names
         if self.refiner_checkpoint and not 0.01 <= self.refiner_switch_at <= 1.0:
             raise ProcessingError(f"refiner_switch_at must be between 0.01 and 1.0, got {self.refiner_switch_at}")
+        _validate_controlnet_units(self, limits)
 
     def _check_limits(self, limits: Limits) -> None:
         """Non-finite numbers, prompt lengths, output and seed-resize pixels."""
@@ -347,6 +349,7 @@ class RunContext:
     restore_faces: Callable[[Any, Any], Any] | None = None
     # core.networks_service.ExtraNetworksService: merges each batch's <lora:...> networks into the model.
     networks: Any = None
+    controlnets: Any = None         # models.controlnet_registry.ControlNetRegistry (ControlNet units)
 
 
 @dataclass
@@ -517,6 +520,7 @@ class _JobPlan:
     extra: dict[str, Any]
     save_p: Any                  # what the save callbacks get as params.p
     comments: list[str] = field(default_factory=list)   # warnings for the user (missing LoRA...)
+    control: Any = None          # the engine's ControlNet inputs (core.controlnet_run), once per job
 
 
 @dataclass
@@ -538,6 +542,7 @@ def _process(p: GenerationParams, ctx: RunContext) -> Processed:
     run = _plan_run(p)
     hooks.process(run)
     plan.extra.update(_embedding_params(p, ctx, run))
+    plan.control = _control_inputs(p, ctx, seed=(run.all_seeds[0] + run.all_subseeds[0]) & 0xFFFFFFFF)
     if ctx.job is not None and ctx.sets_job_count:
         ctx.job.set_job_count(p.n_iter)
     started = time.time()
@@ -557,6 +562,28 @@ def _process(p: GenerationParams, ctx: RunContext) -> Processed:
     processed = _processed(p, ctx, run, plan, rendered, index_of_first_image, started)
     hooks.postprocess(run, processed)
     return processed
+
+
+def _validate_controlnet_units(p: GenerationParams, limits: Limits) -> None:
+    from modules.core.controlnet_units import MAX_UNITS, ControlNetUnitError
+
+    if len(p.controlnet_units) > MAX_UNITS:
+        raise ProcessingError(f"at most {MAX_UNITS} ControlNet units, got {len(p.controlnet_units)}")
+    try:
+        for i, unit in enumerate(p.controlnet_units):
+            unit.normalized(i).validate(i, limits.max_side)
+    except ControlNetUnitError as err:
+        raise ProcessingError(str(err)) from None
+
+
+def _control_inputs(p: GenerationParams, ctx: RunContext, seed: int) -> Any:
+    from modules.core.controlnet_run import control_inputs
+    from modules.core.controlnet_units import ControlNetUnitError
+
+    try:
+        return control_inputs(p, ctx, seed)
+    except ControlNetUnitError as err:
+        raise ProcessingError(str(err)) from None
 
 
 def _check_model(p: GenerationParams, ctx: RunContext) -> None:
@@ -623,6 +650,7 @@ def _render_batch(p: GenerationParams, ctx: RunContext, plan: _JobPlan, run: Pro
         rng_source=options.randn_source, eta_noise_seed_delta=int(options.eta_noise_seed_delta),
         hires=_hires_pass(p) if isinstance(p, Txt2ImgParams) and p.hires.enabled else None, init=init,
         activate_networks=lambda prompts: _activate_networks(p, ctx, plan, prompts, hires=True),
+        control=plan.control,
     )
     batch_images = diffusion.generate_batch(batch, ctx)
     if p.restore_faces or ctx.options.get("face_restoration", False):   # the param, or A1111 1.6+'s setting

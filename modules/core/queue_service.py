@@ -80,6 +80,9 @@ def params_to_body(params: Any, inputs_dir: Path) -> dict[str, Any]:
         value = getattr(params, f.name)
         if f.name in ("init_images", "mask"):
             continue
+        if f.name == "controlnet_units":   # units carry images: written as PNG files beside the init images
+            data[f.name] = [_unit_to_body(i, u, inputs_dir) for i, u in enumerate(value or [])]
+            continue
         data[f.name] = value.__dict__.copy() if hasattr(value, "__dataclass_fields__") else value
     images = list(getattr(params, "init_images", None) or [])
     mask = getattr(params, "mask", None)
@@ -94,6 +97,31 @@ def params_to_body(params: Any, inputs_dir: Path) -> dict[str, Any]:
             atomic.atomic_write_bytes(inputs_dir / "mask.png", _png(mask))
             data["mask"] = "mask.png"
     return data
+
+
+def _unit_to_body(index: int, unit: Any, inputs_dir: Path) -> dict[str, Any]:
+    from modules.core import atomic
+
+    data = {k: v for k, v in unit.__dict__.items() if k not in ("image", "mask")}
+    for name in ("image", "mask"):
+        image = getattr(unit, name, None)
+        if image is not None:
+            inputs_dir.mkdir(parents=True, exist_ok=True)
+            data[name] = f"controlnet-{index}-{name}.png"
+            atomic.atomic_write_bytes(inputs_dir / data[name], _png(image))
+    return data
+
+
+def _units_from_body(units: list[dict[str, Any]], load: Any) -> list[Any]:
+    from modules.core.controlnet_units import ControlNetUnit
+
+    out = []
+    for data in units or []:
+        data = dict(data)
+        for name in ("image", "mask"):
+            data[name] = load(data[name]) if data.get(name) else None
+        out.append(_dataclass_from(ControlNetUnit, data))
+    return out
 
 
 def _png(image: Any) -> bytes:
@@ -111,17 +139,18 @@ def params_from_body(kind: str, data: dict[str, Any], inputs_dir: Path) -> Any:
     from modules.core.pipeline import HiresParams, Img2ImgParams, Txt2ImgParams
 
     data = dict(data)
-    if kind == "txt2img":
-        data["hires"] = _dataclass_from(HiresParams, data.get("hires") or {})
-        return _dataclass_from(Txt2ImgParams, data)
-    if kind != "img2img":
-        raise QueueActionError(f"not a generation kind: {kind!r}")
 
     def load(name: str) -> Any:
         path = (inputs_dir / Path(name).name)   # only a file name, inside the job's own folder
         with Image.open(path) as image:
             image.load()
             return image.copy()
+    data["controlnet_units"] = _units_from_body(data.get("controlnet_units") or [], load)
+    if kind == "txt2img":
+        data["hires"] = _dataclass_from(HiresParams, data.get("hires") or {})
+        return _dataclass_from(Txt2ImgParams, data)
+    if kind != "img2img":
+        raise QueueActionError(f"not a generation kind: {kind!r}")
     data["init_images"] = [load(n) for n in data.get("init_images") or []]
     data["mask"] = load(data["mask"]) if data.get("mask") else None
     return _dataclass_from(Img2ImgParams, data)

@@ -67,6 +67,7 @@ class BatchRequest:
     init: InitImages | None = None     # img2img / inpainting
     # prompts -> None: merges those prompts' <lora:...> networks (a hires prompt's own set, as in A1111)
     activate_networks: Any = None
+    control: list[Any] | None = None   # ControlNet units: engine.control.units.ControlInput
 
 
 def prompt_encoder_for(model) -> conditioning.PromptEncoder:
@@ -243,7 +244,7 @@ def generate_batch(req: BatchRequest, ctx) -> list[Image.Image]:
             unet,
             time_ids=added_time_ids(model, *size, aesthetic=6.0, device=device, dtype=dtype),
             uncond_time_ids=added_time_ids(model, *size, aesthetic=2.5, device=device, dtype=dtype),
-            image_cond=image_cond, hooks=ctx.hooks,
+            image_cond=image_cond, hooks=ctx.hooks, control=_control(req, req.width, req.height, device),
         )
         denoiser, conds_at = refiner.wrap(ctx, denoiser, plan.at, len(timesteps), hires=False,
                                           hires_enabled=req.hires is not None,
@@ -259,6 +260,15 @@ def generate_batch(req: BatchRequest, ctx) -> list[Image.Image]:
         if req.hires is not None and not should_stop():
             latents = _hires_pass(req, refiner.context_for(ctx, model), model, latents, image_rng, on_step, should_stop)
         return decode(refiner.current_model(ctx, model), latents)
+
+
+def _control(req: BatchRequest, width: int, height: int, device, *, hires: bool = False):
+    """The ControlNet units of one pass, their maps fitted to its size; None without units."""
+    if not req.control:
+        return None
+    from modules.engine.control.units import ControlApplier
+
+    return ControlApplier(req.control, width, height, torch.device(device), hires=hires) or None
 
 
 def _img2img_start(req: BatchRequest, model, scheduler, noise: torch.Tensor, device, dtype):
@@ -350,7 +360,7 @@ def _hires_pass(req: BatchRequest, ctx, model, latents, image_rng, on_step, shou
         time_ids=added_time_ids(model, batch, width, height, aesthetic=6.0, device=device, dtype=dtype),
         uncond_time_ids=added_time_ids(model, batch, width, height, aesthetic=2.5, device=device, dtype=dtype),
         image_cond=inpainting_txt2img_cond(model, batch, width, height, device, dtype),
-        hooks=ctx.hooks,
+        hooks=ctx.hooks, control=_control(req, width, height, device, hires=True),
     )
     denoiser, conds_at = refiner.wrap(ctx, denoiser, plan.at, len(timesteps), hires=True, hires_enabled=True,
                                       build=_refiner_builder(req, ctx, prompts, negatives, steps, (width, height)))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -62,17 +62,21 @@ class GuidedDenoiser:
     """Classifier-free guidance with A1111's composable (AND) weighting."""
 
     def __init__(self, unet, *, time_ids: torch.Tensor | None = None, uncond_time_ids: torch.Tensor | None = None,
-                 image_cond: torch.Tensor | None = None, hooks: SamplingHooks | None = None):
+                 image_cond: torch.Tensor | None = None, hooks: SamplingHooks | None = None,
+                 control: Any = None):
         self.unet = unet
         self.dtype = unet.dtype  # diffusers' ModelMixin.dtype walks every submodule: read it once, not per step
         self.time_ids = time_ids                # SDXL: [B, n] for cond rows (expanded per image)
         self.uncond_time_ids = uncond_time_ids  # SDXL refiner differs (aesthetic score)
         self.image_cond = image_cond            # 9-channel inpainting: [B, 5, h, w] mask + masked-image latents
         self.hooks = hooks or SamplingHooks()
+        self.control = control if control else None   # engine.control.units.ControlApplier: ControlNet residuals
+        self._step = (0, 1)
         self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     def __call__(self, x: torch.Tensor, t, conds: StepConds, cfg_scale: float, step: int, total: int) -> torch.Tensor:
         batch = x.shape[0]
+        self._step = (step, total)
         index = self._row_index(tuple(conds.cond_counts), x.device)
         simple = index.shape[0] == batch and all(w == 1.0 for w in conds.cond_weights)  # no AND: one row per image
         x_cond = x if simple else x[index]
@@ -90,10 +94,10 @@ class GuidedDenoiser:
             pooled = None if conds.cond_pooled is None else torch.cat([conds.cond_pooled, conds.uncond_pooled])
             ids = None if self.time_ids is None else torch.cat([self.time_ids[index], self.uncond_time_ids])
             both = self._unet(torch.cat([x_cond, x]), t, torch.cat([cond, uncond]), torch.cat([index, all_images]),
-                              pooled, ids, ids_per_row=True)
+                              pooled, ids, ids_per_row=True, n_cond=n_cond)
             out_cond, out_uncond = both[:n_cond], both[n_cond:]
         else:
-            out_cond = self._unet(x_cond, t, cond, index, conds.cond_pooled, self.time_ids)
+            out_cond = self._unet(x_cond, t, cond, index, conds.cond_pooled, self.time_ids, n_cond=n_cond)
             # Different token lengths: a separate call, A1111's default (cond and uncond are not padded).
             out_uncond = self._unet(x, t, uncond, all_images, conds.uncond_pooled, self.uncond_time_ids) if use_cfg else None
         if simple:
@@ -120,15 +124,21 @@ class GuidedDenoiser:
             self._index_cache[counts] = cached
         return cached
 
-    def _unet(self, x, t, embeds, rows, pooled, time_ids, *, ids_per_row: bool = False):
-        """One UNet call; `rows` maps each row to its image (for image_cond and SDXL time ids)."""
-        if self.image_cond is not None:
-            x = torch.cat([x, self.image_cond[rows]], dim=1)
+    def _unet(self, x, t, embeds, rows, pooled, time_ids, *, ids_per_row: bool = False, n_cond: int = 0):
+        """One UNet call; `rows` maps each row to its image (for image_cond and SDXL time ids); the
+        first `n_cond` rows are conditional (ControlNet's "ControlNet is more important" reads it)."""
         added = None
         if pooled is not None:
             added = {"text_embeds": pooled, "time_ids": time_ids if ids_per_row else time_ids[rows]}
+        residuals = {}
+        if self.control is not None:  # from the 4 latent channels, before inpainting models' extra ones
+            found = self.control.residuals(x, t, embeds, added, n_cond, *self._step) or {}
+            residuals = {k: [r.to(self.dtype) for r in v] if isinstance(v, list) else v.to(self.dtype)
+                         for k, v in found.items()}
+        if self.image_cond is not None:
+            x = torch.cat([x, self.image_cond[rows]], dim=1)
         return self.unet(x, t, encoder_hidden_states=embeds.to(self.dtype),
-                         added_cond_kwargs=added, return_dict=False)[0]
+                         added_cond_kwargs=added, return_dict=False, **residuals)[0]
 
 
 def _step_accepts_generator(scheduler) -> bool:

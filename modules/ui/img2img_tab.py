@@ -27,6 +27,7 @@ from modules.core.jobs import QueueFullError
 from modules.core.pipeline import MASKED_CONTENT, RESIZE_MODES, Img2ImgParams, ProcessingError
 from modules.ui.depth_input import build_depth_input
 from modules.services import Services
+from modules.ui.controlnet_ui import MAX_UNITS, build_controlnet_ui, units_from_values
 from modules.ui.common import (POLL_SECONDS, ControlsBase, build_batch_controls, build_output_panel,
                                build_sampling_controls, build_seed_controls, build_toprow, connect_tab_helpers,
                                error_updates, infotext_html, paste_targets, poll_job, progress_html, script_job,
@@ -201,6 +202,7 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
             seeds = build_seed_controls("img2img")
             inpaint_controls, inpaint = _build_inpaint_controls()
             depth_image = build_depth_input()
+            controlnet = build_controlnet_ui("img2img", services)
             script_runner = services.script_runner(True)
             script_runner.setup_ui()
         with gr.Column(scale=1):
@@ -216,7 +218,7 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
     running_batches = _connect_generate(services, top, controls, script_runner, output,
                                         {"mode": mode, "scale_tab": scale_tab, "styles": top.styles_ui.dropdown,
                                          "override_settings": top.override_settings, **inputs.values(),
-                                         "depth_image": depth_image})
+                                         "depth_image": depth_image, **controlnet.inputs})
 
     def stop_batches(caller: Any) -> None:  # the Batch tab's loops of the caller (an admin: all of them)
         for event, owner in list(running_batches.items()):
@@ -229,7 +231,7 @@ def build_img2img_tab(services: Services) -> Img2ImgUi:
                      inpaint=inputs.inpaint, inpaint_sketch=inputs.inpaint_sketch, upload_img=inputs.upload_img,
                      upload_mask=inputs.upload_mask, inpaint_controls=inpaint_controls,
                      paste_button=top.paste_button, gallery=output.gallery, generation_info=output.generation_info,
-                     paste_targets=paste_targets(controls, top, script_runner))
+                     paste_targets={**paste_targets(controls, top, script_runner), **controlnet.paste_targets()})
 
 
 # --------------------------------------------------------------------------- control groups
@@ -421,6 +423,7 @@ def _run_one(services: Services, script_runner: Any, extra: dict[str, Any], cont
                                      upload_img=extra["upload_img"], upload_mask=extra["upload_mask"])
         params = Img2ImgControls.to_params(control_values, init_images=[init], mask=mask)
         params.depth_image = extra.get("depth_image")
+        params.controlnet_units = units_from_values(extra, MAX_UNITS)
         if extra["scale_tab"] == 1:
             params.width, params.height = scaled_size(init, control_values["scale_by"])
         if mask is not None and params.inpaint_full_res and _mask_empty(mask, params.inpainting_mask_invert):
@@ -442,6 +445,7 @@ def _run_batch_mode(services: Services, script_runner: Any, running_batches: dic
     generation = services.generation
     try:
         base = Img2ImgControls.to_params(control_values, init_images=[Image.new("RGB", (64, 64))])
+        base.controlnet_units = units_from_values(extra, MAX_UNITS)
         apply_styles_to_params(base, services.styles, extra["styles"])
         base.validate(services.limits)
         if services.options.dir_config_locked:

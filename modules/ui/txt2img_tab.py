@@ -17,6 +17,7 @@ from modules.ui.common import (ControlsBase, build_batch_controls, build_output_
 from modules.core.styles import apply_styles_to_params
 from modules.ui import paste
 from modules.ui.extra_networks import build_extra_networks
+from modules.ui.controlnet_ui import build_controlnet_ui
 
 @dataclass
 class Txt2ImgControls(ControlsBase):
@@ -100,6 +101,7 @@ def build_txt2img_tab(services: Services) -> Txt2ImgUi:
                 batch = build_batch_controls("txt2img")
             cfg_scale = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id="txt2img_cfg_scale")
             seeds = build_seed_controls("txt2img")
+            controlnet = build_controlnet_ui("txt2img", services)
             script_runner = services.script_runner(False)
             script_runner.setup_ui()
         with gr.Column(scale=1):
@@ -109,13 +111,13 @@ def build_txt2img_tab(services: Services) -> Txt2ImgUi:
 
     controls = Txt2ImgControls(prompt=top.prompt, negative_prompt=top.negative_prompt, **sampling, width=width,
                                height=height, **batch, cfg_scale=cfg_scale, **seeds.controls(), **hires)
-    _connect_generate(services, top, controls, script_runner, output, gallery_index)
+    _connect_generate(services, top, controls, script_runner, output, gallery_index, controlnet)
     connect_tab_helpers(top, seeds, output, services)
     send_to_img2img, send_to_inpaint = output.buttons
     return Txt2ImgUi(controls=controls, styles=top.styles_ui, override_settings=top.override_settings,
                      paste_button=top.paste_button, send_to_img2img=send_to_img2img, send_to_inpaint=send_to_inpaint,
                      gallery=output.gallery, gallery_index=gallery_index, generation_info=output.generation_info,
-                     paste_targets=paste_targets(controls, top, script_runner))
+                     paste_targets={**paste_targets(controls, top, script_runner), **controlnet.paste_targets()})
 
 
 def _build_hires_fix() -> dict[str, Any]:
@@ -155,15 +157,17 @@ def _build_send_buttons() -> tuple[Any, Any]:
 
 
 def _connect_generate(services: Services, top: Any, controls: Txt2ImgControls, script_runner: Any,
-                      output: Any, gallery_index: Any) -> None:
+                      output: Any, gallery_index: Any, controlnet: Any) -> None:
     """Generate: the controls -> Txt2ImgParams -> a queued job, polled into the output panel."""
     generation = services.generation
     n_controls = len(controls.components())
+    n_controlnet = len(controlnet.components)
 
     def run(request: gr.Request, styles, overrides, *values):
         try:
             params = Txt2ImgControls.to_params(list(values[:n_controls]))
-            script_args = list(values[n_controls:])
+            params.controlnet_units = controlnet.units(list(values[n_controls:n_controls + n_controlnet]))
+            script_args = list(values[n_controls + n_controlnet:])
             apply_styles_to_params(params, services.styles, styles)
             params.validate(services.limits)
             job = generation.submit_txt2img(params, override_settings=paste.overrides_from_choices(
@@ -175,7 +179,7 @@ def _connect_generate(services: Services, top: Any, controls: Txt2ImgControls, s
         yield from poll_job(generation, job)
 
     top.generate.click(run, inputs=[top.styles_ui.dropdown, top.override_settings, *controls.components(),
-                                    *script_runner.script_inputs],
+                                    *controlnet.components, *script_runner.script_inputs],
                        outputs=output.outputs(), concurrency_limit=None, show_progress="hidden",
                        trigger_mode="multiple")  # Generate while a job runs queues another (Queue tab)
     top.generate.click(lambda: None, outputs=gallery_index, show_progress="hidden")  # a new gallery: nothing selected

@@ -458,6 +458,40 @@ AXES: list[Axis] = [
 ]
 
 
+def _controlnet(field: str) -> Callable[[Any, Any, list], None]:
+    """sd-webui-controlnet's "[ControlNet] ..." axes: the value goes to every enabled unit of the cell."""
+    import dataclasses
+
+    def apply(p: Any, value: Any, values: list) -> None:
+        params = p.params   # a cell's own copy: a new list leaves the other cells' units alone
+        params.controlnet_units = [dataclasses.replace(u, **{field: value}) if u.enabled else u
+                                   for u in params.controlnet_units]
+    return apply
+
+
+def _controlnet_models() -> list[str]:
+    services = _services()
+    registry = getattr(services, "controlnets", None) if services is not None else None
+    return registry.titles() if registry is not None else []
+
+
+def _controlnet_modules() -> list[str]:
+    from modules.engine.control.preprocessors import preprocessor_names
+
+    return preprocessor_names()
+
+
+# After A1111's own axes, so the API's axis indices stay A1111's.
+AXES += [
+    Axis("[ControlNet] Weight", "float", _controlnet("weight")),
+    Axis("[ControlNet] Guidance Start", "float", _controlnet("guidance_start")),
+    Axis("[ControlNet] Guidance End", "float", _controlnet("guidance_end")),
+    Axis("[ControlNet] Model", "str", _controlnet("model"), format=_format_value, choices=_controlnet_models),
+    Axis("[ControlNet] Preprocessor", "str", _controlnet("module"), format=_format_value,
+         choices=_controlnet_modules),
+]
+
+
 def axes_for(is_img2img: bool) -> list[Axis]:
     tab = "img2img" if is_img2img else "txt2img"
     return [axis for axis in AXES if tab in axis.tabs]

@@ -1,0 +1,60 @@
+"""A job's ControlNet units -> the engine's inputs: models loaded (and checked against the
+checkpoint's family), maps preprocessed, once per job."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def control_inputs(p: Any, ctx: Any, seed: int | None = None) -> list[Any] | None:
+    """The engine's ControlInputs for `p.controlnet_units`, or None when no unit takes part. `seed`: for
+    random preprocessors (shuffle), the extension's (seed + subseed) of the first image.
+    Raises ControlNetUnitError with a message for the user."""
+    from modules.core.controlnet_units import ControlNetUnitError as ProcessingError
+
+    units = [u.normalized(i) for i, u in enumerate(getattr(p, "controlnet_units", None) or [])]
+    if not any(u.active and u.weight > 0 and u.guidance_start < u.guidance_end for u in units):
+        return None
+    registry = getattr(ctx, "controlnets", None)
+    if registry is None:
+        raise ProcessingError("ControlNet units were given, but this server has no ControlNet model folder")
+    from modules.engine.control import preprocessors
+    from modules.engine.control.units import prepare_inputs
+    from modules.models.controlnet import ControlNetFamilyMismatch, check_compatible
+    from modules.models.controlnet_registry import UnknownControlNetError
+    from modules.models.weights_io import CheckpointLoadError
+
+    model = ctx.model
+
+    def load(name: str, low_vram: bool):
+        # low VRAM: the model lives on the CPU and visits the GPU only while it runs (engine.control.units)
+        device = "cpu" if low_vram else model.policy.device
+        file, controlnet, spec = registry.load(name, device, model.pipe.unet.dtype, model.pipe.unet)
+        check_compatible(spec, file.title, model.spec.family_info, model.title)
+        return file.title, controlnet
+
+    fallback = p.init_images[0].convert("RGB") if getattr(p, "init_images", None) else None
+    sources = [u.image.convert("RGB") if u.image is not None else fallback for u in units]
+    # A unit on the img2img picture takes the img2img mask too (the inpaint preprocessors read it).
+    masks = [getattr(p, "mask", None) if u.image is None else None for u in units]
+    crop = _masked_area_crop(p, fallback)
+    if crop is not None:   # inpaint "Only masked" renders a crop of the init image: so do its maps
+        sources = [s.crop(crop) if s is not None and s.size == fallback.size else s for s in sources]
+        masks = [m.crop(crop) if m is not None and m.size == fallback.size else m for m in masks]
+    try:
+        return prepare_inputs(units, sources, p.width, p.height, load, masks, seed=seed)
+    except (ControlNetFamilyMismatch, UnknownControlNetError, CheckpointLoadError, ValueError,
+            preprocessors.UnknownPreprocessorError, preprocessors.PreprocessorUnavailableError) as err:
+        raise ProcessingError(str(err)) from None
+
+
+def _masked_area_crop(p: Any, init: Any) -> tuple[int, int, int, int] | None:
+    """Inpaint "Only masked": the region of the init image that is rendered (A1111's crop), else None.
+    Maps of the init image's size are cropped the same way, so the control lines up (as the extension does)."""
+    if init is None or getattr(p, "mask", None) is None or not getattr(p, "inpaint_full_res", False):
+        return None
+    from modules.core import masking
+
+    plan = masking.plan_inpaint(init, p.mask, width=p.width, height=p.height, resize_mode=p.resize_mode,
+                                mask_blur=p.mask_blur, invert=p.inpainting_mask_invert,
+                                inpainting_fill=p.inpainting_fill, full_res=True, padding=p.inpaint_full_res_padding)
+    return tuple(plan.crop) if plan.crop is not None else None

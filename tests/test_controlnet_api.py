@@ -1,0 +1,135 @@
+"""sd-webui-controlnet's wire format against a real server: the /controlnet routes and
+alwayson_scripts.controlnet in /sdapi/v1/txt2img and img2img, sent as clients send them."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from conftest import start_server
+from tiny_controlnets import make_controlnet
+from tiny_models import make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    data = tmp_path_factory.mktemp("cn-api")
+    make_checkpoint(data / "models" / "Stable-diffusion" / "tiny-sd1.safetensors", "sd1")
+    make_controlnet(data / "models" / "ControlNet" / "control_v11p_tiny.pth", "sd1", layout="ldm")
+    srv = start_server(data, "--api")
+    yield srv
+    srv.stop()
+
+
+def b64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def unb64(text: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(text)))
+
+
+def hint() -> Image.Image:
+    rng = np.random.default_rng(1)
+    return Image.fromarray(rng.integers(0, 255, (80, 48, 3), dtype=np.uint8))
+
+
+BASE = {"prompt": "a cat", "steps": 3, "width": 64, "height": 64, "seed": 42, "sampler_name": "Euler",
+        "cfg_scale": 7}
+
+
+def test_info_routes(api):
+    assert requests.get(api.url + "/controlnet/version").json() == {"version": 2}
+    models = requests.get(api.url + "/controlnet/model_list").json()["model_list"]
+    assert len(models) == 1 and models[0].startswith("control_v11p_tiny [")
+    modules = requests.get(api.url + "/controlnet/module_list").json()
+    assert {"none", "invert", "canny"} <= set(modules["module_list"])
+    assert set(modules["module_detail"]) == set(modules["module_list"])
+    assert "sliders" in modules["module_detail"]["canny"]
+    aliases = requests.get(api.url + "/controlnet/module_list", params={"alias_names": "true"}).json()
+    assert "depth_midas" in aliases["module_list"] and "depth_midas" in aliases["module_detail"]
+    assert requests.get(api.url + "/controlnet/settings").json() == {"control_net_unit_count": 3}
+    scripts = requests.get(api.url + "/sdapi/v1/scripts").json()   # clients check for it there
+    assert "controlnet" in scripts["txt2img"] and "controlnet" in scripts["img2img"]
+
+
+def test_detect_returns_maps(api):
+    image = hint()
+    r = requests.post(api.url + "/controlnet/detect", json={
+        "controlnet_module": "invert", "controlnet_input_images": [b64(image), b64(image)],
+        "controlnet_processor_res": 512, "controlnet_threshold_a": 64, "controlnet_threshold_b": 64})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["info"] == "Success" and len(body["images"]) == 2
+    got = np.asarray(unb64(body["images"][0]).convert("RGB"), dtype=np.int16)
+    assert np.array_equal(got, 255 - np.asarray(image, dtype=np.int16))
+    bad = requests.post(api.url + "/controlnet/detect", json={"controlnet_module": "nope",
+                                                              "controlnet_input_images": [b64(image)]})
+    assert bad.status_code == 422
+    assert requests.post(api.url + "/controlnet/detect", json={"controlnet_module": "invert"}).status_code == 422
+
+
+def _txt2img(api, units=None, **extra):
+    body = {**BASE, **extra}
+    if units is not None:
+        body["alwayson_scripts"] = {"controlnet": {"args": units}}
+    r = requests.post(api.url + "/sdapi/v1/txt2img", json=body, timeout=300)
+    return r
+
+
+def _pixels(response) -> np.ndarray:
+    return np.asarray(unb64(response.json()["images"][0]).convert("RGB"), dtype=np.int16)
+
+
+def test_the_extension_payload_works(api):
+    model = requests.get(api.url + "/controlnet/model_list").json()["model_list"][0]
+    plain = _txt2img(api)
+    assert plain.status_code == 200, plain.text
+    # The payload as the extension's README and clients send it (old aliases included).
+    unit = {"input_image": b64(hint()), "module": "none", "model": model, "weight": 1.0,
+            "resize_mode": "Crop and Resize", "lowvram": False, "processor_res": 64, "threshold_a": 64,
+            "threshold_b": 64, "guidance_start": 0.0, "guidance_end": 1.0, "control_mode": 0, "pixel_perfect": False}
+    controlled = _txt2img(api, [unit])
+    assert controlled.status_code == 200, controlled.text
+    assert not np.array_equal(_pixels(plain), _pixels(controlled))
+    info = json.loads(controlled.json()["info"])
+    assert 'ControlNet 0: "Module: none, Model: ' + model in info["infotexts"][0]
+    # ints and strings for the modes, `image` instead of `input_image`, the name without the hash
+    same = _txt2img(api, [{**{k: v for k, v in unit.items() if k != "input_image"}, "image": unit["input_image"],
+                           "resize_mode": 1, "control_mode": "Balanced", "model": model.split(" [")[0]}])
+    assert np.array_equal(_pixels(controlled), _pixels(same))
+    off = _txt2img(api, [{**unit, "weight": 0}, {"enabled": False, "model": model}])
+    assert np.array_equal(_pixels(plain), _pixels(off))
+
+
+def test_img2img_unit_without_image_uses_the_init_image(api):
+    model = requests.get(api.url + "/controlnet/model_list").json()["model_list"][0]
+    body = {**BASE, "init_images": [b64(hint())], "denoising_strength": 0.6}
+    plain = requests.post(api.url + "/sdapi/v1/img2img", json=body, timeout=300)
+    controlled = requests.post(api.url + "/sdapi/v1/img2img", timeout=300, json={
+        **body, "alwayson_scripts": {"ControlNet": {"args": [{"model": model, "module": "invert"}]}}})
+    assert plain.status_code == 200 and controlled.status_code == 200, controlled.text
+    assert not np.array_equal(_pixels(plain), _pixels(controlled))
+
+
+def test_bad_units_are_422_and_the_server_stays_up(api):
+    model = requests.get(api.url + "/controlnet/model_list").json()["model_list"][0]
+    for unit, words in (({"model": model, "resize_mode": "Sideways", "image": b64(hint())}, "resize"),
+                        ({"model": model, "weight": 5, "image": b64(hint())}, "weight"),
+                        ({"model": "missing", "image": b64(hint())}, "not found"),
+                        # a path is never opened: only files listed in the ControlNet folders load
+                        ({"model": "../Stable-diffusion/tiny-sd1.safetensors", "image": b64(hint())}, "not found"),
+                        ({"model": model, "module": "../../etc/passwd", "image": b64(hint())}, "preprocessor"),
+                        ({"model": model, "image": "not base64!"}, "image"),
+                        ({"model": model}, "no input image")):
+        r = _txt2img(api, [unit])
+        assert r.status_code == 422, (unit, r.status_code, r.text)
+        assert words in r.text.lower() or words in r.text, r.text
+    assert _txt2img(api).status_code == 200
