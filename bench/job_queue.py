@@ -1,7 +1,7 @@
 """The persistent queue's overhead: submit->start latency with an idle worker, and page latency with
 1,000 jobs in the history.
 
-Run with the venv's python:  venv/bin/python bench/queue.py [--jobs 200] [--history 1000]
+Run with the venv's python:  venv/bin/python bench/job_queue.py [--jobs 200] [--history 1000]
 
 1. In-process (the app's services over a temp data dir): GenerationService.submit with the worker idle,
    timed until the job has started and its row says "running" (the store's insert and start commits,
