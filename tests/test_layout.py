@@ -144,3 +144,12 @@ def test_modules_top_level_is_the_facade_and_the_composition_helper():
 def test_the_rules_see_a_facade_import_from_a_package(tmp_path):
     tree = ast.parse("def f():\n    from modules import shared\n    from modules.core import options\n")
     assert _imports(tree, {"modules.shared", "modules.core.options"}) == {"modules.shared", "modules.core.options"}
+
+
+def test_no_script_folder_shadows_the_standard_library():
+    """`python bench/x.py` puts bench/ first on sys.path: a bench/queue.py broke torch's own `import queue`."""
+    import sys
+
+    for folder in ("bench", "tools", "tests"):
+        names = {p.stem for p in (ROOT / folder).glob("*.py")}
+        assert names & set(sys.stdlib_module_names) == set(), folder
