@@ -208,9 +208,9 @@ def test_prompt_parser_is_linear_on_hostile_input(name):
     text = HOSTILE_PROMPTS[name]
     for parse in (pp.parse_prompt_attention, lambda t: pp.get_learned_conditioning_prompt_schedules([t], 20),
                   lambda t: pp.get_multicond_prompt_list([t])):
-        started = time.perf_counter()
+        started = time.thread_time()  # CPU time of this thread: other load on the machine does not count
         parse(text)
-        elapsed = time.perf_counter() - started
+        elapsed = time.thread_time() - started
         assert elapsed < 2.0, (name, elapsed)   # a complexity guard: done in well under 0.5 s
 
 
