@@ -24,6 +24,11 @@ def _submit(srv, prompt: str, seed: int, steps: int = 1) -> str:
     return r.json()["id"]
 
 
+def _pause(srv, paused: bool) -> None:
+    r = requests.post(f"{srv.url}/queue/v1/pause", json={"paused": paused}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
 def _wait_done(srv, job_id: str, timeout: float = 300) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -126,14 +131,20 @@ def test_generate_while_a_job_runs_queues_another(history_server, page):
         box = page.locator(f"#{elem_id} input[type=number]")
         box.fill(value)
         box.press("Tab")
-    page.locator("#txt2img_generate").click()
+    # The user's queue is held, so both jobs are certainly waiting when the second click lands (no race
+    # with how fast the first one renders); releasing it lets both run.
+    _pause(srv, True)
     try:
-        page.locator("#txt2img_progress .queue-busy").first.wait_for()   # the first job waits or runs
-    except Exception as err:  # say what the page and the server show, not just "timeout"
-        raise AssertionError(f"progress: {page.locator('#txt2img_progress').inner_text()!r}; "
-                             f"server:\n{srv.output[-3000:]}") from err
-    page.locator("#txt2img_generate").click()                       # the tab is not blocked: a second job
-    page.locator("#txt2img_progress").get_by_text("+1 more queued").wait_for()
+        page.locator("#txt2img_generate").click()
+        try:
+            page.locator("#txt2img_progress .queue-busy").first.wait_for()   # the first job waits
+        except Exception as err:  # say what the page and the server show, not just "timeout"
+            raise AssertionError(f"progress: {page.locator('#txt2img_progress').inner_text()!r}; "
+                                 f"server:\n{srv.output[-3000:]}") from err
+        page.locator("#txt2img_generate").click()                       # the tab is not blocked: a second job
+        page.locator("#txt2img_progress").get_by_text("+1 more queued").wait_for()
+    finally:
+        _pause(srv, False)
     page.locator("#txt2img_progress").get_by_text("Done").wait_for(timeout=300000)
 
     def finished() -> int:

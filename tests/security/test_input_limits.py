@@ -238,7 +238,7 @@ def test_token_counter_caps_what_it_tokenizes(tmp_path):
             seen = 0
         counted = []
 
-        def fake(text, tokenizer):
+        def fake(text, tokenizer, **_):
             counted.append(len(text))
             return type("C", (), {"count": len(text), "max_length": 75})()
         from modules.engine import conditioning

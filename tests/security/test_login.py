@@ -158,4 +158,4 @@ def test_an_honest_browser_logs_in_on_the_ui_page_with_the_api_auth_credentials(
     page.get_by_role("tab", name="Settings").wait_for(timeout=60000)
     page.get_by_role("button", name="Generate").wait_for(timeout=60000)
     tabs = [t.strip() for t in page.locator("#tabs > .tab-wrapper [role=tab]").all_inner_texts()]
-    assert tabs == ["txt2img", "img2img", "PNG Info", "Settings", "Extensions"]
+    assert tabs == ["txt2img", "img2img", "Extras", "PNG Info", "Checkpoint Merger", "Queue", "Settings", "Extensions"]
