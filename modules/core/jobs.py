@@ -311,10 +311,20 @@ class JobContext:
         """
         self.state.set_step(step, total)
         self._update_bar(step, total)
-        if (self.preview_fn is not None and latents is not None and self.preview_every > 0
-                and step % self.preview_every == 0 and not self._preview_failed):
+        if latents is not None and self.preview_due(step):
             self._make_preview(latents, step)
         return self.should_stop() or self.should_skip()
+
+    def preview_due(self, step: int) -> bool:
+        """True when ``step`` should give a live preview (a decoder, the period, no earlier failure)."""
+        return (self.preview_fn is not None and self.preview_every > 0 and step % self.preview_every == 0
+                and not self._preview_failed)
+
+    def show_preview(self, latents: Any, step: int) -> None:
+        """Make the live preview from host-readable ``latents`` of ``step`` (``engine/async_preview.py``
+        calls this once an asynchronous copy has landed, possibly a step or two later)."""
+        if not self._preview_failed:
+            self._make_preview(latents, step)
 
     # -- internals -------------------------------------------------------
     def _make_preview(self, latents: Any, step: int) -> None:

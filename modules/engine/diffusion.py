@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from modules.engine import conditioning, depth2img, memory, refiner, rng, scheduler_build
+from modules.engine import async_preview
 from modules.engine import sampler_catalog as samplers
 from modules.engine.sampling import GuidedDenoiser, InpaintBlend, StepConds, sample
 from modules.engine.upscaling import LATENT_UPSCALE_MODES, resize_image
@@ -218,9 +219,7 @@ def generate_batch(req: BatchRequest, ctx) -> list[Image.Image]:
     )
     hires_steps = req.hires.steps if req.hires else None
 
-    def on_step(step: int, total: int, latents: torch.Tensor) -> None:
-        if job is not None:
-            job.step_callback(step, total, latents)
+    on_step = async_preview.StepReporter(job, device)  # progress + previews, no host sync in the loop
 
     def should_stop() -> bool:
         return job is not None and (job.should_stop() or job.should_skip())
@@ -259,6 +258,7 @@ def generate_batch(req: BatchRequest, ctx) -> list[Image.Image]:
         model = refiner.current_model(ctx, model)
         if req.hires is not None and not should_stop():
             latents = _hires_pass(req, refiner.context_for(ctx, model), model, latents, image_rng, on_step, should_stop)
+        on_step.finish()
         return decode(refiner.current_model(ctx, model), latents)
 
 
