@@ -165,6 +165,41 @@ def test_stream_units_cover_the_unet_without_overlap(tmp_path):
     assert not any(isinstance(u, torch.nn.ModuleList) for u in units)
 
 
+def test_lowvram_pins_the_streamed_blocks_only_when_cuda_can_use_them(tmp_path, monkeypatch):
+    assert offload.pins_host_copies("cpu") is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert offload.pins_host_copies("cuda:0") is False  # a CUDA device named but none there
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert offload.pins_host_copies(torch.device("cuda", 0)) is True
+    assert offload.pins_host_copies("cpu") is False
+    # with pinning on, every tensor of the streamed UNet is replaced by its pinned copy (stood in for
+    # here: pinning needs a CUDA build) and the blocks still point back at those copies after a call
+    pinned: set[int] = set()
+
+    def fake_pin(t):
+        copy = t.clone()
+        pinned.add(copy.data_ptr())
+        return copy
+    monkeypatch.setattr(offload, "_pinned", fake_pin)
+    model = load_checkpoint(make_checkpoint(tmp_path / "a.safetensors", "sd1").path, cpu_policy())
+    unet = model.components["unet"]
+    plan = offload.OffloadPlan({"unet": unet, "vae": model.components["vae"]},
+                               execution_device=torch.device("cpu"), streamed=("unet",), pin_memory=True).install()
+    tensors = [*unet.parameters(), *unet.buffers()]
+    assert tensors and all(t.data_ptr() in pinned for t in tensors)
+    homes = {t: t.data.data_ptr() for t in tensors}
+    x, emb = torch.randn(1, 4, 8, 8), torch.randn(1, 77, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        unet(x, 10, emb)
+    assert {t: t.data.data_ptr() for t in tensors} == homes  # the pinned copies stay the home copies
+    assert len(pinned) == len(tensors)
+    vae_params = list(model.components["vae"].parameters())
+    assert vae_params and not any(p.data_ptr() in pinned for p in vae_params)  # medvram-style components are not pinned
+    plan.remove()
+    normal = offload.OffloadPlan({"unet": unet}, execution_device=torch.device("cpu"), streamed=("unet",))
+    assert normal.pin_memory is False
+
+
 def test_medvram_sdxl_offloads_sdxl_only_and_lowram_follows_total_ram(monkeypatch):
     from modules.core.flags import parse_args
     from modules.models import devices
