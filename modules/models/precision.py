@@ -11,6 +11,7 @@ forwards, so LoRA weights merged in place land in it (at fp16 precision, as on a
 """
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -33,19 +34,56 @@ def storage_dtype_of(weights: dict[str, Any]) -> torch.dtype | None:
 
 
 def apply_lowram_casting(model: torch.nn.Module, storage: torch.dtype, compute: torch.dtype) -> torch.nn.Module:
-    """Hooks on every Conv/Linear/Embedding (kept in ``storage``); everything else to ``compute``."""
+    """Hooks on every Conv/Linear/Embedding (kept in ``storage``); everything else to ``compute``.
+
+    All the model's hooks upcast into one shared ``compute`` workspace, as large as the largest layer
+    (about 60 MB for SD1.5's UNet): no allocation, page fault or free per layer call, and the fp32
+    copy of a layer never outlives its call. In the VAE, SiLU runs in place (``_inplace_vae_silu``).
+    """
     from diffusers.hooks import HookRegistry
 
     _return_freed_memory_to_the_os()
     torch.nn.Module.to(model, dtype=storage)  # plain Module.to: diffusers' override warns on casts
+    workspace = _Workspace(compute)
     for module in model.modules():
         if isinstance(module, _LAZY_LAYERS):
             registry = HookRegistry.check_if_exists_or_initialize(module)
-            registry.register_hook(_StorageCastingHook(storage, compute), "layerwise_casting")
+            registry.register_hook(_StorageCastingHook(storage, compute, workspace), "layerwise_casting")
         else:
             _cast_own(module, compute)
+    _inplace_vae_silu(model)
     model._lowram_storage_dtype = storage  # noqa: SLF001 - read by is_lowram
     return model
+
+
+class _Workspace:
+    """One flat ``dtype`` buffer that a layer's upcast weights are views of while it runs. Layers are
+    leaves (never nested), so one buffer serves a whole model; a second thread running the same model
+    at the same time finds it busy and falls back to a fresh copy."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.buffer = torch.empty(0, dtype=dtype)
+        self.lock = threading.Lock()
+
+    def views(self, tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Upcast copies of ``tensors`` inside the buffer (grown when needed), or None when busy."""
+        if not self.lock.acquire(blocking=False):
+            return None
+        need = sum(t.numel() for t in tensors)
+        if self.buffer.numel() < need:
+            self.buffer = torch.empty(0, dtype=self.dtype)  # free the old one before the new one exists
+            self.buffer = torch.empty(need, dtype=self.dtype)
+        out, offset = [], 0
+        for t in tensors:
+            view = self.buffer[offset:offset + t.numel()].view(t.shape)
+            view.copy_(t)
+            out.append(view)
+            offset += t.numel()
+        return out
+
+    def release(self) -> None:
+        self.lock.release()
 
 
 def _storage_casting_hook_type():
@@ -53,32 +91,57 @@ def _storage_casting_hook_type():
 
     class StorageCastingHook(LayerwiseCastingHook):
         """diffusers' layerwise casting hook (under its registry name, so ``ModelMixin.dtype`` reports
-        the compute dtype), but after the call the layer points back at its stored half-precision
-        tensors instead of casting the fp32 copy down again: one cast per call instead of two."""
+        the compute dtype), but the layer's tensors are upcast into the shared workspace and, after the
+        call, point back at their stored half-precision data: one copy per call, nothing allocated."""
+
+        def __init__(self, storage, compute, workspace: _Workspace):
+            super().__init__(storage, compute, non_blocking=False)
+            self.workspace = workspace
+            self.stored: list = []
+            self.in_workspace = False
 
         def pre_forward(self, module, *args, **kwargs):
             self.stored = [(t, t.data) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))
                            if t.is_floating_point()]
-            for tensor, data in self.stored:
-                tensor.data = data.to(self.compute_dtype)
+            views = self.workspace.views([data for _, data in self.stored])
+            self.in_workspace = views is not None
+            for (tensor, data), view in zip(self.stored, views or [None] * len(self.stored)):
+                tensor.data = view if view is not None else data.to(self.compute_dtype)
             return args, kwargs
 
         def post_forward(self, module, output):
-            for tensor, data in getattr(self, "stored", ()):
+            for tensor, data in self.stored:
                 tensor.data = data
             self.stored = []
+            if self.in_workspace:
+                self.in_workspace = False
+                self.workspace.release()
             return output
     return StorageCastingHook
 
 
-def _StorageCastingHook(storage: torch.dtype, compute: torch.dtype):  # noqa: N802 - a class factory
+def _StorageCastingHook(storage: torch.dtype, compute: torch.dtype, workspace: _Workspace):  # noqa: N802
     global _HOOK_TYPE
     if _HOOK_TYPE is None:
         _HOOK_TYPE = _storage_casting_hook_type()
-    return _HOOK_TYPE(storage, compute, non_blocking=False)
+    return _HOOK_TYPE(storage, compute, workspace)
 
 
 _HOOK_TYPE = None
+
+
+def _inplace_vae_silu(model: torch.nn.Module) -> None:
+    """The VAE's SiLUs act on a fresh GroupNorm output nobody else holds (its resnets have no time
+    embedding, the one input a resnet's SiLU could share): computing them in place is the same math
+    and saves one full-resolution activation at the decode's peak (256 channels at 512x512: 268 MB)."""
+    if not hasattr(model, "decoder") or not hasattr(model, "encoder"):
+        return
+    modules = [m for coder in (model.decoder, model.encoder) for m in coder.modules()]
+    if any(getattr(m, "time_emb_proj", None) is not None for m in modules):
+        return  # a resnet with a time embedding: leave this model alone
+    for module in modules:
+        if isinstance(module, torch.nn.SiLU):
+            module.inplace = True
 
 
 def _return_freed_memory_to_the_os() -> None:
