@@ -1,9 +1,9 @@
 """Memory benchmarks on the CPU: low-RAM mode, load to ready, checkpoint switching, tiled VAE.
 
-    venv/bin/python bench/memory.py lowram [--res 512] [--ckpt FILE]   # peak RSS and step time, fp32 vs low-RAM
+    venv/bin/python bench/memory.py lowram [--res 512] [--steps 3] [--ckpt FILE]  # peak RSS, step time: fp32 vs low-RAM
     venv/bin/python bench/memory.py load [--runs 3]                      # fp16 file -> ready, ours vs diffusers
     venv/bin/python bench/memory.py switch [--switches 20] [--mode lowram|fp32]
-    venv/bin/python bench/memory.py vae [--res 2048]                     # tiled VAE decode peak RSS
+    venv/bin/python bench/memory.py vae [--res 2048] [--max-tiles 4]     # tiled VAE decode peak RSS
 
 Each measurement runs in a fresh Python process (peak RSS is per process), on a full-size SD1.5-shaped
 fp16 checkpoint (random weights; generated once into --dir). Prints figures; asserts nothing.
@@ -59,7 +59,46 @@ def _services(ckpt: Path, data_dir: Path, args: list[str]):
     return build_services(opts, paths, options)
 
 
-def child_lowram(ckpt: Path, data_dir: Path, mode: str, res: int) -> dict:
+def reset_peak() -> None:
+    """Start a new VmHWM measurement (Linux: writing 5 to clear_refs resets the peak RSS)."""
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+        f.write("5")
+
+
+class StagePeaks:
+    """Peak RSS per stage of one job: load + prompt, sampling (the UNet's calls), VAE decode.
+    The peak is reset at each boundary, so the job's peak is the largest of the three."""
+
+    def __init__(self, unet, vae):
+        self.peaks: dict[str, int] = {}
+        self.unet_calls: list[float] = []
+        self._stage, self._t = "load+prompt", 0.0
+        self.handles = [unet.register_forward_pre_hook(self._unet_pre), unet.register_forward_hook(self._unet_post),
+                        vae.decoder.register_forward_pre_hook(lambda *_: self._enter("vae decode"))]
+
+    def _enter(self, stage: str) -> None:
+        if stage != self._stage:
+            self.peaks[self._stage] = max(self.peaks.get(self._stage, 0), proc_status()["VmHWM"])
+            reset_peak()
+            self._stage = stage
+
+    def _unet_pre(self, *_):
+        self._enter("sampling")
+        self._t = time.perf_counter()
+
+    def _unet_post(self, *_):
+        self.unet_calls.append(time.perf_counter() - self._t)
+
+    def finish(self) -> dict[str, int]:
+        self._enter("done")
+        for h in self.handles:
+            h.remove()
+        return self.peaks
+
+
+def child_lowram(ckpt: Path, data_dir: Path, mode: str, res: int, steps: int) -> dict:
+    """One txt2img job of ``steps`` steps; step time = the fastest UNet call after the first (in fp32
+    mode the first call also converts each layer from fp16 for good); peak RSS per stage."""
     from modules.core.pipeline import Txt2ImgParams
 
     import diffusers  # noqa: F401 - imports are not part of the load time
@@ -68,20 +107,21 @@ def child_lowram(ckpt: Path, data_dir: Path, mode: str, res: int) -> dict:
     import modules.models.loader  # noqa: F401
 
     services = _services(ckpt, data_dir, ["--lowram" if mode == "lowram" else "--no-lowram"])
+    reset_peak()
     t0 = time.perf_counter()
-    services.models.current()
+    model = services.models.current()
     load = time.perf_counter() - t0
-
-    def run(steps: int) -> float:
-        t = time.perf_counter()
-        services.generation.txt2img(Txt2ImgParams(prompt=PROMPT, steps=steps, width=res, height=res, seed=1,
-                                                  sampler_name="Euler", cfg_scale=7.0))
-        return time.perf_counter() - t
-    run(1)  # warm-up
-    one = min(run(1), run(1))  # the fastest of two: other processes share this CPU
-    two = min(run(2), run(2))
+    stages = StagePeaks(model.components["unet"], model.components["vae"])
+    t = time.perf_counter()
+    services.generation.txt2img(Txt2ImgParams(prompt=PROMPT, steps=steps, width=res, height=res, seed=1,
+                                              sampler_name="Euler", cfg_scale=7.0))
+    job = time.perf_counter() - t
+    peaks = stages.finish()
     services.generation.queue.shutdown()
-    return {"mode": mode, "load_s": load, "step_s": two - one, "one_step_job_s": one, **proc_status()}
+    calls = stages.unet_calls
+    return {"mode": mode, "load_s": load, "job_s": job, "unet_calls_s": calls,
+            "step_s": min(calls[1:] or calls), "stage_peaks": peaks, **proc_status(),
+            "VmHWM": max(peaks.values())}
 
 
 def child_load(ckpt: Path, mode: str, runs: int) -> dict:
@@ -138,7 +178,7 @@ def child_switch(paths: list[Path], mode: str, switches: int) -> dict:
             "ratio_last_to_first": after[-1] / first, "max_ratio": max(after) / first, **proc_status()}
 
 
-def child_vae(ckpt: Path, res: int, mode: str) -> dict:
+def child_vae(ckpt: Path, res: int, mode: str, max_tiles: int) -> dict:
     import torch
 
     torch.set_grad_enabled(False)
@@ -151,11 +191,27 @@ def child_vae(ckpt: Path, res: int, mode: str) -> dict:
     vae = load_vae(ckpt, detection.identify(ckpt), cpu_policy())
     before = proc_status()
     latents = torch.randn(1, 4, res // 8, res // 8)
+    tiles = {"decoded": 0, "calls": 0, "seconds": []}
+    real_decoder = vae.decoder.forward
+
+    def decoder(z, *a, **kw):
+        """The first ``max_tiles`` tiles are really decoded; later ones (when capped) are zeros of the
+        decoded tile's shape, so the blending and the full-size output are still real."""
+        tiles["calls"] += 1
+        if max_tiles and tiles["decoded"] >= max_tiles:
+            return torch.zeros(z.shape[0], 3, z.shape[2] * 8, z.shape[3] * 8, dtype=z.dtype)
+        tiles["decoded"] += 1
+        t0 = time.perf_counter()
+        out = real_decoder(z, *a, **kw)
+        tiles["seconds"].append(time.perf_counter() - t0)
+        return out
+    vae.decoder.forward = decoder
+    reset_peak()
     t = time.perf_counter()
     with torch.inference_mode():
         pixels = vae_tiling.decode(vae, latents, vae_tiling.TilingPolicy(mode=mode))
     return {"res": res, "mode": mode, "seconds": time.perf_counter() - t, "shape": list(pixels.shape),
-            "rss_before_decode": before["VmRSS"], **proc_status()}
+            "tiles": tiles, "rss_before_decode": before["VmRSS"], **proc_status()}
 
 
 # ------------------------------------------------------------------ parent
@@ -180,6 +236,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--switches", type=int, default=20)
     parser.add_argument("--mode", default="lowram")
+    parser.add_argument("--steps", type=int, default=3, help="lowram: steps of the one job per mode")
+    parser.add_argument("--max-tiles", type=int, default=0,
+                        help="vae: decode only this many tiles for real (0: all); the peak is per tile")
     args = parser.parse_args()
     if args.what == "_child":
         return _child(args.rest)
@@ -189,11 +248,15 @@ def main() -> None:
     size = f"{ckpt.name} ({ckpt.stat().st_size / 1e9:.2f} GB)"
     if args.what == "lowram":
         res = args.res or 512
-        rows = [spawn("lowram", str(ckpt), str(workdir / "data"), mode, str(res)) for mode in ("fp32", "lowram")]
-        print(f"{size} at {res}x{res}, Euler, CFG 7, batch 1, our txt2img path (step = 2-step job - 1-step job):")
+        rows = [spawn("lowram", str(ckpt), str(workdir / "data"), mode, str(res), str(args.steps))
+                for mode in ("fp32", "lowram")]
+        print(f"{size} at {res}x{res}, Euler, CFG 7, batch 1, one {args.steps}-step job on our txt2img path "
+              f"(step = the fastest UNet call after the first; peak RSS per stage, load included):")
         for r in rows:
-            print(f"  {r['mode']:7s} load {r['load_s']:.2f}s  step {r['step_s']:.2f}s  peak RSS {gb(r['VmHWM'])}"
-                  f"  (RSS now {gb(r['VmRSS'])}: anon {gb(r['RssAnon'])}, file {gb(r['RssFile'])})")
+            stages = ", ".join(f"{k} {gb(v)}" for k, v in r["stage_peaks"].items())
+            print(f"  {r['mode']:7s} load {r['load_s']:.2f}s  step {r['step_s']:.2f}s "
+                  f"(calls {[round(c, 2) for c in r['unet_calls_s']]})  job {r['job_s']:.1f}s  peak RSS {gb(r['VmHWM'])}"
+                  f"  [{stages}]  (RSS after: anon {gb(r['RssAnon'])}, file {gb(r['RssFile'])})")
         fp32, low = rows
         print(f"  low-RAM / fp32: step time {low['step_s'] / fp32['step_s']:.3f}x (target <= 1.10x), "
               f"peak RSS {gb(low['VmHWM'])} (target <= 3.0 GB)")
@@ -220,21 +283,25 @@ def main() -> None:
               f"peak RSS {gb(r['VmHWM'])}")
     elif args.what == "vae":
         res = args.res or 2048
-        r = spawn("vae", str(ckpt), str(res), "Automatic")
-        print(f"SD1.5 VAE decode {res}x{res} on the CPU, fp32, tiled (Automatic): {r['seconds']:.1f}s, "
-              f"peak RSS {gb(r['VmHWM'])} (RSS before decode {gb(r['rss_before_decode'])}; target peak < 4 GB)")
+        r = spawn("vae", str(ckpt), str(res), "Automatic", str(args.max_tiles))
+        t = r["tiles"]
+        per_tile = statistics.median(t["seconds"]) if t["seconds"] else 0.0
+        part = "all" if t["decoded"] == t["calls"] else f"the first {t['decoded']} (the rest zeros of the same shape)"
+        print(f"SD1.5 VAE decode {res}x{res} on the CPU, fp32, tiled (Automatic): {t['calls']} tiles, {part} "
+              f"decoded, {per_tile:.1f}s per tile (median), {r['seconds']:.1f}s in all")
+        print(f"  peak RSS {gb(r['VmHWM'])} (RSS before decode {gb(r['rss_before_decode'])}; target peak < 4 GB)")
 
 
 def _child(rest: list[str]) -> None:
     kind, *a = rest
     if kind == "lowram":
-        result = child_lowram(Path(a[0]), Path(a[1]), a[2], int(a[3]))
+        result = child_lowram(Path(a[0]), Path(a[1]), a[2], int(a[3]), int(a[4]))
     elif kind == "load":
         result = child_load(Path(a[0]), a[1], int(a[2]))
     elif kind == "switch":
         result = child_switch([Path(p) for p in a[2:]], a[0], int(a[1]))
     else:
-        result = child_vae(Path(a[0]), int(a[1]), a[2])
+        result = child_vae(Path(a[0]), int(a[1]), a[2], int(a[3]))
     print(json.dumps(result))
 
 
