@@ -246,6 +246,7 @@ def main() -> None:
     parser.add_argument("--switches", type=int, default=20)
     parser.add_argument("--mode", default="lowram")
     parser.add_argument("--steps", type=int, default=3, help="lowram: steps of the one job per mode")
+    parser.add_argument("--only", choices=("fp32", "lowram"), default=None, help="lowram: run one mode only")
     parser.add_argument("--max-tiles", type=int, default=0,
                         help="vae: decode only this many tiles for real (0: all); the peak is per tile")
     args = parser.parse_args()
@@ -257,8 +258,8 @@ def main() -> None:
     size = f"{ckpt.name} ({ckpt.stat().st_size / 1e9:.2f} GB)"
     if args.what == "lowram":
         res = args.res or 512
-        rows = [spawn("lowram", str(ckpt), str(workdir / "data"), mode, str(res), str(args.steps))
-                for mode in ("fp32", "lowram")]
+        modes = [m for m in ("fp32", "lowram") if args.only in (None, m)]
+        rows = [spawn("lowram", str(ckpt), str(workdir / "data"), mode, str(res), str(args.steps)) for mode in modes]
         print(f"{size} at {res}x{res}, Euler, CFG 7, batch 1, one {args.steps}-step job on our txt2img path "
               f"(step = the fastest UNet call after the first; peak RSS per stage, load included):")
         for r in rows:
@@ -266,6 +267,8 @@ def main() -> None:
             print(f"  {r['mode']:7s} load {r['load_s']:.2f}s  step {r['step_s']:.2f}s "
                   f"(calls {[round(c, 2) for c in r['unet_calls_s']]})  job {r['job_s']:.1f}s  peak RSS {gb(r['VmHWM'])}"
                   f"  [{stages}]  (RSS after: anon {gb(r['RssAnon'])}, file {gb(r['RssFile'])})")
+        if len(rows) < 2:
+            return
         fp32, low = rows
         print(f"  low-RAM / fp32: step time {low['step_s'] / fp32['step_s']:.3f}x (target <= 1.10x), "
               f"peak RSS {gb(low['VmHWM'])} (target <= 3.0 GB)")

@@ -142,6 +142,32 @@ def _inplace_vae_silu(model: torch.nn.Module) -> None:
     for module in modules:
         if isinstance(module, torch.nn.SiLU):
             module.inplace = True
+        elif _is_plain_resnet(module):
+            module.forward = _lean_resnet_forward.__get__(module)
+
+
+def _is_plain_resnet(module: torch.nn.Module) -> bool:
+    from diffusers.models.resnet import ResnetBlock2D
+
+    return (type(module) is ResnetBlock2D and module.upsample is None and module.downsample is None
+            and module.time_emb_proj is None and module.time_embedding_norm in ("default", "group"))
+
+
+def _lean_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs):
+    """diffusers' ``ResnetBlock2D.forward`` for a VAE resnet (no time embedding, no resampling), with the
+    residual added in place into the fresh conv output: ``(x + h) / s`` there allocates two more
+    full-size tensors, the decode's peak at 512x512 (diffusers has no option for this)."""
+    if temb is not None or args or kwargs:  # not how a VAE calls it: the library's own forward
+        return type(self).forward(self, input_tensor, temb, *args, **kwargs)
+    hidden = self.nonlinearity(self.norm1(input_tensor))
+    hidden = self.conv1(hidden)
+    hidden = self.nonlinearity(self.norm2(hidden))
+    hidden = self.conv2(self.dropout(hidden))
+    shortcut = self.conv_shortcut(input_tensor.contiguous()) if self.conv_shortcut is not None else input_tensor
+    hidden.add_(shortcut)  # x + h and h + x are the same IEEE sum
+    if self.output_scale_factor != 1.0:
+        hidden.div_(self.output_scale_factor)
+    return hidden
 
 
 def _return_freed_memory_to_the_os() -> None:
