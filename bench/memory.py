@@ -4,6 +4,7 @@
     venv/bin/python bench/memory.py load [--runs 3]                      # fp16 file -> ready, ours vs diffusers
     venv/bin/python bench/memory.py switch [--switches 20] [--mode lowram|fp32]
     venv/bin/python bench/memory.py vae [--res 2048] [--max-tiles 4]     # tiled VAE decode peak RSS
+    venv/bin/python bench/memory.py vae-trace [--res 512]                # decode activation peaks, traced (seconds)
 
 Each measurement runs in a fresh Python process (peak RSS is per process), on a full-size SD1.5-shaped
 fp16 checkpoint (random weights; generated once into --dir). Prints figures; asserts nothing.
@@ -215,6 +216,49 @@ def child_vae(ckpt: Path, res: int, mode: str, max_tiles: int) -> dict:
             "tiles": tiles, "rss_before_decode": before["VmRSS"], **proc_status()}
 
 
+def trace_decode_activations(res: int, lowram: bool, tile: int | None = None) -> tuple[int, str]:
+    """Peak bytes of live tensors during an SD1.5 VAE decode of ``res``x``res``, traced on the meta
+    device: shapes only, no compute, so it runs in seconds on any machine. It counts what the decode
+    itself holds (activations, not weights, allocator slack or library scratch): a lower bound on the
+    RSS the decode adds, for comparing decode strategies. ``lowram``: with precision.py's VAE changes."""
+    import weakref
+
+    import torch
+    from diffusers import AutoencoderKL
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from modules.engine import vae_tiling
+    from modules.models import precision
+
+    class LiveBytes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.live: dict[int, int] = {}
+            self.peak, self.where = 0, ""
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in self.live:
+                    key = t.untyped_storage()._cdata
+                    self.live[key] = t.untyped_storage().nbytes()
+                    weakref.finalize(t, self.live.pop, key, None)
+                    if sum(self.live.values()) > self.peak:
+                        self.peak, self.where = sum(self.live.values()), f"{func._schema.name} {tuple(t.shape)}"
+            return out
+
+    config = json.loads((ROOT / "configs/diffusers/sd1/vae/config.json").read_text())
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(config)
+    if lowram:
+        precision._inplace_vae_silu(vae)  # noqa: SLF001 - what apply_lowram_casting does to a VAE
+    latents = torch.randn(1, 4, res // 8, res // 8, device="meta")
+    policy = vae_tiling.TilingPolicy(mode="Always" if tile else "Never", tile=tile)
+    with torch.inference_mode(), LiveBytes() as trace:
+        vae_tiling.decode(vae, latents, policy)
+    return trace.peak, trace.where
+
+
 # ------------------------------------------------------------------ parent
 
 
@@ -237,7 +281,7 @@ def spawn(*args: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("lowram", "load", "switch", "vae", "_child"))
+    parser.add_argument("what", choices=("lowram", "load", "switch", "vae", "vae-trace", "_child"))
     parser.add_argument("rest", nargs="*")
     parser.add_argument("--dir", default=str(DEFAULT_DIR))
     parser.add_argument("--ckpt", default=None, help="an fp16 SD1.5 .safetensors (default: generate one into --dir)")
@@ -293,6 +337,13 @@ def main() -> None:
               f"{[round(x / 1e9, 2) for x in r['rss_after_each_switch']]} GB")
         print(f"  last / first {r['ratio_last_to_first']:.3f}x, worst {r['max_ratio']:.3f}x (target: within 5%); "
               f"peak RSS {gb(r['VmHWM'])}")
+    elif args.what == "vae-trace":
+        print("SD1.5 VAE decode: peak of live tensors (activations only; meta-device trace, no compute):")
+        for res, tile in ((args.res or 512, None), (2048, 512)):
+            for lowram in (False, True):
+                peak, where = trace_decode_activations(res, lowram, tile)
+                print(f"  {res}x{res} {'tiled ' + str(tile) + ' px' if tile else 'untiled':14s} "
+                      f"{'low-RAM VAE' if lowram else 'plain VAE':11s} {peak / 1e6:6.0f} MB  (at {where})")
     elif args.what == "vae":
         res = args.res or 2048
         r = spawn("vae", str(ckpt), str(res), "Automatic", str(args.max_tiles))
