@@ -110,7 +110,7 @@ def test_the_embedded_estimator_computes_what_its_transformers_model_computes(ti
         assert np.allclose(ours, reference, atol=1e-5) and reference.std() > 1e-3
 
 
-@pytest.mark.parametrize("damage", ["drop", "reshape", "extra"])
+@pytest.mark.parametrize("damage", ["drop", "reshape", "scalar", "extra", "huge-input"])
 def test_incomplete_or_damaged_weights_are_not_used(tiny_midas, damage):
     weights = dict(tiny_midas)
     key = "depth_model.model.pretrained.model.blocks.5.attn.qkv.weight"
@@ -118,8 +118,12 @@ def test_incomplete_or_damaged_weights_are_not_used(tiny_midas, damage):
         del weights[key]
     elif damage == "reshape":
         weights[key] = weights[key][:-3]
-    else:
+    elif damage == "scalar":
+        weights[key] = torch.tensor(1.0)
+    elif damage == "extra":
         weights["depth_model.model.pretrained.model.blocks.5.attn.evil.weight"] = torch.zeros(2)
+    else:  # a position table for a 1600x1600 input: the image would be resized to that
+        weights["depth_model.model.pretrained.model.pos_embed"] = torch.zeros(1, 100 * 100 + 1, 24)
     embedded = midas_embedded.EmbeddedMidas(weights, "x.ckpt")
     assert not embedded.usable and "x.ckpt" in embedded.describe_problem()
     with pytest.raises(RuntimeError, match="not used"):

@@ -38,6 +38,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "depth" / "dpt-hy
 # timm's ImageNet classifier on the ViT: MiDaS never runs it (transformers' conversion drops it too).
 UNUSED = frozenset({"pretrained.model.head.weight", "pretrained.model.head.bias"})
 _RESULT_CACHE = 4
+MAX_IMAGE_SIZE = 1024  # DPT-Hybrid runs at 384
 
 
 # ---------------------------------------------------------------- names
@@ -101,6 +102,8 @@ def convert(midas: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
         targets = transformers_names(name)
         if targets is None:
             unknown.append(name)
+        elif len(targets) == 3 and (tensor.dim() == 0 or tensor.shape[0] % 3):
+            unknown.append(f"{name} of shape {tuple(tensor.shape)}")  # no query/key/value in it
         elif len(targets) == 3:
             for target, part in zip(targets, tensor.chunk(3, dim=0)):
                 out[target] = part
@@ -124,18 +127,21 @@ def config_for(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
     hidden = shapes["dpt.embeddings.cls_token"][-1]
     grid = round((shapes["dpt.embeddings.position_embeddings"][1] - 1) ** 0.5)
     stage = "dpt.embeddings.backbone.bit.encoder.stages.{}.layers.{}.conv3.weight"
-    depths = [sum(1 for k in shapes if re.fullmatch(stage.format(s, r"\d+").replace(".", r"\."), k))
-              for s in range(len(bit["depths"]))]
+    depths = [_count(shapes, re.escape(stage.format(s, "N")).replace("N", r"\d+")) for s in range(len(bit["depths"]))]
     widths = [shapes[stage.format(s, 0)][0] for s in range(len(depths))]
     bit.update(embedding_size=shapes["dpt.embeddings.backbone.bit.embedder.convolution.weight"][0],
                depths=depths, hidden_sizes=widths + bit["hidden_sizes"][len(widths):])
     cfg.update(hidden_size=hidden, image_size=grid * cfg["patch_size"],
-               num_hidden_layers=sum(1 for k in shapes if re.fullmatch(r"dpt\.encoder\.layer\.\d+\.output\.dense\.weight", k)),
+               num_hidden_layers=_count(shapes, r"dpt\.encoder\.layer\.\d+\.output\.dense\.weight"),
                intermediate_size=shapes["dpt.encoder.layer.0.intermediate.dense.weight"][0],
                backbone_featmap_shape=[1, widths[-1], grid, grid], backbone_config=bit,
                neck_hidden_sizes=[shapes[f"neck.convs.{i}.weight"][1] for i in range(4)],
                fusion_hidden_size=shapes["neck.convs.0.weight"][0])
     return cfg
+
+
+def _count(shapes: Mapping[str, Any], pattern: str) -> int:
+    return sum(1 for k in shapes if re.fullmatch(pattern, k))
 
 
 def build_empty(cfg: Mapping[str, Any]) -> Any:
@@ -151,6 +157,8 @@ def check(weights: Mapping[str, Any], unknown: list[str]) -> tuple[dict[str, Any
     """(config, None) when these transformers-named weights are exactly a DPT-Hybrid, else (None, why)."""
     try:
         cfg = config_for({k: tuple(v.shape) for k, v in weights.items()})
+        if not 16 <= cfg["image_size"] <= MAX_IMAGE_SIZE:  # the input is resized to it: bound it
+            return None, f"their input size {cfg['image_size']} is not that of a MiDaS model"
         expected = {k: tuple(v.shape) for k, v in build_empty(cfg).state_dict().items()}
     except KeyError as exc:  # a tensor the sizes are read from
         return None, f"they are incomplete ({len(weights)} tensors; no {exc.args[0]})"
@@ -268,8 +276,7 @@ def _assign(model: Any, weights: dict[str, Any]) -> Any:
     import torch
 
     weights = {k: v.to(torch.float32) for k, v in weights.items()}
-    result = model.load_state_dict(weights, strict=True, assign=True)
-    assert not result.missing_keys and not result.unexpected_keys
+    model.load_state_dict(weights, strict=True, assign=True)  # the keys and shapes were checked at load
     model.requires_grad_(False)
     return model.eval()
 
