@@ -10,8 +10,10 @@ The weights are taken out of the checkpoint's state dict as it is read (weights_
 nothing is unpickled twice), renamed to transformers' DPT-Hybrid layout and assigned to a
 ``DPTForDepthEstimation`` built on the meta device from the shipped ``configs/depth/dpt-hybrid-midas``
 (Intel/dpt-hybrid-midas's config, the model diffusers' StableDiffusionDepth2ImgPipeline uses). The sizes
-the tensors fix (widths, depths, grid) are read from them, so a mismatch is impossible; the rest
-(heads, norms, activations) comes from the shipped config. Preprocessing is that pipeline's
+the tensors fix (widths, depths, grid) are read from them (for 512-depth-ema.ckpt they are the shipped
+values; tiny test files take the same path); the rest (heads, norms, activations) comes from the
+shipped config. The tensors stay with the loaded model (about 0.5 GB in the real file's float32) and
+become the model's own on first use. Preprocessing is that pipeline's
 DPTImageProcessor: the image resized (bicubic) to 384x384 and normalised to [-1, 1]. ldm's own
 transform keeps the aspect ratio (multiple of 32), which transformers' DPT-Hybrid cannot take (it
 accepts only its configured square size).
@@ -184,7 +186,6 @@ class EmbeddedMidas:
         self._weights, unknown = convert(midas)
         unknown += [k for k in tensors if not k.startswith(MODEL_PREFIX)]
         self.source = source
-        self.count = len(tensors)
         self._config, self.problem = check(self._weights, unknown)
         if self.problem:
             self._weights = {}  # never used: do not keep the tensors
