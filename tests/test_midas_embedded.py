@@ -207,3 +207,24 @@ def test_partial_depth_model_keys_fall_back_with_the_reason(services):
     assert "depth-partial-midas.safetensors" in message and "incomplete" in message and "missing" in message
     model = services.models.loaded_model
     assert midas_embedded.of(model) is None and "not used" in model.status
+
+
+def test_an_installed_estimator_folder_is_used_before_the_checkpoints_own(services):
+    import shutil
+
+    from tiny_depth import make_tiny_dpt
+
+    run(services, "depth-with-midas")
+    model = services.models.loaded_model
+    init = InitImages(images=[init_image()], masks=None, denoising_strength=0.5, inpainting_fill=1)
+    own = depth2img.depth_image_cond(model, init, 64, 64, torch.device("cpu"), torch.float32)
+    folder = make_tiny_dpt(services.paths.models_dir / "depth" / "tiny-dpt-hybrid-midas")
+    try:
+        estimators = depth_models.default_estimators()
+        from_folder = torch.from_numpy(estimators.estimate_raw(init_image(), estimators.find()))
+        used = depth2img.depth_image_cond(model, init, 64, 64, torch.device("cpu"), torch.float32)
+        assert torch.equal(used, depth2img._latent_depth(from_folder, (8, 8)))
+        assert not torch.allclose(used, own, atol=1e-3)
+    finally:
+        depth_models.default_estimators().unload()
+        shutil.rmtree(folder)
