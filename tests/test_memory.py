@@ -276,6 +276,30 @@ def test_lowram_weights_stay_writable_parameters_for_lora_merging(tmp_path):
     assert torch.allclose(a, b, atol=2e-3)
 
 
+def test_lowram_upcasts_into_a_workspace_that_no_idle_model_holds(tmp_path):
+    path = fp16_checkpoint(tmp_path / "a.safetensors")
+    low = load_checkpoint(path, cpu_policy(lowram=True))
+    unet, te = low.components["unet"], low.components["text_encoder"]
+    hook = unet.conv_in._diffusers_hook.get_hook("layerwise_casting")
+    seen: list[int] = []
+    stored = unet.conv_out.weight.data_ptr()
+    unet.conv_out.register_forward_pre_hook(lambda m, _a: seen.append(m.weight.data_ptr()))
+    with torch.no_grad():
+        x, emb = torch.randn(1, 4, 8, 8), torch.randn(1, 77, unet.config.cross_attention_dim)
+        unet(x, 10, emb)
+        ids = torch.tensor([[49406, 320, 49407]])
+        hidden = te(ids)[0]
+    # the layer ran on an fp32 copy (a view of the workspace), which was freed after the UNet's call
+    assert seen and seen[0] != stored and hook.workspace.buffer.numel() == 0
+    assert unet.conv_out.weight.dtype == torch.float16 and unet.conv_out.weight.data_ptr() == stored
+    table = te.get_input_embeddings()
+    assert table.weight.dtype == torch.float16 and hidden.dtype == torch.float32
+    with torch.no_grad():  # the lookup's rows converted: exactly the fp32 table's rows
+        assert torch.equal(table(ids), table.weight.float()[ids])
+    vae = low.components["vae"]
+    assert all(m.inplace for m in vae.decoder.modules() if isinstance(m, torch.nn.SiLU))
+
+
 # ------------------------------------------------------------------ tiled VAE
 
 
