@@ -283,7 +283,8 @@ def test_lowram_upcasts_into_a_workspace_that_no_idle_model_holds(tmp_path):
     hook = unet.conv_in._diffusers_hook.get_hook("layerwise_casting")
     seen: list[int] = []
     stored = unet.conv_out.weight.data_ptr()
-    unet.conv_out.register_forward_pre_hook(lambda m, _a: seen.append(m.weight.data_ptr()))
+    conv = unet.conv_out._conv_forward  # what Conv2d.forward calls with the weight it computes with
+    unet.conv_out._conv_forward = lambda x, w, bias: (seen.append(w.data_ptr()), conv(x, w, bias))[1]
     with torch.no_grad():
         x, emb = torch.randn(1, 4, 8, 8), torch.randn(1, 77, unet.config.cross_attention_dim)
         unet(x, 10, emb)
@@ -291,6 +292,7 @@ def test_lowram_upcasts_into_a_workspace_that_no_idle_model_holds(tmp_path):
         hidden = te(ids)[0]
     # the layer ran on an fp32 copy (a view of the workspace), which was freed after the UNet's call
     assert seen and seen[0] != stored and hook.workspace.buffer.numel() == 0
+    assert unet.conv_out(torch.randn(1, unet.config.block_out_channels[0], 4, 4)).dtype == torch.float32
     assert unet.conv_out.weight.dtype == torch.float16 and unet.conv_out.weight.data_ptr() == stored
     table = te.get_input_embeddings()
     assert table.weight.dtype == torch.float16 and hidden.dtype == torch.float32
