@@ -1,16 +1,21 @@
 """LoRA: apply / switch time, per-step cost and extra memory; ours vs raw diffusers load_lora_weights + fuse_lora.
 
-    flock /tmp/bench.lock venv/bin/python bench/lora.py [--size full|tiny] [--rank 32] [--res 256]
+    flock -w 900 /tmp/bench.lock venv/bin/python bench/lora.py [--size full|tiny] [--rank 32] [--res 256]
 
 On the full-size SD1.5 layout (random weights, bench/common.py) two realistic kohya LoRAs are made:
 rank 32, alpha 16, fp16, every UNet attention and feed-forward layer and every text-encoder
 attention/MLP layer (the layers kohya's default LoRA trains). Timed:
 
 * apply: the first job's LoRA (file read + merge), the same set again (should cost nothing), a switch
-  to the other LoRA, to both, and back to none (restore); every switch includes reading its files;
+  A -> B (restore A's layers + read and merge B), back B -> A (A's file is read again: A1111's default
+  lora_in_memory_limit of 0), a new multiplier for the merged LoRA (its parsed file is kept), both, and
+  back to none (restore); target <= 0.5 s per LoRA;
 * diffusers: load_lora_weights + fuse_lora, and a switch (unfuse + unload + load + fuse), same files;
-* per step: seconds per step with the LoRA applied / without it, from 1- and 2-step jobs at 256x256
-  (the difference cancels text encoding and decoding); target <= 1.01x;
+* per step, with the LoRA merged / without (target <= 1.01x): one UNet call (CFG batch of 2) at
+  256x256, with and without alternated so machine load hits both alike, min and median; and real
+  txt2img jobs, (2-step job - 1-step job) medians, which cancels text encoding and decoding;
+* hooks: forward hooks, pre-hooks, parametrizations and non-library module classes in the UNet and
+  text encoder, with and without the LoRA (merging must leave nothing in the forward);
 * memory: our backups (the touched layers' original weights) and the process RSS growth.
 
 Prints the figures and ratios; asserts nothing.
@@ -54,6 +59,19 @@ def timed(fn) -> float:
     return t.seconds
 
 
+def hook_count(model) -> int:
+    """Forward hooks, pre-hooks and parametrizations on the UNet and text encoder (0 expected: a merged
+    LoRA must leave nothing in the forward)."""
+    import torch
+
+    count = 0
+    for module in (m for c in (model.pipe.unet, model.pipe.text_encoder) for m in c.modules()):
+        count += len(module._forward_hooks) + len(module._forward_pre_hooks)
+        count += len(getattr(module, "parametrizations", {}))
+        count += not type(module).__module__.startswith(("torch.", "diffusers.", "transformers."))
+    return count + len(torch.nn.modules.module._global_forward_hooks)
+
+
 def ours(services, model) -> dict[str, float]:
     engine = services.networks.engine
     encoder = services.generation._encoder_for(model)
@@ -62,28 +80,66 @@ def ours(services, model) -> dict[str, float]:
     def activate(tags: str):
         return lambda: engine.activate(model, encoder, [f"{PROMPT} {tags}"])
     rss0 = rss_mb()
-    out = {"first apply (read file + merge) s": timed(activate("<lora:bench_a:1>"))}
+    out = {"hooks/wrappers/parametrizations without LoRA": hook_count(model)}
+    out["first apply (read file + merge) s"] = timed(activate("<lora:bench_a:1>"))
+    out["hooks/wrappers/parametrizations with LoRA"] = hook_count(model)
     out["backups MB"] = merger.backup_bytes / 2**20
     out["RSS growth after first apply MB"] = rss_mb() - rss0
     out["same set again s"] = timed(activate("<lora:bench_a:1>"))
-    # lora_in_memory_limit is 0 (A1111's default): every switch reads its files again, as in real use
-    out["switch A -> B s"] = timed(activate("<lora:bench_b:1>"))
-    out["switch to A + B s"] = timed(activate("<lora:bench_a:1> <lora:bench_b:0.5>"))
+    # lora_in_memory_limit is 0 (A1111's default): a file not in the merged set is read again, as in real use
+    out["switch A -> B (restore A, read + merge B) s"] = timed(activate("<lora:bench_b:1>"))
+    out["switch B -> A (read again) s"] = timed(activate("<lora:bench_a:1>"))
+    out["new multiplier A:1 -> A:0.5 s"] = timed(activate("<lora:bench_a:0.5>"))
+    out["switch to A + B (2 LoRAs) s"] = timed(activate("<lora:bench_a:1> <lora:bench_b:0.5>"))
     out["back to none (restore) s"] = timed(activate(""))
     out["backups after restore MB"] = merger.backup_bytes / 2**20
     return out
 
 
-def per_step(services, tags: str, res: int, repeats: int) -> float:
+def unet_call_times(services, model, res: int, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds of one UNet call (a CFG batch of 2) without / with the LoRA merged, the two alternated so
+    that load changes on the machine hit both alike; merging happens outside the timing."""
+    import torch
+
+    engine = services.networks.engine
+    encoder = services.generation._encoder_for(model)
+    unet = model.pipe.unet
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, unet.config.in_channels, res // 8, res // 8, generator=gen)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen)
+    step = torch.tensor(500)
+    times: dict[str, list[float]] = {"": [], "<lora:bench_a:1>": []}
+    with torch.inference_mode():
+        unet(sample, step, context)   # warm-up
+        for _ in range(repeats):
+            for tags, found in times.items():
+                engine.activate(model, encoder, [f"{PROMPT} {tags}"])
+                found.append(timed(lambda: unet(sample, step, context)))
+    return times[""], times["<lora:bench_a:1>"]
+
+
+def job_step_times(services, res: int, repeats: int) -> tuple[float, float]:
+    """Seconds per sampling step of real txt2img jobs without / with the LoRA: (2-step job - 1-step job),
+    medians, the four kinds of job alternated; the LoRA is merged before each timed job."""
     from modules.core.pipeline import Txt2ImgParams
 
-    def run(steps: int):
-        services.generation.txt2img(Txt2ImgParams(prompt=f"{PROMPT} {tags}", steps=steps, width=res, height=res,
-                                                  seed=1, sampler_name="Euler", cfg_scale=7.0))
-    run(1)  # warm-up; with a LoRA this also merges it once
-    one = statistics.median(timed(lambda: run(1)) for _ in range(repeats))
-    two = statistics.median(timed(lambda: run(2)) for _ in range(repeats))
-    return two - one
+    engine, model = services.networks.engine, services.models.current()
+    encoder = services.generation._encoder_for(model)
+
+    def run(tags: str, steps: int) -> float:
+        engine.activate(model, encoder, [f"{PROMPT} {tags}"])
+        return timed(lambda: services.generation.txt2img(Txt2ImgParams(
+            prompt=f"{PROMPT} {tags}", steps=steps, width=res, height=res, seed=1, sampler_name="Euler",
+            cfg_scale=7.0)))
+    run("", 1)   # warm-up
+    kinds = {(tags, steps): [] for tags in ("", "<lora:bench_a:1>") for steps in (1, 2)}
+    for _ in range(repeats):
+        for (tags, steps), found in kinds.items():
+            found.append(run(tags, steps))
+
+    def step(tags: str) -> float:
+        return statistics.median(kinds[(tags, 2)]) - statistics.median(kinds[(tags, 1)])
+    return step(""), step("<lora:bench_a:1>")
 
 
 def diffusers_times(pipe, a: Path, b: Path) -> dict[str, float]:
@@ -107,7 +163,8 @@ def main() -> None:
     parser.add_argument("--size", choices=("tiny", "full"), default="full")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--res", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2, help="txt2img jobs of each kind")
+    parser.add_argument("--unet-repeats", type=int, default=4, help="UNet calls with and without the LoRA")
     args = parser.parse_args()
 
     import torch
@@ -128,20 +185,30 @@ def main() -> None:
     print(f"checkpoint {ckpt.name}; UNet + text encoder {weights_mb:.0f} MB; LoRA rank {args.rank}, "
           f"{size_mb:.1f} MB file; torch threads {torch.get_num_threads()}")
     results = ours(services, model)
-    results["per step without LoRA s"] = per_step(services, "", args.res, args.repeats)
-    results["per step with one LoRA s"] = per_step(services, "<lora:bench_a:1>", args.res, args.repeats)
+    without, with_lora = unet_call_times(services, model, args.res, args.unet_repeats)
+    results["UNet call without LoRA s (min)"], results["UNet call with LoRA s (min)"] = min(without), min(with_lora)
+    results["UNet call without LoRA s (median)"] = statistics.median(without)
+    results["UNet call with LoRA s (median)"] = statistics.median(with_lora)
+    results["job step without LoRA s"], results["job step with LoRA s"] = job_step_times(services, args.res,
+                                                                                       args.repeats)
     services.networks.engine.merger(model).restore()
     results.update(diffusers_times(model.pipe, lora_dir / "bench_a.safetensors", lora_dir / "bench_b.safetensors"))
     for key, value in results.items():
         print(f"{key:52s} {value:10.3f}")
-    print(f"ratio per-step with/without LoRA (target <= 1.01, {args.res}px, 1 vs 2 steps): "
-          f"{results['per step with one LoRA s'] / results['per step without LoRA s']:.3f}x")
-    print(f"ratio first apply ours/diffusers: "
-          f"{results['first apply (read file + merge) s'] / results['diffusers load + fuse s']:.2f}x; "
-          f"switch ours/diffusers: "
-          f"{results['switch A -> B s'] / results['diffusers switch (unfuse, unload, load, fuse) s']:.2f}x "
-          f"(target: <= 0.5 s per LoRA)")
-    print(f"backups / touched share of weights: {results['backups MB']:.0f} MB of {weights_mb:.0f} MB")
+    r = results
+    print(f"switch time per LoRA: A -> B {r['switch A -> B (restore A, read + merge B) s']:.3f} s, "
+          f"B -> A {r['switch B -> A (read again) s']:.3f} s, "
+          f"to A + B {r['switch to A + B (2 LoRAs) s'] / 2:.3f} s per LoRA (target <= 0.5 s per LoRA)")
+    print(f"ratio switch ours/diffusers: "
+          f"{r['switch A -> B (restore A, read + merge B) s'] / r['diffusers switch (unfuse, unload, load, fuse) s']:.2f}x;"
+          f" first apply ours/diffusers: {r['first apply (read file + merge) s'] / r['diffusers load + fuse s']:.2f}x")
+    print(f"ratio per step with/without LoRA (target <= 1.01): UNet call {args.res}px "
+          f"{r['UNet call with LoRA s (min)'] / r['UNet call without LoRA s (min)']:.3f}x (min of {args.unet_repeats}), "
+          f"{r['UNet call with LoRA s (median)'] / r['UNet call without LoRA s (median)']:.3f}x (median); "
+          f"txt2img job (2-step - 1-step) {r['job step with LoRA s'] / r['job step without LoRA s']:.3f}x")
+    print(f"hooks/wrappers/parametrizations left in the forward: {r['hooks/wrappers/parametrizations with LoRA']:.0f} "
+          f"with LoRA, {r['hooks/wrappers/parametrizations without LoRA']:.0f} without")
+    print(f"backups / touched share of weights: {r['backups MB']:.0f} MB of {weights_mb:.0f} MB")
     services.generation.queue.shutdown()
 
 
