@@ -12,7 +12,8 @@ attention/MLP layer (the layers kohya's default LoRA trains). Timed:
   back to none (restore); target <= 0.5 s per LoRA;
 * diffusers: load_lora_weights + fuse_lora, and a switch (unfuse + unload + load + fuse), same files;
 * per step, with the LoRA merged / without (target <= 1.01x): one UNet call (CFG batch of 2) at
-  256x256, with and without alternated so machine load hits both alike, min and median; and real
+  256x256, with and without alternated so machine load hits both alike, min and median, also with
+  denormals flushed (random weights may produce denormal activations, slow on x86); and real
   txt2img jobs, (2-step job - 1-step job) medians, which cancels text encoding and decoding;
 * hooks: forward hooks, pre-hooks, parametrizations and non-library module classes in the UNet and
   text encoder, with and without the LoRA (merging must leave nothing in the forward);
@@ -47,6 +48,14 @@ def build(ckpt: Path, data_dir: Path):
     return build_services(opts, paths, options)
 
 
+class Figures(dict):
+    """The measured figures, each printed as soon as it is taken (a run cut short still reports)."""
+
+    def __setitem__(self, key: str, value: float) -> None:
+        super().__setitem__(key, value)
+        print(f"{key:52s} {value:10.3f}", flush=True)
+
+
 def rss_mb() -> float:
     import psutil
 
@@ -72,7 +81,7 @@ def hook_count(model) -> int:
     return count + len(torch.nn.modules.module._global_forward_hooks)
 
 
-def ours(services, model) -> dict[str, float]:
+def ours(services, model, out: Figures) -> None:
     engine = services.networks.engine
     encoder = services.generation._encoder_for(model)
     merger = engine.merger(model)
@@ -80,7 +89,7 @@ def ours(services, model) -> dict[str, float]:
     def activate(tags: str):
         return lambda: engine.activate(model, encoder, [f"{PROMPT} {tags}"])
     rss0 = rss_mb()
-    out = {"hooks/wrappers/parametrizations without LoRA": hook_count(model)}
+    out["hooks/wrappers/parametrizations without LoRA"] = hook_count(model)
     out["first apply (read file + merge) s"] = timed(activate("<lora:bench_a:1>"))
     out["hooks/wrappers/parametrizations with LoRA"] = hook_count(model)
     out["backups MB"] = merger.backup_bytes / 2**20
@@ -93,12 +102,13 @@ def ours(services, model) -> dict[str, float]:
     out["switch to A + B (2 LoRAs) s"] = timed(activate("<lora:bench_a:1> <lora:bench_b:0.5>"))
     out["back to none (restore) s"] = timed(activate(""))
     out["backups after restore MB"] = merger.backup_bytes / 2**20
-    return out
 
 
-def unet_call_times(services, model, res: int, repeats: int) -> tuple[list[float], list[float]]:
-    """Seconds of one UNet call (a CFG batch of 2) without / with the LoRA merged, the two alternated so
-    that load changes on the machine hit both alike; merging happens outside the timing."""
+def unet_call_times(services, model, res: int, repeats: int) -> dict[tuple[bool, str], list[float]]:
+    """Seconds of one UNet call (a CFG batch of 2), {(flush denormals?, tags): times}: without / with the
+    LoRA merged, alternated so that load changes on the machine hit both alike; merging happens outside
+    the timing. With denormals flushed too: random weights can drive activations into the denormal
+    range, where x86 arithmetic is slow, and a merged LoRA changes which values land there."""
     import torch
 
     engine = services.networks.engine
@@ -108,14 +118,17 @@ def unet_call_times(services, model, res: int, repeats: int) -> tuple[list[float
     sample = torch.randn(2, unet.config.in_channels, res // 8, res // 8, generator=gen)
     context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen)
     step = torch.tensor(500)
-    times: dict[str, list[float]] = {"": [], "<lora:bench_a:1>": []}
+    times: dict[tuple[bool, str], list[float]] = {(flush, tags): [] for flush in (False, True)
+                                                  for tags in ("", "<lora:bench_a:1>")}
     with torch.inference_mode():
         unet(sample, step, context)   # warm-up
         for _ in range(repeats):
-            for tags, found in times.items():
+            for (flush, tags), found in times.items():
                 engine.activate(model, encoder, [f"{PROMPT} {tags}"])
+                torch.set_flush_denormal(flush)
                 found.append(timed(lambda: unet(sample, step, context)))
-    return times[""], times["<lora:bench_a:1>"]
+                torch.set_flush_denormal(False)
+    return times
 
 
 def job_step_times(services, res: int, repeats: int) -> tuple[float, float]:
@@ -142,8 +155,7 @@ def job_step_times(services, res: int, repeats: int) -> tuple[float, float]:
     return step(""), step("<lora:bench_a:1>")
 
 
-def diffusers_times(pipe, a: Path, b: Path) -> dict[str, float]:
-    out = {}
+def diffusers_times(pipe, a: Path, b: Path, out: Figures) -> None:
 
     def load(path: Path):
         pipe.load_lora_weights(str(path))
@@ -155,7 +167,6 @@ def diffusers_times(pipe, a: Path, b: Path) -> dict[str, float]:
         pipe.unload_lora_weights()
         load(b)
     out["diffusers switch (unfuse, unload, load, fuse) s"] = timed(switch)
-    return out
 
 
 def main() -> None:
@@ -163,8 +174,8 @@ def main() -> None:
     parser.add_argument("--size", choices=("tiny", "full"), default="full")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--res", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=2, help="txt2img jobs of each kind")
-    parser.add_argument("--unet-repeats", type=int, default=4, help="UNet calls with and without the LoRA")
+    parser.add_argument("--repeats", type=int, default=1, help="txt2img jobs of each kind")
+    parser.add_argument("--unet-repeats", type=int, default=3, help="UNet calls with and without the LoRA")
     args = parser.parse_args()
 
     import torch
@@ -173,8 +184,9 @@ def main() -> None:
     cache = Path("/work/bench-cache") if args.size == "full" else Path(tempfile.mkdtemp())
     ckpt = make_sd1_checkpoint(cache, args.size)
     data_dir = Path(tempfile.mkdtemp(prefix="bench-lora-"))
-    services = build(ckpt, data_dir)
-    model = services.models.current()
+    with Timer() as load:
+        services = build(ckpt, data_dir)
+        model = services.models.current()
     lora_dir = services.paths.lora_dir
     for name, seed in (("bench_a", 1), ("bench_b", 2)):
         kohya_lora(lora_dir / f"{name}.safetensors", model.pipe, rank=args.rank, alpha=args.rank / 2, seed=seed,
@@ -183,29 +195,35 @@ def main() -> None:
     weights_mb = sum(p.numel() * p.element_size() for c in (model.pipe.unet, model.pipe.text_encoder)
                      for p in c.parameters()) / 2**20
     print(f"checkpoint {ckpt.name}; UNet + text encoder {weights_mb:.0f} MB; LoRA rank {args.rank}, "
-          f"{size_mb:.1f} MB file; torch threads {torch.get_num_threads()}")
-    results = ours(services, model)
-    without, with_lora = unet_call_times(services, model, args.res, args.unet_repeats)
-    results["UNet call without LoRA s (min)"], results["UNet call with LoRA s (min)"] = min(without), min(with_lora)
-    results["UNet call without LoRA s (median)"] = statistics.median(without)
-    results["UNet call with LoRA s (median)"] = statistics.median(with_lora)
+          f"{size_mb:.1f} MB file; torch threads {torch.get_num_threads()}; model loaded in {load.seconds:.1f} s",
+          flush=True)
+    results = Figures()
+    ours(services, model, results)
+    calls = unet_call_times(services, model, args.res, args.unet_repeats)
+    for (flush, tags), found in calls.items():
+        label = f"UNet call {'with' if tags else 'without'} LoRA{', denormals flushed' if flush else ''} s"
+        results[label + " (min)"], results[label + " (median)"] = min(found), statistics.median(found)
     results["job step without LoRA s"], results["job step with LoRA s"] = job_step_times(services, args.res,
                                                                                        args.repeats)
     services.networks.engine.merger(model).restore()
-    results.update(diffusers_times(model.pipe, lora_dir / "bench_a.safetensors", lora_dir / "bench_b.safetensors"))
-    for key, value in results.items():
-        print(f"{key:52s} {value:10.3f}")
+    diffusers_times(model.pipe, lora_dir / "bench_a.safetensors", lora_dir / "bench_b.safetensors", results)
     r = results
+    print("---")
     print(f"switch time per LoRA: A -> B {r['switch A -> B (restore A, read + merge B) s']:.3f} s, "
           f"B -> A {r['switch B -> A (read again) s']:.3f} s, "
           f"to A + B {r['switch to A + B (2 LoRAs) s'] / 2:.3f} s per LoRA (target <= 0.5 s per LoRA)")
     print(f"ratio switch ours/diffusers: "
           f"{r['switch A -> B (restore A, read + merge B) s'] / r['diffusers switch (unfuse, unload, load, fuse) s']:.2f}x;"
           f" first apply ours/diffusers: {r['first apply (read file + merge) s'] / r['diffusers load + fuse s']:.2f}x")
-    print(f"ratio per step with/without LoRA (target <= 1.01): UNet call {args.res}px "
-          f"{r['UNet call with LoRA s (min)'] / r['UNet call without LoRA s (min)']:.3f}x (min of {args.unet_repeats}), "
-          f"{r['UNet call with LoRA s (median)'] / r['UNet call without LoRA s (median)']:.3f}x (median); "
-          f"txt2img job (2-step - 1-step) {r['job step with LoRA s'] / r['job step without LoRA s']:.3f}x")
+    for flush in (False, True):
+        label = ", denormals flushed" if flush else ""
+        print(f"ratio per step with/without LoRA (target <= 1.01): UNet call {args.res}px{label} "
+              f"{r[f'UNet call with LoRA{label} s (min)'] / r[f'UNet call without LoRA{label} s (min)']:.3f}x "
+              f"(min of {args.unet_repeats}), "
+              f"{r[f'UNet call with LoRA{label} s (median)'] / r[f'UNet call without LoRA{label} s (median)']:.3f}x "
+              f"(median)")
+    print(f"ratio per step with/without LoRA (target <= 1.01): txt2img job (2-step - 1-step, {args.res}px) "
+          f"{r['job step with LoRA s'] / r['job step without LoRA s']:.3f}x")
     print(f"hooks/wrappers/parametrizations left in the forward: {r['hooks/wrappers/parametrizations with LoRA']:.0f} "
           f"with LoRA, {r['hooks/wrappers/parametrizations without LoRA']:.0f} without")
     print(f"backups / touched share of weights: {r['backups MB']:.0f} MB of {weights_mb:.0f} MB")
