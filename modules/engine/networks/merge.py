@@ -4,6 +4,11 @@ Before sampling, each layer a network touches gets ``W = W0 + sum(multiplier * d
 float32 from ``W0``, a copy of the original kept (on the CPU) only for touched layers. A new set of
 networks first puts the original weights back bit for bit, then merges the new set; the same set
 again is a no-op. The checkpoint is never reloaded.
+
+A switch costs little: a float32 layer changed only by plain LoRAs gets its original copied back into
+the weight and each ``up @ down`` added in place (one addmm, no allocation; factors converted to
+float32 once per parsed file); a layer whose change is the same in the old and new set is not touched;
+layers the new set leaves alone are copied back from their backups.
 """
 from __future__ import annotations
 
