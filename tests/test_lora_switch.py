@@ -85,11 +85,12 @@ def test_switch_rewrites_only_changed_layers_and_restores_exactly(tiny, monkeypa
     monkeypatch.setattr(NetworkMerger, "_merge_layer",
                         lambda self, ref, *args: (rewritten.append(ref), original(self, ref, *args))[1])
     a = network(tiny.root, "a")
-    merger.apply([NetworkUse(a, te=1.0, unet=1.0)])
+    assert merger.apply([NetworkUse(a, te=1.0, unet=1.0)]).text_encoders_changed
     assert {r.component for r in rewritten} == {"unet", "text_encoder"}
     rewritten.clear()
-    merger.apply([NetworkUse(a, te=1.0, unet=0.5)])   # only the UNet's multiplier changed
+    report = merger.apply([NetworkUse(a, te=1.0, unet=0.5)])   # only the UNet's multiplier changed
     assert rewritten and {r.component for r in rewritten} == {"unet"}
+    assert not report.text_encoders_changed   # prompt encodings made before stay valid
 
     b = network(tiny.root, "b")
     merger.apply([NetworkUse(b)])

@@ -78,6 +78,7 @@ class NetworkMerger:
     def __init__(self, components: Mapping[str, torch.nn.Module], unet_config=None):
         self.index = LayerIndex(components, unet_config)
         self.backups: dict[LayerRef, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._rewritten: set[LayerRef] = set()      # layers the last apply wrote
         self.merged: dict[LayerRef, tuple] = {}     # what each changed layer holds: ((network, prefix, mult, dyn), ...)
         self._bias_changed: set[LayerRef] = set()
         self.applied: tuple = ()
@@ -93,7 +94,7 @@ class NetworkMerger:
         signature = tuple(u.signature for u in uses)
         if signature == self.applied:
             return self.unchanged()
-        touched_before = set(self.backups)
+        self._rewritten = set()
         outcomes = [NetworkOutcome(u.weights.name) for u in uses]
         plans = [self._plan(u, o) for u, o in zip(uses, outcomes)]
         while True:
@@ -104,7 +105,7 @@ class NetworkMerger:
         self._restore(set(self.backups) - {ref for plan in plans for ref in plan})
         self.applied, self.last_outcomes = signature, outcomes
         return MergeReport(outcomes, changed=True,
-                           text_encoders_changed=any(r.component != "unet" for r in touched_before | set(self.backups)))
+                           text_encoders_changed=any(r.component != "unet" for r in self._rewritten))
 
     def unchanged(self) -> MergeReport:
         """The report of the set already merged (nothing is done)."""
@@ -134,6 +135,7 @@ class NetworkMerger:
             try:
                 self._merge_layer(ref, module, pairs, users)
                 self.merged[ref] = state
+                self._rewritten.add(ref)
             except _LayerFailed as failed:
                 outcomes[failed.network].error = f"{ref.component} layer {ref.name}: {failed.reason}"
                 outcomes[failed.network].layers = 0
@@ -219,6 +221,7 @@ class NetworkMerger:
         for ref in refs:
             w, b = self.backups.pop(ref)
             self.merged.pop(ref, None)
+            self._rewritten.add(ref)
             module = self.index.modules[ref]
             module.weight.copy_(w)
             if b is not None and ref in self._bias_changed:
