@@ -244,7 +244,7 @@ def generate_batch(req: BatchRequest, ctx) -> list[Image.Image]:
             unet,
             time_ids=added_time_ids(model, *size, aesthetic=6.0, device=device, dtype=dtype),
             uncond_time_ids=added_time_ids(model, *size, aesthetic=2.5, device=device, dtype=dtype),
-            image_cond=image_cond, hooks=ctx.hooks, control=_control(req, req.width, req.height, device),
+            image_cond=image_cond, hooks=ctx.hooks, control=_control(req, req.width, req.height, device, model=model),
         )
         denoiser, conds_at = refiner.wrap(ctx, denoiser, plan.at, len(timesteps), hires=False,
                                           hires_enabled=req.hires is not None,
@@ -262,13 +262,18 @@ def generate_batch(req: BatchRequest, ctx) -> list[Image.Image]:
         return decode(refiner.current_model(ctx, model), latents)
 
 
-def _control(req: BatchRequest, width: int, height: int, device, *, hires: bool = False):
+def _control(req: BatchRequest, width: int, height: int, device, *, hires: bool = False, model=None):
     """The ControlNet units of one pass, their maps fitted to its size; None without units."""
     if not req.control:
         return None
     from modules.engine.control.units import ControlApplier
 
-    return ControlApplier(req.control, width, height, torch.device(device), hires=hires) or None
+    host = None
+    if model is not None:   # reference_* units run on the checkpoint itself
+        from modules.engine.control.reference import ReferenceHost
+
+        host = ReferenceHost.for_model(model, lambda images: encode(model, images), seed=req.seeds[0])
+    return ControlApplier(req.control, width, height, torch.device(device), hires=hires, host=host) or None
 
 
 def _img2img_start(req: BatchRequest, model, scheduler, noise: torch.Tensor, device, dtype):
@@ -360,7 +365,7 @@ def _hires_pass(req: BatchRequest, ctx, model, latents, image_rng, on_step, shou
         time_ids=added_time_ids(model, batch, width, height, aesthetic=6.0, device=device, dtype=dtype),
         uncond_time_ids=added_time_ids(model, batch, width, height, aesthetic=2.5, device=device, dtype=dtype),
         image_cond=inpainting_txt2img_cond(model, batch, width, height, device, dtype),
-        hooks=ctx.hooks, control=_control(req, width, height, device, hires=True),
+        hooks=ctx.hooks, control=_control(req, width, height, device, hires=True, model=model),
     )
     denoiser, conds_at = refiner.wrap(ctx, denoiser, plan.at, len(timesteps), hires=True, hires_enabled=True,
                                       build=_refiner_builder(req, ctx, prompts, negatives, steps, (width, height)))
