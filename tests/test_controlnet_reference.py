@@ -23,12 +23,13 @@ from tiny_models import make_checkpoint
 SMALL = dict(width=64, height=64, steps=3, cfg_scale=7.0, seed=1234, prompt="a cat")
 
 
-def _services(data_dir: Path, family: str):
+def _services(data_dir: Path, family: str, controlnet: bool = True):
     opts = parse_args(["--data-dir", str(data_dir)], env={}).opts
     paths = AppPaths.from_opts(opts)
     paths.ensure_user_dirs()
     make_checkpoint(paths.ckpt_dir / f"tiny-{family}.safetensors", family)
-    make_controlnet(paths.models_dir / "ControlNet" / f"control_tiny_{family}.safetensors", family, layout="ldm")
+    if controlnet:
+        make_controlnet(paths.models_dir / "ControlNet" / f"control_tiny_{family}.safetensors", family, layout="ldm")
     options = Options(paths.config_file, default_templates())
     options.load()
     return build_services(opts, paths, options)
@@ -265,5 +266,20 @@ def test_sdxl_reference(tmp_path):
         assert np.array_equal(base, _pixels(_run(services, [replace(REF, weight=0)])))
         assert _unet_state(unet) == before
         assert np.array_equal(base, _pixels(_run(services)))
+    finally:
+        services.generation.queue.shutdown()
+
+
+def test_inpainting_checkpoint_takes_the_reference_as_an_unmasked_image(tmp_path):
+    """9-channel UNets: the write pass gets an empty mask and the reference's latents as the masked image."""
+    services = _services(tmp_path, "sd1-inpaint", controlnet=False)
+    try:
+        mask = Image.new("L", (64, 64))
+        mask.paste(255, (16, 16, 48, 48))
+        kw = dict(**SMALL, init_images=[_picture(5)], mask=mask, denoising_strength=0.8)
+        plain = _pixels(services.generation.img2img(Img2ImgParams(**kw)))
+        referenced = _pixels(services.generation.img2img(Img2ImgParams(**kw, controlnet_units=[REF])))
+        assert not np.array_equal(plain, referenced)
+        assert np.array_equal(plain, _pixels(services.generation.img2img(Img2ImgParams(**kw))))
     finally:
         services.generation.queue.shutdown()

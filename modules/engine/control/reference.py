@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 import torch
 from PIL import Image
 
-from modules.core.controlnet_units import REFERENCE_MODULES
+from modules.core.controlnet_units import CONTROL_MODES, REFERENCE_MODULES
 
 ATTN_MODULES = ("reference_only", "reference_adain+attn")
 ADAIN_MODULES = ("reference_adain", "reference_adain+attn")
@@ -206,11 +206,10 @@ def adain_blocks(unet, is_sdxl: bool) -> list[tuple[Any, float]]:
 
 
 def style_fidelity(threshold_a: float, control_mode: str, is_sdxl: bool, hires: bool) -> float:
-    from modules.engine.control.units import CONTROL_MORE, PROMPT_MORE
-
-    if control_mode == CONTROL_MORE:
+    _, prompt_more, control_more = CONTROL_MODES
+    if control_mode == control_more:
         return 1.0
-    if control_mode == PROMPT_MORE or hires:
+    if control_mode == prompt_more or hires:
         return 0.0
     value = threshold_a if 0.0 <= threshold_a <= 1.0 else DEFAULT_STYLE_FIDELITY
     return value ** 3.0 if is_sdxl else value

@@ -15,6 +15,9 @@ sd-webui-controlnet's semantics, re-implemented here:
 * the map is fitted to the image size with the unit's resize mode (Just Resize, Crop and Resize,
   Resize and Fill), and refitted to the hires size in the hires-fix pass.
 
+reference_only / reference_adain(+attn) units have no model: ``reference_scope`` wraps each UNet call
+with their write pass and attention/AdaIN injection (engine/control/reference.py).
+
 T2I-Adapters (diffusers ``T2IAdapter``) work the same way, through the UNet's
 ``down_intrablock_additional_residuals``; their features do not depend on the step, so they are
 computed once per pass. Their soft-injection scales are the extension's (0.25, 0.62, 0.825, 1.0).
