@@ -283,3 +283,13 @@ def test_inpainting_checkpoint_takes_the_reference_as_an_unmasked_image(tmp_path
         assert np.array_equal(plain, _pixels(services.generation.img2img(Img2ImgParams(**kw))))
     finally:
         services.generation.queue.shutdown()
+
+
+def test_the_ui_turns_threshold_a_into_the_style_fidelity_slider():
+    from modules.ui.controlnet_ui import threshold_a_slider
+
+    fidelity = threshold_a_slider("reference_only")
+    assert (fidelity["minimum"], fidelity["maximum"], fidelity["step"], fidelity["value"]) == (0, 1, 0.01, 0.5)
+    assert fidelity["label"].startswith("Style Fidelity")
+    plain = threshold_a_slider("canny")
+    assert (plain["maximum"], plain["value"], plain["label"]) == (256, -1, "Threshold A")
