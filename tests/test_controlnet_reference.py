@@ -241,6 +241,18 @@ def test_weight_picks_the_widest_attention_blocks_first(sd1):
         assert all(not slot.bank for _, slot in injector.attn)   # cleared with the scope
 
 
+def test_an_error_inside_the_call_still_restores_the_unet(sd1):
+    with torch.inference_mode():
+        unet, injector = _injector(sd1, "Balanced", module="reference_adain+attn")
+        before = _unet_state(unet)
+        x, t, embeds = _call_args(unet)
+        with pytest.raises(RuntimeError, match="interrupted"):
+            with injector.scope(x, t, embeds, None, n_cond=1, step=0, total=1):
+                assert _unet_state(unet) != before
+                raise RuntimeError("interrupted")
+        assert _unet_state(unet) == before
+
+
 def test_depth_models_are_refused_clearly():
     from types import SimpleNamespace
 

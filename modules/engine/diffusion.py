@@ -268,12 +268,12 @@ def _control(req: BatchRequest, width: int, height: int, device, *, hires: bool 
         return None
     from modules.engine.control.units import ControlApplier
 
-    host = None
-    if model is not None:   # reference_* units run on the checkpoint itself
+    def host():   # reference_* units run on the checkpoint itself (built only when there are some)
         from modules.engine.control.reference import ReferenceHost
 
-        host = ReferenceHost.for_model(model, lambda images: encode(model, images), seed=req.seeds[0])
-    return ControlApplier(req.control, width, height, torch.device(device), hires=hires, host=host) or None
+        return ReferenceHost.for_model(model, lambda images: encode(model, images), seed=req.seeds[0])
+    return ControlApplier(req.control, width, height, torch.device(device), hires=hires,
+                          host=host if model is not None else None) or None
 
 
 def _img2img_start(req: BatchRequest, model, scheduler, noise: torch.Tensor, device, dtype):

@@ -245,8 +245,9 @@ class ReferenceInjector:
         if not active:
             yield
             return
-        handles = self._install()
+        handles: tuple[list, list] = ([], [])
         try:
+            self._install(*handles)
             for unit, latents in active:
                 self._write(unit, latents, x, t, embeds, added)
             self.state.attn = self.state.gn = READ
@@ -255,15 +256,15 @@ class ReferenceInjector:
         finally:
             self._remove(handles)
 
-    def _install(self) -> list[Any]:
-        originals = []
+    def _install(self, originals: list, hooks: list) -> None:
+        """Filled as it goes, so that _remove undoes exactly what was done even after an error."""
         for attn, slot in self.attn:
             originals.append((attn, attn.processor))
             attn.set_processor(ReferenceAttnProcessor(attn.processor, slot, self.state))
-        hooks = [m.register_forward_hook(_adain_hook(slot, self.state)) for m, slot in self.adain]
-        return [originals, hooks]
+        for module, slot in self.adain:
+            hooks.append(module.register_forward_hook(_adain_hook(slot, self.state)))
 
-    def _remove(self, handles: list[Any]) -> None:
+    def _remove(self, handles: tuple[list, list]) -> None:
         originals, hooks = handles
         for attn, processor in originals:
             attn.set_processor(processor)

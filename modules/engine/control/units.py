@@ -182,7 +182,7 @@ class ControlApplier:
         self.device = device
         self.hints = [_hint_for(u, width, height, device) for u in self.units]
         self._adapter_features: dict[int, list[torch.Tensor]] = {}
-        # reference_* units: attention injection around each UNet call (`host`: engine.control.reference.ReferenceHost)
+        # reference_* units: attention injection around each UNet call (`host()`: engine.control.reference.ReferenceHost)
         self.reference = _reference(units, width, height, host, hires)
 
     def __bool__(self) -> bool:
@@ -269,7 +269,7 @@ def _reference(units: list[ControlInput], width: int, height: int, host: Any, hi
     from modules.engine.control.reference import ReferenceInjector
 
     images = [fit_map(u.detected_map, width, height, u.resize_mode).convert("RGB") for u in units]
-    return ReferenceInjector(units, images, host, hires=hires)
+    return ReferenceInjector(units, images, host(), hires=hires)
 
 
 def _rows(added: dict | None, rows: int) -> dict | None:
