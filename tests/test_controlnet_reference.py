@@ -305,3 +305,37 @@ def test_the_ui_turns_threshold_a_into_the_style_fidelity_slider():
     assert fidelity["label"].startswith("Style Fidelity")
     plain = threshold_a_slider("canny")
     assert (plain["maximum"], plain["value"], plain["label"]) == (256, -1, "Threshold A")
+
+
+def test_style_fidelity_follows_the_extension():
+    from modules.engine.control.reference import style_fidelity
+
+    assert style_fidelity(0.3, "Balanced", False, False) == 0.3
+    assert style_fidelity(-1, "Balanced", False, False) == 0.5          # out of 0..1: the slider default
+    assert style_fidelity(0.5, "Balanced", True, False) == 0.125        # SDXL: cubed
+    assert style_fidelity(0.3, "ControlNet is more important", True, True) == 1.0
+    assert style_fidelity(0.3, "My prompt is more important", False, False) == 0.0
+    assert style_fidelity(0.3, "Balanced", False, True) == 0.0          # the hires pass
+
+
+@pytest.mark.parametrize("family,n_attn", [("sd1", 16), ("sdxl", 70)])
+def test_full_size_unets_map_to_the_ldm_blocks_the_extension_hooks(family, n_attn):
+    """On the real SD1.5 / SDXL UNet shapes (meta tensors, no weights): as many self-attention blocks as
+    the LDM UNet has transformer blocks, and the LDM input/output block numbering the AdaIN indices use."""
+    from diffusers import UNet2DConditionModel
+
+    from modules.engine.control.reference import adain_blocks, attention_blocks, ldm_blocks
+
+    config = UNet2DConditionModel.load_config(str(Path(__file__).resolve().parent.parent / "configs" / "diffusers"
+                                                  / family / "unet"))
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    blocks = attention_blocks(unet)
+    assert len(blocks) == n_attn and blocks[0].attn1.query_dim == max(b.attn1.query_dim for b in blocks)
+    inputs, outputs = ldm_blocks(unet)
+    assert (len(inputs), len(outputs)) == ((12, 12) if family == "sd1" else (9, 9))
+    assert inputs[4] is unet.down_blocks[1].attentions[0] and inputs[3] is unet.down_blocks[0].downsamplers[0]
+    assert outputs[2] is unet.up_blocks[0].upsamplers[0] and outputs[5] is unet.up_blocks[1].upsamplers[0]
+    picked = adain_blocks(unet, family == "sdxl")
+    assert len(picked) == (1 + 6 + 8 if family == "sd1" else 1 + 4 + 6)
+    assert picked[0] == (unet.mid_block, 0.0)
