@@ -241,6 +241,25 @@ def test_weight_picks_the_widest_attention_blocks_first(sd1):
         assert all(not slot.bank for _, slot in injector.attn)   # cleared with the scope
 
 
+def test_fused_qkv_processors_read_the_reference_too(sd1):
+    """A UNet whose self-attentions were fused (diffusers' fuse_qkv_projections) gives the same injection."""
+    import copy
+
+    with torch.inference_mode():
+        unet, injector = _injector(sd1, "Balanced")
+        x, t, embeds = _call_args(unet)
+        with injector.scope(x, t, embeds, None, n_cond=1, step=0, total=1):
+            expected = unet(x, t, encoder_hidden_states=embeds).sample
+        fused = copy.deepcopy(unet)
+        fused.fuse_qkv_projections()
+        assert any(type(p).__name__.startswith("Fused") for p in fused.attn_processors.values())
+        injector.host.unet = fused
+        fused_injector = type(injector)(injector.units, [_picture()], injector.host)
+        with fused_injector.scope(x, t, embeds, None, n_cond=1, step=0, total=1):
+            got = fused(x, t, encoder_hidden_states=embeds).sample
+        assert torch.allclose(got, expected, atol=1e-4)
+
+
 def test_an_error_inside_the_call_still_restores_the_unet(sd1):
     with torch.inference_mode():
         unet, injector = _injector(sd1, "Balanced", module="reference_adain+attn")

@@ -100,6 +100,13 @@ class ReferenceAttnProcessor:
 
     def __init__(self, inner: Any, slot: _Slot, state: _State):
         self.inner, self.slot, self.state = inner, slot, state
+        # Fused-QKV processors project keys from the query input only; with separate reference tokens the
+        # read uses the plain SDPA processor (the unfused to_q/to_k/to_v stay on the module).
+        self.with_context = inner
+        if type(inner).__name__.startswith("Fused"):
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            self.with_context = AttnProcessor2_0()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         state, slot = self.state, self.slot
@@ -114,7 +121,7 @@ class ReferenceAttnProcessor:
         fidelity = self.slot.fidelity()
         context = torch.cat([hidden_states, *(b.to(hidden_states.dtype) for b in self.slot.bank)], dim=1)
         self.slot.clear()
-        with_ref = self.inner(attn, hidden_states, context, attention_mask, **kwargs)
+        with_ref = self.with_context(attn, hidden_states, context, attention_mask, **kwargs)
         uncond = self.state.uncond
         if uncond.stop <= uncond.start or fidelity <= 1e-5:
             return with_ref
