@@ -2,7 +2,11 @@
 checkpoint's family), maps preprocessed, once per job."""
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def control_inputs(p: Any, ctx: Any, seed: int | None = None) -> list[Any] | None:
@@ -12,6 +16,8 @@ def control_inputs(p: Any, ctx: Any, seed: int | None = None) -> list[Any] | Non
     from modules.core.controlnet_units import ControlNetUnitError as ProcessingError
 
     units = [u.normalized(i) for i, u in enumerate(getattr(p, "controlnet_units", None) or [])]
+    if getattr(p, "mask", None) is not None and getattr(p, "init_images", None):
+        units = [_harmonious_when_a1111_inpaints(u) for u in units]
     if not any(u.active and u.weight > 0 and u.guidance_start < u.guidance_end for u in units):
         return None
     registry = getattr(ctx, "controlnets", None)
@@ -58,3 +64,13 @@ def _masked_area_crop(p: Any, init: Any) -> tuple[int, int, int, int] | None:
                                 mask_blur=p.mask_blur, invert=p.inpainting_mask_invert,
                                 inpainting_fill=p.inpainting_fill, full_res=True, padding=p.inpaint_full_res_padding)
     return tuple(plan.crop) if plan.crop is not None else None
+
+
+def _harmonious_when_a1111_inpaints(unit: Any) -> Any:
+    """img2img inpainting already keeps the unmasked area: as sd-webui-controlnet does, an inpaint_only
+    unit then runs as inpaint_global_harmonious (same map, no in-loop blend). The infotext keeps the unit."""
+    if unit.module != "inpaint_only" or not unit.active:
+        return unit
+    log.warning("ControlNet: A1111 inpaint and ControlNet inpaint_only together: inpaint_only runs as "
+                "inpaint_global_harmonious")
+    return replace(unit, module="inpaint")
