@@ -74,3 +74,30 @@ def _harmonious_when_a1111_inpaints(unit: Any) -> Any:
     log.warning("ControlNet: A1111 inpaint and ControlNet inpaint_only together: inpaint_only runs as "
                 "inpaint_global_harmonious")
     return replace(unit, module="inpaint")
+
+
+
+def output_maps(options: Any, control: list[Any] | None, processed: Any, size: tuple[int, int],
+                hires_size: tuple[int, int] | None = None) -> list[Any]:
+    """The detected maps sd-webui-controlnet appends to a job's images (gallery and API), once per job:
+    each unit's map fitted to the image `size` (with hires fix: the `hires_size` map, then the first
+    pass's), an inpaint map with its masked area half transparent. They carry no infotext (so
+    ``images[len(infotexts):]`` are the maps) and are not saved. None with the setting
+    ``control_net_no_detectmap``, and none inside SD upscale's tile runs, as in the extension."""
+    if not control or options.get("control_net_no_detectmap", False):
+        return []
+    if "sd upscale" in ", ".join(getattr(processed, "extra_generation_params", None) or {}).lower():
+        return []
+    from modules.engine.control.units import fit_map
+
+    sizes = [hires_size, size] if hires_size else [size]
+    return [_visible(fit_map(unit.detected_map, w, h, unit.resize_mode)) for unit in control for w, h in sizes]
+
+
+def _visible(image: Any) -> Any:
+    """An inpaint map (mask in alpha): the masked area shown half transparent, as the extension shows it."""
+    if image.mode != "RGBA":
+        return image
+    shown = image.copy()
+    shown.putalpha(image.getchannel("A").point(lambda a: 255 - a // 2))
+    return shown
