@@ -163,3 +163,11 @@ def test_prediction_fix_sets_x0_outside_the_mask_and_mixes_by_weight(prediction_
     assert torch.allclose(after[..., 4:], before[..., 4:], atol=1e-4)
     half = PredictionFix([LatentFix("inpaint_only", 0.5, latent[:1], mask=mask)], schedule)(x, t, out, 1)
     assert torch.allclose(half, (full + out) / 2, atol=1e-5)
+
+
+def test_inpaint_only_lama_is_listed_and_refused_with_the_reason():
+    from modules.engine.control.preprocessors import PreprocessorUnavailableError, get_preprocessor, preprocessor_names
+
+    assert "inpaint_only+lama" in preprocessor_names()
+    with pytest.raises(PreprocessorUnavailableError, match="LaMa"):
+        get_preprocessor("inpaint_only+lama")

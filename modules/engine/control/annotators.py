@@ -300,6 +300,10 @@ _NEEDS_AUX = ("needs the controlnet-aux annotator models, which this install doe
               "the 'none' preprocessor with it.")
 
 
+_NEEDS_LAMA = ("needs the LaMa inpainting model (ControlNetLama.pth), which no library this project ships can run; "
+               "use inpaint_only (the same in-loop blend, without LaMa's pre-fill of the masked area).")
+
+
 def _needs_aux(label: str) -> Callable[[], str]:
     return lambda: f"{label} {_NEEDS_AUX}"
 
@@ -321,6 +325,8 @@ def _register_builtin() -> None:
         a=Slider("Normal Background Threshold", 0.0, 1.0, 0.4, 0.01))
     add("inpaint", inpaint, label="inpaint_global_harmonious", resolution=HIDDEN, rgba=True)
     add("inpaint_only", inpaint, resolution=HIDDEN, rgba=True)
+    # Its in-loop part is inpaint_only's (postprocess.py); the LaMa fill of the masked area needs a model.
+    add("inpaint_only+lama", _refuse, resolution=HIDDEN, rgba=True, unavailable=lambda: _NEEDS_LAMA)
     add("lineart_standard", lineart_standard, label="lineart_standard (from white bg & black line)")
     add("scribble_xdog", scribble_xdog, a=Slider("XDoG Threshold", 1, 64, 32))
     add("shuffle", shuffle, resolution=Slider("", value=512, visible=False))
