@@ -171,3 +171,20 @@ def test_inpaint_only_lama_is_listed_and_refused_with_the_reason():
     assert "inpaint_only+lama" in preprocessor_names()
     with pytest.raises(PreprocessorUnavailableError, match="LaMa"):
         get_preprocessor("inpaint_only+lama")
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_post_processing_on_sd2_and_sdxl(tmp_path, family):
+    """SD2 (v-prediction when its config says so) and SDXL: inpaint_only keeps the picture, colorfix runs."""
+    services = _services(tmp_path, family)
+    try:
+        model = f"control_tiny_{family}"
+        picture = _picture(6)
+        only = _pixels(_run(services, [ControlNetUnit(model=model, image=picture, mask=_right_half(),
+                                                      module="inpaint_only")]))
+        assert np.abs(only[:, :24] - np.asarray(picture, dtype=np.int16)[:, :24]).max() <= 1
+        plain = _pixels(_run(services, [ControlNetUnit(model=model, image=picture, module="tile_resample")]))
+        fixed = _pixels(_run(services, [ControlNetUnit(model=model, image=picture, module="tile_colorfix")]))
+        assert not np.array_equal(plain, fixed)
+    finally:
+        services.generation.queue.shutdown()
