@@ -65,7 +65,7 @@ class NoiseSchedule:
         return cls(base.alphas_cumprod, getattr(base.config, "prediction_type", "epsilon"))
 
     def coefficients(self, t, rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        steps = np.atleast_1d(torch.as_tensor(t).detach().double().cpu().numpy()).reshape(-1)
+        steps = np.atleast_1d(torch.as_tensor(t).detach().cpu().double().numpy()).reshape(-1)  # MPS has no float64
         sigma = np.interp(steps, np.arange(len(self.sigmas)), self.sigmas)
         alpha_bar = 1.0 / (1.0 + sigma ** 2)
         a = torch.as_tensor(np.sqrt(alpha_bar), dtype=torch.float32, device=device).view(-1, 1, 1, 1)
