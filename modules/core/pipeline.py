@@ -595,7 +595,8 @@ def _check_model(p: GenerationParams, ctx: RunContext) -> None:
         from modules.core import depth_maps
 
         reason = depth_maps.refusal(ctx.model.title, is_img2img=isinstance(p, Img2ImgParams),
-                                    has_depth_image=getattr(p, "depth_image", None) is not None)
+                                    has_depth_image=getattr(p, "depth_image", None) is not None,
+                                    model=ctx.model)
         if reason:
             raise ProcessingError(reason)
 
