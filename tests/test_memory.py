@@ -354,10 +354,14 @@ def test_cuda_out_of_memory_fails_the_job_with_advice_and_the_next_job_runs(tmp_
         services.generation.queue.shutdown()
 
 
-def test_fp32_cpu_mode_converts_a_fp16_file_layer_by_layer_on_first_use(tmp_path):
+def test_fp32_cpu_mode_converts_a_fp16_file_layer_by_layer_on_first_use(tmp_path, monkeypatch):
     """Fast loading: ready without a full fp32 copy; each layer becomes fp32 when it first runs, and the
     result is exactly that of converting everything at load (an fp32 copy of the same file)."""
     import safetensors.torch
+
+    from modules.models.materialise import Materialiser
+
+    monkeypatch.setattr(Materialiser, "start", lambda self: None)  # no background copy: first use only
 
     path = fp16_checkpoint(tmp_path / "half.safetensors")
     state = safetensors.torch.load_file(str(path))
