@@ -89,8 +89,10 @@ def child_load(ckpt: Path, mode: str, runs: int) -> dict:
     import torch
 
     torch.set_grad_enabled(False)
-    import diffusers  # noqa: F401 - imports are not part of "load to ready"
-    import transformers  # noqa: F401
+    # imports are not part of "load to ready" (diffusers and transformers import their classes lazily)
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401
+    from diffusers.loaders import single_file_utils  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 
     from modules.models.devices import cpu_policy
     from modules.models.loader import load_checkpoint
@@ -135,11 +137,12 @@ def child_switch(paths: list[Path], mode: str, switches: int) -> dict:
     manager = ModelManager(make_load_fn(cpu_policy(lowram=mode == "lowram")), limit=1)
     manager.switch(paths[0]).wait_materialised()  # RSS once every weight is in process memory
     first = proc_status()["VmRSS"]
-    after = []
+    after, t0 = [], time.perf_counter()
     for i in range(1, switches + 1):
         manager.switch(paths[i % len(paths)]).wait_materialised()
         after.append(proc_status()["VmRSS"])
     return {"mode": mode, "rss_after_first_load": first, "rss_after_each_switch": after,
+            "seconds_per_switch": (time.perf_counter() - t0) / switches,
             "ratio_last_to_first": after[-1] / first, "max_ratio": max(after) / first, **proc_status()}
 
 
@@ -228,7 +231,7 @@ def main() -> None:
         print(f"  RSS after first load {gb(r['rss_after_first_load'])}; after switches "
               f"{[round(x / 1e9, 2) for x in r['rss_after_each_switch']]} GB")
         print(f"  last / first {r['ratio_last_to_first']:.3f}x, worst {r['max_ratio']:.3f}x (target: within 5%); "
-              f"peak RSS {gb(r['VmHWM'])}")
+              f"peak RSS {gb(r['VmHWM'])}; {r['seconds_per_switch']:.1f}s per switch (load + copy off the file)")
     elif args.what == "vae":
         res = args.res or 2048
         r = spawn("vae", str(ckpt), str(res), "Automatic")
