@@ -117,3 +117,19 @@ def test_unloading_during_the_background_copy_stops_it_and_frees_the_mapping(tmp
     del model, mat
     gc.collect()
     assert not _mapped(path)
+
+
+def test_lora_merging_waits_until_the_weights_are_off_the_file(tmp_path, monkeypatch):
+    """Merging writes weights outside a forward: it must not race the background copy."""
+    import threading
+
+    from modules.engine.networks import activation
+
+    gate = threading.Event()
+    run = Materialiser._run
+    monkeypatch.setattr(Materialiser, "_run", lambda self: (gate.wait(), run(self)))
+    model = load_checkpoint(_fp16_file(tmp_path / "a.safetensors"), cpu_policy(lowram=True))
+    assert not model.materialiser.done and _file_backed(model)
+    threading.Timer(0.2, gate.set).start()  # lets the copy start only once the merge is waiting for it
+    activation._wait_for_weights(model)
+    assert model.materialiser.done and _file_backed(model) == []
