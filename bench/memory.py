@@ -110,6 +110,7 @@ def child_load(ckpt: Path, mode: str, runs: int) -> dict:
         if mode != "diffusers":
             model.wait_materialised()  # the background copy off the mapped file (not part of "ready")
             settled.append(time.perf_counter() - t)
+            model.unload()  # as a switch does (returns the freed memory): the next run's peak is its own
         del model
         import gc
         gc.collect()
