@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from modules.models import detection, families
+from modules.models import detection, families, midas_embedded
 from modules.models.devices import DevicePolicy, torch_gc
 from modules.models.detection import ModelSpec
 from modules.models.families import FamilyId, FamilyInfo, TextEncoderSlot
@@ -71,6 +71,8 @@ class LoadedModel:
     baked_vae: Any = None
     # --medvram/--lowvram: the offload.OffloadPlan whose hooks move the components (None: all resident)
     offload: Any = None
+    # SD2 depth: the MiDaS estimator stored in the checkpoint (midas_embedded.EmbeddedMidas), if any
+    embedded_depth: Any = None
     # memory-mapped load: copies the weights off the file in the background (None: nothing to copy)
     materialiser: Materialiser | None = None
 
@@ -128,6 +130,9 @@ class LoadedModel:
         pipe = self.pipe
         self.pipe = None
         self.baked_vae = None
+        if self.embedded_depth is not None:
+            self.embedded_depth.release()
+            self.embedded_depth = None
         if self.offload is not None:
             self.offload.remove()  # the hooks hold the modules: drop them too
             self.offload = None
@@ -454,6 +459,9 @@ def load_model(
     sd = _read_weights(path, spec, vae_file, state_dict, say, laps, in_memory=_keeps_file_dtype(policy) and not CAN_MAP)
     state_dict = None
     mat = _materialiser_for(sd, path, policy)
+    if mat is not None and spec.is_depth:  # kept as raw tensors, not modules: copied off the file now
+        mat.copy_entries(sd, midas_embedded.PREFIX)
+    embedded = midas_embedded.take(sd, path.name) if spec.is_depth else None  # not a pipeline component
 
     components: dict[str, Any] = {}
     try:
@@ -467,8 +475,7 @@ def load_model(
 
     status, needs_depth = "ready", False
     if spec.is_depth:
-        status = ("ready for img2img: the init image's depth comes from a supplied depth map or the depth "
-                  "estimator in models/depth/ (the MiDaS weights inside the checkpoint are not used)")
+        status = midas_embedded.load_status(embedded)
         needs_depth = True
     offload = _install_offload(components, spec, policy)
     if mat is not None:
@@ -478,7 +485,7 @@ def load_model(
     return LoadedModel(info=info, path=path, spec=spec, policy=policy, pipe=pipe, components=components,
                        vae_file=Path(vae_file) if vae_file else None, load_seconds=seconds, timings=laps.timings,
                        status=status, needs_depth_map=needs_depth, baked_vae=baked, offload=offload,
-                       materialiser=mat)
+                       embedded_depth=embedded, materialiser=mat)
 
 
 def _install_offload(components: dict[str, Any], spec: ModelSpec, policy: DevicePolicy) -> Any:

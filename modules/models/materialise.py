@@ -153,6 +153,13 @@ class Materialiser:
                     _drop_pages(self.span, old)
             del old
 
+    def copy_entries(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """Copy now the file-backed tensors under ``prefix`` that will not live in a module we adopt."""
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            tensor = state_dict[key]
+            if isinstance(tensor, torch.Tensor) and self.file_backed(tensor):
+                state_dict[key] = tensor.clone()
+
     # -- running
     def ensure(self, module: torch.nn.Module) -> None:
         """Copy ``module``'s own tensors now if they still wait (called before its forward)."""
