@@ -14,25 +14,15 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import ROOT, Timer, make_sd1_checkpoint
+from common import ROOT, Timer, build_services, default_cache_dir, make_sd1_checkpoint
 
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
 def ours_runner(ckpt: Path, data_dir: Path, res: int, device_args: list[str]):
-    from modules.core.flags import parse_args
-    from modules.core.options import Options, default_templates
-    from modules.core.paths import AppPaths
     from modules.core.pipeline import Txt2ImgParams
-    from modules.services import build_services
 
-    opts = parse_args(["--data-dir", str(data_dir), "--ckpt", str(ckpt), *device_args], env={}).opts
-    paths = AppPaths.from_opts(opts)
-    paths.ensure_user_dirs()
-    options = Options(paths.config_file, default_templates())
-    options.set("samples_save", False)
-    options.set("live_previews_enable", False)
-    services = build_services(opts, paths, options)
+    services = build_services(ckpt, data_dir, device_args)
 
     def run(steps: int):
         return services.generation.txt2img(Txt2ImgParams(prompt=PROMPT, steps=steps, width=res, height=res,
@@ -79,14 +69,15 @@ def main() -> None:
     parser.add_argument("--res", type=int, default=None, help="pixels (default: 64 tiny, 256 full)")
     parser.add_argument("--steps", type=int, nargs=2, default=(4, 8))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dir", default=None)
+    parser.add_argument("--dir", default=None, help="where full-size weight files are made once and reused "
+                                                    "(default: $BENCH_CACHE or tmp/bench-cache)")
     args = parser.parse_args()
     import torch
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
     res = args.res or (64 if args.size == "tiny" else 256)
-    workdir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp())
+    workdir = Path(args.dir or (default_cache_dir() if args.size == "full" else tempfile.mkdtemp()))
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = make_sd1_checkpoint(workdir, args.size)
     config_dir = ckpt.with_name(ckpt.stem + ".tiny-config") if args.size == "tiny" else ROOT / "configs/diffusers/sd1"
