@@ -100,11 +100,11 @@ def setup_line(label: str, unet, controlnet) -> str:
         return "/".join(sorted({type(p).__name__ for p in model.attn_processors.values()}))
     conv = next(m for m in unet.modules() if isinstance(m, torch.nn.Conv2d))
     layout = "channels_last" if conv.weight.is_contiguous(memory_format=torch.channels_last) else "contiguous"
-    def size(model) -> str:
-        return f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M"
-    return (f"  {label:10s}: UNet {size(unet)} {str(unet.dtype).removeprefix('torch.')} {procs(unet)} {layout}, "
-            f"ControlNet {size(controlnet)} {str(controlnet.dtype).removeprefix('torch.')} {procs(controlnet)}, "
-            f"torch threads {torch.get_num_threads()}")
+    def size(model) -> str:   # parameter count and every dtype among them (after the warm-up's upcasts)
+        dtypes = "+".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()}))
+        return f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M {dtypes}"
+    return (f"  {label:10s}: UNet {size(unet)} {procs(unet)} {layout}, ControlNet {size(controlnet)} "
+            f"{procs(controlnet)}, torch threads {torch.get_num_threads()}")
 
 
 class CallCounter:
@@ -164,8 +164,8 @@ def main() -> None:
     plain(1)  # loads the checkpoint
     unet = services.models.current().pipe.unet
     _file, controlnet, _spec = services.controlnets.load(cn_file.stem, unet.device, unet.dtype, unet)
-    setup = [setup_line("ours", unet, controlnet)]
     ours = timed_pair(unet, controlnet, plain, with_unit, args.steps, args.jobs)
+    setup = [setup_line("ours", unet, controlnet)]
     services.generation.queue.shutdown()
     del services, plain, with_unit, unet, controlnet
     gc.collect()
@@ -183,9 +183,9 @@ def main() -> None:
     def raw_plain(steps: int):
         return sd(PROMPT, num_inference_steps=steps, guidance_scale=7.0, height=res, width=res,
                   generator=torch.Generator("cpu").manual_seed(1))
-    setup.append(setup_line("diffusers", pipe.unet, pipe.controlnet))
     raw = timed_pair(pipe.unet, pipe.controlnet, in_worker_thread(raw_plain), in_worker_thread(raw_unit),
                      args.steps, args.jobs)
+    setup.append(setup_line("diffusers", pipe.unet, pipe.controlnet))
     report(args, res, setup, ours, raw)
 
 
