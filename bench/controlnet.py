@@ -71,8 +71,8 @@ def ours_runners(ckpt: Path, cn_file: Path, data_dir: Path, res: int):
     return services, (lambda n: run(n, False)), (lambda n: run(n, True))
 
 
-def raw_runner(ckpt: Path, cn_file: Path, config_dir: Path, cn_config: Path, res: int, dtype):
-    import torch
+def raw_pipeline(ckpt: Path, cn_file: Path, config_dir: Path, cn_config: Path, dtype):
+    """diffusers' StableDiffusionControlNetPipeline, loaded by diffusers from the same two files."""
     from diffusers import ControlNetModel, EulerDiscreteScheduler, StableDiffusionControlNetPipeline
 
     from modules.models.families import load_tokenizers
@@ -84,12 +84,7 @@ def raw_runner(ckpt: Path, cn_file: Path, config_dir: Path, cn_config: Path, res
         requires_safety_checker=False, torch_dtype=dtype, **load_tokenizers("sd1"))
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    image = control_image(res)
-
-    def run(steps: int):
-        return pipe(PROMPT, image=image, num_inference_steps=steps, guidance_scale=7.0, height=res, width=res,
-                    generator=torch.Generator("cpu").manual_seed(1))
-    return pipe, run
+    return pipe
 
 
 def setup_line(label: str, unet, controlnet) -> str:
@@ -119,26 +114,56 @@ class CallCounter:
         self._handle.remove()
 
 
-def timed_pair(unet, controlnet, plain, with_unit, steps: int, jobs: int) -> dict[str, tuple[float, float, int, float]]:
-    """Jobs without and with the unit, alternated (load changes hit both alike). Per configuration:
-    (median wall s per step, median CPU s per step, steps timed, ControlNet calls per step)."""
-    plain(1)      # warm-up: first calls allocate, pick kernels and upcast fp16 weights
-    with_unit(1)
-    clocks = {"plain": StepClock(unet), "unit": StepClock(unet)}
+def timed(runs: dict, unet, controlnet, steps: int, jobs: int) -> dict[str, tuple]:
+    """One job of each configuration in turn, `jobs` rounds (so load changes hit them alike). Per
+    configuration: (median wall s per step, median CPU s per step, steps timed, ControlNet calls per step,
+    UNet calls per step)."""
+    for run in runs.values():
+        run(1)      # warm-up: first calls allocate, pick kernels and upcast fp16 weights
+    clocks = {name: StepClock(unet) for name in runs}
     counter = CallCounter(controlnet)
-    unit_calls = 0
+    cn_calls = dict.fromkeys(runs, 0)
     for _ in range(jobs):
-        clocks["plain"].job(plain, steps)
-        before = counter.calls
-        clocks["unit"].job(with_unit, steps)
-        unit_calls += counter.calls - before
+        for name, run in runs.items():
+            before = counter.calls
+            clocks[name].job(run, steps)
+            cn_calls[name] += counter.calls - before
     counter.close()
-    out = {}
-    for name, clock in clocks.items():
+    for clock in clocks.values():
         clock.close()
-        cn_per_step = unit_calls / (jobs * steps) if name == "unit" else 0.0
-        out[name] = (*clock.per_step(), cn_per_step, clock.calls_per_step())
-    return out
+    return {name: (*clock.per_step(), cn_calls[name] / (jobs * steps), clock.calls_per_step())
+            for name, clock in clocks.items()}
+
+
+def diffusers_runners(pipe, res: int):
+    """diffusers' ControlNet pipeline and its plain txt2img pipeline on the same modules, each called in a
+    worker thread as our queue runs jobs."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    sd = StableDiffusionPipeline(**{k: v for k, v in pipe.components.items() if k != "controlnet"},
+                                 requires_safety_checker=False)
+    sd.set_progress_bar_config(disable=True)
+    image = control_image(res)
+
+    def run(steps: int, with_unit: bool):
+        kwargs = {"image": image} if with_unit else {}
+        return (pipe if with_unit else sd)(PROMPT, num_inference_steps=steps, guidance_scale=7.0, height=res,
+                                           width=res, generator=torch.Generator("cpu").manual_seed(1), **kwargs)
+    return in_worker_thread(lambda n: run(n, False)), in_worker_thread(lambda n: run(n, True))
+
+
+def on_our_modules(services, controlnet):
+    """diffusers' StableDiffusionControlNetPipeline built on the modules our loader made (--shared-modules)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionControlNetPipeline
+
+    ours = services.models.current().pipe
+    pipe = StableDiffusionControlNetPipeline(
+        vae=ours.vae, text_encoder=ours.text_encoder, tokenizer=ours.tokenizer, unet=ours.unet, controlnet=controlnet,
+        scheduler=EulerDiscreteScheduler.from_config(ours.scheduler.config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def main() -> None:
@@ -150,9 +175,11 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where full-size weight files are made once and reused "
                                                     "(default: $BENCH_CACHE or tmp/bench-cache)")
     parser.add_argument("--ckpt", default=None, help="an existing SD1.5-layout checkpoint to use instead of making one")
+    parser.add_argument("--shared-modules", action="store_true",
+                        help="run diffusers' pipelines on the modules our loader made (loads once; compares the "
+                             "loops alone, all four configurations alternated)")
     args = parser.parse_args()
     import torch
-    from diffusers import StableDiffusionPipeline
 
     res = args.res or (64 if args.size == "tiny" else 256)
     workdir = Path(args.dir or (default_cache_dir() if args.size == "full" else tempfile.mkdtemp()))
@@ -164,47 +191,49 @@ def main() -> None:
     plain(1)  # loads the checkpoint
     unet = services.models.current().pipe.unet
     _file, controlnet, _spec = services.controlnets.load(cn_file.stem, unet.device, unet.dtype, unet)
-    ours = timed_pair(unet, controlnet, plain, with_unit, args.steps, args.jobs)
-    setup = [setup_line("ours", unet, controlnet)]
-    services.generation.queue.shutdown()
-    del services, plain, with_unit, unet, controlnet
-    gc.collect()
-
-    if args.size == "tiny":
-        config_dir = ckpt.with_name(ckpt.stem + ".tiny-config")
-        cn_config = cn_file.with_name(cn_file.stem + ".tiny-config")
+    ours_runs = {"ours plain": plain, "ours unit": with_unit}
+    if args.shared_modules:
+        raw_plain, raw_unit = diffusers_runners(on_our_modules(services, controlnet), res)
+        results = timed({**ours_runs, "diffusers plain": raw_plain, "diffusers unit": raw_unit}, unet, controlnet,
+                        args.steps, args.jobs)
+        setup = [setup_line("both", unet, controlnet)]
     else:
-        config_dir, cn_config = ROOT / "configs/diffusers/sd1", ROOT / "configs/controlnet/sd1"
-    pipe, raw_unit = raw_runner(ckpt, cn_file, config_dir, cn_config, res, torch.float32)
-    # diffusers' plain txt2img pipeline on the very same modules, for the base-step comparison
-    sd = StableDiffusionPipeline(**{k: v for k, v in pipe.components.items() if k != "controlnet"})
-    sd.set_progress_bar_config(disable=True)
+        results = timed(ours_runs, unet, controlnet, args.steps, args.jobs)
+        setup = [setup_line("ours", unet, controlnet)]
+        services.generation.queue.shutdown()
+        del services, plain, with_unit, unet, controlnet, ours_runs
+        gc.collect()
+        if args.size == "tiny":
+            config_dir = ckpt.with_name(ckpt.stem + ".tiny-config")
+            cn_config = cn_file.with_name(cn_file.stem + ".tiny-config")
+        else:
+            config_dir, cn_config = ROOT / "configs/diffusers/sd1", ROOT / "configs/controlnet/sd1"
+        pipe = raw_pipeline(ckpt, cn_file, config_dir, cn_config, torch.float32)
+        raw_plain, raw_unit = diffusers_runners(pipe, res)
+        results.update(timed({"diffusers plain": raw_plain, "diffusers unit": raw_unit}, pipe.unet, pipe.controlnet,
+                             args.steps, args.jobs))
+        setup.append(setup_line("diffusers", pipe.unet, pipe.controlnet))
+    report(args, res, setup, results)
 
-    def raw_plain(steps: int):
-        return sd(PROMPT, num_inference_steps=steps, guidance_scale=7.0, height=res, width=res,
-                  generator=torch.Generator("cpu").manual_seed(1))
-    raw = timed_pair(pipe.unet, pipe.controlnet, in_worker_thread(raw_plain), in_worker_thread(raw_unit),
-                     args.steps, args.jobs)
-    setup.append(setup_line("diffusers", pipe.unet, pipe.controlnet))
-    report(args, res, setup, ours, raw)
 
-
-def report(args, res: int, setup: list[str], ours: dict, raw: dict) -> None:
+def report(args, res: int, setup: list[str], results: dict) -> None:
     def ms(v: tuple) -> str:
-        return f"{v[0] * 1000:.0f} ms (CPU {v[1] * 1000:.0f} ms, {v[2]} steps, {v[4]:.0f} UNet + {v[3]:.0f} ControlNet calls/step)"
+        return (f"{v[0] * 1000:.0f} ms (CPU {v[1] * 1000:.0f} ms; {v[2]} steps; calls per step: "
+                f"{v[4]:.0f} UNet, {v[3]:.0f} ControlNet)")
+    how = "on the same modules, all alternated" if args.shared_modules else "each side loading its own"
     print(f"{args.size} SD1 + ControlNet at {res}x{res}, Euler, CFG 7, cpu float32, {args.jobs} jobs x {args.steps} "
-          f"steps per configuration, alternated; median wall time per step (and its CPU time):")
+          f"steps per configuration ({how}); median wall time per step (its CPU time):")
     print("\n".join(setup))
-    for side, results in (("ours", ours), ("diffusers", raw)):
-        print(f"  {side:10s} without a unit {ms(results['plain'])}")
-        print(f"  {side:10s} with one unit  {ms(results['unit'])}")
-    ratio = ours["unit"][0] / ours["plain"][0]
-    print(f"  ratio ours with a unit / without: {ratio:.3f}x (target <= 1.45x; diffusers' own: "
-          f"{raw['unit'][0] / raw['plain'][0]:.3f}x)")
+    for name, value in results.items():
+        print(f"  {name:16s} {ms(value)}")
+    ours_unit, ours_plain = results["ours unit"], results["ours plain"]
+    raw_unit, raw_plain = results["diffusers unit"], results["diffusers plain"]
+    print(f"  ratio ours with a unit / without: {ours_unit[0] / ours_plain[0]:.3f}x (target <= 1.45x; diffusers' own: "
+          f"{raw_unit[0] / raw_plain[0]:.3f}x)")
     print(f"  ratio ours / diffusers StableDiffusionControlNetPipeline, with one unit: "
-          f"{ours['unit'][0] / raw['unit'][0]:.3f}x (target <= 1.03x; CPU time {ours['unit'][1] / raw['unit'][1]:.3f}x)")
+          f"{ours_unit[0] / raw_unit[0]:.3f}x (target <= 1.03x; CPU time {ours_unit[1] / raw_unit[1]:.3f}x)")
     print(f"  ratio ours / diffusers StableDiffusionPipeline, without a unit: "
-          f"{ours['plain'][0] / raw['plain'][0]:.3f}x (CPU time {ours['plain'][1] / raw['plain'][1]:.3f}x)")
+          f"{ours_plain[0] / raw_plain[0]:.3f}x (CPU time {ours_plain[1] / raw_plain[1]:.3f}x)")
 
 
 if __name__ == "__main__":
