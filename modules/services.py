@@ -22,6 +22,7 @@ from modules.core.paths import AppPaths
 from modules.models.vae import VaeRegistry
 from modules.models.embeddings import EmbeddingDatabase
 from modules.models.controlnet_registry import ControlNetRegistry
+from modules.core import controlnet_extension
 from modules.models.depth import DepthEstimators, set_default_estimators
 from modules.core.styles import StyleDatabase
 from modules.extensions.processing_adapter import wrap as wrap_params
@@ -132,8 +133,9 @@ def _build_extras(opts: argparse.Namespace, paths: AppPaths, generation: Generat
 
 
 def controlnet_registry(opts: argparse.Namespace, paths: AppPaths) -> ControlNetRegistry:
-    """models/ControlNet, the extension's own models folder if present, and --controlnet-dir."""
-    roots = [paths.models_dir / "ControlNet", paths.extensions_dir / "sd-webui-controlnet" / "models"]
+    """models/ControlNet, the models folder of a user-installed sd-webui-controlnet (any folder name), and
+    --controlnet-dir."""
+    roots = [paths.models_dir / "ControlNet", *controlnet_extension.model_dirs(paths.extensions_dir)]
     if getattr(opts, "controlnet_dir", None):
         roots.insert(0, Path(opts.controlnet_dir).expanduser().resolve())
     registry = ControlNetRegistry(roots)

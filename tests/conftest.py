@@ -56,6 +56,17 @@ class ServerProcess:
                 self.proc.wait(timeout=15)
 
 
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
+    """Poll `predicate` until it returns something truthy (and return that), at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
 def run_webui(args: list[str], *, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run webui.py to completion (for flags that make it exit)."""
     env = {**os.environ, "COMMANDLINE_ARGS": ""}

@@ -133,3 +133,50 @@ def test_bad_units_are_422_and_the_server_stays_up(api):
         assert r.status_code == 422, (unit, r.status_code, r.text)
         assert words in r.text.lower() or words in r.text, r.text
     assert _txt2img(api).status_code == 200
+
+
+def test_detected_maps_are_appended_to_the_images_as_the_extension_does(api):
+    """Each unit's map, fitted to the image size, after the generated images; no infotext of its own;
+    none with the setting control_net_no_detectmap; with hires fix the hires-size map, then the first pass's."""
+    model = requests.get(api.url + "/controlnet/model_list").json()["model_list"][0]
+    source = hint()   # 48x80: "Crop and Resize" covers 64x64 and crops the height
+    unit = {"image": b64(source), "module": "invert", "model": model, "processor_res": 64}
+    r = _txt2img(api, [unit, {**unit, "module": "none"}], batch_size=2)
+    assert r.status_code == 200, r.text
+    images, info = r.json()["images"], json.loads(r.json()["info"])
+    assert len(images) == 4 and len(info["infotexts"]) == 2 and info["index_of_first_image"] == 0
+    plain_map = np.asarray(unb64(images[3]).convert("RGB"), dtype=np.int16)
+    inverted_map = np.asarray(unb64(images[2]).convert("RGB"), dtype=np.int16)
+    assert plain_map.shape == (64, 64, 3)
+    expected = np.asarray(source.resize((64, round(80 * 64 / 48)), Image.Resampling.LANCZOS), dtype=np.int16)
+    top = -((64 - expected.shape[0]) // 2)   # centred (the odd row falls at the top)
+    assert np.abs(plain_map - expected[top:top + 64]).mean() < 2
+    assert np.abs(inverted_map - (255 - plain_map)).mean() < 2
+    assert "ControlNet 1" in info["infotexts"][0]   # the units themselves are in the infotext, the maps not
+
+    off = _txt2img(api, [unit], override_settings={"control_net_no_detectmap": True})
+    assert off.status_code == 200 and len(off.json()["images"]) == 1
+    assert len(_txt2img(api, [{**unit, "weight": 0}]).json()["images"]) == 1   # a unit that does not run: no map
+    hires = _txt2img(api, [unit], enable_hr=True, hr_scale=1.5, hr_second_pass_steps=1, hr_upscaler="Latent")
+    assert hires.status_code == 200, hires.text
+    assert [unb64(i).size for i in hires.json()["images"]] == [(96, 96), (96, 96), (64, 64)]
+
+
+def test_img2img_inpaint_map_shows_the_mask_half_transparent(api):
+    model = requests.get(api.url + "/controlnet/model_list").json()["model_list"][0]
+    picture = Image.new("RGB", (64, 64), (10, 200, 30))
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (0, 0, 32, 64))
+    r = requests.post(api.url + "/sdapi/v1/img2img", timeout=300, json={
+        **BASE, "init_images": [b64(picture)], "denoising_strength": 0.5,
+        "alwayson_scripts": {"controlnet": {"args": [{"model": model, "module": "inpaint_only",
+                                                      "image": {"image": b64(picture), "mask": b64(mask)}}]}}})
+    assert r.status_code == 200, r.text
+    images = r.json()["images"]
+    assert len(images) == 2
+    shown = unb64(images[1])
+    assert shown.mode == "RGBA"
+    assert shown.getpixel((5, 5))[3] == 128 and shown.getpixel((60, 5))[3] == 255
+    # outside the mask (beyond the blurred seam) the picture is pasted back exactly
+    out = np.asarray(unb64(images[0]).convert("RGB"), dtype=np.int16)
+    assert np.abs(out[:, 48:] - np.array([10, 200, 30])).max() <= 1

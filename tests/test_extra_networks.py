@@ -48,6 +48,19 @@ def test_default_pages_follow_the_folders(tmp_path):
     assert got[en.HYPERNETWORKS].roots == (paths.models_dir / "hypernetworks",)
 
 
+def test_hypernetwork_dir_flag_moves_the_hypernetworks_page_and_registry(tmp_path):
+    from modules.core.flags import parse_args
+    from modules.core.networks_service import ExtraNetworksService
+    from modules.core.paths import AppPaths
+
+    elsewhere = tmp_path / "my-hypernets"
+    paths = AppPaths.from_opts(parse_args(["--data-dir", str(tmp_path), "--hypernetwork-dir", str(elsewhere)],
+                                          env={}).opts)
+    assert paths.hypernetwork_dir == elsewhere.resolve()
+    assert {p.id: p for p in en.default_pages(paths)}[en.HYPERNETWORKS].roots == (elsewhere.resolve(),)
+    assert ExtraNetworksService.from_paths(paths).hypernetwork_dirs == [elsewhere.resolve()]
+
+
 def test_lora_cards_carry_the_weight_activation_and_negative_text(pages):
     root = pages[en.LORA].roots[0]
     _lora(root / "style" / "ink.safetensors")

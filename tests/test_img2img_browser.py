@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
+from playwright.sync_api import expect
 
 pytestmark = pytest.mark.browser
 
@@ -79,6 +80,29 @@ def wait_for_canvas(canvas, shows, what: str, timeout_s: float = 60) -> np.ndarr
         previous = shot
 
 
+def test_sub_tab_choice_is_kept_in_the_page_without_a_server_answer(img2img_server, page):
+    """Gradio fires a select for the first sub-tab when img2img mounts. Answered by the server, that event and
+    the user's click a moment later could complete in either order: the late one left the Inpaint tab open
+    with its controls hidden and the mode at img2img (a flaky failure, seen in CI). The choice is now made in
+    the page, in click order, and no select reaches the server."""
+    joins = []
+    page.on("request", lambda r: joins.append(r.post_data or "") if "/queue/join" in r.url else None)
+    page.goto(img2img_server.url + "/")
+    page.get_by_role("tab", name="img2img", exact=True).click(timeout=60000)
+    mode = page.locator("#img2img_mode input")
+    for label, index, inpaint in (("Inpaint", 2, True), ("Sketch", 1, False), ("Inpaint upload", 4, True),
+                                  ("img2img", 0, False)):
+        page.locator("#mode_img2img").get_by_role("tab", name=label, exact=True).click(timeout=60000)
+        expect(mode).to_have_value(str(index), timeout=60000)
+        expect(page.locator("#img2img_mask_blur")).to_be_visible(visible=inpaint, timeout=60000)
+    page.get_by_role("tab", name="Resize by", exact=True).click(timeout=60000)
+    expect(page.locator("#img2img_scale_tab input")).to_have_value("1", timeout=60000)
+    # Only "Resize by" asks the server for its size preview; no sub-tab select went there.
+    sub_tab_selects = [body for body in joins for label in ("img2img", "Sketch", "Inpaint", "Inpaint upload")
+                       if f'"event_data":{{"value":"{label}"' in body]
+    assert joins and not sub_tab_selects, joins
+
+
 def test_inpaint_a_stroke_drawn_with_the_mouse(img2img_server, page, tmp_path):
     source = tmp_path / "source.png"
     gradient().save(source)
@@ -143,8 +167,6 @@ def test_inpaint_a_stroke_drawn_with_the_mouse(img2img_server, page, tmp_path):
 
 
 def test_png_info_send_to_txt2img_fills_the_fields_and_picks_the_checkpoint(img2img_server, page, tmp_path):
-    from playwright.sync_api import expect
-
     from modules.core import saving as images
 
     other = img2img_server.data_dir / "models" / "Stable-diffusion" / "zz-other-sd1.safetensors"

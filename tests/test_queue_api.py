@@ -15,7 +15,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import start_server
+from conftest import start_server, wait_until
 
 USERS = {"a": "pa", "b": "pb", "c": "pc", "root": "pr"}
 TINY = {"width": 64, "height": 64, "steps": 1, "seed": 3}
@@ -41,16 +41,6 @@ def _get(srv, user: str | None, job_id: str, **params) -> requests.Response:
     return requests.get(_url(srv, f"jobs/{job_id}"), params=params, auth=_auth(user), timeout=60)
 
 
-def _wait(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def _status(srv, user, job_id) -> dict:
     r = _get(srv, user, job_id, images=False)
     assert r.status_code == 200, r.text
@@ -58,12 +48,12 @@ def _status(srv, user, job_id) -> dict:
 
 
 def _wait_status(srv, user, job_id, statuses, timeout=300) -> dict:
-    return _wait(lambda: (lambda j: j if j["status"] in statuses else None)(_status(srv, user, job_id)),
+    return wait_until(lambda: (lambda j: j if j["status"] in statuses else None)(_status(srv, user, job_id)),
                  timeout, f"job {job_id} to be {statuses}")
 
 
 def _wait_running(srv, user, job_id) -> dict:
-    return _wait(lambda: (lambda j: j if j["status"] == "running" and (j["progress"] or 0) > 0 else None)(
+    return wait_until(lambda: (lambda j: j if j["status"] == "running" and (j["progress"] or 0) > 0 else None)(
         _status(srv, user, job_id)), 300, f"job {job_id} to run")
 
 

@@ -108,20 +108,29 @@ def adapter_to_original(sd: dict, num_res_blocks: int) -> dict:
 
 def make_t2i_adapter(path, family: str = "sd1", *, layout: str = "original", in_channels: int = 3,
                      seed: int = 0) -> TinyControlNet:
-    """A tiny full T2I-Adapter matching the tiny UNet's block widths (original TencentARC names, or diffusers')."""
+    """A tiny full T2I-Adapter matching the tiny UNet's block widths (original TencentARC names, or diffusers').
+    SDXL: diffusers' ``full_adapter_xl`` (16x pixel unshuffle), in the diffusers layout TencentARC published
+    the SDXL adapters in; a path named ``diffusion_pytorch_model.safetensors`` gets its ``config.json`` beside it
+    (the folder as on the hub)."""
     from diffusers import T2IAdapter
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     channels = tiny_configs(family)["unet"]["block_out_channels"]
+    xl = family == "sdxl"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 700)
-        adapter = T2IAdapter(in_channels=in_channels, channels=list(channels), num_res_blocks=2, downscale_factor=8)
+        adapter = T2IAdapter(in_channels=in_channels, channels=list(channels), num_res_blocks=2,
+                             downscale_factor=16 if xl else 8, adapter_type="full_adapter_xl" if xl else "full_adapter")
         with torch.no_grad():
             for p in adapter.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
     dsd = {k: v.detach().clone().contiguous() for k, v in adapter.state_dict().items()}
+    if xl and layout != "diffusers":
+        raise ValueError("SDXL T2I-Adapters exist in the diffusers layout only")
     sd = dsd if layout == "diffusers" else adapter_to_original(dsd, 2)
+    if path.name == "diffusion_pytorch_model.safetensors":
+        adapter.save_config(str(path.parent))
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 

@@ -2,7 +2,11 @@
 checkpoint's family), maps preprocessed, once per job."""
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def control_inputs(p: Any, ctx: Any, seed: int | None = None) -> list[Any] | None:
@@ -12,6 +16,8 @@ def control_inputs(p: Any, ctx: Any, seed: int | None = None) -> list[Any] | Non
     from modules.core.controlnet_units import ControlNetUnitError as ProcessingError
 
     units = [u.normalized(i) for i, u in enumerate(getattr(p, "controlnet_units", None) or [])]
+    if getattr(p, "mask", None) is not None and getattr(p, "init_images", None):
+        units = [_harmonious_when_a1111_inpaints(u) for u in units]
     if not any(u.active and u.weight > 0 and u.guidance_start < u.guidance_end for u in units):
         return None
     registry = getattr(ctx, "controlnets", None)
@@ -58,3 +64,40 @@ def _masked_area_crop(p: Any, init: Any) -> tuple[int, int, int, int] | None:
                                 mask_blur=p.mask_blur, invert=p.inpainting_mask_invert,
                                 inpainting_fill=p.inpainting_fill, full_res=True, padding=p.inpaint_full_res_padding)
     return tuple(plan.crop) if plan.crop is not None else None
+
+
+def _harmonious_when_a1111_inpaints(unit: Any) -> Any:
+    """img2img inpainting already keeps the unmasked area: as sd-webui-controlnet does, an inpaint_only
+    unit then runs as inpaint_global_harmonious (same map, no in-loop blend). The infotext keeps the unit."""
+    if unit.module != "inpaint_only" or not unit.active:
+        return unit
+    log.warning("ControlNet: A1111 inpaint and ControlNet inpaint_only together: inpaint_only runs as "
+                "inpaint_global_harmonious")
+    return replace(unit, module="inpaint")
+
+
+
+def output_maps(options: Any, control: list[Any] | None, processed: Any, size: tuple[int, int],
+                hires_size: tuple[int, int] | None = None) -> list[Any]:
+    """The detected maps sd-webui-controlnet appends to a job's images (gallery and API), once per job:
+    each unit's map fitted to the image `size` (with hires fix: the `hires_size` map, then the first
+    pass's), an inpaint map with its masked area half transparent. They carry no infotext (so
+    ``images[len(infotexts):]`` are the maps) and are not saved. None with the setting
+    ``control_net_no_detectmap``, and none inside SD upscale's tile runs, as in the extension."""
+    if not control or options.get("control_net_no_detectmap", False):
+        return []
+    if "sd upscale" in ", ".join(getattr(processed, "extra_generation_params", None) or {}).lower():
+        return []
+    from modules.engine.control.units import fit_map
+
+    sizes = [hires_size, size] if hires_size else [size]
+    return [_visible(fit_map(unit.detected_map, w, h, unit.resize_mode)) for unit in control for w, h in sizes]
+
+
+def _visible(image: Any) -> Any:
+    """An inpaint map (mask in alpha): the masked area shown half transparent, as the extension shows it."""
+    if image.mode != "RGBA":
+        return image
+    shown = image.copy()
+    shown.putalpha(image.getchannel("A").point(lambda a: 255 - a // 2))
+    return shown

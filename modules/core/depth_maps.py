@@ -15,22 +15,27 @@ from PIL import Image
 
 from modules.core import masking
 from modules.models import depth as depth_models
+from modules.models import midas_embedded
 
 
 def refusal(model_title: str, *, is_img2img: bool, has_depth_image: bool,
-            estimators: depth_models.DepthEstimators | None = None) -> str | None:
-    """Why a job cannot run on a depth model (None: it can)."""
+            estimators: depth_models.DepthEstimators | None = None, model: Any = None) -> str | None:
+    """Why a job cannot run on a depth model (None: it can). `model`: the loaded model, whose checkpoint
+    may carry its own MiDaS estimator (models/midas_embedded.py)."""
     if not is_img2img:
         return (f"{model_title} is an SD2 depth model: it redraws an init image following the image's depth map. "
                 "Use img2img (txt2img has no image to take the depth from).")
     if has_depth_image:
         return None
     estimators = estimators or depth_models.default_estimators()
-    if estimators.find() is not None:
+    if estimators.find() is not None or midas_embedded.of(model) is not None:
         return None
+    embedded = getattr(model, "embedded_depth", None)
+    own = (embedded.describe_problem() if embedded is not None else
+           "the checkpoint has no MiDaS weights of its own (depth_model.*, as in Stability's 512-depth-ema.ckpt)")
     return (f"{model_title} is an SD2 depth model and needs a depth map of the init image. Supply one (img2img's "
             f"'Depth map' input, or `depth_image` in the API), or install a depth estimator: "
-            f"{estimators.missing_message(None)}")
+            f"{estimators.missing_message(None)}. ({own[0].upper() + own[1:]}.)")
 
 
 def as_float_image(depth: Image.Image) -> Image.Image:

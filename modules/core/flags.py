@@ -106,6 +106,7 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     paths.add_argument("--lora-dir", default=None, help="folder of LoRA files")
     paths.add_argument("--controlnet-dir", default=None, help="folder of ControlNet models, besides models/ControlNet")
     paths.add_argument("--embeddings-dir", default=None, help="folder of textual inversion embeddings")
+    paths.add_argument("--hypernetwork-dir", default=None, help="folder of hypernetworks (default: models/hypernetworks)")
     for folder in ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "ScuNET", "GFPGAN", "Codeformer"):  # upscalers, faces
         paths.add_argument(f"--{folder.lower()}-models-path", default=None, help=f"folder of {folder} models (default: models/{folder})")
     paths.add_argument("--ui-settings-file", default=None, help="settings file (default: DATA_DIR/config.json)")

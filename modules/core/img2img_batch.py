@@ -267,7 +267,7 @@ def _run_file(generation: Any, p: Img2ImgParams, kwargs: dict[str, Any], path: P
         return None
     result.processed.append(path.name)
     first = processed.index_of_first_image
-    result.images += processed.images[first:]
+    result.images += processed.images[first:len(processed.infotexts)]   # not ControlNet's detected maps
     result.infotexts += processed.infotexts[first:]
     del result.images[:-GALLERY_LIMIT], result.infotexts[:-GALLERY_LIMIT]
     return processed

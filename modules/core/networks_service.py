@@ -15,7 +15,7 @@ def lora_roots(paths: AppPaths) -> list[Path]:
 
 
 def hypernetwork_roots(paths: AppPaths) -> list[Path]:
-    return [paths.models_dir / "hypernetworks"]
+    return [paths.hypernetwork_dir]
 
 
 class ExtraNetworksService:

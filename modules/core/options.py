@@ -322,4 +322,6 @@ def _core_templates() -> list[tuple[str, OptionInfo]]:
         ("disabled_extensions", OptionInfo([], "Disabled extensions", section=EXT, hidden=True)),
         ("disable_all_extensions", OptionInfo("none", "Disable all extensions (preserves the list of disabled extensions)", choices=("none", "extra", "all"), section=EXT)),
         ("control_net_unit_count", OptionInfo(3, "ControlNet unit count (tabs in the ControlNet accordion)", minimum=1, maximum=10, step=1, section=SD).needs_restart()),
+        ("control_net_no_detectmap", OptionInfo(False, "ControlNet: do not append the detected maps to the output", section=SD)),
+        ("control_net_inpaint_blur_sigma", OptionInfo(7, "ControlNet inpaint_only: blur of the pasted-back border (pixels)", minimum=0, maximum=64, step=1, section=SD)),
     ]

@@ -22,6 +22,7 @@ class AppPaths:
     lora_dir: Path
     esrgan_dir: Path
     embeddings_dir: Path
+    hypernetwork_dir: Path
     outputs_dir: Path
     extensions_dir: Path
     extensions_builtin_dir: Path
@@ -47,6 +48,7 @@ class AppPaths:
             lora_dir=opt_path(opts.lora_dir, models_dir / "Lora"),
             esrgan_dir=models_dir / "ESRGAN",
             embeddings_dir=opt_path(opts.embeddings_dir, data_dir / "embeddings"),
+            hypernetwork_dir=opt_path(opts.hypernetwork_dir, models_dir / "hypernetworks"),
             outputs_dir=data_dir / "outputs",
             extensions_dir=data_dir / "extensions",
             extensions_builtin_dir=install_dir / "extensions-builtin",

@@ -561,6 +561,9 @@ def _process(p: GenerationParams, ctx: RunContext) -> Processed:
     index_of_first_image = _add_grid(p, ctx, run, plan, rendered)
     processed = _processed(p, ctx, run, plan, rendered, index_of_first_image, started)
     hooks.postprocess(run, processed)
+    from modules.core.controlnet_run import output_maps   # sd-webui-controlnet appends each unit's detected map
+    hires_size = hires_target_size(p) if isinstance(p, Txt2ImgParams) and p.hires.enabled else None
+    processed.images += output_maps(ctx.options, plan.control, processed, (p.width, p.height), hires_size)
     return processed
 
 
@@ -592,7 +595,8 @@ def _check_model(p: GenerationParams, ctx: RunContext) -> None:
         from modules.core import depth_maps
 
         reason = depth_maps.refusal(ctx.model.title, is_img2img=isinstance(p, Img2ImgParams),
-                                    has_depth_image=getattr(p, "depth_image", None) is not None)
+                                    has_depth_image=getattr(p, "depth_image", None) is not None,
+                                    model=ctx.model)
         if reason:
             raise ProcessingError(reason)
 

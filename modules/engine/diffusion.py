@@ -244,7 +244,7 @@ def generate_batch(req: BatchRequest, ctx) -> list[Image.Image]:
             unet,
             time_ids=added_time_ids(model, *size, aesthetic=6.0, device=device, dtype=dtype),
             uncond_time_ids=added_time_ids(model, *size, aesthetic=2.5, device=device, dtype=dtype),
-            image_cond=image_cond, hooks=ctx.hooks, control=_control(req, req.width, req.height, device),
+            image_cond=image_cond, hooks=ctx.hooks, control=_control(req, req.width, req.height, device, model=model),
         )
         denoiser, conds_at = refiner.wrap(ctx, denoiser, plan.at, len(timesteps), hires=False,
                                           hires_enabled=req.hires is not None,
@@ -259,16 +259,34 @@ def generate_batch(req: BatchRequest, ctx) -> list[Image.Image]:
         model = refiner.current_model(ctx, model)
         if req.hires is not None and not should_stop():
             latents = _hires_pass(req, refiner.context_for(ctx, model), model, latents, image_rng, on_step, should_stop)
-        return decode(refiner.current_model(ctx, model), latents)
+        images = decode(refiner.current_model(ctx, model), latents)
+        return _control_restore(req, ctx, images)
 
 
-def _control(req: BatchRequest, width: int, height: int, device, *, hires: bool = False):
+def _control(req: BatchRequest, width: int, height: int, device, *, hires: bool = False, model=None):
     """The ControlNet units of one pass, their maps fitted to its size; None without units."""
     if not req.control:
         return None
+    from modules.engine.control.postprocess import prediction_fix
     from modules.engine.control.units import ControlApplier
 
-    return ControlApplier(req.control, width, height, torch.device(device), hires=hires) or None
+    applier = ControlApplier(req.control, width, height, torch.device(device), hires=hires)
+    if applier and model is not None:  # tile_colorfix / inpaint_only also change each prediction
+        applier.prediction_fix = prediction_fix(applier.units, width, height, hires=hires, device=device,
+                                                encode=lambda images: encode(model, images),
+                                                scheduler_config=model.pipe.scheduler.config)
+    return applier or None
+
+
+def _control_restore(req: BatchRequest, ctx, images: list[Image.Image]) -> list[Image.Image]:
+    """inpaint_only units paste their input picture back outside the mask after decoding."""
+    if not req.control:
+        return images
+    from modules.engine.control.postprocess import restore_pixels
+
+    options = getattr(ctx, "options", None)
+    sigma = options.get("control_net_inpaint_blur_sigma", None) if options is not None else None
+    return restore_pixels(req.control, images, sigma)
 
 
 def _img2img_start(req: BatchRequest, model, scheduler, noise: torch.Tensor, device, dtype):
@@ -360,7 +378,7 @@ def _hires_pass(req: BatchRequest, ctx, model, latents, image_rng, on_step, shou
         time_ids=added_time_ids(model, batch, width, height, aesthetic=6.0, device=device, dtype=dtype),
         uncond_time_ids=added_time_ids(model, batch, width, height, aesthetic=2.5, device=device, dtype=dtype),
         image_cond=inpainting_txt2img_cond(model, batch, width, height, device, dtype),
-        hooks=ctx.hooks, control=_control(req, width, height, device, hires=True),
+        hooks=ctx.hooks, control=_control(req, width, height, device, hires=True, model=model),
     )
     denoiser, conds_at = refiner.wrap(ctx, denoiser, plan.at, len(timesteps), hires=True, hires_enabled=True,
                                       build=_refiner_builder(req, ctx, prompts, negatives, steps, (width, height)))

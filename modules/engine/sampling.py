@@ -135,10 +135,14 @@ class GuidedDenoiser:
             found = self.control.residuals(x, t, embeds, added, n_cond, *self._step) or {}
             residuals = {k: [r.to(self.dtype) for r in v] if isinstance(v, list) else v.to(self.dtype)
                          for k, v in found.items()}
+        x_latent = x
         if self.image_cond is not None:
             x = torch.cat([x, self.image_cond[rows]], dim=1)
-        return self.unet(x, t, encoder_hidden_states=embeds.to(self.dtype),
-                         added_cond_kwargs=added, return_dict=False, **residuals)[0]
+        out = self.unet(x, t, encoder_hidden_states=embeds.to(self.dtype),
+                        added_cond_kwargs=added, return_dict=False, **residuals)[0]
+        if self.control is not None:  # tile_colorfix / inpaint_only change the prediction (control/postprocess.py)
+            out = self.control.adjust_prediction(x_latent, t, out, n_cond)
+        return out
 
 
 def _step_accepts_generator(scheduler) -> bool:

@@ -132,8 +132,21 @@ def discover(user_dir: Path, builtin_dir: Path, *, disabled: Iterable[str] = (),
             off = (mode == "all" or (mode == "extra" and not builtin) or path.name in disabled)
             if off:
                 ext.enabled, ext.status = False, "disabled"
+            elif not builtin:
+                _skip_if_builtin_controlnet(ext)
             found.append(ext)
     return order(found)
+
+
+def _skip_if_builtin_controlnet(ext: Extension) -> None:
+    """sd-webui-controlnet replaces the ldm UNet's forward: on our core ControlNet is built in, so none
+    of its code runs (install.py, preload.py, scripts, javascript); services still scan its models/."""
+    from modules.core.controlnet_extension import SKIP_REASON, is_controlnet_extension
+
+    if is_controlnet_extension(ext.path):
+        ext.status = SKIP_REASON
+        log.info("Extension %s skipped: ControlNet is built into this web UI (its models/ folder is still "
+                 "scanned for ControlNet models)", ext.name)
 
 
 def order(exts: list[Extension]) -> list[Extension]:

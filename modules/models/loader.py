@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from modules.models import detection, families
+from modules.models import detection, families, midas_embedded
 from modules.models.devices import DevicePolicy, torch_gc
 from modules.models.detection import ModelSpec
 from modules.models.families import FamilyId, FamilyInfo, TextEncoderSlot
@@ -70,6 +70,8 @@ class LoadedModel:
     baked_vae: Any = None
     # --medvram/--lowvram: the offload.OffloadPlan whose hooks move the components (None: all resident)
     offload: Any = None
+    # SD2 depth: the MiDaS estimator stored in the checkpoint (midas_embedded.EmbeddedMidas), if any
+    embedded_depth: Any = None
 
     @property
     def family(self) -> str:
@@ -116,6 +118,9 @@ class LoadedModel:
         pipe = self.pipe
         self.pipe = None
         self.baked_vae = None
+        if self.embedded_depth is not None:
+            self.embedded_depth.release()
+            self.embedded_depth = None
         if self.offload is not None:
             self.offload.remove()  # the hooks hold the modules: drop them too
             self.offload = None
@@ -412,6 +417,7 @@ def load_model(
     laps = _Laps()
     sd = _read_weights(path, spec, vae_file, state_dict, say, laps, in_memory=_keeps_file_dtype(policy))
     state_dict = None
+    embedded = midas_embedded.take(sd, path.name) if spec.is_depth else None  # not a pipeline component
 
     components: dict[str, Any] = {}
     try:
@@ -425,15 +431,15 @@ def load_model(
 
     status, needs_depth = "ready", False
     if spec.is_depth:
-        status = ("ready for img2img: the init image's depth comes from a supplied depth map or the depth "
-                  "estimator in models/depth/ (the MiDaS weights inside the checkpoint are not used)")
+        status = midas_embedded.load_status(embedded)
         needs_depth = True
     offload = _install_offload(components, spec, policy)
     seconds = round(time.perf_counter() - laps.start, 3)
     say(f"Model loaded in {seconds:.1f}s")
     return LoadedModel(info=info, path=path, spec=spec, policy=policy, pipe=pipe, components=components,
                        vae_file=Path(vae_file) if vae_file else None, load_seconds=seconds, timings=laps.timings,
-                       status=status, needs_depth_map=needs_depth, baked_vae=baked, offload=offload)
+                       status=status, needs_depth_map=needs_depth, baked_vae=baked, offload=offload,
+                       embedded_depth=embedded)
 
 
 def _install_offload(components: dict[str, Any], spec: ModelSpec, policy: DevicePolicy) -> Any:

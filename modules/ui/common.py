@@ -2,10 +2,27 @@
 from __future__ import annotations
 
 import html
+import json
 from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 import gradio as gr
+
+
+def tab_value(value: int | str, elem_id: str) -> Any:
+    """A hidden component that holds which sub-tab is selected. It lives in the browser, so the Generate
+    click sends what the page shows (see `select_sets`)."""
+    if isinstance(value, str):
+        return gr.Textbox(value=value, visible="hidden", elem_id=elem_id)
+    return gr.Number(value=value, precision=0, visible="hidden", elem_id=elem_id)
+
+
+def select_sets(tab: Any, outputs: list[Any], values: list[Any]) -> None:
+    """Selecting `tab` sets `outputs` to `values` in the browser, with no server round trip. Gradio fires a
+    select for a tab set's first tab when the set mounts; answered by the server, that event and the user's
+    own click a moment later complete in either order, and a late answer undid the click (it showed as a
+    flaky browser test: the Inpaint tab open with the inpaint controls hidden and the mode left at img2img)."""
+    tab.select(None, js="() => " + json.dumps(values), outputs=outputs, queue=False, show_progress="hidden")
 
 
 POLL_SECONDS = 0.5  # how often a running job's progress and preview are pushed to the page

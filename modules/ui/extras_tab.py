@@ -13,7 +13,7 @@ import gradio as gr
 from PIL import Image
 
 from modules.services import Services
-from modules.ui.common import POLL_SECONDS, progress_html, ui_caller
+from modules.ui.common import POLL_SECONDS, progress_html, select_sets, tab_value, ui_caller
 
 MODES = ("single", "batch", "directory")
 
@@ -23,7 +23,7 @@ class ExtrasUi:
     tabs: Any            # the Single Image / Batch Process / Batch from Directory tabs
     image: Any           # Single Image's input
     source_info: Any     # gr.State: the infotext of an image sent here (the browser round trip drops PNG chunks)
-    mode: Any            # gr.State: which sub-tab is selected
+    mode: Any            # hidden, kept in the browser: which sub-tab is selected
     gallery: Any
     html_info: Any
     send_to_img2img: Any
@@ -134,18 +134,18 @@ def _build_inputs() -> dict[str, Any]:
             c["output_dir"] = gr.Textbox(label="Output directory", elem_id="extras_batch_output_dir",
                                          placeholder="Empty: outputs/extras-images")
             c["show_results"] = gr.Checkbox(True, label="Show result images", elem_id="extras_show_extras_results")
-    c["mode"] = gr.State("single")
+    c["mode"] = tab_value("single", "extras_mode")
     c["source_info"] = gr.State(None)
     c["image"].upload(lambda: None, outputs=c["source_info"], show_progress="hidden")   # a new file has its own
     for tab, mode in ((single, "single"), (batch, "batch"), (directory, "directory")):
-        tab.select(lambda m=mode: m, outputs=c["mode"], show_progress="hidden")
+        select_sets(tab, [c["mode"]], [mode])
     return c
 
 
 def _build_upscale_controls(services: Services) -> dict[str, Any]:
     from modules.engine.upscaling import image_upscaler_names
 
-    c: dict[str, Any] = {"resize_mode": gr.State(0)}
+    c: dict[str, Any] = {"resize_mode": tab_value(0, "extras_resize_mode_value")}
     with gr.Tabs(elem_id="extras_resize_mode"):
         with gr.Tab("Scale by", id="scale_by", elem_id="extras_scale_by_tab") as by:
             c["upscaling_resize"] = gr.Slider(1, 8, value=4, step=0.05, label="Resize",
@@ -157,8 +157,8 @@ def _build_upscale_controls(services: Services) -> dict[str, Any]:
                 c["upscaling_resize_h"] = gr.Slider(64, 8192, value=512, step=8, label="Height",
                                                     elem_id="extras_upscaling_resize_h")
             c["upscaling_crop"] = gr.Checkbox(True, label="Crop to fit", elem_id="extras_upscaling_crop")
-    by.select(lambda: 0, outputs=c["resize_mode"], show_progress="hidden")
-    to.select(lambda: 1, outputs=c["resize_mode"], show_progress="hidden")
+    select_sets(by, [c["resize_mode"]], [0])
+    select_sets(to, [c["resize_mode"]], [1])
     names = image_upscaler_names()
     with gr.Row():
         c["upscaler_1"] = gr.Dropdown(names, value="None", label="Upscaler 1", elem_id="extras_upscaler_1")

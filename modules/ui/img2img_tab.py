@@ -31,7 +31,7 @@ from modules.ui.controlnet_ui import MAX_UNITS, build_controlnet_ui, units_from_
 from modules.ui.common import (POLL_SECONDS, ControlsBase, build_batch_controls, build_output_panel,
                                build_sampling_controls, build_seed_controls, build_toprow, connect_tab_helpers,
                                error_updates, infotext_html, paste_targets, poll_job, progress_html, script_job,
-                               ui_caller)
+                               select_sets, tab_value, ui_caller)
 from modules.core.styles import apply_styles_to_params
 from modules.ui import paste
 from modules.ui.styles_ui import StylesUi
@@ -170,7 +170,7 @@ class Img2ImgUi:
     styles: StylesUi
     override_settings: Any
     tabs: Any                   # the sub-tab strip
-    mode: Any                   # gr.State: index into MODES
+    mode: Any                   # hidden, kept in the browser: index into MODES
     init_img: Any
     sketch: Any
     inpaint: Any
@@ -187,8 +187,8 @@ class Img2ImgUi:
 def build_img2img_tab(services: Services) -> Img2ImgUi:
     top = build_toprow("img2img", services)
     networks = build_extra_networks(services, "img2img", top)
-    mode = gr.State(0)
-    scale_tab = gr.State(0)
+    mode = tab_value(0, "img2img_mode")
+    scale_tab = tab_value(0, "img2img_scale_tab")
     with gr.Row():
         with gr.Column(scale=1):
             inputs = _build_mode_tabs(services.options.dir_config_locked)
@@ -367,10 +367,9 @@ def _connect_mode_tabs(inputs: _ModeInputs, size: _SizeControls, mode: Any, scal
                        inpaint_controls: Any) -> None:
     """Which sub-tab (mode) and which resize tab are selected, and the "Resize by" size preview."""
     for index, tab in enumerate(inputs.mode_tabs):
-        tab.select(lambda i=index: (i, gr.update(visible=i in INPAINT_MODES)), outputs=[mode, inpaint_controls],
-                   show_progress="hidden")
-    size.tab_scale_to.select(lambda: 0, outputs=scale_tab, show_progress="hidden")
-    size.tab_scale_by.select(lambda: 1, outputs=scale_tab, show_progress="hidden")
+        select_sets(tab, [mode, inpaint_controls], [index, {"__type__": "update", "visible": index in INPAINT_MODES}])
+    select_sets(size.tab_scale_to, [scale_tab], [0])
+    select_sets(size.tab_scale_by, [scale_tab], [1])
 
     def scale_preview(m, scale, img, sk, inp, insk, up):
         try:

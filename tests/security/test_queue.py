@@ -13,7 +13,7 @@ import time
 import pytest
 import requests
 
-from conftest import start_server
+from conftest import start_server, wait_until
 
 TINY = {"prompt": "a cat", "width": 64, "height": 64, "steps": 2, "seed": 1}
 LONG = {**TINY, "steps": 150, "seed": 7}    # long enough to act on while it runs (interrupted by the tests)
@@ -35,17 +35,6 @@ def _auth(user: str | None):
     return (user, USERS[user]) if user else None
 
 
-def _wait(predicate, timeout: float, what: str, interval: float = 0.05):
-    """Poll `predicate` until it returns something truthy, at most `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def _in_background(fn) -> tuple[threading.Thread, dict]:
     out: dict = {}
 
@@ -63,11 +52,11 @@ def _running_step(srv, user: str | None, steps: int = 3):
     def check():
         body = _progress(srv, user)
         return body if body["state"]["job"] == "txt2img" and body["state"]["sampling_step"] >= steps else None
-    return _wait(check, 120, f"a txt2img job past step {steps}")
+    return wait_until(check, 120, f"a txt2img job past step {steps}")
 
 
 def _idle(srv, user: str | None = None):
-    return _wait(lambda: (lambda b: b if b["state"]["job"] == "" and b["queue_pending"] == 0 else None)(
+    return wait_until(lambda: (lambda b: b if b["state"]["job"] == "" and b["queue_pending"] == 0 else None)(
         _progress(srv, user)), 120, "an idle queue")
 
 
@@ -142,7 +131,7 @@ def test_progress_and_ui_answer_quickly_while_a_checkpoint_loads(local_server):
     started = time.monotonic()
     switch, out = _in_background(lambda: requests.post(_api(srv, "options"), timeout=600,
                                                        json={"sd_model_checkpoint": "b-big-sdxl.safetensors"}))
-    _wait(lambda: _progress(srv)["state"]["job"] == "load checkpoint", 60, "the checkpoint load to start", 0.01)
+    wait_until(lambda: _progress(srv)["state"]["job"] == "load checkpoint", 60, "the checkpoint load to start", 0.01)
     # A setting whose onchange callback waits for the model manager, which the load holds: its POST must
     # wait on a worker thread, not on the event loop.
     limit, limit_out = _in_background(lambda: requests.post(_api(srv, "options"), json={"sd_checkpoints_limit": 2},
@@ -181,13 +170,13 @@ def test_a_client_over_its_share_of_the_queue_is_refused_with_429(users_server):
     first, first_out = _in_background(lambda: _txt2img(srv, "a", LONG))
     _running_step(srv, "a", 1)
     waiting = [_in_background(lambda: _txt2img(srv, "a", TINY)) for _ in range(3)]   # 4 unfinished: the default bound
-    _wait(lambda: _progress(srv, "a")["queue_pending"] == 3, 60, "three queued jobs")
+    wait_until(lambda: _progress(srv, "a")["queue_pending"] == 3, 60, "three queued jobs")
     r = _txt2img(srv, "a", TINY, timeout=60)
     assert r.status_code == 429, r.text
     assert "limit per client is 4" in r.json()["detail"] and "--queue-max-per-client" in r.json()["detail"]
     # Another user is not held back by a's jobs.
     other, other_out = _in_background(lambda: _txt2img(srv, "b", TINY))
-    _wait(lambda: _progress(srv, "b")["queue_pending"] == 4, 60, "b's job queued")
+    wait_until(lambda: _progress(srv, "b")["queue_pending"] == 4, 60, "b's job queued")
     assert requests.post(_api(srv, "interrupt"), auth=_auth("a"), timeout=30).status_code == 200
     for thread, out in [(first, first_out), *waiting, (other, other_out)]:
         thread.join(300)
@@ -215,10 +204,10 @@ def test_a_client_that_disconnects_takes_its_queued_and_running_jobs_with_it(loc
     kept, kept_out = _in_background(lambda: _txt2img(srv, None, LONG))
     _running_step(srv, None, 1)
     queued, queued_out = _in_background(lambda: requests.post(_api(srv, "txt2img"), json=many, timeout=(10, 2)))
-    _wait(lambda: _progress(srv)["queue_pending"] == 1, 30, "the second job queued", 0.02)
+    wait_until(lambda: _progress(srv)["queue_pending"] == 1, 30, "the second job queued", 0.02)
     queued.join(60)
     assert isinstance(queued_out.get("error"), requests.exceptions.ReadTimeout)
-    _wait(lambda: _progress(srv)["queue_pending"] == 0, 10, "the queued job cancelled")
+    wait_until(lambda: _progress(srv)["queue_pending"] == 0, 10, "the queued job cancelled")
     assert _progress(srv)["state"]["job"] == "txt2img"      # the patient client's job still runs
     requests.post(_api(srv, "interrupt"), timeout=30)
     kept.join(300)
@@ -241,9 +230,9 @@ def test_interrupt_skip_and_previews_belong_to_the_jobs_owner(users_server):
         r = requests.post(_api(srv, action), auth=_auth("b"), timeout=30)
         assert r.status_code == 409 and "another client" in r.json()["detail"], r.text
     before = _progress(srv, "a")["state"]["sampling_step"]
-    _wait(lambda: _progress(srv, "a")["state"]["sampling_step"] > before + 1, 60, "a's job to go on")
+    wait_until(lambda: _progress(srv, "a")["state"]["sampling_step"] > before + 1, 60, "a's job to go on")
     assert not _progress(srv, "a")["state"]["interrupted"]
-    assert _wait(lambda: _progress(srv, "a")["current_image"], 60, "a's preview")   # the owner sees it
+    assert wait_until(lambda: _progress(srv, "a")["current_image"], 60, "a's preview")   # the owner sees it
     assert requests.post(_api(srv, "interrupt"), auth=_auth("a"), timeout=30).status_code == 200
     job.join(300)
     assert out["r"].status_code == 200 and len(out["r"].json()["images"]) == 1
@@ -251,7 +240,7 @@ def test_interrupt_skip_and_previews_belong_to_the_jobs_owner(users_server):
     # An admin may stop anyone's job and see its preview.
     job, out = _in_background(lambda: _txt2img(srv, "a", LONG))
     _running_step(srv, "a", 4)
-    assert _wait(lambda: _progress(srv, "root")["current_image"], 60, "the admin's view of the preview")
+    assert wait_until(lambda: _progress(srv, "root")["current_image"], 60, "the admin's view of the preview")
     assert requests.post(_api(srv, "interrupt"), auth=_auth("root"), timeout=30).status_code == 200
     job.join(300)
     assert out["r"].status_code == 200

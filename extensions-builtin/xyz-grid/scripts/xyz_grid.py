@@ -677,7 +677,8 @@ def _render(cells: list[_Cell], runs: list[_AxisRun], p: Any, state: Any) -> boo
         if state is not None:
             state.job = f"{number} out of {len(cells)}"
         cell.processed = processing.process_images(cell.p)
-        cell.images = list(cell.processed.images[cell.processed.index_of_first_image:])
+        proc = cell.processed   # images past the infotexts are ControlNet's detected maps: not cell pictures
+        cell.images = list(proc.images[proc.index_of_first_image:len(proc.infotexts) or len(proc.images)])
         if cell.processed.interrupted:
             break
     return bool(state is not None and state.interrupted)

@@ -55,6 +55,9 @@ class Slider:
 # The extension's default resolution slider; shown for every preprocessor unless it hides it.
 RESOLUTION = Slider("Resolution", 64, 2048, 512, 8)
 HIDDEN = Slider("", visible=False)
+# tile_colorfix(+sharp)'s sliders: the sampling loop reads them too (engine/control/postprocess.py).
+COLORFIX_VARIATION = Slider("Variation", 3.0, 32.0, 8.0, 1.0)
+COLORFIX_SHARPNESS = Slider("Sharpness", 0.0, 2.0, 1.0, 0.01)
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,7 @@ def tile_resample(img: np.ndarray, r: Resolved) -> np.ndarray:
 
 def identity(img: np.ndarray, r: Resolved) -> np.ndarray:
     """tile_colorfix(+sharp): the map is the input; the colour fix itself happens while sampling
-    (the unit's latent is blurred with kernel `Variation` and mixed into the predicted x0)."""
+    (engine/control/postprocess.py: the input's blurred latent replaces the predicted x0's low frequencies)."""
     return img
 
 
@@ -297,6 +300,10 @@ _NEEDS_AUX = ("needs the controlnet-aux annotator models, which this install doe
               "the 'none' preprocessor with it.")
 
 
+_NEEDS_LAMA = ("needs the LaMa inpainting model (ControlNetLama.pth), which no library this project ships can run; "
+               "use inpaint_only (the same in-loop blend, without LaMa's pre-fill of the masked area).")
+
+
 def _needs_aux(label: str) -> Callable[[], str]:
     return lambda: f"{label} {_NEEDS_AUX}"
 
@@ -318,16 +325,17 @@ def _register_builtin() -> None:
         a=Slider("Normal Background Threshold", 0.0, 1.0, 0.4, 0.01))
     add("inpaint", inpaint, label="inpaint_global_harmonious", resolution=HIDDEN, rgba=True)
     add("inpaint_only", inpaint, resolution=HIDDEN, rgba=True)
+    # Its in-loop part is inpaint_only's (postprocess.py); the LaMa fill of the masked area needs a model.
+    add("inpaint_only+lama", _refuse, resolution=HIDDEN, rgba=True, unavailable=lambda: _NEEDS_LAMA)
     add("lineart_standard", lineart_standard, label="lineart_standard (from white bg & black line)")
     add("scribble_xdog", scribble_xdog, a=Slider("XDoG Threshold", 1, 64, 32))
     add("shuffle", shuffle, resolution=Slider("", value=512, visible=False))
     add("blur_gaussian", blur_gaussian, a=Slider("Sigma", 0.01, 64.0, 9.0))
     add("threshold", threshold, a=Slider("Binarization Threshold", 0, 255, 127))
     add("color", color_grid, label="t2ia_color_grid")
-    variation = Slider("Variation", 3.0, 32.0, 8.0, 1.0)
     add("tile_resample", tile_resample, a=Slider("Down Sampling Rate", 1.0, 8.0, 1.0, 0.01))
-    add("tile_colorfix", identity, a=variation)
-    add("tile_colorfix+sharp", identity, a=variation, b=Slider("Sharpness", 0.0, 2.0, 1.0, 0.01))
+    add("tile_colorfix", identity, a=COLORFIX_VARIATION)
+    add("tile_colorfix+sharp", identity, a=COLORFIX_VARIATION, b=COLORFIX_SHARPNESS)
     gamma = Slider("Gamma Correction", 0.1, 2.0, 1.0, 0.001)
     add("recolor_luminance", _recolor("COLOR_BGR2LAB", 0), a=gamma)
     add("recolor_intensity", _recolor("COLOR_BGR2HSV", 2), a=gamma)

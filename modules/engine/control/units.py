@@ -49,6 +49,9 @@ class ControlInput:
     control_mode: str
     low_vram: bool = False
     hr_option: str = "Both"
+    module: str = "none"       # the preprocessor: tile_colorfix / inpaint_only also act in the loop (postprocess.py)
+    threshold_a: float = -1
+    threshold_b: float = -1
 
 
 # ---------------------------------------------------------------- maps
@@ -125,7 +128,8 @@ def prepare_inputs(units: list[Any], sources: list[Image.Image | None], width: i
             detected_map=detect_map(unit, source, width, height, masks[index] if masks else None, seed),
             resize_mode=unit.resize_mode, weight=float(unit.weight), guidance_start=float(unit.guidance_start),
             guidance_end=float(unit.guidance_end), control_mode=unit.control_mode, low_vram=bool(unit.low_vram),
-            hr_option=unit.hr_option))
+            hr_option=unit.hr_option, module=unit.module, threshold_a=float(unit.threshold_a),
+            threshold_b=float(unit.threshold_b)))
     return inputs
 
 
@@ -172,9 +176,16 @@ class ControlApplier:
         self.device = device
         self.hints = [_hint_for(u, width, height, device) for u in self.units]
         self._adapter_features: dict[int, list[torch.Tensor]] = {}
+        # postprocess.PredictionFix: tile_colorfix / inpaint_only's change of each UNet prediction, or None
+        self.prediction_fix: Callable[..., torch.Tensor] | None = None
 
     def __bool__(self) -> bool:
         return bool(self.units)
+
+    def adjust_prediction(self, x: torch.Tensor, t, out: torch.Tensor, n_cond: int) -> torch.Tensor:
+        """The UNet's output `out` for input `x` (first `n_cond` rows conditional), after the units' in-loop
+        post-processing (sd-webui-controlnet's colour fix and inpaint_only blend); unchanged without any."""
+        return out if self.prediction_fix is None else self.prediction_fix(x, t, out, n_cond)
 
     def residuals(self, x: torch.Tensor, t, embeds: torch.Tensor, added: dict | None, n_cond: int,
                   step: int, total: int) -> dict[str, Any] | None:
