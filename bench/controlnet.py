@@ -2,8 +2,8 @@
 the ControlNet's own compute), and / diffusers' StableDiffusionControlNetPipeline on the same checkpoint
 and ControlNet file (target <= 1.03x); also ours / diffusers' StableDiffusionPipeline without a unit.
 
-    flock -w 900 /tmp/bench.lock venv/bin/python bench/controlnet.py --size full --dir /work/bench-cache \
-        --ckpt /work/bench-cache/full-fp16-sd1.safetensors
+    flock -w 900 /tmp/bench.lock venv/bin/python bench/controlnet.py --size full --res 256 --steps 3 --jobs 1 \
+        --dir /work/bench-cache --ckpt /work/bench-cache/full-fp16-sd1.safetensors
 
 Same sampler (Euler), CFG 7, seed, prompt and control image everywhere, CPU float32 on both sides.
 A step is timed from the UNet's calls (common.StepClock: one step = from the first UNet call at one
@@ -114,12 +114,13 @@ class CallCounter:
         self._handle.remove()
 
 
-def timed(runs: dict, unet, controlnet, steps: int, jobs: int) -> dict[str, tuple]:
+def timed(runs: dict, unet, controlnet, steps: int, jobs: int, warm: tuple[str, ...] = ()) -> dict[str, tuple]:
     """One job of each configuration in turn, `jobs` rounds (so load changes hit them alike). Per
     configuration: (median wall s per step, median CPU s per step, steps timed, ControlNet calls per step,
-    UNet calls per step)."""
-    for run in runs.values():
-        run(1)      # warm-up: first calls allocate, pick kernels and upcast fp16 weights
+    UNet calls per step). `warm`: configurations that have run a job already."""
+    for name, run in runs.items():
+        if name not in warm:
+            run(1)  # warm-up: first calls allocate, pick kernels and upcast fp16 weights
     clocks = {name: StepClock(unet) for name in runs}
     counter = CallCounter(controlnet)
     cn_calls = dict.fromkeys(runs, 0)
@@ -195,10 +196,10 @@ def main() -> None:
     if args.shared_modules:
         raw_plain, raw_unit = diffusers_runners(on_our_modules(services, controlnet), res)
         results = timed({**ours_runs, "diffusers plain": raw_plain, "diffusers unit": raw_unit}, unet, controlnet,
-                        args.steps, args.jobs)
+                        args.steps, args.jobs, warm=("ours plain",))
         setup = [setup_line("both", unet, controlnet)]
     else:
-        results = timed(ours_runs, unet, controlnet, args.steps, args.jobs)
+        results = timed(ours_runs, unet, controlnet, args.steps, args.jobs, warm=("ours plain",))
         setup = [setup_line("ours", unet, controlnet)]
         services.generation.queue.shutdown()
         del services, plain, with_unit, unet, controlnet, ours_runs
