@@ -1,16 +1,22 @@
 """LoRA: apply / switch time, per-step cost and extra memory; ours vs raw diffusers load_lora_weights + fuse_lora.
 
-    flock /tmp/bench.lock venv/bin/python bench/lora.py [--size full|tiny] [--rank 32] [--res 256]
+    flock -w 900 /tmp/bench.lock venv/bin/python bench/lora.py [--size full|tiny] [--rank 32] [--res 256]
 
 On the full-size SD1.5 layout (random weights, bench/common.py) two realistic kohya LoRAs are made:
 rank 32, alpha 16, fp16, every UNet attention and feed-forward layer and every text-encoder
 attention/MLP layer (the layers kohya's default LoRA trains). Timed:
 
 * apply: the first job's LoRA (file read + merge), the same set again (should cost nothing), a switch
-  to the other LoRA, to both, and back to none (restore); every switch includes reading its files;
+  A -> B (restore A's layers + read and merge B), back B -> A (A's file is read again: A1111's default
+  lora_in_memory_limit of 0), a new multiplier for the merged LoRA (its parsed file is kept), both, and
+  back to none (restore); target <= 0.5 s per LoRA;
 * diffusers: load_lora_weights + fuse_lora, and a switch (unfuse + unload + load + fuse), same files;
-* per step: seconds per step with the LoRA applied / without it, from 1- and 2-step jobs at 256x256
-  (the difference cancels text encoding and decoding); target <= 1.01x;
+* per step, with the LoRA merged / without (target <= 1.01x): one UNet call (CFG batch of 2) at
+  256x256, with and without alternated so machine load hits both alike, min and median, also with
+  denormals flushed (random weights may produce denormal activations, slow on x86); and real
+  txt2img jobs, (2-step job - 1-step job) medians, which cancels text encoding and decoding;
+* hooks: forward hooks, pre-hooks, parametrizations and non-library module classes in the UNet and
+  text encoder, with and without the LoRA (merging must leave nothing in the forward);
 * memory: our backups (the touched layers' original weights) and the process RSS growth.
 
 Prints the figures and ratios; asserts nothing.
@@ -22,24 +28,17 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import ROOT, Timer, make_sd1_checkpoint  # noqa: F401  (puts the repo and tests/ on sys.path)
+from common import ROOT, Timer, build_services, default_cache_dir, make_sd1_checkpoint  # noqa: F401  (ROOT)
 
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
-def build(ckpt: Path, data_dir: Path):
-    from modules.core.flags import parse_args
-    from modules.core.options import Options, default_templates
-    from modules.core.paths import AppPaths
-    from modules.services import build_services
+class Figures(dict):
+    """The measured figures, each printed as soon as it is taken (a run cut short still reports)."""
 
-    opts = parse_args(["--data-dir", str(data_dir), "--ckpt", str(ckpt)], env={}).opts
-    paths = AppPaths.from_opts(opts)
-    paths.ensure_user_dirs()
-    options = Options(paths.config_file, default_templates())
-    options.set("samples_save", False)
-    options.set("live_previews_enable", False)
-    return build_services(opts, paths, options)
+    def __setitem__(self, key: str, value: float) -> None:
+        super().__setitem__(key, value)
+        print(f"{key:52s} {value:10.3f}", flush=True)
 
 
 def rss_mb() -> float:
@@ -54,7 +53,20 @@ def timed(fn) -> float:
     return t.seconds
 
 
-def ours(services, model) -> dict[str, float]:
+def hook_count(model) -> int:
+    """Forward hooks, pre-hooks and parametrizations on the UNet and text encoder (0 expected: a merged
+    LoRA must leave nothing in the forward)."""
+    import torch
+
+    count = 0
+    for module in (m for c in (model.pipe.unet, model.pipe.text_encoder) for m in c.modules()):
+        count += len(module._forward_hooks) + len(module._forward_pre_hooks)
+        count += len(getattr(module, "parametrizations", {}))
+        count += not type(module).__module__.startswith(("torch.", "diffusers.", "transformers."))
+    return count + len(torch.nn.modules.module._global_forward_hooks)
+
+
+def ours(services, model, out: Figures) -> None:
     engine = services.networks.engine
     encoder = services.generation._encoder_for(model)
     merger = engine.merger(model)
@@ -62,32 +74,73 @@ def ours(services, model) -> dict[str, float]:
     def activate(tags: str):
         return lambda: engine.activate(model, encoder, [f"{PROMPT} {tags}"])
     rss0 = rss_mb()
-    out = {"first apply (read file + merge) s": timed(activate("<lora:bench_a:1>"))}
+    out["hooks/wrappers/parametrizations without LoRA"] = hook_count(model)
+    out["first apply (read file + merge) s"] = timed(activate("<lora:bench_a:1>"))
+    out["hooks/wrappers/parametrizations with LoRA"] = hook_count(model)
     out["backups MB"] = merger.backup_bytes / 2**20
     out["RSS growth after first apply MB"] = rss_mb() - rss0
     out["same set again s"] = timed(activate("<lora:bench_a:1>"))
-    # lora_in_memory_limit is 0 (A1111's default): every switch reads its files again, as in real use
-    out["switch A -> B s"] = timed(activate("<lora:bench_b:1>"))
-    out["switch to A + B s"] = timed(activate("<lora:bench_a:1> <lora:bench_b:0.5>"))
+    # lora_in_memory_limit is 0 (A1111's default): a file not in the merged set is read again, as in real use
+    out["switch A -> B (restore A, read + merge B) s"] = timed(activate("<lora:bench_b:1>"))
+    out["switch B -> A (read again) s"] = timed(activate("<lora:bench_a:1>"))
+    out["new multiplier A:1 -> A:0.5 s"] = timed(activate("<lora:bench_a:0.5>"))
+    out["switch to A + B (2 LoRAs) s"] = timed(activate("<lora:bench_a:1> <lora:bench_b:0.5>"))
     out["back to none (restore) s"] = timed(activate(""))
     out["backups after restore MB"] = merger.backup_bytes / 2**20
-    return out
 
 
-def per_step(services, tags: str, res: int, repeats: int) -> float:
+def unet_call_times(services, model, res: int, repeats: int) -> dict[tuple[bool, str], list[float]]:
+    """Seconds of one UNet call (a CFG batch of 2), {(flush denormals?, tags): times}: without / with the
+    LoRA merged, alternated so that load changes on the machine hit both alike; merging happens outside
+    the timing. With denormals flushed too: random weights can drive activations into the denormal
+    range, where x86 arithmetic is slow, and a merged LoRA changes which values land there."""
+    import torch
+
+    engine = services.networks.engine
+    encoder = services.generation._encoder_for(model)
+    unet = model.pipe.unet
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, unet.config.in_channels, res // 8, res // 8, generator=gen)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen)
+    step = torch.tensor(500)
+    times: dict[tuple[bool, str], list[float]] = {(flush, tags): [] for flush in (False, True)
+                                                  for tags in ("", "<lora:bench_a:1>")}
+    with torch.inference_mode():
+        unet(sample, step, context)   # warm-up
+        for _ in range(repeats):
+            for (flush, tags), found in times.items():
+                engine.activate(model, encoder, [f"{PROMPT} {tags}"])
+                torch.set_flush_denormal(flush)
+                found.append(timed(lambda: unet(sample, step, context)))
+                torch.set_flush_denormal(False)
+    return times
+
+
+def job_step_times(services, res: int, repeats: int) -> tuple[float, float]:
+    """Seconds per sampling step of real txt2img jobs without / with the LoRA: (2-step job - 1-step job),
+    medians, the four kinds of job alternated; the LoRA is merged before each timed job."""
     from modules.core.pipeline import Txt2ImgParams
 
-    def run(steps: int):
-        services.generation.txt2img(Txt2ImgParams(prompt=f"{PROMPT} {tags}", steps=steps, width=res, height=res,
-                                                  seed=1, sampler_name="Euler", cfg_scale=7.0))
-    run(1)  # warm-up; with a LoRA this also merges it once
-    one = statistics.median(timed(lambda: run(1)) for _ in range(repeats))
-    two = statistics.median(timed(lambda: run(2)) for _ in range(repeats))
-    return two - one
+    engine, model = services.networks.engine, services.models.current()
+    encoder = services.generation._encoder_for(model)
+
+    def run(tags: str, steps: int) -> float:
+        engine.activate(model, encoder, [f"{PROMPT} {tags}"])
+        return timed(lambda: services.generation.txt2img(Txt2ImgParams(
+            prompt=f"{PROMPT} {tags}", steps=steps, width=res, height=res, seed=1, sampler_name="Euler",
+            cfg_scale=7.0)))
+    run("", 1)   # warm-up
+    kinds = {(tags, steps): [] for tags in ("", "<lora:bench_a:1>") for steps in (1, 2)}
+    for _ in range(repeats):
+        for (tags, steps), found in kinds.items():
+            found.append(run(tags, steps))
+
+    def step(tags: str) -> float:
+        return statistics.median(kinds[(tags, 2)]) - statistics.median(kinds[(tags, 1)])
+    return step(""), step("<lora:bench_a:1>")
 
 
-def diffusers_times(pipe, a: Path, b: Path) -> dict[str, float]:
-    out = {}
+def diffusers_times(pipe, a: Path, b: Path, out: Figures) -> None:
 
     def load(path: Path):
         pipe.load_lora_weights(str(path))
@@ -99,7 +152,6 @@ def diffusers_times(pipe, a: Path, b: Path) -> dict[str, float]:
         pipe.unload_lora_weights()
         load(b)
     out["diffusers switch (unfuse, unload, load, fuse) s"] = timed(switch)
-    return out
 
 
 def main() -> None:
@@ -107,17 +159,22 @@ def main() -> None:
     parser.add_argument("--size", choices=("tiny", "full"), default="full")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--res", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1, help="txt2img jobs of each kind")
+    parser.add_argument("--unet-repeats", type=int, default=3, help="UNet calls with and without the LoRA")
+    parser.add_argument("--dir", default=None, help="where full-size weights are made once and reused "
+                                                    "(default: $BENCH_CACHE or tmp/bench-cache)")
     args = parser.parse_args()
 
     import torch
     from lora_fixtures import kohya_lora
 
-    cache = Path("/work/bench-cache") if args.size == "full" else Path(tempfile.mkdtemp())
+    cache = Path(args.dir or default_cache_dir()) if args.size == "full" else Path(tempfile.mkdtemp())
+    cache.mkdir(parents=True, exist_ok=True)
     ckpt = make_sd1_checkpoint(cache, args.size)
     data_dir = Path(tempfile.mkdtemp(prefix="bench-lora-"))
-    services = build(ckpt, data_dir)
-    model = services.models.current()
+    with Timer() as load:
+        services = build_services(ckpt, data_dir)
+        model = services.models.current()
     lora_dir = services.paths.lora_dir
     for name, seed in (("bench_a", 1), ("bench_b", 2)):
         kohya_lora(lora_dir / f"{name}.safetensors", model.pipe, rank=args.rank, alpha=args.rank / 2, seed=seed,
@@ -126,22 +183,38 @@ def main() -> None:
     weights_mb = sum(p.numel() * p.element_size() for c in (model.pipe.unet, model.pipe.text_encoder)
                      for p in c.parameters()) / 2**20
     print(f"checkpoint {ckpt.name}; UNet + text encoder {weights_mb:.0f} MB; LoRA rank {args.rank}, "
-          f"{size_mb:.1f} MB file; torch threads {torch.get_num_threads()}")
-    results = ours(services, model)
-    results["per step without LoRA s"] = per_step(services, "", args.res, args.repeats)
-    results["per step with one LoRA s"] = per_step(services, "<lora:bench_a:1>", args.res, args.repeats)
+          f"{size_mb:.1f} MB file; torch threads {torch.get_num_threads()}; model loaded in {load.seconds:.1f} s",
+          flush=True)
+    results = Figures()
+    ours(services, model, results)
+    calls = unet_call_times(services, model, args.res, args.unet_repeats)
+    for (flush, tags), found in calls.items():
+        label = f"UNet call {'with' if tags else 'without'} LoRA{', denormals flushed' if flush else ''} s"
+        results[label + " (min)"], results[label + " (median)"] = min(found), statistics.median(found)
+    results["job step without LoRA s"], results["job step with LoRA s"] = job_step_times(services, args.res,
+                                                                                       args.repeats)
     services.networks.engine.merger(model).restore()
-    results.update(diffusers_times(model.pipe, lora_dir / "bench_a.safetensors", lora_dir / "bench_b.safetensors"))
-    for key, value in results.items():
-        print(f"{key:52s} {value:10.3f}")
-    print(f"ratio per-step with/without LoRA (target <= 1.01, {args.res}px, 1 vs 2 steps): "
-          f"{results['per step with one LoRA s'] / results['per step without LoRA s']:.3f}x")
-    print(f"ratio first apply ours/diffusers: "
-          f"{results['first apply (read file + merge) s'] / results['diffusers load + fuse s']:.2f}x; "
-          f"switch ours/diffusers: "
-          f"{results['switch A -> B s'] / results['diffusers switch (unfuse, unload, load, fuse) s']:.2f}x "
-          f"(target: <= 0.5 s per LoRA)")
-    print(f"backups / touched share of weights: {results['backups MB']:.0f} MB of {weights_mb:.0f} MB")
+    diffusers_times(model.pipe, lora_dir / "bench_a.safetensors", lora_dir / "bench_b.safetensors", results)
+    r = results
+    print("---")
+    print(f"switch time per LoRA: A -> B {r['switch A -> B (restore A, read + merge B) s']:.3f} s, "
+          f"B -> A {r['switch B -> A (read again) s']:.3f} s, "
+          f"to A + B {r['switch to A + B (2 LoRAs) s'] / 2:.3f} s per LoRA (target <= 0.5 s per LoRA)")
+    print(f"ratio switch ours/diffusers: "
+          f"{r['switch A -> B (restore A, read + merge B) s'] / r['diffusers switch (unfuse, unload, load, fuse) s']:.2f}x;"
+          f" first apply ours/diffusers: {r['first apply (read file + merge) s'] / r['diffusers load + fuse s']:.2f}x")
+    for flush in (False, True):
+        label = ", denormals flushed" if flush else ""
+        print(f"ratio per step with/without LoRA (target <= 1.01): UNet call {args.res}px{label} "
+              f"{r[f'UNet call with LoRA{label} s (min)'] / r[f'UNet call without LoRA{label} s (min)']:.3f}x "
+              f"(min of {args.unet_repeats}), "
+              f"{r[f'UNet call with LoRA{label} s (median)'] / r[f'UNet call without LoRA{label} s (median)']:.3f}x "
+              f"(median)")
+    print(f"ratio per step with/without LoRA (target <= 1.01): txt2img job (2-step - 1-step, {args.res}px) "
+          f"{r['job step with LoRA s'] / r['job step without LoRA s']:.3f}x")
+    print(f"hooks/wrappers/parametrizations left in the forward: {r['hooks/wrappers/parametrizations with LoRA']:.0f} "
+          f"with LoRA, {r['hooks/wrappers/parametrizations without LoRA']:.0f} without")
+    print(f"backups / touched share of weights: {r['backups MB']:.0f} MB of {weights_mb:.0f} MB")
     services.generation.queue.shutdown()
 
 

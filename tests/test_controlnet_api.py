@@ -180,3 +180,28 @@ def test_img2img_inpaint_map_shows_the_mask_half_transparent(api):
     # outside the mask (beyond the blurred seam) the picture is pasted back exactly
     out = np.asarray(unb64(images[0]).convert("RGB"), dtype=np.int16)
     assert np.abs(out[:, 48:] - np.array([10, 200, 30])).max() <= 1
+
+
+def test_reference_only_payload_with_model_none_and_a_normal_unit(api):
+    """The extension's reference payload (module "reference_only", model "None"), alone and next to a
+    ControlNet unit; a plain job afterwards is bit-identical to one before (the UNet is restored)."""
+    model = requests.get(api.url + "/controlnet/model_list").json()["model_list"][0]
+    detail = requests.get(api.url + "/controlnet/module_list").json()["module_detail"]["reference_only"]
+    assert detail["model_free"] is True and detail["sliders"][0]["name"].startswith("Style Fidelity")
+    plain = _txt2img(api)
+    ref = {"input_image": b64(hint()), "module": "reference_only", "model": "None", "weight": 1.0,
+           "threshold_a": 0.5, "control_mode": 0, "guidance_start": 0.0, "guidance_end": 1.0}
+    referenced = _txt2img(api, [ref])
+    assert referenced.status_code == 200, referenced.text
+    assert not np.array_equal(_pixels(plain), _pixels(referenced))
+    info = json.loads(referenced.json()["info"])
+    assert 'ControlNet 0: "Module: reference_only, Model: None, Weight: 1.0' in info["infotexts"][0]
+    cn = {"input_image": b64(hint()), "module": "invert", "model": model}
+    controlled = _txt2img(api, [cn])
+    both = _txt2img(api, [ref, cn])
+    assert both.status_code == 200, both.text
+    assert not np.array_equal(_pixels(both), _pixels(controlled))
+    assert not np.array_equal(_pixels(both), _pixels(referenced))
+    assert 'ControlNet 1: "Module: invert' in json.loads(both.json()["info"])["infotexts"][0]
+    assert np.array_equal(_pixels(plain), _pixels(_txt2img(api, [{**ref, "weight": 0}])))
+    assert np.array_equal(_pixels(plain), _pixels(_txt2img(api)))

@@ -13,7 +13,7 @@ def control_inputs(p: Any, ctx: Any, seed: int | None = None) -> list[Any] | Non
     """The engine's ControlInputs for `p.controlnet_units`, or None when no unit takes part. `seed`: for
     random preprocessors (shuffle), the extension's (seed + subseed) of the first image.
     Raises ControlNetUnitError with a message for the user."""
-    from modules.core.controlnet_units import ControlNetUnitError as ProcessingError
+    from modules.core.controlnet_units import REFERENCE_MODULES, ControlNetUnitError as ProcessingError
 
     units = [u.normalized(i) for i, u in enumerate(getattr(p, "controlnet_units", None) or [])]
     if getattr(p, "mask", None) is not None and getattr(p, "init_images", None):
@@ -21,7 +21,7 @@ def control_inputs(p: Any, ctx: Any, seed: int | None = None) -> list[Any] | Non
     if not any(u.active and u.weight > 0 and u.guidance_start < u.guidance_end for u in units):
         return None
     registry = getattr(ctx, "controlnets", None)
-    if registry is None:
+    if registry is None and any(u.active and u.module not in REFERENCE_MODULES for u in units):
         raise ProcessingError("ControlNet units were given, but this server has no ControlNet model folder")
     from modules.engine.control import preprocessors
     from modules.engine.control.units import prepare_inputs

@@ -14,6 +14,8 @@ RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 HR_OPTIONS = ("Both", "Low res only", "High res only")
 MAX_UNITS = 10   # the most units one request may carry (control_net_unit_count is capped at it)
+# Preprocessors that need no ControlNet model (the extension's model-free attention injection, engine.control.reference).
+REFERENCE_MODULES = ("reference_only", "reference_adain", "reference_adain+attn")
 
 # The extension's older resize-mode names, still sent by clients.
 _RESIZE_ALIASES = {
@@ -52,7 +54,10 @@ class ControlNetUnit:
 
     @property
     def active(self) -> bool:
-        """Enabled with a model: it takes part in the run (weight 0 still runs nothing, see engine)."""
+        """Enabled with a model, or a model-free module: it takes part in the run (weight 0 still runs
+        nothing, see engine)."""
+        if self.module in REFERENCE_MODULES:
+            return bool(self.enabled)
         return bool(self.enabled) and bool(self.model) and self.model != "None"
 
     def normalized(self, index: int = 0) -> "ControlNetUnit":

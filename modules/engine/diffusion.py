@@ -270,7 +270,12 @@ def _control(req: BatchRequest, width: int, height: int, device, *, hires: bool 
     from modules.engine.control.postprocess import prediction_fix
     from modules.engine.control.units import ControlApplier
 
-    applier = ControlApplier(req.control, width, height, torch.device(device), hires=hires)
+    def host():   # reference_* units run on the checkpoint itself (built only when there are some)
+        from modules.engine.control.reference import ReferenceHost
+
+        return ReferenceHost.for_model(model, lambda images: encode(model, images), seed=req.seeds[0])
+    applier = ControlApplier(req.control, width, height, torch.device(device), hires=hires,
+                             host=host if model is not None else None)
     if applier and model is not None:  # tile_colorfix / inpaint_only also change each prediction
         applier.prediction_fix = prediction_fix(applier.units, width, height, hires=hires, device=device,
                                                 encode=lambda images: encode(model, images),

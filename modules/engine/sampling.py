@@ -9,6 +9,7 @@ diffusers pipeline step does: scale_model_input -> UNet -> CFG -> step.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -131,15 +132,18 @@ class GuidedDenoiser:
         if pooled is not None:
             added = {"text_embeds": pooled, "time_ids": time_ids if ids_per_row else time_ids[rows]}
         residuals = {}
+        reference = contextlib.nullcontext()
         if self.control is not None:  # from the 4 latent channels, before inpainting models' extra ones
             found = self.control.residuals(x, t, embeds, added, n_cond, *self._step) or {}
             residuals = {k: [r.to(self.dtype) for r in v] if isinstance(v, list) else v.to(self.dtype)
                          for k, v in found.items()}
+            reference = self.control.reference_scope(x, t, embeds, added, n_cond, *self._step)
         x_latent = x
         if self.image_cond is not None:
             x = torch.cat([x, self.image_cond[rows]], dim=1)
-        out = self.unet(x, t, encoder_hidden_states=embeds.to(self.dtype),
-                        added_cond_kwargs=added, return_dict=False, **residuals)[0]
+        with reference:   # reference_* units: their write pass, then attention injection in this call
+            out = self.unet(x, t, encoder_hidden_states=embeds.to(self.dtype),
+                            added_cond_kwargs=added, return_dict=False, **residuals)[0]
         if self.control is not None:  # tile_colorfix / inpaint_only change the prediction (control/postprocess.py)
             out = self.control.adjust_prediction(x_latent, t, out, n_cond)
         return out

@@ -158,6 +158,17 @@ def _build_unit(ui: ControlNetUi, i: int, registry: Any) -> None:
               outputs=[preview, allow_preview], show_progress="hidden")
     refresh.click(lambda current: gr.update(choices=["None", *registry.titles_refreshed()], value=current),
                   inputs=c["model"], outputs=c["model"], show_progress="hidden")
+    # user picks only (.input): a pasted unit sets module and threshold A together and keeps both
+    c["module"].input(threshold_a_slider, inputs=c["module"], outputs=c["threshold_a"], show_progress="hidden")
+
+
+def threshold_a_slider(module: str) -> dict:
+    """Threshold A as the reference preprocessors' "Style Fidelity" (0..1) or back to the plain slider."""
+    from modules.core.controlnet_units import REFERENCE_MODULES
+
+    if module in REFERENCE_MODULES:
+        return gr.update(minimum=0, maximum=1, step=0.01, value=0.5, label="Style Fidelity (only for Balanced mode)")
+    return gr.update(minimum=-1, maximum=256, step=1, value=-1, label="Threshold A")
 
 
 def preview_map(image, mask, module, resolution, threshold_a, threshold_b):

@@ -7,8 +7,9 @@ estimator (modules/models/depth.py), which sees the image at its processor's siz
 Those that need the controlnet-aux annotators (openpose, HED, PiDiNet, lineart models, MLSD, ...)
 are listed and refused: controlnet-aux requires torchvision and timm, which this project does not install.
 
-Left out: reference_only/reference_adain (they need attention injection in the sampling loop, not a
-map) and the CLIP-vision "preprocessors" of IP-Adapter/T2I style (they produce embeddings).
+reference_only/reference_adain(+attn) are listed here with the image itself as their "map"; their work
+is attention injection in the sampling loop (engine/control/reference.py). Left out: the CLIP-vision
+"preprocessors" of IP-Adapter/T2I style (they produce embeddings).
 
 Every function takes and returns PIL images; slider values outside a slider's range fall back to its
 default, as the extension does for -1 ("use the default").
@@ -21,6 +22,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from modules.core.controlnet_units import REFERENCE_MODULES
 from modules.models import depth as depth_models
 
 
@@ -340,6 +342,10 @@ def _register_builtin() -> None:
     add("recolor_luminance", _recolor("COLOR_BGR2LAB", 0), a=gamma)
     add("recolor_intensity", _recolor("COLOR_BGR2HSV", 2), a=gamma)
     _register_needing_aux()
+    # Attention injection (engine.control.reference): the map is the image itself; no model.
+    fidelity = Slider("Style Fidelity (only for Balanced mode)", 0.0, 1.0, 0.5, 0.01)
+    for name in REFERENCE_MODULES:
+        add(name, lambda img, r: img, resolution=HIDDEN, a=fidelity, model_free=True)
 
 
 def _register_needing_aux() -> None:

@@ -15,12 +15,16 @@ sd-webui-controlnet's semantics, re-implemented here:
 * the map is fitted to the image size with the unit's resize mode (Just Resize, Crop and Resize,
   Resize and Fill), and refitted to the hires size in the hires-fix pass.
 
+reference_only / reference_adain(+attn) units have no model: ``reference_scope`` wraps each UNet call
+with their write pass and attention/AdaIN injection (engine/control/reference.py).
+
 T2I-Adapters (diffusers ``T2IAdapter``) work the same way, through the UNet's
 ``down_intrablock_additional_residuals``; their features do not depend on the step, so they are
 computed once per pass. Their soft-injection scales are the extension's (0.25, 0.62, 0.825, 1.0).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -28,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from modules.core.controlnet_units import REFERENCE_MODULES
 from modules.engine.control.preprocessors import PreprocessorArgs, get_preprocessor
 
 SOFT_INJECTION_BASE = 0.825   # lllyasviel's guess-mode decay per block
@@ -49,8 +54,9 @@ class ControlInput:
     control_mode: str
     low_vram: bool = False
     hr_option: str = "Both"
-    module: str = "none"       # the preprocessor: tile_colorfix / inpaint_only also act in the loop (postprocess.py)
-    threshold_a: float = -1
+    module: str = "none"       # the preprocessor: tile_colorfix / inpaint_only also act in the loop (postprocess.py);
+                               # a reference_* one has no model (engine.control.reference)
+    threshold_a: float = -1    # reference_*: the style fidelity
     threshold_b: float = -1
 
 
@@ -122,7 +128,8 @@ def prepare_inputs(units: list[Any], sources: list[Image.Image | None], width: i
             continue
         if source is None:
             raise ValueError(f"ControlNet unit {index} has no input image (and there is no img2img image to use)")
-        title, model = load_model(unit.model, bool(unit.low_vram))
+        reference = unit.module in REFERENCE_MODULES
+        title, model = (unit.module, None) if reference else load_model(unit.model, bool(unit.low_vram))
         inputs.append(ControlInput(
             name=title, model=model,
             detected_map=detect_map(unit, source, width, height, masks[index] if masks else None, seed),
@@ -170,17 +177,28 @@ def _hint_for(unit: "ControlInput", width: int, height: int, device) -> torch.Te
 class ControlApplier:
     """The units of one pass (first pass or hires), with their maps fitted to that pass's size."""
 
-    def __init__(self, inputs: list[ControlInput], width: int, height: int, device, *, hires: bool = False):
+    def __init__(self, inputs: list[ControlInput], width: int, height: int, device, *, hires: bool = False,
+                 host: Any = None):
         wanted = "Low res only" if hires else "High res only"
-        self.units = [u for u in inputs if u.hr_option != wanted]
+        units = [u for u in inputs if u.hr_option != wanted]
+        self.units = [u for u in units if u.module not in REFERENCE_MODULES]
         self.device = device
         self.hints = [_hint_for(u, width, height, device) for u in self.units]
         self._adapter_features: dict[int, list[torch.Tensor]] = {}
+        # reference_* units: attention injection around each UNet call (`host()`: engine.control.reference.ReferenceHost)
+        self.reference = _reference(units, width, height, host, hires)
         # postprocess.PredictionFix: tile_colorfix / inpaint_only's change of each UNet prediction, or None
         self.prediction_fix: Callable[..., torch.Tensor] | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.units)
+        return bool(self.units) or self.reference is not None
+
+    def reference_scope(self, x: torch.Tensor, t, embeds: torch.Tensor, added: dict | None, n_cond: int,
+                        step: int, total: int):
+        """A context for one UNet call: the reference units' write passes and injection (nothing without them)."""
+        if self.reference is None:
+            return contextlib.nullcontext()
+        return self.reference.scope(x, t, embeds, added, n_cond, step, total)
 
     def adjust_prediction(self, x: torch.Tensor, t, out: torch.Tensor, n_cond: int) -> torch.Tensor:
         """The UNet's output `out` for input `x` (first `n_cond` rows conditional), after the units' in-loop
@@ -242,7 +260,7 @@ class ControlApplier:
         if unit.low_vram:
             model.to(self.device)
         try:
-            dtype = model.dtype
+            dtype = hint.dtype   # the model's, read once per pass: diffusers' ModelMixin.dtype walks every submodule
             down, mid = model(x.to(dtype), t, encoder_hidden_states=embeds.to(dtype),
                               controlnet_cond=hint.expand(x.shape[0], -1, -1, -1), conditioning_scale=1.0,
                               added_cond_kwargs=added, return_dict=False)
@@ -250,6 +268,18 @@ class ControlApplier:
             if unit.low_vram and self.device.type != "cpu":
                 model.to("cpu")
         return list(down), mid
+
+
+def _reference(units: list[ControlInput], width: int, height: int, host: Any, hires: bool):
+    units = [u for u in units if u.module in REFERENCE_MODULES]
+    if not units:
+        return None
+    if host is None:
+        raise ValueError("the reference preprocessors need the checkpoint's UNet and VAE (no host given)")
+    from modules.engine.control.reference import ReferenceInjector
+
+    images = [fit_map(u.detected_map, width, height, u.resize_mode).convert("RGB") for u in units]
+    return ReferenceInjector(units, images, host(), hires=hires)
 
 
 def _rows(added: dict | None, rows: int) -> dict | None:

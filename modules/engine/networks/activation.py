@@ -100,7 +100,7 @@ class ExtraNetworks:
                     uses.append(NetworkUse(weights, te=call.te, unet=call.unet, dyn=call.dyn))
                     named.append((call.name, entry))
             out.report = self._apply(merger, uses, out)
-            self._trim(int(getattr(options, "lora_in_memory_limit", 0) or 0))
+            self._trim(int(getattr(options, "lora_in_memory_limit", 0) or 0), {u.weights.key for u in uses})
         if out.report.text_encoders_changed and encoder is not None:
             encoder.clear_cache()   # prompt encodings made with the old text-encoder weights are stale
         self._report(named, out, options)
@@ -169,7 +169,8 @@ class ExtraNetworks:
                 self._weights.move_to_end(stamp)
                 return cached
         try:
-            state_dict = weights_io.load_state_dict_file(entry.path)
+            # read into memory, not mapped: a parsed file is kept while in use and must not change under it
+            state_dict = weights_io.load_state_dict_file(entry.path, in_memory=True)
         except weights_io.CheckpointLoadError as exc:
             self._warn(out, f"LoRA {entry.name} could not be loaded: {exc}")
             return None
@@ -191,11 +192,13 @@ class ExtraNetworks:
         """The parsed file (None, with a logged warning, when it cannot be read)."""
         return self._load(entry, entry.stamp(), None)
 
-    def _trim(self, keep: int) -> None:
-        """Keep at most `keep` parsed files (A1111's ``lora_in_memory_limit``; 0: none once merged)."""
+    def _trim(self, keep: int, in_use: set) -> None:
+        """Keep the parsed files of the merged set (a new multiplier for them reads nothing) and at most
+        `keep` others, the most recently used (A1111's ``lora_in_memory_limit``)."""
         with self._lock:
-            while len(self._weights) > max(0, keep):
-                self._weights.popitem(last=False)
+            others = [key for key in self._weights if key not in in_use]
+            for key in others[:max(0, len(others) - max(0, keep))]:
+                del self._weights[key]
 
     def _report(self, named: list[tuple[str, LoraEntry]], out: Activation, options: Any) -> None:
         hashes = []

@@ -237,6 +237,57 @@ def add_into(target: torch.Tensor, parts: Parts, weight: torch.Tensor, multiplie
     return bias_delta(parts)
 
 
+class PlainLora:
+    """A plain LoRA layer ready to merge: float32 ``up`` [out, rank] and ``down`` [rank, in*k*k] (contiguous
+    views into one block per network), the network's scale and bias change. Built once per parsed file."""
+    __slots__ = ("up", "down", "scale", "bias")
+
+    def __init__(self, up: torch.Tensor, down: torch.Tensor, scale: float, bias: torch.Tensor | None):
+        self.up, self.down, self.scale, self.bias = up, down, scale, bias
+
+    def factors(self, dyn: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        rank = self.down.shape[0]
+        if dyn is not None and 0 < dyn < rank:   # DyLoRA: the first `dyn` ranks, scale of the full rank
+            return self.up[:, :dyn], self.down[:dyn]
+        return self.up, self.down
+
+    def check_fits(self, weight: torch.Tensor) -> None:
+        out, cols = weight.shape[0], weight[0].numel() if weight.dim() > 1 else 1
+        if self.up.shape[0] != out or self.down.shape[1] != cols or self.up.shape[1] != self.down.shape[0]:
+            raise NetworkFormatError(f"LoRA of {self.up.shape[0]}x{self.down.shape[1]} does not fit the layer's "
+                                     f"{tuple(weight.shape)}")
+
+
+def is_plain_lora(parts: Parts) -> bool:
+    return ("lora_up.weight" in parts and "lora_down.weight" in parts and "lora_mid.weight" not in parts
+            and "dora_scale" not in parts)
+
+
+def prepare_plain(groups: dict[str, Parts]) -> dict[str, PlainLora | None]:
+    """``{prefix: PlainLora}`` for the plain-LoRA layers of one file (None: the layer holds NaN/inf).
+
+    All up/down matrices are converted to float32 in one concatenated block and checked for finite
+    values at once: per-tensor conversions cost a thread-pool round trip each (hundreds per file)."""
+    plain = {prefix: parts for prefix, parts in groups.items() if is_plain_lora(parts)}
+    if not plain:
+        return {}
+    mats = [t.detach().reshape(-1) for parts in plain.values()
+            for t in (parts["lora_up.weight"], parts["lora_down.weight"])]
+    flat = torch.cat(mats).to(torch.float32)   # cat promotes mixed dtypes and always copies
+    all_finite = bool(torch.isfinite(flat).all())
+    chunks = iter(flat.split([m.numel() for m in mats]))
+    out: dict[str, PlainLora | None] = {}
+    for prefix, parts in plain.items():
+        up_raw, down_raw = parts["lora_up.weight"], parts["lora_down.weight"]
+        up = next(chunks).view(up_raw.shape[0], -1)
+        down = next(chunks).view(down_raw.shape[0], -1)
+        if not all_finite and not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+            out[prefix] = None
+            continue
+        out[prefix] = PlainLora(up, down, _scale(parts, down.shape[0]), bias_delta(parts))
+    return out
+
+
 def describe(parts: Parts) -> str:
     try:
         return network_type(parts)
@@ -244,4 +295,4 @@ def describe(parts: Parts) -> str:
         return "unknown"
 
 
-__all__ = ["NetworkFormatError", "network_type", "layer_delta", "add_into", "describe"]
+__all__ = ["NetworkFormatError", "PlainLora", "network_type", "layer_delta", "add_into", "prepare_plain", "describe"]

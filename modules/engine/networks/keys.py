@@ -52,6 +52,7 @@ KOHYA_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_
 # dotted prefix -> pipeline component (``transformer.``: DiT LoRAs; on a UNet they simply match nothing)
 DOTTED_PREFIXES = (("unet.", "unet"), ("transformer.", "unet"), ("text_encoder_2.", "text_encoder_2"),
                    ("text_encoder.", "text_encoder"), ("base_model.model.", "unet"))
+_MEMO_LIMIT = 200_000   # resolved prefixes remembered per model (a few files' worth; then start over)
 PATCHABLE = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.LayerNorm, torch.nn.GroupNorm)
 
 
@@ -122,6 +123,7 @@ class LayerIndex:
         self._flat: dict[tuple[str, str], LayerRef] = {}
         self._dotted: dict[tuple[str, str], LayerRef] = {}
         self.unet_config = unet_config
+        self._memo: dict[str, LayerRef | None] = {}
         for component, root in components.items():
             for name, module in root.named_modules():
                 if isinstance(module, PATCHABLE):
@@ -139,7 +141,18 @@ class LayerIndex:
             self._flat[(component, alias.replace(".", "_"))] = ref
 
     def resolve(self, prefix: str) -> LayerRef | None:
-        """The layer a file's key prefix names, or None."""
+        """The layer a file's key prefix names, or None (remembered: LDM names go through diffusers'
+        converters, which is slow per key, and switching back to a file resolves the same names)."""
+        try:
+            return self._memo[prefix]
+        except KeyError:
+            pass
+        if len(self._memo) >= _MEMO_LIMIT:
+            self._memo.clear()
+        found = self._memo[prefix] = self._resolve(prefix)
+        return found
+
+    def _resolve(self, prefix: str) -> LayerRef | None:
         for start, component in KOHYA_PREFIXES:
             if prefix.startswith(start):
                 flat = prefix[len(start):]

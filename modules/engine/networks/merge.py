@@ -4,6 +4,11 @@ Before sampling, each layer a network touches gets ``W = W0 + sum(multiplier * d
 float32 from ``W0``, a copy of the original kept (on the CPU) only for touched layers. A new set of
 networks first puts the original weights back bit for bit, then merges the new set; the same set
 again is a no-op. The checkpoint is never reloaded.
+
+A switch costs little: a float32 layer changed only by plain LoRAs gets its original copied back into
+the weight and each ``up @ down`` added in place (one addmm, no allocation; factors converted to
+float32 once per parsed file); a layer whose change is the same in the old and new set is not touched;
+layers the new set leaves alone are copied back from their backups.
 """
 from __future__ import annotations
 
@@ -26,6 +31,13 @@ class NetworkWeights:
     name: str
     groups: dict[str, LayerGroup]
     unknown_keys: list[str] = field(default_factory=list)
+    _plain: dict | None = field(default=None, repr=False)
+
+    def plain(self) -> dict[str, deltas.PlainLora | None]:
+        """The plain-LoRA layers in float32, built on first use and kept with the parsed file."""
+        if self._plain is None:
+            self._plain = deltas.prepare_plain({prefix: g.parts for prefix, g in self.groups.items()})
+        return self._plain
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,9 @@ class NetworkMerger:
     def __init__(self, components: Mapping[str, torch.nn.Module], unet_config=None):
         self.index = LayerIndex(components, unet_config)
         self.backups: dict[LayerRef, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._rewritten: set[LayerRef] = set()      # layers the last apply wrote
+        self.merged: dict[LayerRef, tuple] = {}     # what each changed layer holds: ((network, prefix, mult, dyn), ...)
+        self._bias_changed: set[LayerRef] = set()
         self.applied: tuple = ()
         self.last_outcomes: list[NetworkOutcome] = []
 
@@ -79,7 +94,7 @@ class NetworkMerger:
         signature = tuple(u.signature for u in uses)
         if signature == self.applied:
             return self.unchanged()
-        touched_before = set(self.backups)
+        self._rewritten = set()
         outcomes = [NetworkOutcome(u.weights.name) for u in uses]
         plans = [self._plan(u, o) for u, o in zip(uses, outcomes)]
         while True:
@@ -90,7 +105,7 @@ class NetworkMerger:
         self._restore(set(self.backups) - {ref for plan in plans for ref in plan})
         self.applied, self.last_outcomes = signature, outcomes
         return MergeReport(outcomes, changed=True,
-                           text_encoders_changed=any(r.component != "unet" for r in touched_before | set(self.backups)))
+                           text_encoders_changed=any(r.component != "unet" for r in self._rewritten))
 
     def unchanged(self) -> MergeReport:
         """The report of the set already merged (nothing is done)."""
@@ -102,6 +117,7 @@ class NetworkMerger:
         outcome.total = len(use.weights.groups)
         return {ref: use.weights.groups[prefix] for prefix, ref in found.items() if use.multiplier(ref.component)}
 
+    @torch.no_grad()
     def _merge(self, uses: list[NetworkUse], plans: list[dict], outcomes: list[NetworkOutcome]) -> int | None:
         """Merge every planned layer; the index of a network that fails a layer (after undoing), else None."""
         layers: dict[LayerRef, list[int]] = {}
@@ -111,9 +127,15 @@ class NetworkMerger:
         for outcome, plan in zip(outcomes, plans):
             outcome.layers = len(plan)
         for ref, users in layers.items():
+            pairs = [(uses[i], plans[i][ref]) for i in users]
+            state = tuple((use.weights.key, group.key, use.multiplier(ref.component), use.dyn) for use, group in pairs)
+            if self.merged.get(ref) == state:
+                continue   # the layer already holds exactly this (shared by the old and the new set)
             module = self.index.modules[ref]
             try:
-                self._merge_layer(ref, module, [(uses[i], plans[i][ref]) for i in users], users)
+                self._merge_layer(ref, module, pairs, users)
+                self.merged[ref] = state
+                self._rewritten.add(ref)
             except _LayerFailed as failed:
                 outcomes[failed.network].error = f"{ref.component} layer {ref.name}: {failed.reason}"
                 outcomes[failed.network].layers = 0
@@ -122,13 +144,18 @@ class NetworkMerger:
                 return failed.network
         return None
 
-    @torch.no_grad()
     def _merge_layer(self, ref: LayerRef, module: torch.nn.Module, users: list[tuple[NetworkUse, LayerGroup]],
                      indices: list[int]) -> None:
         weight, bias = module.weight, getattr(module, "bias", None)
-        if ref not in self.backups:
+        fresh = ref not in self.backups
+        if fresh:
             self.backups[ref] = (weight.detach().to("cpu", copy=True),
                                  bias.detach().to("cpu", copy=True) if bias is not None else None)
+        self.merged.pop(ref, None)
+        plain = [use.weights.plain().get(group.key) for use, group in users]
+        if weight.dtype == torch.float32 and weight.is_contiguous() and all(p is not None for p in plain):
+            self._merge_plain(ref, weight, bias, list(zip(users, plain, indices)), fresh)
+            return
         original_w, original_b = self.backups[ref]
         w0 = original_w.to(device=weight.device, dtype=torch.float32)
         new_w, new_b = w0.clone(), None
@@ -146,10 +173,43 @@ class NetworkMerger:
                     new_b = original_b.to(device=bias.device, dtype=torch.float32).clone()
                 new_b += db.reshape(new_b.shape) * mult
         weight.copy_(new_w.to(weight.dtype))
+        self._set_bias(ref, bias, new_b)
+
+    def _merge_plain(self, ref: LayerRef, weight: torch.Tensor, bias: torch.Tensor | None,
+                     users: list[tuple[tuple[NetworkUse, LayerGroup], deltas.PlainLora, int]], fresh: bool) -> None:
+        """The common case, a float32 layer changed by plain LoRAs only: the original is copied back
+        into the weight (no allocation) and each ``up @ down`` is added in place by one addmm. The same
+        operations on the same values as the general path, so the result is the same bit for bit."""
+        factors = []
+        for ((use, _), lora, index) in users:
+            if lora.bias is not None and (bias is None or lora.bias.numel() != bias.numel()):
+                raise _LayerFailed(index, "bias change for a layer without that bias")
+            try:
+                lora.check_fits(weight)
+            except deltas.NetworkFormatError as exc:
+                raise _LayerFailed(index, str(exc)) from None
+            up, down = lora.factors(use.dyn)
+            factors.append((up.to(weight.device), down.to(weight.device), lora.scale * use.multiplier(ref.component)))
+        if not fresh:   # a fresh backup means the weight still is the original
+            weight.copy_(self.backups[ref][0])
+        flat = weight.view(weight.shape[0], -1)
+        for up, down, alpha in factors:
+            flat.addmm_(up, down, alpha=alpha)
+        new_b = None
+        for ((use, _), lora, _) in users:
+            if lora.bias is not None:
+                if new_b is None:
+                    new_b = self.backups[ref][1].to(device=bias.device, dtype=torch.float32).clone()
+                new_b += lora.bias.to(new_b.device).reshape(new_b.shape) * use.multiplier(ref.component)
+        self._set_bias(ref, bias, new_b)
+
+    def _set_bias(self, ref: LayerRef, bias: torch.Tensor | None, new_b: torch.Tensor | None) -> None:
         if new_b is not None:
             bias.copy_(new_b.to(bias.dtype))
-        elif original_b is not None:
-            bias.copy_(original_b)   # an earlier set may have changed it
+            self._bias_changed.add(ref)
+        elif ref in self._bias_changed:
+            bias.copy_(self.backups[ref][1])   # an earlier set changed it
+            self._bias_changed.discard(ref)
 
     def restore(self) -> None:
         """Put every touched layer's original weights back (bit for bit) and drop the backups."""
@@ -160,10 +220,13 @@ class NetworkMerger:
     def _restore(self, refs: set[LayerRef]) -> None:
         for ref in refs:
             w, b = self.backups.pop(ref)
+            self.merged.pop(ref, None)
+            self._rewritten.add(ref)
             module = self.index.modules[ref]
             module.weight.copy_(w)
-            if b is not None:
+            if b is not None and ref in self._bias_changed:
                 module.bias.copy_(b)
+            self._bias_changed.discard(ref)
 
 
 class _LayerFailed(Exception):
