@@ -229,8 +229,10 @@ def test_lowram_keeps_fp16_weights_and_gives_the_same_image(tmp_path):
 
 def test_lowram_weights_stay_writable_parameters_for_lora_merging(tmp_path):
     path = fp16_checkpoint(tmp_path / "a.safetensors")
-    normal = load_checkpoint(path, cpu_policy()).components["unet"]
-    low = load_checkpoint(path, cpu_policy(lowram=True)).components["unet"]
+    loaded = [load_checkpoint(path, cpu_policy()), load_checkpoint(path, cpu_policy(lowram=True))]
+    for model in loaded:  # writes outside a forward wait for the copy off the mapped file, as LoRA merging does
+        model.wait_materialised()
+    normal, low = (model.components["unet"] for model in loaded)
     delta = torch.full_like(normal.conv_in.weight, 0.01)
     with torch.no_grad():  # what an in-place LoRA merge does
         normal.conv_in.weight.add_(delta)
