@@ -28,24 +28,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import ROOT, Timer, make_sd1_checkpoint  # noqa: F401  (puts the repo and tests/ on sys.path)
+from common import ROOT, Timer, build_services, default_cache_dir, make_sd1_checkpoint  # noqa: F401  (ROOT)
 
 PROMPT = "a photograph of an astronaut riding a horse"
-
-
-def build(ckpt: Path, data_dir: Path):
-    from modules.core.flags import parse_args
-    from modules.core.options import Options, default_templates
-    from modules.core.paths import AppPaths
-    from modules.services import build_services
-
-    opts = parse_args(["--data-dir", str(data_dir), "--ckpt", str(ckpt)], env={}).opts
-    paths = AppPaths.from_opts(opts)
-    paths.ensure_user_dirs()
-    options = Options(paths.config_file, default_templates())
-    options.set("samples_save", False)
-    options.set("live_previews_enable", False)
-    return build_services(opts, paths, options)
 
 
 class Figures(dict):
@@ -176,16 +161,19 @@ def main() -> None:
     parser.add_argument("--res", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=1, help="txt2img jobs of each kind")
     parser.add_argument("--unet-repeats", type=int, default=3, help="UNet calls with and without the LoRA")
+    parser.add_argument("--dir", default=None, help="where full-size weights are made once and reused "
+                                                    "(default: $BENCH_CACHE or tmp/bench-cache)")
     args = parser.parse_args()
 
     import torch
     from lora_fixtures import kohya_lora
 
-    cache = Path("/work/bench-cache") if args.size == "full" else Path(tempfile.mkdtemp())
+    cache = Path(args.dir or default_cache_dir()) if args.size == "full" else Path(tempfile.mkdtemp())
+    cache.mkdir(parents=True, exist_ok=True)
     ckpt = make_sd1_checkpoint(cache, args.size)
     data_dir = Path(tempfile.mkdtemp(prefix="bench-lora-"))
     with Timer() as load:
-        services = build(ckpt, data_dir)
+        services = build_services(ckpt, data_dir)
         model = services.models.current()
     lora_dir = services.paths.lora_dir
     for name, seed in (("bench_a", 1), ("bench_b", 2)):

@@ -1,9 +1,10 @@
 """Checkpoint merger: time and peak memory to merge two full-size SD1.5 fp16 files (weighted sum, saved
 fp16), against plain reading of both files plus writing one of the output's size, in one run.
 
-    flock /tmp/bench.lock venv/bin/python bench/merge.py [--dir /work/bench-cache] [--runs 2]
+    flock /tmp/bench.lock venv/bin/python bench/merge.py [--dir DIR] [--runs 2]
 
-The two inputs (about 2.1 GB each) are made once in --dir: `full-fp16-sd1.safetensors` (random weights
+The two inputs (about 2.1 GB each) are made once in --dir (default: $BENCH_CACHE, else tmp/bench-cache
+in the repository, which git ignores): `full-fp16-sd1.safetensors` (random weights
 with the real SD1.5 shapes) and `full-fp16-sd1-b.safetensors` (other random values, same layout). Each
 merge runs in a fresh child process, which reports its peak RSS (ru_maxrss) above its RSS once Python,
 torch and the merger are imported. Targets: peak RSS <= 1.5 GB above that baseline, and merge time
@@ -21,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, make_sd1_checkpoint
+from common import ROOT, default_cache_dir, make_sd1_checkpoint
 
 CHUNK = 16 << 20
 
@@ -95,14 +96,15 @@ def child(a: str, b: str, out: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--dir", default="/work/bench-cache")
+    parser.add_argument("--dir", default=None, help="where the inputs are made once and reused "
+                                                    "(default: $BENCH_CACHE or tmp/bench-cache in the repository)")
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--child", nargs=3, metavar=("A", "B", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
         return
-    cache = Path(args.dir)
+    cache = Path(args.dir or default_cache_dir())
     cache.mkdir(parents=True, exist_ok=True)
     a, b = ensure_inputs(cache)
     out = cache / "bench-merged.safetensors"

@@ -264,8 +264,10 @@ def test_lowram_keeps_fp16_weights_and_gives_the_same_image(tmp_path):
 
 def test_lowram_weights_stay_writable_parameters_for_lora_merging(tmp_path):
     path = fp16_checkpoint(tmp_path / "a.safetensors")
-    normal = load_checkpoint(path, cpu_policy()).components["unet"]
-    low = load_checkpoint(path, cpu_policy(lowram=True)).components["unet"]
+    loaded = [load_checkpoint(path, cpu_policy()), load_checkpoint(path, cpu_policy(lowram=True))]
+    for model in loaded:  # writes outside a forward wait for the copy off the mapped file, as LoRA merging does
+        model.wait_materialised()
+    normal, low = (model.components["unet"] for model in loaded)
     delta = torch.full_like(normal.conv_in.weight, 0.01)
     with torch.no_grad():  # what an in-place LoRA merge does
         normal.conv_in.weight.add_(delta)
@@ -415,10 +417,14 @@ def test_cuda_out_of_memory_fails_the_job_with_advice_and_the_next_job_runs(tmp_
         services.generation.queue.shutdown()
 
 
-def test_fp32_cpu_mode_converts_a_fp16_file_layer_by_layer_on_first_use(tmp_path):
+def test_fp32_cpu_mode_converts_a_fp16_file_layer_by_layer_on_first_use(tmp_path, monkeypatch):
     """Fast loading: ready without a full fp32 copy; each layer becomes fp32 when it first runs, and the
     result is exactly that of converting everything at load (an fp32 copy of the same file)."""
     import safetensors.torch
+
+    from modules.models.materialise import Materialiser
+
+    monkeypatch.setattr(Materialiser, "start", lambda self: None)  # no background copy: first use only
 
     path = fp16_checkpoint(tmp_path / "half.safetensors")
     state = safetensors.torch.load_file(str(path))

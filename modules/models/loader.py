@@ -29,6 +29,7 @@ from modules.models import detection, families, midas_embedded
 from modules.models.devices import DevicePolicy, torch_gc
 from modules.models.detection import ModelSpec
 from modules.models.families import FamilyId, FamilyInfo, TextEncoderSlot
+from modules.models.materialise import CAN_MAP, Materialiser, file_span
 from modules.models.weights_io import CheckpointLoadError, load_state_dict_file
 
 __all__ = [
@@ -72,6 +73,14 @@ class LoadedModel:
     offload: Any = None
     # SD2 depth: the MiDaS estimator stored in the checkpoint (midas_embedded.EmbeddedMidas), if any
     embedded_depth: Any = None
+    # memory-mapped load: copies the weights off the file in the background (None: nothing to copy)
+    materialiser: Materialiser | None = None
+
+    def wait_materialised(self) -> None:
+        """Return once no weight is backed by the checkpoint file any more: call before reading or
+        writing weights outside a forward (LoRA merging). Forwards need not wait (``materialise.py``)."""
+        if self.materialiser is not None:
+            self.materialiser.wait()
 
     @property
     def family(self) -> str:
@@ -115,6 +124,9 @@ class LoadedModel:
     def unload(self) -> None:
         """Drop every reference we hold so the weights can be freed, then return the memory."""
         device = self.policy.device
+        if self.materialiser is not None:
+            self.materialiser.cancel()
+            self.materialiser = None
         pipe = self.pipe
         self.pipe = None
         self.baked_vae = None
@@ -159,10 +171,13 @@ def _few(keys: Any, n: int = 5) -> str:
 
 
 def _build_empty(factory: Callable[[], Any]) -> Any:
-    """Construct a model with parameters on the meta device (no random init, no allocation)."""
+    """Construct a model with parameters on the meta device (no random init, no allocation).
+    ``no_init_weights`` also skips the init calls themselves (``normal_``/``uniform_``, even on meta
+    tensors, cost 0.2 s for SD1.5; transformers' own ``from_pretrained`` builds under it too)."""
     from accelerate import init_empty_weights
+    from transformers.initialization import no_init_weights
 
-    with init_empty_weights():
+    with init_empty_weights(), no_init_weights():
         return factory()
 
 
@@ -232,23 +247,35 @@ def _to(policy: DevicePolicy, dtype: Any) -> tuple[Any, Any]:
     return policy.load_device, (None if _keeps_file_dtype(policy) else dtype)
 
 
-def _ready(model: Any, policy: DevicePolicy, dtype: Any) -> Any:
+def _ready(model: Any, policy: DevicePolicy, dtype: Any, mat: Materialiser | None = None) -> Any:
     """A built component in its final dtype and place. On the CPU, half-precision weights from the
     file are kept and upcast per layer for each call (low-RAM mode), or converted to fp32 layer by
-    layer on first use (``precision.py``); either way the model is ready without a full fp32 copy."""
+    layer on first use (``precision.py``); either way the model is ready without a full fp32 copy.
+    ``mat``: the weights are memory-mapped; what is still on the file is copied off by ``mat``
+    (in the background, or by a layer's hook on first use: ``materialise.py``)."""
     if _keeps_file_dtype(policy):
         from modules.models import precision
 
         if precision.is_lowram(model):  # already done (the SD2 v-probe readies the UNet before probing it)
-            return model
+            return _adopt(model, mat, None)
         storage = precision.storage_dtype_of(dict(model.named_parameters()))
         if storage is not None:
             model.requires_grad_(False)
             model.eval()
             if policy.lowram:
-                return precision.apply_lowram_casting(model, storage, dtype)
-            return precision.apply_lazy_upcast(model, dtype)
-    return _finish(model, policy.load_device, dtype)
+                return _adopt(precision.apply_lowram_casting(model, storage, dtype), mat, None)
+            file_backed = mat.file_backed if mat is not None else (lambda _t: False)
+            return _adopt(precision.apply_lazy_upcast(model, dtype, file_backed), mat, dtype)
+    return _adopt(_finish(model, policy.load_device, dtype), mat, dtype)
+
+
+def _adopt(model: Any, mat: Materialiser | None, dtype: Any) -> Any:
+    """Hand what is still on the mapped file to ``mat``: hooked layers wait for it, the rest is copied now."""
+    if mat is not None:
+        from modules.models import precision
+
+        mat.adopt(model, dtype, precision.has_first_call_hook)
+    return model
 
 
 # ---------------------------------------------------------------- components
@@ -392,8 +419,22 @@ def load_vae(vae_file: Path, spec: ModelSpec, policy: DevicePolicy, progress: Pr
             else:
                 inferred.pop(key, None)
         cfg = inferred
-    vae = _load_vae_weights(sd, cfg, vae_file, _to(policy, policy.vae_dtype))
-    return _ready(vae, policy, policy.vae_dtype)
+    mat = _materialiser_for(sd, vae_file, policy)
+    vae = _ready(_load_vae_weights(sd, cfg, vae_file, _to(policy, policy.vae_dtype)), policy, policy.vae_dtype, mat)
+    if mat is not None:
+        mat.run_now()  # a VAE is small: copied off its file before it is used
+    return vae
+
+
+def _materialiser_for(sd: Mapping[str, Any], path: Path, policy: DevicePolicy) -> Materialiser | None:
+    """A Materialiser when ``sd`` is memory-mapped from ``path`` and the model is built on the CPU."""
+    if not (_keeps_file_dtype(policy) and isinstance(sd, dict)):
+        return None
+    span = file_span(sd, path)
+    if span is None:
+        return None
+    keep = next(t for t in sd.values() if span.holds(t))
+    return Materialiser(span, keep_alive=keep)
 
 
 def load_model(
@@ -415,13 +456,16 @@ def load_model(
         raise UnsupportedCheckpointError(path, spec)
     say = progress or (lambda _msg: None)
     laps = _Laps()
-    sd = _read_weights(path, spec, vae_file, state_dict, say, laps, in_memory=_keeps_file_dtype(policy))
+    sd = _read_weights(path, spec, vae_file, state_dict, say, laps, in_memory=_keeps_file_dtype(policy) and not CAN_MAP)
     state_dict = None
+    mat = _materialiser_for(sd, path, policy)
+    if mat is not None and spec.is_depth:  # kept as raw tensors, not modules: copied off the file now
+        mat.copy_entries(sd, midas_embedded.PREFIX)
     embedded = midas_embedded.take(sd, path.name) if spec.is_depth else None  # not a pipeline component
 
     components: dict[str, Any] = {}
     try:
-        spec, baked, pipe = _build_pipeline(sd, spec, path, policy, vae_file, progress, components, laps)
+        spec, baked, pipe = _build_pipeline(sd, spec, path, policy, vae_file, progress, components, laps, mat)
     except CheckpointLoadError:
         components.clear()
         raise
@@ -434,12 +478,14 @@ def load_model(
         status = midas_embedded.load_status(embedded)
         needs_depth = True
     offload = _install_offload(components, spec, policy)
+    if mat is not None:
+        mat.start()  # the rest of the weights come off the mapped file in the background
     seconds = round(time.perf_counter() - laps.start, 3)
     say(f"Model loaded in {seconds:.1f}s")
     return LoadedModel(info=info, path=path, spec=spec, policy=policy, pipe=pipe, components=components,
                        vae_file=Path(vae_file) if vae_file else None, load_seconds=seconds, timings=laps.timings,
                        status=status, needs_depth_map=needs_depth, baked_vae=baked, offload=offload,
-                       embedded_depth=embedded)
+                       embedded_depth=embedded, materialiser=mat)
 
 
 def _install_offload(components: dict[str, Any], spec: ModelSpec, policy: DevicePolicy) -> Any:
@@ -483,17 +529,18 @@ def _read_weights(path: Path, spec: ModelSpec, vae_file: Path | None, state_dict
 
 
 def _build_pipeline(sd: dict[str, Any], spec: ModelSpec, path: Path, policy: DevicePolicy, vae_file: Path | None,
-                    progress: Progress | None, components: dict[str, Any], laps: _Laps) -> tuple[ModelSpec, Any, Any]:
+                    progress: Progress | None, components: dict[str, Any], laps: _Laps,
+                    mat: Materialiser | None = None) -> tuple[ModelSpec, Any, Any]:
     """Every component into ``components``, then the pipeline. Returns (spec after the v probe,
     the checkpoint's own VAE when a separate one is used, the pipeline)."""
     say = progress or (lambda _msg: None)
     say("Loading UNet")
-    components["unet"], spec = _load_denoiser(sd, spec, path, policy)
+    components["unet"], spec = _load_denoiser(sd, spec, path, policy, mat)
     _release(sd, (detection.UNET, "model_ema."))
     laps("unet")
 
     say("Loading text encoder")
-    _load_text_encoders(sd, spec, path, policy, components)
+    _load_text_encoders(sd, spec, path, policy, components, mat)
     laps("text_encoders")
     _release(sd, ("cond_stage_model.", "conditioner."))
 
@@ -501,7 +548,7 @@ def _build_pipeline(sd: dict[str, Any], spec: ModelSpec, path: Path, policy: Dev
     if spec.has_vae:
         say("Loading VAE")
         baked = _ready(_load_vae_weights(sd, spec.vae_config, path, _to(policy, policy.vae_dtype)),
-                       policy, policy.vae_dtype)
+                       policy, policy.vae_dtype, mat)
     sd.clear()  # everything we keep now lives in the modules
     if vae_file is not None:
         components["vae"] = load_vae(Path(vae_file), spec, policy, progress)
@@ -522,7 +569,8 @@ def _build_pipeline(sd: dict[str, Any], spec: ModelSpec, path: Path, policy: Dev
     return spec, baked, pipe
 
 
-def _load_denoiser(sd: dict[str, Any], spec: ModelSpec, path: Path, policy: DevicePolicy) -> tuple[Any, ModelSpec]:
+def _load_denoiser(sd: dict[str, Any], spec: ModelSpec, path: Path, policy: DevicePolicy,
+                   mat: Materialiser | None = None) -> tuple[Any, ModelSpec]:
     """The UNet; where the weights cannot tell eps from v (SD2), the probe decides and may change the spec."""
     unet = _load_unet(sd, spec.unet_config, path, _to(policy, policy.dtype))
     if spec.needs_v_probe:
@@ -538,11 +586,11 @@ def _load_denoiser(sd: dict[str, Any], spec: ModelSpec, path: Path, policy: Devi
             unet = _build_empty(lambda: UNet2DConditionModel.from_config(new_spec.unet_config))
             _assign(unet, weights, path, "UNet")
         spec = new_spec
-    return _ready(unet, policy, policy.dtype), spec
+    return _ready(unet, policy, policy.dtype, mat), spec
 
 
 def _load_text_encoders(sd: dict[str, Any], spec: ModelSpec, path: Path, policy: DevicePolicy,
-                        components: dict[str, Any]) -> None:
+                        components: dict[str, Any], mat: Materialiser | None = None) -> None:
     """One model per text-encoder slot of the family record, built by the loader for its layout."""
     assert spec.family_info is not None
     te_dtype = policy.text_encoder_dtype
@@ -550,7 +598,7 @@ def _load_text_encoders(sd: dict[str, Any], spec: ModelSpec, path: Path, policy:
         cfg = spec.text_encoder_config_for(slot.component)
         what = slot.component.replace("_", " ")
         model = _TEXT_ENCODER_LOADERS[slot.tokenizer](sd, cfg, slot, path, what, _to(policy, te_dtype))
-        components[slot.component] = _ready(model, policy, te_dtype)
+        components[slot.component] = _ready(model, policy, te_dtype, mat)
 
 
 def _release(sd: dict[str, Any], prefixes: tuple[str, ...]) -> None:
@@ -585,7 +633,8 @@ def load_checkpoint(
         t1 = time.perf_counter()
         if progress:
             progress(f"Reading {path.name}")
-        sd = load_state_dict_file(path, in_memory=_keeps_file_dtype(policy))
+        # memory-mapped where we can tell mapped tensors apart: copied off the file after "ready" (materialise.py)
+        sd = load_state_dict_file(path, in_memory=_keeps_file_dtype(policy) and not CAN_MAP)
     else:
         if progress:
             progress(f"Reading {path.name}")

@@ -12,9 +12,11 @@ forwards, so LoRA weights merged in place land in it (at fp16 precision, as on a
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+from modules.models import materialise
 
 __all__ = ["storage_dtype_of", "apply_lowram_casting", "is_lowram"]
 
@@ -113,6 +115,7 @@ def _storage_casting_hook_type():
             self.in_workspace = False
 
         def pre_forward(self, module, *args, **kwargs):
+            materialise.ensure(module)  # still memory-mapped: copy it into memory first (materialise.py)
             if isinstance(module, torch.nn.Embedding):  # rows are converted after the lookup instead
                 return args, kwargs
             self.stored = [(t, t.data) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))
@@ -214,18 +217,20 @@ def _has_casting_hook(module: torch.nn.Module) -> bool:
 _LAZY_LAYERS = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.Embedding)
 
 
-def apply_lazy_upcast(model: torch.nn.Module, compute: torch.dtype) -> torch.nn.Module:
+def apply_lazy_upcast(model: torch.nn.Module, compute: torch.dtype,
+                      file_backed: Callable[[torch.Tensor], bool] = lambda _t: False) -> torch.nn.Module:
     """fp32 on the CPU from a half-precision file, without converting everything at load: each
     Conv/Linear/Embedding is converted for good on its first call (a one-time hook), the rest now.
 
     The model is ready as soon as it is built; the conversion is paid by the first image, layer by
     layer, never holding a second copy of the whole model. The first floating parameter is converted
     now, so ``model.dtype`` (diffusers and transformers read the first parameter) says ``compute``.
+    ``file_backed``: tensors still memory-mapped, which get the hook too (copied off the file on first use).
     """
     first = next((p for p in model.parameters() if p.is_floating_point()), None)
     for module in model.modules():
         own = [t for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))
-               if t.is_floating_point() and t.dtype != compute]
+               if (t.is_floating_point() and t.dtype != compute) or file_backed(t)]
         if not own:
             continue
         if isinstance(module, _LAZY_LAYERS) and not any(t is first for t in own):
@@ -245,6 +250,17 @@ def _upcast_on_first_call(module: torch.nn.Module, dtype: torch.dtype) -> None:
     handle = None
 
     def hook(mod, _args):
+        materialise.ensure(mod)  # under the background copy's lock (materialise.py)
         _cast_own(mod, dtype)
+        mod.__dict__.pop(_UPCAST_HOOKED, None)
         handle.remove()
     handle = module.register_forward_pre_hook(hook)
+    object.__setattr__(module, _UPCAST_HOOKED, True)
+
+
+_UPCAST_HOOKED = "_webui_upcast_hooked"
+
+
+def has_first_call_hook(module: torch.nn.Module) -> bool:
+    """The module converts (or copies off the file) its own tensors on its next forward."""
+    return _UPCAST_HOOKED in module.__dict__ or _has_casting_hook(module)

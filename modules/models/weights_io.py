@@ -457,9 +457,10 @@ def load_state_dict_file(path: str | os.PathLike[str], *, in_memory: bool = Fals
     """Load any supported weights file to a CPU state dict, dispatching on the extension.
 
     safetensors' default reader maps the file: tensors are read lazily and are cheap when they are
-    converted (fp16 file -> fp32 model) or moved to a GPU anyway. ``in_memory``: read every tensor
-    into process memory (safetensors' pread backend), for tensors the model keeps as they are (the
-    low-RAM mode), so the model is never backed by a file that could be truncated under it."""
+    converted (fp16 file -> fp32 model) or moved to a GPU anyway; the CPU loader copies them off the
+    file after the model is ready (``models/materialise.py``). ``in_memory``: read every tensor into
+    process memory (safetensors' pread backend), where mapped tensors cannot be told apart (not Linux),
+    so the model is never backed by a file that could be truncated under it."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_EXTENSIONS:

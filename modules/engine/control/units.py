@@ -260,7 +260,7 @@ class ControlApplier:
         if unit.low_vram:
             model.to(self.device)
         try:
-            dtype = model.dtype
+            dtype = hint.dtype   # the model's, read once per pass: diffusers' ModelMixin.dtype walks every submodule
             down, mid = model(x.to(dtype), t, encoder_hidden_states=embeds.to(dtype),
                               controlnet_cond=hint.expand(x.shape[0], -1, -1, -1), conditioning_scale=1.0,
                               added_cond_kwargs=added, return_dict=False)

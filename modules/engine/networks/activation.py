@@ -57,6 +57,13 @@ def _family_version(model: Any) -> str:
     return "SDXL" if info.is_sdxl else "SD2" if info.is_sd2 else "SD1" if info.is_sd1 else "?"
 
 
+def _wait_for_weights(model: Any) -> None:
+    """A just-loaded model may still be copying its weights off the mapped file (models/materialise.py)."""
+    wait = getattr(model, "wait_materialised", None)
+    if wait is not None:
+        wait()
+
+
 class ExtraNetworks:
     """Applies prompt-tag networks to whichever model a job uses. One per app (built in services)."""
 
@@ -85,6 +92,7 @@ class ExtraNetworks:
             out.report = merger.unchanged()
             named = [(call.name, entry) for call, entry, _ in wanted]
         else:
+            _wait_for_weights(model)
             uses, named = [], []
             for call, entry, stamp in wanted:
                 weights = self._load(entry, stamp, out)
