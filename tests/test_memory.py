@@ -281,6 +281,7 @@ def test_lowram_weights_stay_writable_parameters_for_lora_merging(tmp_path):
 def test_lowram_upcasts_into_a_workspace_that_no_idle_model_holds(tmp_path):
     path = fp16_checkpoint(tmp_path / "a.safetensors")
     low = load_checkpoint(path, cpu_policy(lowram=True))
+    low.wait_materialised()  # the weights' home copies off the mapped file (loader.py), as LoRA merging waits
     unet, te = low.components["unet"], low.components["text_encoder"]
     hook = unet.conv_in._diffusers_hook.get_hook("layerwise_casting")
     seen: list[int] = []
