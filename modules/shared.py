@@ -37,7 +37,10 @@ def __getattr__(name: str) -> Any:
     # sd_model is read on every access, through the services: None until a model is loaded.
     if name == "sd_model":
         services = context.services()
-        return None if services is None else services.models.loaded_model
+        model = None if services is None else services.models.loaded_model
+        if model is not None:  # an extension may write weights: none may still be backed by the file
+            model.wait_materialised()
+        return model
     if name == "services":
         return context.services()
     if name == "sd_upscalers":  # A1111's list of upscalers; extensions read .name (and .scale)

@@ -133,3 +133,21 @@ def test_lora_merging_waits_until_the_weights_are_off_the_file(tmp_path, monkeyp
     threading.Timer(0.2, gate.set).start()  # lets the copy start only once the merge is waiting for it
     activation._wait_for_weights(model)
     assert model.materialiser.done and _file_backed(model) == []
+
+
+def test_extensions_reading_shared_sd_model_get_weights_off_the_file(tmp_path, monkeypatch):
+    """An extension may write weights through `shared.sd_model` at any time: the facade waits for the copy."""
+    import threading
+    from types import SimpleNamespace
+
+    import modules.shared as shared
+
+    gate = threading.Event()
+    run = Materialiser._run
+    monkeypatch.setattr(Materialiser, "_run", lambda self: (gate.wait(), run(self)))
+    model = load_checkpoint(_fp16_file(tmp_path / "a.safetensors"), cpu_policy(lowram=True))
+    monkeypatch.setattr(shared.context, "services", lambda: SimpleNamespace(models=SimpleNamespace(loaded_model=model)))
+    assert not model.materialiser.done
+    gate.set()
+    assert shared.sd_model is model
+    assert model.materialiser.done and _file_backed(model) == []
