@@ -11,19 +11,9 @@ import torch
 from modules.models.devices import cpu_policy
 from modules.models.loader import load_checkpoint
 from modules.models.materialise import CAN_MAP, Materialiser
-from tiny_models import make_checkpoint
+from tiny_models import fp16_checkpoint
 
 pytestmark = pytest.mark.skipif(not CAN_MAP, reason="memory-mapped loading needs /proc/self/maps (Linux)")
-
-
-def _fp16_file(dest: Path) -> Path:
-    import safetensors.torch
-
-    ckpt = make_checkpoint(dest, "sd1")
-    state = safetensors.torch.load_file(str(ckpt.path))
-    safetensors.torch.save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()},
-                                str(ckpt.path))
-    return ckpt.path
 
 
 def _in_memory_copy(path: Path, dest: Path) -> Path:
@@ -57,7 +47,7 @@ def _file_backed(model) -> list[str]:
 
 @pytest.mark.parametrize("lowram", [False, True], ids=["fp32", "lowram"])
 def test_mapped_load_gives_exactly_the_in_memory_result_and_leaves_the_file(tmp_path, monkeypatch, lowram):
-    path = _fp16_file(tmp_path / "a.safetensors")
+    path = fp16_checkpoint(tmp_path / "a.safetensors")
     reference_path = _in_memory_copy(path, tmp_path / "b.safetensors")
     monkeypatch.setattr("modules.models.loader.CAN_MAP", False)   # the old reader: everything read into memory
     reference = load_checkpoint(reference_path, cpu_policy(lowram=lowram))
@@ -82,7 +72,7 @@ def test_mapped_load_gives_exactly_the_in_memory_result_and_leaves_the_file(tmp_
 def test_layers_copy_off_the_file_on_first_use_without_the_thread(tmp_path, monkeypatch):
     """A job that runs before the background copy reaches a layer copies that layer itself, first."""
     monkeypatch.setattr(Materialiser, "start", lambda self: None)
-    path = _fp16_file(tmp_path / "a.safetensors")
+    path = fp16_checkpoint(tmp_path / "a.safetensors")
     model = load_checkpoint(path, cpu_policy(lowram=True))
     conv = model.components["unet"].down_blocks[0].resnets[0].conv1
     assert model.materialiser.file_backed(conv.weight)
@@ -97,7 +87,7 @@ def test_layers_copy_off_the_file_on_first_use_without_the_thread(tmp_path, monk
 def test_a_file_truncated_in_place_after_loading_harms_nothing(tmp_path):
     """What mmap risks (SIGBUS when another program truncates the file under the mapping) cannot happen
     once the weights are copied off: the model still runs and gives the same result."""
-    path = _fp16_file(tmp_path / "a.safetensors")
+    path = fp16_checkpoint(tmp_path / "a.safetensors")
     model = load_checkpoint(path, cpu_policy())
     model.wait_materialised()
     before = _outputs(model.components)
@@ -108,7 +98,7 @@ def test_a_file_truncated_in_place_after_loading_harms_nothing(tmp_path):
 
 
 def test_unloading_during_the_background_copy_stops_it_and_frees_the_mapping(tmp_path):
-    path = _fp16_file(tmp_path / "a.safetensors")
+    path = fp16_checkpoint(tmp_path / "a.safetensors")
     model = load_checkpoint(path, cpu_policy(lowram=True))
     mat = model.materialiser
     model.unload()
@@ -128,7 +118,7 @@ def test_lora_merging_waits_until_the_weights_are_off_the_file(tmp_path, monkeyp
     gate = threading.Event()
     run = Materialiser._run
     monkeypatch.setattr(Materialiser, "_run", lambda self: (gate.wait(), run(self)))
-    model = load_checkpoint(_fp16_file(tmp_path / "a.safetensors"), cpu_policy(lowram=True))
+    model = load_checkpoint(fp16_checkpoint(tmp_path / "a.safetensors"), cpu_policy(lowram=True))
     assert not model.materialiser.done and _file_backed(model)
     threading.Timer(0.2, gate.set).start()  # lets the copy start only once the merge is waiting for it
     activation._wait_for_weights(model)
@@ -145,7 +135,7 @@ def test_extensions_reading_shared_sd_model_get_weights_off_the_file(tmp_path, m
     gate = threading.Event()
     run = Materialiser._run
     monkeypatch.setattr(Materialiser, "_run", lambda self: (gate.wait(), run(self)))
-    model = load_checkpoint(_fp16_file(tmp_path / "a.safetensors"), cpu_policy(lowram=True))
+    model = load_checkpoint(fp16_checkpoint(tmp_path / "a.safetensors"), cpu_policy(lowram=True))
     monkeypatch.setattr(shared.context, "services", lambda: SimpleNamespace(models=SimpleNamespace(loaded_model=model)))
     assert not model.materialiser.done
     gate.set()

@@ -21,7 +21,7 @@ from modules.models import offload
 from modules.models.devices import cpu_policy, select_device_policy, vram_mode
 from modules.models.loader import ModelManager, load_checkpoint, make_load_fn
 from test_processing import make_services
-from tiny_models import make_checkpoint
+from tiny_models import fp16_checkpoint, make_checkpoint
 
 PARAMS = dict(prompt="a red cube", negative_prompt="blurry", seed=11, width=64, height=64, steps=3,
               sampler_name="Euler", hires=HiresParams(enabled=True, upscaler="Lanczos", scale=1.5, steps=2,
@@ -228,17 +228,6 @@ def test_medvram_sdxl_hooks_both_text_encoders_of_an_sdxl_model(tmp_path):
 
 
 # ------------------------------------------------------------------ low-RAM mode
-
-
-def fp16_checkpoint(dest: Path) -> Path:
-    """The tiny SD1 fixture saved in fp16, as most downloaded checkpoints are."""
-    import safetensors.torch
-
-    ckpt = make_checkpoint(dest, "sd1")
-    state = safetensors.torch.load_file(str(ckpt.path))
-    safetensors.torch.save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()},
-                                str(ckpt.path))
-    return ckpt.path
 
 
 def test_lowram_keeps_fp16_weights_and_gives_the_same_image(tmp_path):

@@ -569,3 +569,14 @@ def copy_checkpoint(ckpt: TinyCheckpoint, dest) -> TinyCheckpoint:
     new = copy.copy(ckpt)
     new.path, new.config_dir, new.yaml_path = dest, cdir, ypath
     return new
+
+
+def fp16_checkpoint(dest: Path) -> Path:
+    """The tiny SD1 fixture saved in fp16, as most downloaded checkpoints are."""
+    import safetensors.torch
+
+    ckpt = make_checkpoint(dest, "sd1")
+    state = safetensors.torch.load_file(str(ckpt.path))
+    safetensors.torch.save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()},
+                                str(ckpt.path))
+    return ckpt.path
