@@ -251,7 +251,7 @@ def _paths(tmp_path: Path):
     from modules.core.paths import AppPaths
 
     ns = argparse.Namespace(data_dir=str(tmp_path), models_dir=None, ckpt_dir=None, vae_dir=None, lora_dir=None,
-                            embeddings_dir=None, ui_settings_file=None, styles_file=None)
+                            embeddings_dir=None, hypernetwork_dir=None, ui_settings_file=None, styles_file=None)
     return AppPaths.from_opts(ns, install_dir=tmp_path)
 
 
