@@ -110,6 +110,9 @@ def unet_call_times(services, model, res: int, repeats: int) -> dict[tuple[bool,
         for _ in range(repeats):
             for (flush, tags), found in times.items():
                 engine.activate(model, encoder, [f"{PROMPT} {tags}"])
+                # The first call after a merge or restore pays a one-off ~1 s (the freshly written weights'
+                # pages); that belongs to the switch, so the step is timed from the second call.
+                unet(sample, step, context)
                 torch.set_flush_denormal(flush)
                 found.append(timed(lambda: unet(sample, step, context)))
                 torch.set_flush_denormal(False)
