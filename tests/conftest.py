@@ -67,6 +67,13 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def set_number(page, elem_id: str, value: str) -> None:
+    """Type `value` into a slider's or number field's number box and leave it (Gradio commits on blur)."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(value)
+    box.press("Tab")
+
+
 def run_webui(args: list[str], *, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run webui.py to completion (for flags that make it exit)."""
     env = {**os.environ, "COMMANDLINE_ARGS": ""}

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import set_number
+
 pytestmark = pytest.mark.browser
 
 U0 = "txt2img_controlnet_ControlNet-0_"
@@ -23,12 +25,6 @@ def cn_server(tmp_path_factory):
     srv = start_server(data_dir)
     yield srv
     srv.stop()
-
-
-def set_number(page, elem_id: str, value: str) -> None:
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(value)
-    box.press("Tab")
 
 
 def choose(page, elem_id: str, option: str) -> None:

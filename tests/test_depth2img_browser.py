@@ -9,6 +9,8 @@ import pytest
 import requests
 from PIL import Image, ImageDraw
 
+from conftest import set_number
+
 pytestmark = pytest.mark.browser
 
 
@@ -22,12 +24,6 @@ def depth_server(tmp_path_factory):
     srv = start_server(data_dir, "--api")
     yield srv
     srv.stop()
-
-
-def set_number(page, elem_id: str, value: str) -> None:
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(value)
-    box.press("Tab")
 
 
 def b64(path) -> str:

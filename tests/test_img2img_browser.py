@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 from playwright.sync_api import expect
 
+from conftest import set_number
+
 pytestmark = pytest.mark.browser
 
 
@@ -30,12 +32,6 @@ def img2img_server(tmp_path_factory):
 def gradient(size: int = 256) -> Image.Image:
     y, x = np.mgrid[0:size, 0:size]
     return Image.fromarray(np.dstack([x % 256, y % 256, ((x + y) // 2) % 256]).astype(np.uint8), "RGB")
-
-
-def set_number(page, elem_id: str, value: str) -> None:
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(value)
-    box.press("Tab")
 
 
 def upload_to_editor(page, editor, path) -> None:
