@@ -110,3 +110,27 @@ def test_a_merged_lora_survives_every_drop_on_the_real_path(tmp_path, monkeypatc
     assert np.array_equal(images[0], images[3])  # the LoRA came off again
     for a, b in zip(images, kept):
         assert np.array_equal(a, b)
+
+
+def test_a_checkpoint_truncated_in_place_fails_the_job_instead_of_crashing(tmp_path):
+    """A mapped file truncated under a low-RAM model would SIGBUS on the next fault: the component
+    that is about to run checks the file first and fails with a clear error."""
+    path = fp16_checkpoint(tmp_path / "a.safetensors")
+    model = load_checkpoint(path, cpu_policy(lowram=True))
+    _run_stages(model)
+    with open(path, "r+b") as fh:  # in place, as `cp` over it or a download tool would
+        fh.truncate(0)
+    with pytest.raises(residency.CheckpointChangedError, match="changed on disk"):
+        _run_stages(model)
+    model.unload()
+
+
+def test_a_checkpoint_replaced_by_rename_is_harmless(tmp_path):
+    """Our own writers (and most tools) replace a file by renaming a new one over it: the mapping keeps
+    the old file's pages, so the model runs on unchanged."""
+    path = fp16_checkpoint(tmp_path / "a.safetensors")
+    model = load_checkpoint(path, cpu_policy(lowram=True))
+    before = _run_stages(model)
+    (tmp_path / "new.safetensors").write_bytes(b"not weights")
+    (tmp_path / "new.safetensors").replace(path)
+    assert all(torch.equal(a, b) for a, b in zip(before, _run_stages(model)))

@@ -81,7 +81,8 @@ class LoadedModel:
 
     def wait_materialised(self) -> None:
         """Return once no weight is backed by the checkpoint file any more: call before reading or
-        writing weights outside a forward (LoRA merging). Forwards need not wait (``materialise.py``)."""
+        writing weights outside a forward (LoRA merging). Forwards need not wait (``materialise.py``).
+        Low-RAM mode keeps its half-precision layers mapped; writes to them are kept (``residency.py``)."""
         if self.materialiser is not None:
             self.materialiser.wait()
 
@@ -130,6 +131,7 @@ class LoadedModel:
         if self.materialiser is not None:
             self.materialiser.cancel()
             self.materialiser = None
+        self.residency = None
         pipe = self.pipe
         self.pipe = None
         self.baked_vae = None
@@ -483,7 +485,7 @@ def load_model(
         status = midas_embedded.load_status(embedded)
         needs_depth = True
     offload = _install_offload(components, spec, policy)
-    resident = residency.install(components, mat.span) if mat is not None and mat.keep_mapped else None
+    resident = residency.install(components, mat.span, path) if mat is not None and mat.keep_mapped else None
     if mat is not None:
         mat.start()  # the rest of the weights come off the mapped file in the background
     seconds = round(time.perf_counter() - laps.start, 3)

@@ -22,17 +22,20 @@ Hand-written: no library drops idle weights of a mapped model and re-faults them
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import mmap
+import os
 import threading
 import weakref
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
 from modules.models import materialise
 
-__all__ = ["Residency", "available", "install", "resident_bytes"]
+__all__ = ["CheckpointChangedError", "Residency", "available", "install", "resident_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +73,14 @@ def _own_tensors(module: torch.nn.Module) -> Iterable[torch.Tensor]:
 class Residency:
     """The components of one model whose weights are views of one mapped file."""
 
-    def __init__(self, span: materialise.FileSpan):
+    def __init__(self, span: materialise.FileSpan, path: Path):
         self.span = span
+        self.path = path
+        # the mapped file itself (not whatever the name points to later): a changed size or mtime means
+        # someone rewrote it in place, and touching the mapping could SIGBUS or read other weights
+        self._fd = os.open(path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self._fd)
+        self._stamp = self._file_stamp()
         self.components: dict[str, weakref.ref] = {}
         self.touched: set[str] = set()
         self.lock = threading.Lock()
@@ -88,12 +97,24 @@ class Residency:
         if name in self.touched and len(self.touched) == 1:
             return  # the common case inside sampling: nothing to do
         with self.lock:
+            self.check_file()
             for other in sorted(self.touched - {name}):
                 self.release(other)
             fresh = name not in self.touched
             self.touched = {name}
         if fresh:
             self._populate(name)
+
+    def _file_stamp(self) -> tuple[int, int]:
+        st = os.fstat(self._fd)
+        return st.st_size, st.st_mtime_ns
+
+    def check_file(self) -> None:
+        """Refuse to fault weights back in from a file rewritten in place since the load (a clear error
+        for the job instead of a SIGBUS that kills the server, or silently different weights)."""
+        if self._file_stamp() != self._stamp:
+            raise CheckpointChangedError(f"{self.path} was changed on disk in place while it was loaded in "
+                                         "low-RAM mode; load the checkpoint again")
 
     def mapped_tensors(self, name: str) -> list[torch.Tensor]:
         module = self.components[name]()
@@ -139,7 +160,14 @@ class Residency:
             return
         lo = min(_byte_range(t.data)[0] for t in tensors) // _PAGE * _PAGE
         hi = max(_byte_range(t.data)[1] for t in tensors)
-        materialise._LIBC.madvise(ctypes.c_void_p(lo), hi - lo, _MADV_POPULATE_READ)  # noqa: SLF001
+        if materialise._LIBC.madvise(ctypes.c_void_p(lo), hi - lo, _MADV_POPULATE_READ) != 0:  # noqa: SLF001
+            if ctypes.get_errno() == errno.EFAULT:  # a page past the end of the file: it was truncated
+                raise CheckpointChangedError(f"{self.path} was truncated while it was loaded in low-RAM mode; "
+                                             "load the checkpoint again")
+
+
+class CheckpointChangedError(RuntimeError):
+    """The mapped checkpoint file was modified in place; its weights can no longer be trusted."""
 
 
 def _entry_points(name: str, module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -156,11 +184,11 @@ def available(span: materialise.FileSpan | None) -> bool:
     return span is not None and materialise._LIBC is not None and _page_flags(span.lo, span.lo + 1) is not None  # noqa: SLF001
 
 
-def install(components: dict[str, Any], span: materialise.FileSpan | None) -> Residency | None:
+def install(components: dict[str, Any], span: materialise.FileSpan | None, path: Path) -> Residency | None:
     """Hooks that keep only the running component's mapped weights resident (None: nothing is mapped)."""
     if span is None or not available(span):
         return None
-    residency = Residency(span)
+    residency = Residency(span, path)
     for name, module in components.items():
         if isinstance(module, torch.nn.Module) and any(span.holds(t.data) for t in _own_tensors(module)):
             residency.add(name, module, _entry_points(name, module))
