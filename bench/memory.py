@@ -122,7 +122,9 @@ def child_lowram(ckpt: Path, data_dir: Path, mode: str, res: int, steps: int) ->
     peaks = stages.finish()
     services.generation.queue.shutdown()
     calls = stages.unet_calls
+    resident = getattr(model, "residency", None)  # low-RAM: idle components' mapped pages dropped (residency.py)
     return {"mode": mode, "load_s": load, "job_s": job, "unet_calls_s": calls,
+            "drops": resident.released if resident is not None else None,
             "step_s": min(calls[1:] or calls), "stage_peaks": peaks, **proc_status(),
             "VmHWM": max(peaks.values())}
 
@@ -319,7 +321,8 @@ def main() -> None:
             stages = ", ".join(f"{k} {gb(v)}" for k, v in r["stage_peaks"].items())
             print(f"  {r['mode']:7s} load {r['load_s']:.2f}s  step {r['step_s']:.2f}s "
                   f"(calls {[round(c, 2) for c in r['unet_calls_s']]})  job {r['job_s']:.1f}s  peak RSS {gb(r['VmHWM'])}"
-                  f"  [{stages}]  (RSS after: anon {gb(r['RssAnon'])}, file {gb(r['RssFile'])})")
+                  f"  [{stages}]  (RSS after: anon {gb(r['RssAnon'])}, file {gb(r['RssFile'])})"
+                  + (f"  idle components dropped {r['drops']}x" if r.get("drops") is not None else ""))
         if len(rows) < 2:
             return
         fp32, low = rows
