@@ -15,8 +15,10 @@ tensor's bytes are dropped, so a written neighbour sharing an edge page is never
 
 What the mapping risks, as any mmap: another program truncating the file *in place* while the model is
 loaded makes the next fault a SIGBUS (our own writers replace files atomically, which is safe);
-rewriting it in place changes the weights. ``docs/performance.md`` says so. Where pagemap cannot be
-read, nothing is dropped (the weights then stay resident once touched: correct, just larger).
+rewriting it in place changes the weights. Before a component's pages are faulted back in, the mapped
+file is checked (size, mtime): a change fails the job with ``CheckpointChangedError`` instead; a
+truncation *during* a component's run can still SIGBUS (``docs/performance.md`` says so). Where pagemap
+cannot be read (``available``), the loader copies the weights off the file as in the other modes.
 Hand-written: no library drops idle weights of a mapped model and re-faults them.
 """
 from __future__ import annotations
