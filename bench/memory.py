@@ -76,8 +76,10 @@ class StagePeaks:
         self.peaks: dict[str, int] = {}
         self.unet_calls: list[float] = []
         self._stage, self._t = "load+prompt", 0.0
-        self.handles = [unet.register_forward_pre_hook(self._unet_pre), unet.register_forward_hook(self._unet_post),
-                        vae.decoder.register_forward_pre_hook(lambda *_: self._enter("vae decode"))]
+        # prepend: the stage starts before low-RAM mode's own pre-hooks fault the component's weights in
+        self.handles = [unet.register_forward_pre_hook(self._unet_pre, prepend=True),
+                        unet.register_forward_hook(self._unet_post),
+                        vae.decoder.register_forward_pre_hook(lambda *_: self._enter("vae decode"), prepend=True)]
 
     def _enter(self, stage: str) -> None:
         if stage != self._stage:
