@@ -84,7 +84,7 @@ class Residency:
         weakref.finalize(self, os.close, self._fd)
         self._stamp = self._file_stamp()
         self.components: dict[str, weakref.ref] = {}
-        self.touched: set[str] = set()
+        self.active: str | None = None   # the component that ran last (its pages are the resident ones)
         self.lock = threading.Lock()
         self.owned: set[str] = set()   # "component: n tensors" copied into memory because they were written
         self.released = 0              # how many times a component's pages were dropped (for tests, logs)
@@ -95,17 +95,17 @@ class Residency:
             top.register_forward_pre_hook(lambda *_a, _name=name: self.activate(_name))
 
     def activate(self, name: str) -> None:
-        """``name`` is about to run: drop every other component's mapped pages (each once)."""
-        if name in self.touched and len(self.touched) == 1:
+        """``name`` is about to run: drop every other component's mapped pages (also pages that a read
+        outside a forward faulted in), then fault ``name``'s in."""
+        if name == self.active:
             return  # the common case inside sampling: nothing to do
         with self.lock:
             self.check_file()
-            for other in sorted(self.touched - {name}):
-                self.release(other)
-            fresh = name not in self.touched
-            self.touched = {name}
-        if fresh:
-            self._populate(name)
+            for other in self.components:
+                if other != name:
+                    self.release(other)
+            self.active = name
+        self._populate(name)
 
     def _file_stamp(self) -> tuple[int, int]:
         st = os.fstat(self._fd)
@@ -196,12 +196,10 @@ def install(components: dict[str, Any], span: materialise.FileSpan | None, path:
             residency.add(name, module, _entry_points(name, module))
     if not residency.components:
         return None
-    # safetensors maps the file with its pages populated: drop them all, each faults in when its component runs
-    residency.touched = set(residency.components)
+    # building the model touched some pages: drop them all, each component's fault in when it runs
     with residency.lock:
         for name in residency.components:
             residency.release(name)
-    residency.touched = set()
     return residency
 
 
