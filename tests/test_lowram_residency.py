@@ -134,3 +134,18 @@ def test_a_checkpoint_replaced_by_rename_is_harmless(tmp_path):
     (tmp_path / "new.safetensors").write_bytes(b"not weights")
     (tmp_path / "new.safetensors").replace(path)
     assert all(torch.equal(a, b) for a, b in zip(before, _run_stages(model)))
+
+
+def test_pages_read_outside_a_forward_are_dropped_at_the_next_switch(tmp_path):
+    """An extension summing the UNet's weights while the text encoder is the running component: those
+    pages go again when the next component starts (they are clean: the same bytes fault back)."""
+    model = load_checkpoint(fp16_checkpoint(tmp_path / "a.safetensors"), cpu_policy(lowram=True))
+    before = _run_stages(model)  # ends with the VAE running
+    unet = model.components["unet"]
+    total = sum(float(p.float().sum()) for p in unet.parameters())  # faults the UNet's pages in
+    assert _resident(model, "unet") > 0 and model.residency.active == "vae"
+    with torch.no_grad():
+        model.components["text_encoder"](torch.zeros(1, 77, dtype=torch.long))
+    assert _resident(model, "unet") == 0 and not model.residency.owned  # read, not written: nothing owned
+    assert sum(float(p.float().sum()) for p in unet.parameters()) == total
+    assert all(torch.equal(a, b) for a, b in zip(before, _run_stages(model)))
