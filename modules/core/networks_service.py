@@ -23,6 +23,8 @@ class ExtraNetworksService:
         self.lora_dirs, self.hypernetwork_dirs = list(lora_dirs), list(hypernetwork_dirs)
         self._engine: Any = None
         self._lock = threading.Lock()
+        self._registry: Any = None          # models.lora_registry.LoraRegistry (torch-free), shared with the engine
+        self._registry_lock = threading.Lock()
 
     @classmethod
     def from_paths(cls, paths: AppPaths) -> "ExtraNetworksService":
@@ -35,10 +37,25 @@ class ExtraNetworksService:
             if self._engine is None:
                 from modules.engine.networks.activation import ExtraNetworks
                 from modules.engine.networks.hypernetwork import Hypernetworks
+
+                self._engine = ExtraNetworks(self.lora_registry, Hypernetworks(self.hypernetwork_dirs))
+            return self._engine
+
+    @property
+    def lora_registry(self) -> Any:
+        """The LoRA files, without building the engine (no torch): for the settings' choices."""
+        with self._registry_lock:
+            if self._registry is None:
                 from modules.models.lora_registry import LoraRegistry
 
-                self._engine = ExtraNetworks(LoraRegistry(self.lora_dirs), Hypernetworks(self.hypernetwork_dirs))
-            return self._engine
+                self._registry = LoraRegistry(self.lora_dirs)
+            return self._registry
+
+    def add_setting_lora(self, prompts: list[str], options: Any) -> list[str]:
+        """A1111's ``sd_lora`` setting: its tag appended to `prompts` (in place); warnings."""
+        from modules.core import lora_setting
+
+        return lora_setting.add_to_prompts(prompts, self.lora_registry, options)
 
     @property
     def loras(self) -> Any:

@@ -541,6 +541,8 @@ def _process(p: GenerationParams, ctx: RunContext) -> Processed:
                     extra=_extra_params(p), save_p=_save_owner(p, ctx))
     run = _plan_run(p)
     hooks.process(run)
+    if ctx.networks is not None and not p.disable_extra_networks:   # A1111's sd_lora setting
+        plan.comments.extend(ctx.networks.add_setting_lora(run.all_prompts, ctx.options))
     plan.extra.update(_embedding_params(p, ctx, run))
     plan.control = _control_inputs(p, ctx, seed=(run.all_seeds[0] + run.all_subseeds[0]) & 0xFFFFFFFF)
     if ctx.job is not None and ctx.sets_job_count:
