@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from modules.core.extension_networks import ExtensionNetworks
 from modules.core.paths import AppPaths
 
 
@@ -25,6 +26,7 @@ class ExtraNetworksService:
         self._lock = threading.Lock()
         self._registry: Any = None          # models.lora_registry.LoraRegistry (torch-free), shared with the engine
         self._registry_lock = threading.Lock()
+        self.handlers = ExtensionNetworks()   # extra-network types extensions register (A1111's registry)
 
     @classmethod
     def from_paths(cls, paths: AppPaths) -> "ExtraNetworksService":
@@ -67,4 +69,12 @@ class ExtraNetworksService:
 
     def activate(self, model: Any, encoder: Any, prompts: list[str], *, options: Any = None,
                  disabled: bool = False) -> Any:
+        prompts = self.handlers.strip(prompts)   # extension networks' tags are theirs (activate_extensions)
         return self.engine.activate(model, encoder, prompts, options=options, disabled=disabled)
+
+    def activate_extensions(self, p: Any, prompts: list[str]) -> None:
+        """The networks extensions registered: activate(p, params) for the first prompt's tags, else []."""
+        self.handlers.activate(p, prompts)
+
+    def deactivate_extensions(self, p: Any, prompts: list[str]) -> None:
+        self.handlers.deactivate(p, prompts)
