@@ -30,8 +30,8 @@ def app(tmp_path_factory):
     services.generation.queue.shutdown()
 
 
-def run(services, prompt: str, **kwargs):
-    return services.generation.txt2img(Txt2ImgParams(prompt=prompt, **{**SMALL, **kwargs}))
+def run(services, prompt: str, script=None, **kwargs):
+    return services.generation.txt2img(Txt2ImgParams(prompt=prompt, **{**SMALL, **kwargs}), script=script)
 
 
 def pixels(result) -> np.ndarray:
@@ -94,6 +94,11 @@ def test_a_registered_extra_network_is_activated_by_its_tag_and_deactivated_afte
         calls.clear()
         run(app, "a dog <stylenet:cold>", disable_extra_networks=True)
         assert calls == []
+        seen = []
+        net.activate = lambda p, params_list: seen.append((p, [x.items for x in params_list]))
+        script = app.script_runner(False).job_script([])   # the UI/API path: extension scripts' own `p`
+        run(app, "a dog <stylenet:cold>", script=script)
+        assert seen and seen[0][1] == [["cold"]] and seen[0][0].scripts is app.script_runner(False)
     finally:
         app.networks.handlers.registry.clear()
 

@@ -128,3 +128,21 @@ def test_the_api_accepts_the_setting_and_its_jobs_use_it(sd1):
         assert "a cat<lora:style:1.0>" in info and "Lora hashes" in info
     finally:
         assert client.post("/sdapi/v1/options", json={"sd_lora": "None"}).status_code == 200
+
+
+def test_the_settings_tab_shows_a_dropdown_with_a_refresh_button(sd1):
+    import gradio as gr
+
+    from modules.ui.settings_tab import build_settings_tab
+
+    with gr.Blocks() as demo:
+        build_settings_tab(sd1)
+    by_id = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
+    dropdown, button = by_id["setting_sd_lora"], by_id["refresh_sd_lora"]
+    assert isinstance(dropdown, gr.Dropdown) and isinstance(button, gr.Button)
+    assert "style" in [c[0] for c in dropdown.choices]
+    kohya_lora(sd1.paths.lora_dir / "fresh.safetensors", sd1.models.current().pipe, seed=6)
+    handler = next(fn for fn in demo.fns.values() if (button._id, "click") in fn.targets)
+    assert handler.outputs == [dropdown]
+    update = handler.fn()
+    assert "fresh" in update["choices"]
