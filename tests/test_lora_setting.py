@@ -102,6 +102,7 @@ def test_settings_dropdown_lists_the_lora_files_and_refreshes(sd1):
 
     info = sd1.options.templates["sd_lora"]
     assert not info.compat_only and info.kind == "dropdown"
+    assert not sd1.options.templates["extra_networks_default_multiplier"].compat_only   # it has an effect now
     assert info.current_choices() == ["None", "other", "style"]
     dropdown = component_for_option("sd_lora", info, "None")
     assert isinstance(dropdown, gr.Dropdown)
