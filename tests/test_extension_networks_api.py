@@ -4,6 +4,8 @@
 against the tiny SD1 checkpoint through the real job path."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -140,3 +142,55 @@ def test_an_embedding_saved_by_an_extension_is_found_on_force_reload_and_used(ap
     write_string_to_param_pt(other / "extradir.pt", vectors(1, 64, 4))
     model_hijack.embedding_db.add_embedding_dir(str(other))
     assert "extradir" in model_hijack.embedding_db.word_embeddings
+
+
+EXTENSION_SCRIPT = '''
+from modules import extra_networks, script_callbacks
+from modules.sd_hijack import model_hijack
+from modules.textual_inversion.textual_inversion import Embedding
+
+
+class TestNet(extra_networks.ExtraNetwork):
+    def __init__(self):
+        super().__init__("testnet")
+
+    def activate(self, p, params_list):
+        if params_list:
+            p.extra_generation_params["Testnet"] = "-".join(params_list[0].items)
+            db = model_hijack.embedding_db
+            p.extra_generation_params["Seen embeddings"] = "-".join(
+                f"{name}/{e.vectors}/{e.shape}/{isinstance(e, Embedding)}" for name, e in sorted(db.word_embeddings.items()))
+
+    def deactivate(self, p):
+        pass
+
+
+script_callbacks.on_before_ui(lambda: extra_networks.register_extra_network(TestNet()))
+'''
+
+
+def test_an_extension_folder_registers_a_network_that_api_jobs_activate(tmp_path):
+    """A real server (--nowebui, as A1111's API-only mode also runs on_before_ui) with an extension written as
+    for A1111: its network's tag in an API prompt reaches its activate(), which reads model_hijack.embedding_db."""
+    import requests
+
+    from conftest import start_server
+    from tiny_models import make_checkpoint
+
+    script = tmp_path / "extensions" / "sd-webui-testnet" / "scripts" / "testnet.py"
+    script.parent.mkdir(parents=True)
+    script.write_text(EXTENSION_SCRIPT, encoding="utf-8")
+    make_checkpoint(tmp_path / "models" / "Stable-diffusion" / "tiny.safetensors", "sd1")
+    (tmp_path / "embeddings").mkdir()
+    write_string_to_param_pt(tmp_path / "embeddings" / "fluffy.pt", vectors(2, 64, 1))
+    srv = start_server(tmp_path, "--nowebui", ready_path="/sdapi/v1/samplers")
+    try:
+        reply = requests.post(srv.url + "/sdapi/v1/txt2img", json={"prompt": "a cat <testnet:x:y>", **SMALL},
+                              timeout=120)
+        assert reply.status_code == 200, reply.text
+        fields = parse_infotext(json.loads(reply.json()["info"])["infotexts"][0])
+        assert fields["Testnet"] == "x-y"
+        assert fields["Seen embeddings"] == "fluffy/2/64/True"
+        assert "unknown extra network" not in srv.output
+    finally:
+        srv.stop()
