@@ -56,7 +56,7 @@ def test_parse_prompt_and_params_have_a1111_shapes():
 def test_a_registered_extra_network_is_activated_by_its_tag_and_deactivated_after(app):
     from modules import extra_networks
 
-    calls = []
+    calls, data_seen = [], []
 
     class StyleNet(extra_networks.ExtraNetwork):
         def __init__(self):
@@ -64,6 +64,7 @@ def test_a_registered_extra_network_is_activated_by_its_tag_and_deactivated_afte
 
         def activate(self, p, params_list):
             calls.append(("activate", [x.items for x in params_list], list(p.prompts)))
+            data_seen.append(p.extra_network_data.get("stylenet", []) == params_list)   # A1111's p.extra_network_data
             if params_list:
                 p.extra_generation_params["StyleNet"] = params_list[0].positional[0]
 
@@ -85,6 +86,7 @@ def test_a_registered_extra_network_is_activated_by_its_tag_and_deactivated_afte
         assert extra_networks.extra_network_registry["stylenet"] is net
         tagged = run(app, "a cat <stylenet:warm:2>")
         assert calls == [("activate", [["warm", "2"]], ["a cat <stylenet:warm:2>"]), ("deactivate",)]
+        assert data_seen == [True]
         assert np.array_equal(pixels(base), pixels(tagged))   # its tag is taken out of the prompt text
         assert not tagged.comments   # no "unknown extra network" for a registered one
         fields = parse_infotext(tagged.infotexts[0])

@@ -94,10 +94,14 @@ class ExtensionNetworks:
         names = self.names()
         return [parse_extra_networks(prompt, names)[0] for prompt in prompts] if names else list(prompts)
 
-    def activate(self, p: Any, prompts: list[str]) -> None:
-        """Each registered network's activate with the first prompt's params (or [])."""
+    def activate(self, p: Any, prompts: list[str], *, hires: bool = False) -> None:
+        """Each registered network's activate with the first prompt's params (or []). The batch's tags are
+        A1111's ``p.extra_network_data`` (``p.hr_extra_network_data`` for the hires pass's own prompt)."""
+        data = parse_prompts(list(prompts))[1]
+        if p is not None:
+            setattr(p, "hr_extra_network_data" if hires else "extra_network_data", data)
         if self.registry or self.aliases:
-            self.activate_data(p, parse_prompts(list(prompts))[1])
+            self.activate_data(p, data)
 
     def activate_data(self, p: Any, data: dict[str, list[ExtraNetworkParams]]) -> None:
         activated: list[Any] = []

@@ -72,9 +72,9 @@ class ExtraNetworksService:
         prompts = self.handlers.strip(prompts)   # extension networks' tags are theirs (activate_extensions)
         return self.engine.activate(model, encoder, prompts, options=options, disabled=disabled)
 
-    def activate_extensions(self, p: Any, prompts: list[str]) -> None:
+    def activate_extensions(self, p: Any, prompts: list[str], *, hires: bool = False) -> None:
         """The networks extensions registered: activate(p, params) for the first prompt's tags, else []."""
-        self.handlers.activate(p, prompts)
+        self.handlers.activate(p, prompts, hires=hires)
 
     def deactivate_extensions(self, p: Any, prompts: list[str]) -> None:
         self.handlers.deactivate(p, prompts)

@@ -691,7 +691,7 @@ def _activate_networks(p: GenerationParams, ctx: RunContext, plan: _JobPlan, pro
     if ctx.networks is None:
         return
     if not p.disable_extra_networks:   # networks extensions registered (A1111's register_extra_network)
-        ctx.networks.activate_extensions(plan.save_p, list(prompts))
+        ctx.networks.activate_extensions(plan.save_p, list(prompts), hires=hires)
     result = ctx.networks.activate(ctx.model, ctx.encoder, list(prompts), options=ctx.options,
                                    disabled=bool(p.disable_extra_networks))
     first_pass = plan.extra.pop("Lora hashes", None) if not hires else plan.extra.get("Lora hashes")
