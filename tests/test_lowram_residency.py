@@ -149,3 +149,24 @@ def test_pages_read_outside_a_forward_are_dropped_at_the_next_switch(tmp_path):
     assert _resident(model, "unet") == 0 and not model.residency.owned  # read, not written: nothing owned
     assert sum(float(p.float().sum()) for p in unet.parameters()) == total
     assert all(torch.equal(a, b) for a, b in zip(before, _run_stages(model)))
+
+
+def test_the_checkpoints_own_vae_idles_out_of_memory_beside_a_separate_vae(tmp_path):
+    import tiny_models as tm
+    from modules.models import detection
+    from modules.models.loader import load_model, replace_vae
+
+    path = fp16_checkpoint(tmp_path / "a.safetensors")
+    separate = tm.make_vae_file(tmp_path / "vae.safetensors", prefixed=False, seed=5)
+    model = load_model(path, detection.identify(path, None), cpu_policy(lowram=True), vae_file=separate.path)
+    assert "baked_vae" in model.residency.components and model.baked_vae is not None
+    assert not any(model.residency.span.holds(p.data) for p in model.components["vae"].parameters())
+    _run_stages(model)  # the separate VAE decodes; the checkpoint's own stays out
+    # (but for the kernel's fault-around: a fault maps up to 64 KB of cached neighbours, and in the file
+    # the VAE's last tensors sit next to the UNet's first ones)
+    own = sum(t.numel() * t.element_size() for t in model.residency.mapped_tensors("baked_vae"))
+    assert _resident(model, "baked_vae") < own // 4
+    replace_vae(model, None)  # back to the checkpoint's own: it faults in when it runs, and decodes as loaded
+    expected = _run_stages(load_checkpoint(path, cpu_policy(lowram=True)))
+    assert all(torch.equal(a, b) for a, b in zip(_run_stages(model), expected))
+    assert _resident(model, "baked_vae") > 0 and _resident(model, "unet") == 0

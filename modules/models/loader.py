@@ -485,7 +485,8 @@ def load_model(
         status = midas_embedded.load_status(embedded)
         needs_depth = True
     offload = _install_offload(components, spec, policy)
-    resident = residency.install(components, mat.span, path) if mat is not None and mat.keep_mapped else None
+    kept = {**components, **({"baked_vae": baked} if baked is not None else {})}  # a separate VAE: ours idles
+    resident = residency.install(kept, mat.span, path) if mat is not None and mat.keep_mapped else None
     if mat is not None:
         mat.start()  # the rest of the weights come off the mapped file in the background
     seconds = round(time.perf_counter() - laps.start, 3)

@@ -160,12 +160,15 @@ class Residency:
         tensors = self.mapped_tensors(name)
         if not tensors or materialise._LIBC is None:  # noqa: SLF001
             return
-        lo = min(_byte_range(t.data)[0] for t in tensors) // _PAGE * _PAGE
-        hi = max(_byte_range(t.data)[1] for t in tensors)
-        if materialise._LIBC.madvise(ctypes.c_void_p(lo), hi - lo, _MADV_POPULATE_READ) != 0:  # noqa: SLF001
+        for t in tensors:  # tensor by tensor: the file interleaves components (dtype order), never their span
+            start, end = _byte_range(t.data)
+            lo = start // _PAGE * _PAGE
+            if materialise._LIBC.madvise(ctypes.c_void_p(lo), end - lo, _MADV_POPULATE_READ) == 0:  # noqa: SLF001
+                continue
             if ctypes.get_errno() == errno.EFAULT:  # a page past the end of the file: it was truncated
                 raise CheckpointChangedError(f"{self.path} was truncated while it was loaded in low-RAM mode; "
                                              "load the checkpoint again")
+            return  # no MADV_POPULATE_READ here (before Linux 5.14): pages fault in as layers run
 
 
 class CheckpointChangedError(RuntimeError):
