@@ -137,7 +137,7 @@ def child_lowram(ckpt: Path, data_dir: Path, mode: str, res: int, steps: int, lo
     resident = getattr(model, "residency", None)  # low-RAM: idle components' mapped pages dropped (residency.py)
     return {"mode": mode, "load_s": load, "job_s": job, "unet_calls_s": calls,
             "drops": resident.released if resident is not None else None,
-            "owned": sorted(resident.owned) if resident is not None else None,
+            "owned": [f"{k}: {v} tensors" for k, v in sorted(resident.owned.items())] if resident is not None else None,
             "step_s": min(calls[1:] or calls), "stage_peaks": peaks, **proc_status(),
             "VmHWM": max(peaks.values())}
 

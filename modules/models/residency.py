@@ -86,7 +86,7 @@ class Residency:
         self.components: dict[str, weakref.ref] = {}
         self.active: str | None = None   # the component that ran last (its pages are the resident ones)
         self.lock = threading.Lock()
-        self.owned: set[str] = set()   # "component: n tensors" copied into memory because they were written
+        self.owned: dict[str, int] = {}   # component -> tensors copied into memory because they were written
         self.released = 0              # how many times a component's pages were dropped (for tests, logs)
 
     def add(self, name: str, module: torch.nn.Module, entry_points: Iterable[torch.nn.Module]) -> None:
@@ -148,7 +148,7 @@ class Residency:
                 t.data = t.data.clone()   # a merged LoRA / edited weight: it keeps its values for good
                 made_owned += 1
         if made_owned:
-            self.owned.add(f"{name}: {made_owned} tensors")
+            self.owned[name] = self.owned.get(name, 0) + made_owned
             log.debug("low-RAM: %d written tensors of %s now own their memory", made_owned, name)
         for t in tensors:
             if self.span.holds(t.data):
