@@ -101,7 +101,8 @@ class StagePeaks:
         return self.peaks
 
 
-def child_lowram(ckpt: Path, data_dir: Path, mode: str, res: int, steps: int, lora: bool = False) -> dict:
+def child_lowram(ckpt: Path, data_dir: Path, mode: str, res: int, steps: int, lora: bool = False,
+                 keep_resident: bool = False) -> dict:
     """One txt2img job of ``steps`` steps; step time = the fastest UNet call after the first (in fp32
     mode the first call also converts each layer from fp16 for good); peak RSS per stage."""
     from modules.core.pipeline import Txt2ImgParams
@@ -111,6 +112,9 @@ def child_lowram(ckpt: Path, data_dir: Path, mode: str, res: int, steps: int, lo
 
     import modules.models.loader  # noqa: F401
 
+    if keep_resident:  # for comparison: low-RAM as before models/residency.py (weights copied off the file)
+        from modules.models import residency
+        residency.available = lambda _span: False
     services = _services(ckpt, data_dir, ["--lowram" if mode == "lowram" else "--no-lowram"])
     reset_peak()
     t0 = time.perf_counter()
@@ -316,6 +320,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="lowram: steps of the one job per mode")
     parser.add_argument("--only", choices=("fp32", "lowram"), default=None, help="lowram: run one mode only")
     parser.add_argument("--lora", action="store_true", help="lowram: the job merges a kohya LoRA (TE and UNet)")
+    parser.add_argument("--keep-resident", action="store_true",
+                        help="lowram: copy the weights off the file, never drop idle components (the old way)")
     parser.add_argument("--max-tiles", type=int, default=0,
                         help="vae: decode only this many tiles for real (0: all); the peak is per tile")
     args = parser.parse_args()
@@ -328,10 +334,12 @@ def main() -> None:
     if args.what == "lowram":
         res = args.res or 512
         modes = [m for m in ("fp32", "lowram") if args.only in (None, m)]
-        rows = [spawn("lowram", str(ckpt), str(workdir / "data"), mode, str(res), str(args.steps), str(int(args.lora)))
+        rows = [spawn("lowram", str(ckpt), str(workdir / "data"), mode, str(res), str(args.steps), str(int(args.lora)),
+                      str(int(args.keep_resident)))
                 for mode in modes]
         print(f"{size} at {res}x{res}, Euler, CFG 7, batch 1, one {args.steps}-step job on our txt2img path "
               f"{'with a LoRA merged (text encoder and UNet) ' if args.lora else ''}"
+              f"{'[--keep-resident: weights copied off the file, as before] ' if args.keep_resident else ''}"
               f"(step = the fastest UNet call after the first; peak RSS per stage, load included):")
         for r in rows:
             stages = ", ".join(f"{k} {gb(v)}" for k, v in r["stage_peaks"].items())
@@ -393,7 +401,7 @@ def main() -> None:
 def _child(rest: list[str]) -> None:
     kind, *a = rest
     if kind == "lowram":
-        result = child_lowram(Path(a[0]), Path(a[1]), a[2], int(a[3]), int(a[4]), a[5:] == ["1"])
+        result = child_lowram(Path(a[0]), Path(a[1]), a[2], int(a[3]), int(a[4]), a[5] == "1", a[6] == "1")
     elif kind == "load":
         result = child_load(Path(a[0]), a[1], int(a[2]))
     elif kind == "switch":
