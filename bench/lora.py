@@ -7,19 +7,22 @@ rank 32, alpha 16, fp16, every UNet attention and feed-forward layer and every t
 attention/MLP layer (the layers kohya's default LoRA trains). Timed:
 
 * apply: the first job's LoRA (file read + merge), the same set again (should cost nothing), a switch
-  A -> B (restore A's layers + read and merge B), back B -> A (A's file is read again: A1111's default
+  A -> B (B never read before: restore A's layers + read and merge B), back B -> A (A's file is read again: A1111's default
   lora_in_memory_limit of 0), a new multiplier for the merged LoRA (its parsed file is kept), both, and
   back to none (restore); target <= 0.5 s per LoRA;
 * diffusers: load_lora_weights + fuse_lora, and a switch (unfuse + unload + load + fuse), same files;
 * per step, with the LoRA merged / without (target <= 1.01x): one UNet call (CFG batch of 2) at
   256x256, with and without alternated so machine load hits both alike, min and median, also with
-  denormals flushed (random weights may produce denormal activations, slow on x86); and real
-  txt2img jobs, (2-step job - 1-step job) medians, which cancels text encoding and decoding;
+  denormals flushed (random weights may produce denormal activations, slow on x86). Call 1 after each
+  merge or restore (what a user's first step after a switch costs) and call 2 (the steady step) are
+  reported apart; and real txt2img jobs, (2-step job - 1-step job) medians, which cancels text
+  encoding and decoding;
 * hooks: forward hooks, pre-hooks, parametrizations and non-library module classes in the UNet and
   text encoder, with and without the LoRA (merging must leave nothing in the forward);
 * memory: our backups (the touched layers' original weights) and the process RSS growth.
 
-Prints the figures and ratios; asserts nothing.
+Prints each figure as taken, then a summary of the issue's targets; asserts nothing. About 4-5 minutes
+on the 2-core CPU VM.
 """
 from __future__ import annotations
 
