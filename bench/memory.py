@@ -1,6 +1,6 @@
 """Memory benchmarks on the CPU: low-RAM mode, load to ready, checkpoint switching, tiled VAE.
 
-    venv/bin/python bench/memory.py lowram [--res 512] [--steps 3] [--ckpt FILE]  # peak RSS, step time: fp32 vs low-RAM
+    venv/bin/python bench/memory.py lowram [--res 512] [--steps 3] [--ckpt FILE] [--lora]  # peak RSS, step time: fp32 vs low-RAM
     venv/bin/python bench/memory.py load [--runs 3]                      # fp16 file -> ready, ours vs diffusers
     venv/bin/python bench/memory.py switch [--switches 20] [--mode lowram|fp32]
     venv/bin/python bench/memory.py loadswitch [--runs 3] [--mode lowram|fp32]  # both of the above
@@ -76,8 +76,10 @@ class StagePeaks:
         self.peaks: dict[str, int] = {}
         self.unet_calls: list[float] = []
         self._stage, self._t = "load+prompt", 0.0
-        self.handles = [unet.register_forward_pre_hook(self._unet_pre), unet.register_forward_hook(self._unet_post),
-                        vae.decoder.register_forward_pre_hook(lambda *_: self._enter("vae decode"))]
+        # prepend: the stage starts before low-RAM mode's own pre-hooks fault the component's weights in
+        self.handles = [unet.register_forward_pre_hook(self._unet_pre, prepend=True),
+                        unet.register_forward_hook(self._unet_post),
+                        vae.decoder.register_forward_pre_hook(lambda *_: self._enter("vae decode"), prepend=True)]
 
     def _enter(self, stage: str) -> None:
         if stage != self._stage:
@@ -99,7 +101,8 @@ class StagePeaks:
         return self.peaks
 
 
-def child_lowram(ckpt: Path, data_dir: Path, mode: str, res: int, steps: int) -> dict:
+def child_lowram(ckpt: Path, data_dir: Path, mode: str, res: int, steps: int, lora: bool = False,
+                 keep_resident: bool = False) -> dict:
     """One txt2img job of ``steps`` steps; step time = the fastest UNet call after the first (in fp32
     mode the first call also converts each layer from fp16 for good); peak RSS per stage."""
     from modules.core.pipeline import Txt2ImgParams
@@ -109,20 +112,36 @@ def child_lowram(ckpt: Path, data_dir: Path, mode: str, res: int, steps: int) ->
 
     import modules.models.loader  # noqa: F401
 
+    if keep_resident:  # for comparison: low-RAM as before models/residency.py (weights copied off the file)
+        from modules.models import residency
+        residency.available = lambda _span: False
     services = _services(ckpt, data_dir, ["--lowram" if mode == "lowram" else "--no-lowram"])
     reset_peak()
     t0 = time.perf_counter()
     model = services.models.current()
     load = time.perf_counter() - t0
+    prompt = PROMPT
+    if lora:  # a rank-4 kohya LoRA on every attention/MLP layer of the text encoder and UNet, merged in place
+        sys.path.insert(0, str(ROOT / "tests"))
+        import torch
+        from lora_fixtures import kohya_lora
+
+        kohya_lora(services.paths.lora_dir / "bench_lowram.safetensors", model.pipe, rank=4, alpha=2.0,
+                   seed=1, dtype=torch.float16)
+        prompt += " <lora:bench_lowram:1>"
+        reset_peak()
     stages = StagePeaks(model.components["unet"], model.components["vae"])
     t = time.perf_counter()
-    services.generation.txt2img(Txt2ImgParams(prompt=PROMPT, steps=steps, width=res, height=res, seed=1,
+    services.generation.txt2img(Txt2ImgParams(prompt=prompt, steps=steps, width=res, height=res, seed=1,
                                               sampler_name="Euler", cfg_scale=7.0))
     job = time.perf_counter() - t
     peaks = stages.finish()
     services.generation.queue.shutdown()
     calls = stages.unet_calls
+    resident = getattr(model, "residency", None)  # low-RAM: idle components' mapped pages dropped (residency.py)
     return {"mode": mode, "load_s": load, "job_s": job, "unet_calls_s": calls,
+            "drops": resident.released if resident is not None else None,
+            "owned": [f"{k}: {v} tensors" for k, v in sorted(resident.owned.items())] if resident is not None else None,
             "step_s": min(calls[1:] or calls), "stage_peaks": peaks, **proc_status(),
             "VmHWM": max(peaks.values())}
 
@@ -300,6 +319,9 @@ def main() -> None:
     parser.add_argument("--mode", default="lowram")
     parser.add_argument("--steps", type=int, default=3, help="lowram: steps of the one job per mode")
     parser.add_argument("--only", choices=("fp32", "lowram"), default=None, help="lowram: run one mode only")
+    parser.add_argument("--lora", action="store_true", help="lowram: the job merges a kohya LoRA (TE and UNet)")
+    parser.add_argument("--keep-resident", action="store_true",
+                        help="lowram: copy the weights off the file, never drop idle components (the old way)")
     parser.add_argument("--max-tiles", type=int, default=0,
                         help="vae: decode only this many tiles for real (0: all); the peak is per tile")
     args = parser.parse_args()
@@ -312,14 +334,20 @@ def main() -> None:
     if args.what == "lowram":
         res = args.res or 512
         modes = [m for m in ("fp32", "lowram") if args.only in (None, m)]
-        rows = [spawn("lowram", str(ckpt), str(workdir / "data"), mode, str(res), str(args.steps)) for mode in modes]
+        rows = [spawn("lowram", str(ckpt), str(workdir / "data"), mode, str(res), str(args.steps), str(int(args.lora)),
+                      str(int(args.keep_resident)))
+                for mode in modes]
         print(f"{size} at {res}x{res}, Euler, CFG 7, batch 1, one {args.steps}-step job on our txt2img path "
+              f"{'with a LoRA merged (text encoder and UNet) ' if args.lora else ''}"
+              f"{'[--keep-resident: weights copied off the file, as before] ' if args.keep_resident else ''}"
               f"(step = the fastest UNet call after the first; peak RSS per stage, load included):")
         for r in rows:
             stages = ", ".join(f"{k} {gb(v)}" for k, v in r["stage_peaks"].items())
             print(f"  {r['mode']:7s} load {r['load_s']:.2f}s  step {r['step_s']:.2f}s "
                   f"(calls {[round(c, 2) for c in r['unet_calls_s']]})  job {r['job_s']:.1f}s  peak RSS {gb(r['VmHWM'])}"
-                  f"  [{stages}]  (RSS after: anon {gb(r['RssAnon'])}, file {gb(r['RssFile'])})")
+                  f"  [{stages}]  (RSS after: anon {gb(r['RssAnon'])}, file {gb(r['RssFile'])})"
+                  + (f"  idle components dropped {r['drops']}x" if r.get("drops") is not None else "")
+                  + (f"; written, so owned: {', '.join(r['owned'])}" if r.get("owned") else ""))
         if len(rows) < 2:
             return
         fp32, low = rows
@@ -373,7 +401,7 @@ def main() -> None:
 def _child(rest: list[str]) -> None:
     kind, *a = rest
     if kind == "lowram":
-        result = child_lowram(Path(a[0]), Path(a[1]), a[2], int(a[3]), int(a[4]))
+        result = child_lowram(Path(a[0]), Path(a[1]), a[2], int(a[3]), int(a[4]), a[5] == "1", a[6] == "1")
     elif kind == "load":
         result = child_load(Path(a[0]), a[1], int(a[2]))
     elif kind == "switch":

@@ -29,6 +29,7 @@ from modules.models import detection, families, midas_embedded
 from modules.models.devices import DevicePolicy, torch_gc
 from modules.models.detection import ModelSpec
 from modules.models.families import FamilyId, FamilyInfo, TextEncoderSlot
+from modules.models import residency
 from modules.models.materialise import CAN_MAP, Materialiser, file_span
 from modules.models.weights_io import CheckpointLoadError, load_state_dict_file
 
@@ -75,10 +76,13 @@ class LoadedModel:
     embedded_depth: Any = None
     # memory-mapped load: copies the weights off the file in the background (None: nothing to copy)
     materialiser: Materialiser | None = None
+    # low-RAM: drops the idle components' mapped weights while another one runs (models/residency.py)
+    residency: Any = None
 
     def wait_materialised(self) -> None:
         """Return once no weight is backed by the checkpoint file any more: call before reading or
-        writing weights outside a forward (LoRA merging). Forwards need not wait (``materialise.py``)."""
+        writing weights outside a forward (LoRA merging). Forwards need not wait (``materialise.py``).
+        Low-RAM mode keeps its half-precision layers mapped; writes to them are kept (``residency.py``)."""
         if self.materialiser is not None:
             self.materialiser.wait()
 
@@ -127,6 +131,7 @@ class LoadedModel:
         if self.materialiser is not None:
             self.materialiser.cancel()
             self.materialiser = None
+        self.residency = None
         pipe = self.pipe
         self.pipe = None
         self.baked_vae = None
@@ -459,6 +464,8 @@ def load_model(
     sd = _read_weights(path, spec, vae_file, state_dict, say, laps, in_memory=_keeps_file_dtype(policy) and not CAN_MAP)
     state_dict = None
     mat = _materialiser_for(sd, path, policy)
+    if mat is not None and policy.lowram:
+        mat.keep_mapped = residency.available(mat.span)
     if mat is not None and spec.is_depth:  # kept as raw tensors, not modules: copied off the file now
         mat.copy_entries(sd, midas_embedded.PREFIX)
     embedded = midas_embedded.take(sd, path.name) if spec.is_depth else None  # not a pipeline component
@@ -478,6 +485,8 @@ def load_model(
         status = midas_embedded.load_status(embedded)
         needs_depth = True
     offload = _install_offload(components, spec, policy)
+    kept = {**components, **({"baked_vae": baked} if baked is not None else {})}  # a separate VAE: ours idles
+    resident = residency.install(kept, mat.span, path) if mat is not None and mat.keep_mapped else None
     if mat is not None:
         mat.start()  # the rest of the weights come off the mapped file in the background
     seconds = round(time.perf_counter() - laps.start, 3)
@@ -485,7 +494,7 @@ def load_model(
     return LoadedModel(info=info, path=path, spec=spec, policy=policy, pipe=pipe, components=components,
                        vae_file=Path(vae_file) if vae_file else None, load_seconds=seconds, timings=laps.timings,
                        status=status, needs_depth_map=needs_depth, baked_vae=baked, offload=offload,
-                       embedded_depth=embedded, materialiser=mat)
+                       embedded_depth=embedded, materialiser=mat, residency=resident)
 
 
 def _install_offload(components: dict[str, Any], spec: ModelSpec, policy: DevicePolicy) -> Any:

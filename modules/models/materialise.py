@@ -118,6 +118,7 @@ class Materialiser:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.seconds: float | None = None   # how long the background copy took (None: not finished)
+        self.keep_mapped = False   # low-RAM: hooked layers stay views of the mapping (models/residency.py)
 
     # -- setting up
     def file_backed(self, tensor: torch.Tensor) -> bool:
@@ -130,6 +131,8 @@ class Materialiser:
         any other module is done now."""
         for module in model.modules():
             if not self._needs_work(module, dtype):
+                continue
+            if hooked(module) and self.keep_mapped:
                 continue
             if hooked(module):
                 object.__setattr__(module, _ATTR, (self, dtype))
