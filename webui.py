@@ -155,6 +155,8 @@ def create_app(services: Services, *, callbacks=None, extensions=()):
         from modules.api.extra_networks import install_preview_routes  # card previews, behind the UI's login
 
         install_preview_routes(next(r for r in ui_routes if isinstance(r, Mount)).app, services)
+    elif callbacks is not None:
+        callbacks.before_ui()   # A1111's API-only mode runs it too: extensions register their networks there
     if callbacks is not None:
         _run_app_started(app, callbacks, None if opts.nowebui else ui.blocks)
     return app

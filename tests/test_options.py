@@ -135,7 +135,7 @@ def test_core_definitions_win_over_the_a1111_table(tmp_path):
 
 def test_compat_only_keys_are_marked_and_the_used_ones_are_not(tmp_path):
     opts, _ = make(tmp_path / "config.json")
-    for key in ("send_seed", "js_modal_lightbox", "img2img_fix_steps", "sd_lora", "hypertile_enable_unet"):
+    for key in ("send_seed", "js_modal_lightbox", "img2img_fix_steps", "hypertile_enable_unet"):
         info = opts.templates[key]
         assert info.compat_only and COMPAT_NOTE in info.comment_after, key
     for key in ("samples_format", "CLIP_stop_at_last_layers", "eta_noise_seed_delta", "sd_model_checkpoint",

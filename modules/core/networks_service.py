@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from modules.core.extension_networks import ExtensionNetworks
 from modules.core.paths import AppPaths
 
 
@@ -23,6 +24,9 @@ class ExtraNetworksService:
         self.lora_dirs, self.hypernetwork_dirs = list(lora_dirs), list(hypernetwork_dirs)
         self._engine: Any = None
         self._lock = threading.Lock()
+        self._registry: Any = None          # models.lora_registry.LoraRegistry (torch-free), shared with the engine
+        self._registry_lock = threading.Lock()
+        self.handlers = ExtensionNetworks()   # extra-network types extensions register (A1111's registry)
 
     @classmethod
     def from_paths(cls, paths: AppPaths) -> "ExtraNetworksService":
@@ -35,10 +39,25 @@ class ExtraNetworksService:
             if self._engine is None:
                 from modules.engine.networks.activation import ExtraNetworks
                 from modules.engine.networks.hypernetwork import Hypernetworks
+
+                self._engine = ExtraNetworks(self.lora_registry, Hypernetworks(self.hypernetwork_dirs))
+            return self._engine
+
+    @property
+    def lora_registry(self) -> Any:
+        """The LoRA files, without building the engine (no torch): for the settings' choices."""
+        with self._registry_lock:
+            if self._registry is None:
                 from modules.models.lora_registry import LoraRegistry
 
-                self._engine = ExtraNetworks(LoraRegistry(self.lora_dirs), Hypernetworks(self.hypernetwork_dirs))
-            return self._engine
+                self._registry = LoraRegistry(self.lora_dirs)
+            return self._registry
+
+    def add_setting_lora(self, prompts: list[str], options: Any) -> list[str]:
+        """A1111's ``sd_lora`` setting: its tag appended to `prompts` (in place); warnings."""
+        from modules.core import lora_setting
+
+        return lora_setting.add_to_prompts(prompts, self.lora_registry, options)
 
     @property
     def loras(self) -> Any:
@@ -50,4 +69,12 @@ class ExtraNetworksService:
 
     def activate(self, model: Any, encoder: Any, prompts: list[str], *, options: Any = None,
                  disabled: bool = False) -> Any:
+        prompts = self.handlers.strip(prompts)   # extension networks' tags are theirs (activate_extensions)
         return self.engine.activate(model, encoder, prompts, options=options, disabled=disabled)
+
+    def activate_extensions(self, p: Any, prompts: list[str], *, hires: bool = False) -> None:
+        """The networks extensions registered: activate(p, params) for the first prompt's tags, else []."""
+        self.handlers.activate(p, prompts, hires=hires)
+
+    def deactivate_extensions(self, p: Any, prompts: list[str]) -> None:
+        self.handlers.deactivate(p, prompts)

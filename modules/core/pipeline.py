@@ -541,6 +541,10 @@ def _process(p: GenerationParams, ctx: RunContext) -> Processed:
                     extra=_extra_params(p), save_p=_save_owner(p, ctx))
     run = _plan_run(p)
     hooks.process(run)
+    if ctx.networks is not None and not p.disable_extra_networks:   # A1111's sd_lora setting
+        plan.comments.extend(ctx.networks.add_setting_lora(run.all_prompts, ctx.options))
+    if ctx.processing_hooks is None and hasattr(plan.save_p, "bind_run"):   # p.prompts & co for extension
+        plan.save_p.bind_run(run)                                           # networks and save callbacks
     plan.extra.update(_embedding_params(p, ctx, run))
     plan.control = _control_inputs(p, ctx, seed=(run.all_seeds[0] + run.all_subseeds[0]) & 0xFFFFFFFF)
     if ctx.job is not None and ctx.sets_job_count:
@@ -558,6 +562,8 @@ def _process(p: GenerationParams, ctx: RunContext) -> Processed:
                 rendered.interrupted = True
                 break
             ctx.job.nextjob()
+    if ctx.networks is not None and not p.disable_extra_networks:
+        ctx.networks.deactivate_extensions(plan.save_p, run.prompts or run.all_prompts[:1])
     index_of_first_image = _add_grid(p, ctx, run, plan, rendered)
     processed = _processed(p, ctx, run, plan, rendered, index_of_first_image, started)
     hooks.postprocess(run, processed)
@@ -684,6 +690,8 @@ def _activate_networks(p: GenerationParams, ctx: RunContext, plan: _JobPlan, pro
     Lora hashes go to the infotext (a hires prompt's are added to the first pass's), warnings to the job."""
     if ctx.networks is None:
         return
+    if not p.disable_extra_networks:   # networks extensions registered (A1111's register_extra_network)
+        ctx.networks.activate_extensions(plan.save_p, list(prompts), hires=hires)
     result = ctx.networks.activate(ctx.model, ctx.encoder, list(prompts), options=ctx.options,
                                    disabled=bool(p.disable_extra_networks))
     first_pass = plan.extra.pop("Lora hashes", None) if not hires else plan.extra.get("Lora hashes")

@@ -1,6 +1,8 @@
 """The Settings tab: one sub-tab per section, and Apply, as in A1111."""
 from __future__ import annotations
 
+import contextlib
+
 import gradio as gr
 
 from modules.core.options import COMPAT_NOTE, OptionError, Section
@@ -8,6 +10,18 @@ from modules.services import Services
 from modules.ui.components import component_for_option
 
 COMPAT_TAB_LABEL = "Compatibility (no effect)"
+
+
+def add_refresh_button(dropdown: gr.Dropdown, info, key: str) -> gr.Button:
+    """A1111's refresh button: the setting's own refresh (a rescan), then its current choices."""
+    button = gr.Button("🔄", elem_id=f"refresh_{key}", size="sm", min_width=40, scale=0)
+
+    def refresh():
+        info.refresh()
+        return gr.update(choices=info.current_choices() or [])
+
+    button.click(refresh, outputs=dropdown, show_progress="hidden")
+    return button
 
 
 def build_settings_tab(services: Services) -> None:
@@ -22,8 +36,12 @@ def build_settings_tab(services: Services) -> None:
     def add(key: str) -> None:
         # Folders, file names and formats are read-only on a server others can reach (--allow-dir-config).
         locked = options.is_locked(key)
-        components.append(component_for_option(key, options.templates[key], options.get(key),
-                                                interactive=not frozen and not locked))
+        info = options.templates[key]
+        refreshable = info.refresh is not None and info.kind == "dropdown"   # choices that change (sd_lora)
+        with gr.Row() if refreshable else contextlib.nullcontext():
+            components.append(component_for_option(key, info, options.get(key), interactive=not frozen and not locked))
+            if refreshable:
+                add_refresh_button(components[-1], info, key)
         keys.append(key)
 
     # Settings this product reads get a tab per section; the A1111 keys it only keeps

@@ -214,6 +214,7 @@ class ExtraNetworks:
             if outcome.unmatched:
                 self._warn(out, f"LoRA {mentioned}: {len(outcome.unmatched)} of {total} layers did not match this "
                                 f"model and were skipped (e.g. {outcome.unmatched[0]})")
+            self._warn_unknown_keys(mentioned, entry, out)
             if getattr(options, "lora_add_hashes_to_infotext", True):
                 try:
                     hashes.append(f"{mentioned.replace(':', '').replace(',', '')}: {entry.shorthash}")
@@ -221,6 +222,16 @@ class ExtraNetworks:
                     log.warning("Could not hash %s: %s", entry.path, exc)
         if hashes:
             out.infotext["Lora hashes"] = ", ".join(hashes)
+
+    def _warn_unknown_keys(self, mentioned: str, entry: LoraEntry, out: Activation) -> None:
+        """Tensors that are no network part this program knows: reported on every job, never dropped silently."""
+        try:
+            weights = self._weights.get(entry.stamp())
+        except OSError:
+            return
+        if weights is not None and weights.unknown_keys:
+            self._warn(out, f"LoRA {mentioned}: {len(weights.unknown_keys)} tensors of a kind this program does not "
+                            f"know were ignored (e.g. {weights.unknown_keys[0]})")
 
     @staticmethod
     def _warn(out: Activation | None, message: str) -> None:

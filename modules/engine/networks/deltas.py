@@ -8,6 +8,8 @@ included; the caller multiplies by the user's multiplier.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 Parts = dict[str, torch.Tensor]
@@ -274,7 +276,9 @@ def prepare_plain(groups: dict[str, Parts]) -> dict[str, PlainLora | None]:
     mats = [t.detach().reshape(-1) for parts in plain.values()
             for t in (parts["lora_up.weight"], parts["lora_down.weight"])]
     flat = torch.cat(mats).to(torch.float32)   # cat promotes mixed dtypes and always copies
-    all_finite = bool(torch.isfinite(flat).all())
+    # One sum says "all finite" ~20x faster than isfinite().all() (NaN/inf propagate into it); only a sum
+    # that is not finite (a bad value, or finite values overflowing it) falls back to the per-layer check.
+    all_finite = math.isfinite(float(flat.sum()))
     chunks = iter(flat.split([m.numel() for m in mats]))
     out: dict[str, PlainLora | None] = {}
     for prefix, parts in plain.items():

@@ -13,12 +13,15 @@ Real files name layers in several ways:
 Name conversion uses diffusers' own converters (``_maybe_map_sgm_blocks_to_diffusers``,
 ``_convert_unet_lora_key``, ``convert_unet_state_dict_to_peft``, ``convert_state_dict_to_peft``).
 What no library offers is written here: splitting a key into layer prefix and network part (the
-LyCORIS part names below), and the lookup of a flat name in the model's own layer list (A1111 does
-the same lookup against its LDM model).
+LyCORIS part names below), the lookup of a flat name in the model's own layer list (A1111 does
+the same lookup against its LDM model), and the LDM names diffusers' converters drop: resnet norms
+(``in_layers_0``/``out_layers_0``, for LyCORIS ``w_norm``/``b_norm`` and ``diff``), ``out_0``, and SD1's
+first upsampler.
 """
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -52,6 +55,12 @@ KOHYA_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_
 # dotted prefix -> pipeline component (``transformer.``: DiT LoRAs; on a UNet they simply match nothing)
 DOTTED_PREFIXES = (("unet.", "unet"), ("transformer.", "unet"), ("text_encoder_2.", "text_encoder_2"),
                    ("text_encoder.", "text_encoder"), ("base_model.model.", "unet"))
+# LDM names diffusers' converters drop (see LayerIndex._ldm_by_hand): resnet norm leaf -> (a conv sibling
+# diffusers maps, that sibling's diffusers leaf, the norm's diffusers leaf); top-level names.
+_LDM_RESNET_NORMS = {"in_layers_0": ("in_layers_2", "conv1", "norm1"),
+                     "out_layers_0": ("out_layers_3", "conv2", "norm2")}
+_LDM_TOP = {"out_0": "conv_norm_out"}
+_LDM_UPSAMPLER = re.compile(r"output_blocks_(\d+)_1_conv")
 _MEMO_LIMIT = 200_000   # resolved prefixes remembered per model (a few files' worth; then start over)
 PATCHABLE = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.LayerNorm, torch.nn.GroupNorm)
 
@@ -166,6 +175,34 @@ class LayerIndex:
         return self._dotted.get(("unet", prefix))
 
     def _resolve_ldm_unet(self, prefix: str) -> LayerRef | None:
+        """``lora_unet_input_blocks_4_1_...`` (SGM/LDM names): diffusers' kohya converters, then our own
+        mapping of the names they drop (norm layers, the upsampler of a block without attention)."""
+        return self._ldm_via_diffusers(prefix) or self._ldm_by_hand(prefix)
+
+    def _ldm_by_hand(self, prefix: str) -> LayerRef | None:
+        """Hand-written (no library maps these LDM names): a resnet's ``in_layers_0``/``out_layers_0``
+        norm is found through its conv sibling, which diffusers maps (that fixes the block numbering);
+        ``out_0`` is ``conv_norm_out``; ``output_blocks_N_1_conv`` the upsampler of an up block whose
+        index 1 is no attention (SD1/SD2's first up block)."""
+        flat = prefix.removeprefix("lora_unet_")
+        if flat in _LDM_TOP:
+            return self._dotted.get(("unet", _LDM_TOP[flat]))
+        for leaf, (sibling, sibling_leaf, wanted) in _LDM_RESNET_NORMS.items():
+            if flat.endswith("_" + leaf):
+                ref = self._ldm_via_diffusers(prefix[: -len(leaf)] + sibling)
+                if ref is not None and ref.name.endswith("." + sibling_leaf):
+                    return self._dotted.get(("unet", ref.name[: -len(sibling_leaf)] + wanted))
+                return None
+        match = _LDM_UPSAMPLER.fullmatch(flat)
+        if match:
+            ref = self._ldm_via_diffusers(f"lora_unet_output_blocks_{match.group(1)}_0_in_layers_2")
+            block, _, rest = ref.name.partition(".resnets.") if ref is not None else ("", "", "")
+            last = rest.split(".")[0]
+            if rest and self._dotted.get(("unet", f"{block}.resnets.{int(last) + 1}.conv1")) is None:
+                return self._dotted.get(("unet", f"{block}.upsamplers.0.conv"))
+        return None
+
+    def _ldm_via_diffusers(self, prefix: str) -> LayerRef | None:
         """``lora_unet_input_blocks_4_1_...`` (SGM/LDM names) through diffusers' kohya converters."""
         from diffusers.loaders.lora_conversion_utils import (_convert_unet_lora_key,
                                                              _maybe_map_sgm_blocks_to_diffusers)

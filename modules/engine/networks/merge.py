@@ -8,7 +8,8 @@ again is a no-op. The checkpoint is never reloaded.
 A switch costs little: a float32 layer changed only by plain LoRAs gets its original copied back into
 the weight and each ``up @ down`` added in place (one addmm, no allocation; factors converted to
 float32 once per parsed file); a layer whose change is the same in the old and new set is not touched;
-layers the new set leaves alone are copied back from their backups.
+layers the new set leaves alone are copied back from their backups. Backups live outside the heap the
+UNet's activations reuse (``backups.py``), so a merge does not slow the steps after it.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Hashable, Mapping
 
 import torch
 
-from modules.engine.networks import deltas
+from modules.engine.networks import backups, deltas
 from modules.engine.networks.keys import LayerGroup, LayerIndex, LayerRef, resolve_all
 
 log = logging.getLogger(__name__)
@@ -149,8 +150,7 @@ class NetworkMerger:
         weight, bias = module.weight, getattr(module, "bias", None)
         fresh = ref not in self.backups
         if fresh:
-            self.backups[ref] = (weight.detach().to("cpu", copy=True),
-                                 bias.detach().to("cpu", copy=True) if bias is not None else None)
+            self.backups[ref] = (backups.cpu_copy(weight), backups.cpu_copy(bias) if bias is not None else None)
         self.merged.pop(ref, None)
         plain = [use.weights.plain().get(group.key) for use, group in users]
         if weight.dtype == torch.float32 and weight.is_contiguous() and all(p is not None for p in plain):
