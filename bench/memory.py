@@ -1,6 +1,6 @@
 """Memory benchmarks on the CPU: low-RAM mode, load to ready, checkpoint switching, tiled VAE.
 
-    venv/bin/python bench/memory.py lowram [--res 512] [--steps 3] [--ckpt FILE] [--lora]  # peak RSS, step time: fp32 vs low-RAM
+    venv/bin/python bench/memory.py lowram [--res 512] [--steps 5] [--ckpt FILE] [--lora]  # peak RSS, step time: fp32 vs low-RAM
     venv/bin/python bench/memory.py load [--runs 3]                      # fp16 file -> ready, ours vs diffusers
     venv/bin/python bench/memory.py switch [--switches 20] [--mode lowram|fp32]
     venv/bin/python bench/memory.py loadswitch [--runs 3] [--mode lowram|fp32]  # both of the above
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -75,6 +76,7 @@ class StagePeaks:
     def __init__(self, unet, vae):
         self.peaks: dict[str, int] = {}
         self.unet_calls: list[float] = []
+        self.step_starts: list[tuple[float, float, float, int]] = []  # (timestep, wall, cpu, minor faults)
         self._stage, self._t = "load+prompt", 0.0
         # prepend: the stage starts before low-RAM mode's own pre-hooks fault the component's weights in
         self.handles = [unet.register_forward_pre_hook(self._unet_pre, prepend=True),
@@ -87,9 +89,22 @@ class StagePeaks:
             reset_peak()
             self._stage = stage
 
-    def _unet_pre(self, *_):
+    def _unet_pre(self, _module, args):
         self._enter("sampling")
         self._t = time.perf_counter()
+        t = float(args[1])  # a step starts at the first UNet call with a new timestep (as StepClock)
+        if not self.step_starts or self.step_starts[-1][0] != t:
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            self.step_starts.append((t, self._t, time.process_time(), faults))
+
+    def steady_steps(self) -> dict:
+        """Median wall s, CPU s and minor page faults per step, over the steps after the first (the
+        first also pays one-time costs); the last step ends at the VAE decode's start."""
+        starts = self.step_starts
+        spans = [[b[i] - a[i] for a, b in zip(starts, starts[1:])][1:] for i in (1, 2, 3)]
+        med = [statistics.median(s) if s else float("nan") for s in spans]
+        return {"step_s": med[0], "step_cpu_s": med[1], "step_faults": med[2], "steps_timed": len(spans[0]),
+                "step_walls": spans[0]}
 
     def _unet_post(self, *_):
         self.unet_calls.append(time.perf_counter() - self._t)
@@ -103,8 +118,9 @@ class StagePeaks:
 
 def child_lowram(ckpt: Path, data_dir: Path, mode: str, res: int, steps: int, lora: bool = False,
                  keep_resident: bool = False) -> dict:
-    """One txt2img job of ``steps`` steps; step time = the fastest UNet call after the first (in fp32
-    mode the first call also converts each layer from fp16 for good); peak RSS per stage."""
+    """One txt2img job of ``steps`` steps; step time = the median step after the first (in fp32 mode
+    the first call also converts each layer from fp16 for good), with its CPU time and minor page
+    faults (a figure a loaded machine does not move); peak RSS per stage."""
     from modules.core.pipeline import Txt2ImgParams
 
     import diffusers  # noqa: F401 - imports are not part of the load time
@@ -139,11 +155,11 @@ def child_lowram(ckpt: Path, data_dir: Path, mode: str, res: int, steps: int, lo
     services.generation.queue.shutdown()
     calls = stages.unet_calls
     resident = getattr(model, "residency", None)  # low-RAM: idle components' mapped pages dropped (residency.py)
-    return {"mode": mode, "load_s": load, "job_s": job, "unet_calls_s": calls,
+    return {"mode": mode, "load_s": load, "job_s": job, "unet_calls_s": calls, **stages.steady_steps(),
+            "calls_per_step": len(calls) / max(1, len(stages.step_starts)),
             "drops": resident.released if resident is not None else None,
             "owned": [f"{k}: {v} tensors" for k, v in sorted(resident.owned.items())] if resident is not None else None,
-            "step_s": min(calls[1:] or calls), "stage_peaks": peaks, **proc_status(),
-            "VmHWM": max(peaks.values())}
+            "stage_peaks": peaks, **proc_status(), "VmHWM": max(peaks.values())}
 
 
 def child_load(ckpt: Path, mode: str, runs: int) -> dict:
@@ -317,7 +333,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--switches", type=int, default=20)
     parser.add_argument("--mode", default="lowram")
-    parser.add_argument("--steps", type=int, default=3, help="lowram: steps of the one job per mode")
+    parser.add_argument("--steps", type=int, default=5, help="lowram: steps of the one job per mode (>= 3)")
     parser.add_argument("--only", choices=("fp32", "lowram"), default=None, help="lowram: run one mode only")
     parser.add_argument("--lora", action="store_true", help="lowram: the job merges a kohya LoRA (TE and UNet)")
     parser.add_argument("--keep-resident", action="store_true",
@@ -340,18 +356,21 @@ def main() -> None:
         print(f"{size} at {res}x{res}, Euler, CFG 7, batch 1, one {args.steps}-step job on our txt2img path "
               f"{'with a LoRA merged (text encoder and UNet) ' if args.lora else ''}"
               f"{'[--keep-resident: weights copied off the file, as before] ' if args.keep_resident else ''}"
-              f"(step = the fastest UNet call after the first; peak RSS per stage, load included):")
+              f"(step = median over the steps after the first; peak RSS per stage, load included):")
         for r in rows:
             stages = ", ".join(f"{k} {gb(v)}" for k, v in r["stage_peaks"].items())
-            print(f"  {r['mode']:7s} load {r['load_s']:.2f}s  step {r['step_s']:.2f}s "
-                  f"(calls {[round(c, 2) for c in r['unet_calls_s']]})  job {r['job_s']:.1f}s  peak RSS {gb(r['VmHWM'])}"
+            print(f"  {r['mode']:7s} load {r['load_s']:.2f}s  step {r['step_s']:.2f}s (CPU {r['step_cpu_s']:.2f}s, "
+                  f"{r['step_faults'] / 1e3:.0f}k minor faults; {r['steps_timed']} steps "
+                  f"{[round(c, 2) for c in r['step_walls']]}; {r['calls_per_step']:.0f} UNet call/step)  "
+                  f"job {r['job_s']:.1f}s  peak RSS {gb(r['VmHWM'])}"
                   f"  [{stages}]  (RSS after: anon {gb(r['RssAnon'])}, file {gb(r['RssFile'])})"
                   + (f"  idle components dropped {r['drops']}x" if r.get("drops") is not None else "")
                   + (f"; written, so owned: {', '.join(r['owned'])}" if r.get("owned") else ""))
         if len(rows) < 2:
             return
         fp32, low = rows
-        print(f"  low-RAM / fp32: step time {low['step_s'] / fp32['step_s']:.3f}x (target <= 1.10x), "
+        print(f"  low-RAM / fp32: step time {low['step_s'] / fp32['step_s']:.3f}x (target <= 1.10x; CPU time "
+              f"{low['step_cpu_s'] / fp32['step_cpu_s']:.3f}x, page faults {low['step_faults'] / fp32['step_faults']:.2f}x), "
               f"peak RSS {gb(low['VmHWM'])} (target <= 3.0 GB)")
     elif args.what == "loadswitch":  # the fast-loading figures in one command (< 5 minutes)
         for what in ("load", "switch"):

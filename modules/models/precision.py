@@ -50,6 +50,7 @@ def apply_lowram_casting(model: torch.nn.Module, storage: torch.dtype, compute: 
     _return_freed_memory_to_the_os()
     torch.nn.Module.to(model, dtype=storage)  # plain Module.to: diffusers' override warns on casts
     workspace = _Workspace(compute)
+    workspace.capacity = _largest_layer(model)
     for module in model.modules():
         if isinstance(module, _LAZY_LAYERS):
             registry = HookRegistry.check_if_exists_or_initialize(module)
@@ -64,6 +65,16 @@ def apply_lowram_casting(model: torch.nn.Module, storage: torch.dtype, compute: 
     return model
 
 
+def _largest_layer(model: torch.nn.Module) -> int:
+    """Elements of the largest hooked layer's own floating tensors (what one upcast needs at most).
+    Sizing the workspace to it at its first use of a call costs one allocation and one set of page
+    faults per call, instead of one per growth as the layers get wider (the peak is the same)."""
+    return max((sum(t.numel() for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))
+                    if t.is_floating_point())
+                for m in model.modules() if isinstance(m, _LAZY_LAYERS) and not isinstance(m, torch.nn.Embedding)),
+               default=0)
+
+
 class _Workspace:
     """One flat ``dtype`` buffer that a layer's upcast weights are views of while it runs. Layers are
     leaves (never nested), so one buffer serves a whole model; a second thread running the same model
@@ -73,6 +84,8 @@ class _Workspace:
         self.dtype = dtype
         self.buffer = torch.empty(0, dtype=dtype)
         self.lock = threading.Lock()
+        self.capacity = 0  # the largest layer's numel: the buffer is made that size at once, not grown
+
 
     def views(self, tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """Upcast copies of ``tensors`` inside the buffer (grown when needed), or None when busy."""
@@ -81,7 +94,7 @@ class _Workspace:
         need = sum(t.numel() for t in tensors)
         if self.buffer.numel() < need:
             self.buffer = torch.empty(0, dtype=self.dtype)  # free the old one before the new one exists
-            self.buffer = torch.empty(need, dtype=self.dtype)
+            self.buffer = torch.empty(max(need, self.capacity), dtype=self.dtype)
         out, offset = [], 0
         for t in tensors:
             view = self.buffer[offset:offset + t.numel()].view(t.shape)
