@@ -175,3 +175,36 @@ def peft_dora(path: Path, pipe, *, rank: int = 4, seed: int = 0) -> dict:
             1 + 0.1 * torch.rand(w.shape[0], generator=gen))
     save(path, sd)
     return sd
+
+
+def two_kohya_loras(root: Path):
+    """Tiny SD1 UNet + text encoder and two kohya files beside them (a: fp16; b: with LoCon conv layers)."""
+    from types import SimpleNamespace
+
+    from tiny_models import build_components, tiny_configs
+
+    parts = build_components(tiny_configs("sd1"))
+    pipe = SimpleNamespace(unet=parts["unet"], text_encoder=parts["text_encoder"])
+    kohya_lora(root / "a.safetensors", pipe, rank=4, alpha=2.0, seed=1, dtype=torch.float16)
+    kohya_lora(root / "b.safetensors", pipe, rank=4, alpha=3.0, seed=2, conv=True)
+    return SimpleNamespace(pipe=pipe, root=root)
+
+
+def components(pipe) -> dict[str, torch.nn.Module]:
+    return {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+
+
+def snapshot(pipe) -> dict[str, torch.Tensor]:
+    return {f"{c}.{k}": v.detach().clone() for c, m in components(pipe).items() for k, v in m.state_dict().items()}
+
+
+def network_weights(root: Path, name: str, *, general: bool = False):
+    """``root/name.safetensors`` parsed as the merger takes it; ``general``: no prepared layers, so every
+    layer takes the general float32 path."""
+    from modules.engine.networks.keys import group_layers
+    from modules.engine.networks.merge import NetworkWeights
+
+    weights = NetworkWeights(key=name, name=name, groups=group_layers(safetensors.torch.load_file(str(root / f"{name}.safetensors")))[0])
+    if general:
+        weights._plain = {}
+    return weights

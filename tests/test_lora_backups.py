@@ -6,40 +6,19 @@ from __future__ import annotations
 import copy
 import gc
 import weakref
-from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from lora_fixtures import kohya_lora
+from lora_fixtures import components, network_weights as network, snapshot, two_kohya_loras
 from modules.engine.networks import backups
-from modules.engine.networks.keys import group_layers
-from modules.engine.networks.merge import NetworkMerger, NetworkUse, NetworkWeights
+from modules.engine.networks.merge import NetworkMerger, NetworkUse
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tiny_models import build_components, tiny_configs
+    return two_kohya_loras(tmp_path_factory.mktemp("lora-backups"))
 
-    parts = build_components(tiny_configs("sd1"))
-    pipe = SimpleNamespace(unet=parts["unet"], text_encoder=parts["text_encoder"])
-    root = tmp_path_factory.mktemp("lora-backups")
-    kohya_lora(root / "a.safetensors", pipe, rank=4, alpha=2.0, seed=1, dtype=torch.float16)
-    kohya_lora(root / "b.safetensors", pipe, rank=4, alpha=3.0, seed=2, conv=True)
-    return SimpleNamespace(pipe=pipe, root=root)
-
-
-def components(pipe) -> dict[str, torch.nn.Module]:
-    return {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
-
-
-def snapshot(pipe) -> dict[str, torch.Tensor]:
-    return {f"{c}.{k}": v.detach().clone() for c, m in components(pipe).items() for k, v in m.state_dict().items()}
-
-
-def network(root, name: str) -> NetworkWeights:
-    return NetworkWeights(key=name, name=name, groups=group_layers(load_file(str(root / f"{name}.safetensors")))[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_fixtures import kohya_lora
+from lora_fixtures import components, network_weights as network, snapshot, two_kohya_loras
 from modules.engine.networks import deltas
 from modules.engine.networks.activation import ExtraNetworks
 from modules.engine.networks.keys import group_layers
@@ -21,30 +21,8 @@ from modules.models.lora_registry import LoraRegistry
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tiny_models import build_components, tiny_configs
+    return two_kohya_loras(tmp_path_factory.mktemp("lora-switch"))
 
-    parts = build_components(tiny_configs("sd1"))
-    pipe = SimpleNamespace(unet=parts["unet"], text_encoder=parts["text_encoder"])
-    root = tmp_path_factory.mktemp("lora-switch")
-    kohya_lora(root / "a.safetensors", pipe, rank=4, alpha=2.0, seed=1, dtype=torch.float16)
-    kohya_lora(root / "b.safetensors", pipe, rank=4, alpha=3.0, seed=2, conv=True)
-    return SimpleNamespace(pipe=pipe, root=root)
-
-
-def components(pipe) -> dict[str, torch.nn.Module]:
-    return {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
-
-
-def snapshot(pipe) -> dict[str, torch.Tensor]:
-    return {f"{c}.{k}": v.detach().clone() for c, m in components(pipe).items() for k, v in m.state_dict().items()}
-
-
-def network(root, name: str, *, general: bool = False) -> NetworkWeights:
-    groups, _ = group_layers(load_file(str(root / f"{name}.safetensors")))
-    weights = NetworkWeights(key=name, name=name, groups=groups)
-    if general:
-        weights._plain = {}   # no prepared layers: every layer takes the general float32 path
-    return weights
 
 
 def test_in_place_merge_equals_the_general_path_bit_for_bit(tiny):
