@@ -49,8 +49,7 @@ def apply_lowram_casting(model: torch.nn.Module, storage: torch.dtype, compute: 
 
     _tune_malloc_for_low_ram()
     torch.nn.Module.to(model, dtype=storage)  # plain Module.to: diffusers' override warns on casts
-    workspace = _Workspace(compute)
-    workspace.capacity = _largest_layer(model)
+    workspace = _Workspace(compute, capacity=_largest_layer(model))
     for module in model.modules():
         if isinstance(module, _LAZY_LAYERS):
             registry = HookRegistry.check_if_exists_or_initialize(module)
@@ -80,12 +79,11 @@ class _Workspace:
     leaves (never nested), so one buffer serves a whole model; a second thread running the same model
     at the same time finds it busy and falls back to a fresh copy."""
 
-    def __init__(self, dtype: torch.dtype):
+    def __init__(self, dtype: torch.dtype, capacity: int = 0):
         self.dtype = dtype
         self.buffer = torch.empty(0, dtype=dtype)
         self.lock = threading.Lock()
-        self.capacity = 0  # the largest layer's numel: the buffer is made that size at once, not grown
-
+        self.capacity = capacity  # the largest layer's numel: the buffer is made that size at once, not grown
 
     def views(self, tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """Upcast copies of ``tensors`` inside the buffer (grown when needed), or None when busy."""
