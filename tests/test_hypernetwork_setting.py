@@ -13,7 +13,8 @@ import pytest
 from lora_fixtures import hypernetwork, kohya_lora
 from modules.core.infotext import parse_infotext
 from modules.core.pipeline import Txt2ImgParams
-from test_lora_setting import SMALL, pixels, run, setting
+from network_setting_checks import (SMALL, api_job_info, check_added_as_written, check_dropdown, check_settings_tab,
+                                    pixels, run, setting)
 from test_processing import make_services
 
 WIDTHS = (32, 64)   # the tiny SD1's context width and a self-attention width
@@ -31,23 +32,7 @@ def sd1(tmp_path_factory):
 
 
 def test_the_setting_applies_its_hypernetwork_as_if_the_tag_were_written(sd1):
-    base = run(sd1, "a cat", batch_size=2)
-    written = run(sd1, "a cat <hypernet:hn:1>", batch_size=2)
-    with setting(sd1, sd_hypernetwork="hn"):
-        added = run(sd1, "a cat", batch_size=2)
-    assert len(added.images) == 3   # the grid and both images
-    assert not np.array_equal(pixels(base), pixels(added))
-    assert np.array_equal(pixels(written), pixels(added))
-    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(written.images, added.images))
-    assert not added.comments
-    for text in added.infotexts:
-        assert parse_infotext(text)["Prompt"] == "a cat<hypernet:hn:1.0>"   # appended as A1111 does
-    with setting(sd1, sd_hypernetwork="hn", extra_networks_default_multiplier=0.5):
-        half = run(sd1, "a cat")
-    assert parse_infotext(half.infotexts[0])["Prompt"] == "a cat<hypernet:hn:0.5>"
-    assert np.array_equal(pixels(half), pixels(run(sd1, "a cat <hypernet:hn:0.5>")))
-    assert not np.array_equal(pixels(half), pixels(added))
-    assert np.array_equal(pixels(run(sd1, "a cat", batch_size=2)), pixels(base))   # and it comes off again
+    check_added_as_written(sd1, "sd_hypernetwork", "hn", "hypernet")
 
 
 def test_a_hypernetwork_already_in_the_prompt_is_not_added_twice(sd1):
@@ -88,51 +73,14 @@ def test_none_changes_nothing_and_an_unknown_name_warns_and_still_makes_the_imag
 
 
 def test_settings_dropdown_lists_the_hypernetwork_files_and_refreshes(sd1):
-    import gradio as gr
-
-    from modules.ui.components import component_for_option
-
-    info = sd1.options.templates["sd_hypernetwork"]
-    assert not info.compat_only and info.kind == "dropdown"
-    assert info.current_choices() == ["None", "hn", "other"]
-    dropdown = component_for_option("sd_hypernetwork", info, "None")
-    assert isinstance(dropdown, gr.Dropdown)
-    assert [c[0] for c in dropdown.choices] == ["None", "hn", "other"]
-    hypernetwork(sd1.paths.hypernetwork_dir / "sub" / "late.pt", WIDTHS, seed=5)
-    info.refresh()
-    assert info.current_choices() == ["None", "hn", "late", "other"]
+    check_dropdown(sd1, "sd_hypernetwork", ["hn", "other"],
+                   lambda: hypernetwork(sd1.paths.hypernetwork_dir / "sub" / "late.pt", WIDTHS, seed=5), "late")
 
 
 def test_the_api_accepts_the_setting_and_its_jobs_use_it(sd1):
-    from fastapi import FastAPI
-    from fastapi.testclient import TestClient
-
-    from modules.api.routes import Api
-
-    app = FastAPI()
-    Api(app, sd1)
-    client = TestClient(app)
-    try:
-        assert client.post("/sdapi/v1/options", json={"sd_hypernetwork": "hn"}).status_code == 200
-        assert client.get("/sdapi/v1/options").json()["sd_hypernetwork"] == "hn"
-        reply = client.post("/sdapi/v1/txt2img", json={"prompt": "a cat", **SMALL}).json()
-        assert "a cat<hypernet:hn:1.0>" in reply["info"]
-    finally:
-        assert client.post("/sdapi/v1/options", json={"sd_hypernetwork": "None"}).status_code == 200
+    assert "a cat<hypernet:hn:1.0>" in api_job_info(sd1, "sd_hypernetwork", "hn")
 
 
 def test_the_settings_tab_shows_a_dropdown_with_a_refresh_button(sd1):
-    import gradio as gr
-
-    from modules.ui.settings_tab import build_settings_tab
-
-    with gr.Blocks() as demo:
-        build_settings_tab(sd1)
-    by_id = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
-    dropdown, button = by_id["setting_sd_hypernetwork"], by_id["refresh_sd_hypernetwork"]
-    assert isinstance(dropdown, gr.Dropdown) and isinstance(button, gr.Button)
-    assert "hn" in [c[0] for c in dropdown.choices]
-    hypernetwork(sd1.paths.hypernetwork_dir / "fresh.pt", WIDTHS, seed=6)
-    handler = next(fn for fn in demo.fns.values() if (button._id, "click") in fn.targets)
-    assert handler.outputs == [dropdown]
-    assert "fresh" in handler.fn()["choices"]
+    check_settings_tab(sd1, "sd_hypernetwork", "hn",
+                       lambda: hypernetwork(sd1.paths.hypernetwork_dir / "fresh.pt", WIDTHS, seed=6), "fresh")
