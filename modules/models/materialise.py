@@ -33,6 +33,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from modules.models import file_origin
+
 __all__ = ["FileSpan", "Materialiser", "CAN_MAP", "file_span", "ensure"]
 
 log = logging.getLogger(__name__)
@@ -49,9 +51,17 @@ class FileSpan:
     """The address range of one mapped file (tensors inside it are backed by the file)."""
     lo: int
     hi: int
+    file: file_origin.FileIdentity | None = None   # the file as it was when mapped
+    offset: int = 0                                 # the file offset mapped at ``lo``
 
     def holds(self, tensor: torch.Tensor) -> bool:
         return tensor.numel() > 0 and self.lo <= tensor.data_ptr() < self.hi
+
+    def origin(self, tensor: torch.Tensor) -> file_origin.Origin | None:
+        """Where a contiguous mapped tensor's bytes are in the file (for reading them back later)."""
+        if self.file is None or not self.holds(tensor) or not tensor.is_contiguous():
+            return None
+        return file_origin.Origin(self.file, self.offset + tensor.data_ptr() - self.lo, tensor.dtype, tensor.numel())
 
 
 def file_span(state_dict: dict[str, Any], path: Path) -> FileSpan | None:
@@ -71,7 +81,7 @@ def file_span(state_dict: dict[str, Any], path: Path) -> FileSpan | None:
                     continue
                 start, end = (int(x, 16) for x in fields[0].split("-"))
                 if start <= lo and hi <= end:
-                    return FileSpan(start, end)
+                    return FileSpan(start, end, file_origin.FileIdentity.of(path), int(fields[2], 16))
     except OSError:
         return None
     return None
@@ -151,7 +161,10 @@ class Materialiser:
             if new is old and self.file_backed(old):
                 new = old.clone()
             if new is not old:
+                origin = self.span.origin(old) if self.span is not None else None
                 tensor.data = new
+                if origin is not None:
+                    file_origin.record(tensor, origin)   # the LoRA merger may read the original back
                 if self.span is not None and self.file_backed(old):
                     _drop_pages(self.span, old)
             del old

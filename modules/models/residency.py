@@ -36,6 +36,7 @@ from typing import Any, Iterable
 import torch
 
 from modules.models import materialise
+from modules.models.file_origin import CheckpointChangedError
 
 __all__ = ["CheckpointChangedError", "Residency", "available", "install", "resident_bytes"]
 
@@ -169,10 +170,6 @@ class Residency:
                 raise CheckpointChangedError(f"{self.path} was truncated while it was loaded in low-RAM mode; "
                                              "load the checkpoint again")
             return  # no MADV_POPULATE_READ here (before Linux 5.14): pages fault in as layers run
-
-
-class CheckpointChangedError(RuntimeError):
-    """The mapped checkpoint file was modified in place; its weights can no longer be trusted."""
 
 
 def _entry_points(name: str, module: torch.nn.Module) -> list[torch.nn.Module]:

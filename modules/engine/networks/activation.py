@@ -16,7 +16,7 @@ from typing import Any, Hashable
 from modules.engine import prompt_parser
 from modules.engine.networks.keys import group_layers
 from modules.engine.networks.merge import MergeReport, NetworkMerger, NetworkUse, NetworkWeights
-from modules.models import weights_io
+from modules.models import file_origin, weights_io
 from modules.models.lora_registry import LoraEntry, LoraRegistry
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,8 @@ class ExtraNetworks:
         weights and the job goes on without networks."""
         try:
             return merger.apply(uses)
+        except file_origin.CheckpointChangedError:
+            raise   # the originals cannot be read back: the job fails with "load the checkpoint again"
         except Exception as exc:  # the image is still made, as A1111 does
             log.exception("Applying networks failed")
             self._warn(out, f"LoRA could not be applied ({type(exc).__name__}: {exc}); the image is made without")

@@ -8,8 +8,9 @@ again is a no-op. The checkpoint is never reloaded.
 A switch costs little: a float32 layer changed only by plain LoRAs gets its original copied back into
 the weight and each ``up @ down`` added in place (one addmm, no allocation; factors converted to
 float32 once per parsed file); a layer whose change is the same in the old and new set is not touched;
-layers the new set leaves alone are copied back from their backups. Backups live outside the heap the
-UNet's activations reuse (``backups.py``), so a merge does not slow the steps after it.
+layers the new set leaves alone are copied back from their backups. A layer that still holds exactly
+its checkpoint bytes keeps no copy: its original is read back from the file. Copies live outside the
+heap the UNet's activations reuse (``backups.py``), so a merge does not slow the steps after it.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 
 from modules.engine.networks import backups, deltas
 from modules.engine.networks.keys import LayerGroup, LayerIndex, LayerRef, resolve_all
+from modules.models import file_origin
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,9 @@ class NetworkMerger:
 
     def __init__(self, components: Mapping[str, torch.nn.Module], unet_config=None):
         self.index = LayerIndex(components, unet_config)
-        self.backups: dict[LayerRef, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.backups: dict[LayerRef, tuple[backups.Backup, torch.Tensor | None]] = {}
+        self.file_backups = True                    # originals still in the checkpoint file are not copied
+        self._scratch = file_origin.Scratch()
         self._rewritten: set[LayerRef] = set()      # layers the last apply wrote
         self.merged: dict[LayerRef, tuple] = {}     # what each changed layer holds: ((network, prefix, mult, dyn), ...)
         self._bias_changed: set[LayerRef] = set()
@@ -87,8 +91,7 @@ class NetworkMerger:
 
     @property
     def backup_bytes(self) -> int:
-        return sum(w.numel() * w.element_size() + (b.numel() * b.element_size() if b is not None else 0)
-                   for w, b in self.backups.values())
+        return sum(backups.resident_bytes(w) + backups.resident_bytes(b) for w, b in self.backups.values())
 
     def apply(self, uses: list[NetworkUse]) -> MergeReport:
         """Merge exactly `uses` (in order) into the model; the previous set is undone first."""
@@ -150,14 +153,15 @@ class NetworkMerger:
         weight, bias = module.weight, getattr(module, "bias", None)
         fresh = ref not in self.backups
         if fresh:
-            self.backups[ref] = (backups.cpu_copy(weight), backups.cpu_copy(bias) if bias is not None else None)
+            self.backups[ref] = (backups.take(weight, self._scratch, self.file_backups),
+                                 backups.cpu_copy(bias) if bias is not None else None)
         self.merged.pop(ref, None)
         plain = [use.weights.plain().get(group.key) for use, group in users]
         if weight.dtype == torch.float32 and weight.is_contiguous() and all(p is not None for p in plain):
             self._merge_plain(ref, weight, bias, list(zip(users, plain, indices)), fresh)
             return
         original_w, original_b = self.backups[ref]
-        w0 = original_w.to(device=weight.device, dtype=torch.float32)
+        w0 = backups.as_tensor(original_w).to(device=weight.device, dtype=torch.float32)
         new_w, new_b = w0.clone(), None
         for (use, group), index in zip(users, indices):
             parts = {k: v.to(weight.device) for k, v in group.parts.items()}
@@ -191,7 +195,7 @@ class NetworkMerger:
             up, down = lora.factors(use.dyn)
             factors.append((up.to(weight.device), down.to(weight.device), lora.scale * use.multiplier(ref.component)))
         if not fresh:   # a fresh backup means the weight still is the original
-            weight.copy_(self.backups[ref][0])
+            backups.restore_into(self.backups[ref][0], weight, self._scratch)
         flat = weight.view(weight.shape[0], -1)
         for up, down, alpha in factors:
             flat.addmm_(up, down, alpha=alpha)
@@ -219,11 +223,12 @@ class NetworkMerger:
     @torch.no_grad()
     def _restore(self, refs: set[LayerRef]) -> None:
         for ref in refs:
-            w, b = self.backups.pop(ref)
+            w, b = self.backups[ref]
+            module = self.index.modules[ref]
+            backups.restore_into(w, module.weight, self._scratch)   # may raise CheckpointChangedError: kept
+            del self.backups[ref]
             self.merged.pop(ref, None)
             self._rewritten.add(ref)
-            module = self.index.modules[ref]
-            module.weight.copy_(w)
             if b is not None and ref in self._bias_changed:
                 module.bias.copy_(b)
             self._bias_changed.discard(ref)
