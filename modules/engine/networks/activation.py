@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any, Hashable
 
 from modules.engine import prompt_parser
+from modules.engine.networks.bundled import Bundle, read_bundle, split_bundle
 from modules.engine.networks.keys import group_layers
 from modules.engine.networks.merge import MergeReport, NetworkMerger, NetworkUse, NetworkWeights
 from modules.models import weights_io
+from modules.models.embeddings import EMPTY_SET, fits
 from modules.models.lora_registry import LoraEntry, LoraRegistry
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,7 @@ class ExtraNetworks:
         self.loras = loras
         self.hypernetworks = hypernetworks
         self._weights: OrderedDict[Hashable, NetworkWeights] = OrderedDict()   # parsed files by stamp
+        self._bundles: dict[Hashable, Bundle] = {}   # their bundled embeddings, by the same stamp
         self._lock = threading.Lock()
 
     # -- entry point ------------------------------------------------------------------------
@@ -104,6 +107,7 @@ class ExtraNetworks:
         if out.report.text_encoders_changed and encoder is not None:
             encoder.clear_cache()   # prompt encodings made with the old text-encoder weights are stale
         self._report(named, out, options)
+        self._use_bundled_embeddings(named, encoder, options, out)
         if self.hypernetworks is not None:
             self.hypernetworks.activate(model, grouped.pop("hypernet", []), out)
         for unknown in grouped:
@@ -174,18 +178,21 @@ class ExtraNetworks:
         except weights_io.CheckpointLoadError as exc:
             self._warn(out, f"LoRA {entry.name} could not be loaded: {exc}")
             return None
+        state_dict, bundled = split_bundle(state_dict)   # bundle_emb.* are embeddings, not layers
+        bundle = read_bundle(bundled, entry.path)
         try:
             groups, unknown = group_layers(state_dict)
         except (ValueError, KeyError) as exc:   # diffusers' converters refuse a malformed key set
             self._warn(out, f"LoRA {entry.name}: its tensor names are not a known layout ({exc}); not applied")
             return None
-        if not groups:
+        if not groups and not bundle.embeddings:
             self._warn(out, f"LoRA {entry.name} holds no network weights this program knows ({len(unknown)} "
                             "other tensors); not applied")
             return None
         weights = NetworkWeights(key=stamp, name=entry.name, groups=groups, unknown_keys=unknown)
         with self._lock:
             self._weights[stamp] = weights
+            self._bundles[stamp] = bundle
         return weights
 
     def weights_of(self, entry: LoraEntry) -> NetworkWeights | None:
@@ -199,6 +206,7 @@ class ExtraNetworks:
             others = [key for key in self._weights if key not in in_use]
             for key in others[:max(0, len(others) - max(0, keep))]:
                 del self._weights[key]
+                self._bundles.pop(key, None)
 
     def _report(self, named: list[tuple[str, LoraEntry]], out: Activation, options: Any) -> None:
         hashes = []
@@ -232,6 +240,45 @@ class ExtraNetworks:
         if weights is not None and weights.unknown_keys:
             self._warn(out, f"LoRA {mentioned}: {len(weights.unknown_keys)} tensors of a kind this program does not "
                             f"know were ignored (e.g. {weights.unknown_keys[0]})")
+
+    # -- embeddings bundled in LoRA files ------------------------------------------------------------
+    def _use_bundled_embeddings(self, named: list[tuple[str, LoraEntry]], encoder: Any, options: Any,
+                                out: Activation) -> None:
+        """The active LoRAs' bundled embeddings join the encoder's set until the next activation (A1111:
+        a name loaded from embeddings/ wins; one whose width does not fit the model is skipped)."""
+        layout = getattr(encoder, "embedding_layout", None)
+        if layout is None:
+            return
+        current = getattr(encoder, "embeddings", None)
+        current = EMPTY_SET if current is None else current
+        base = current.base if current.base is not None else current   # without the last batch's bundles
+        label_on = getattr(options, "lora_bundled_ti_to_infotext", True)
+        extra: dict[str, Any] = {}
+        for mentioned, entry in named:
+            bundle = self._bundle_of(entry)
+            for name, why in (bundle.failed.items() if bundle is not None else ()):
+                self._warn(out, f"LoRA {mentioned}: bundled embedding {name} is not usable ({why})")
+            for name, emb in (bundle.labelled(mentioned if label_on else None).items() if bundle else ()):
+                if name in base.embeddings:
+                    self._warn(out, f"LoRA {mentioned}: bundled embedding {name} skipped: an embedding of that "
+                                    "name is already loaded from the embeddings folder")
+                elif name in extra:
+                    self._warn(out, f"LoRA {mentioned}: bundled embedding {name} skipped: an earlier LoRA "
+                                    "bundles one of that name")
+                elif not fits(emb, layout):
+                    self._warn(out, f"LoRA {mentioned}: bundled embedding {name} skipped: its width "
+                                    f"{emb.shape} does not fit this model")
+                else:
+                    extra[name] = emb
+        encoder.embeddings = base.with_extra(extra)
+
+    def _bundle_of(self, entry: LoraEntry) -> Bundle | None:
+        try:
+            stamp = entry.stamp()
+        except OSError:
+            return None
+        with self._lock:
+            return self._bundles.get(stamp)
 
     @staticmethod
     def _warn(out: Activation | None, message: str) -> None:
