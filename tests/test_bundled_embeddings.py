@@ -131,3 +131,13 @@ def test_split_bundle_reads_every_layout(tmp_path):
     bundle = read_bundle(bundles, tmp_path / "x.safetensors")
     assert {n: e.shape for n, e in bundle.embeddings.items()} == {"a": 8, "b": 24, "c": 8, "d": 8}
     assert not bundle.failed
+
+
+def test_a_loras_embeddings_survive_its_parsed_file_being_dropped_while_merged(svc):
+    """lora_in_memory_limit 0 drops parsed files not in the last merge; a model whose merged set is
+    unchanged reads nothing, yet its LoRA's bundled embeddings are still wanted."""
+    first = _run(svc, svc.sd1_title, "<lora:withemb:1> a cat, bundlestyle")
+    svc.networks.engine._trim(0, set())   # what a job merging other LoRAs into another model does
+    again = _run(svc, svc.sd1_title, "<lora:withemb:1> a cat, bundlestyle")
+    assert np.array_equal(_pixels(first), _pixels(again))
+    assert 'TI hashes: "bundlestyle: withemb"' in again.infotexts[0]

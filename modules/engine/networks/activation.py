@@ -273,12 +273,18 @@ class ExtraNetworks:
         encoder.embeddings = base.with_extra(extra)
 
     def _bundle_of(self, entry: LoraEntry) -> Bundle | None:
+        """The file's bundle; reparsed when trimmed from memory while still merged into another model
+        (that model's same set skips loading, but its embeddings are still wanted)."""
         try:
             stamp = entry.stamp()
         except OSError:
             return None
         with self._lock:
-            return self._bundles.get(stamp)
+            found = self._bundles.get(stamp)
+        if found is None and self._load(entry, stamp, None) is not None:
+            with self._lock:
+                found = self._bundles.get(stamp)
+        return found
 
     @staticmethod
     def _warn(out: Activation | None, message: str) -> None:
