@@ -66,6 +66,17 @@ def _wait_for_weights(model: Any) -> None:
         wait()
 
 
+def _bundled_skip_reason(name: str, emb: Any, loaded: dict, taken: dict, layout: Any) -> str | None:
+    """Why a LoRA's bundled embedding is not used (A1111's rules, plus: the first LoRA's name wins)."""
+    if name in loaded:
+        return "an embedding of that name is already loaded from the embeddings folder"
+    if name in taken:
+        return "an earlier LoRA bundles one of that name"
+    if not fits(emb, layout):
+        return f"its width {emb.shape} does not fit this model"
+    return None
+
+
 class ExtraNetworks:
     """Applies prompt-tag networks to whichever model a job uses. One per app (built in services)."""
 
@@ -256,18 +267,15 @@ class ExtraNetworks:
         extra: dict[str, Any] = {}
         for mentioned, entry in named:
             bundle = self._bundle_of(entry)
-            for name, why in (bundle.failed.items() if bundle is not None else ()):
+            if bundle is None:
+                continue
+            for name, why in bundle.failed.items():
                 self._warn(out, f"LoRA {mentioned}: bundled embedding {name} is not usable ({why})")
-            for name, emb in (bundle.labelled(mentioned if label_on else None).items() if bundle else ()):
-                if name in base.embeddings:
-                    self._warn(out, f"LoRA {mentioned}: bundled embedding {name} skipped: an embedding of that "
-                                    "name is already loaded from the embeddings folder")
-                elif name in extra:
-                    self._warn(out, f"LoRA {mentioned}: bundled embedding {name} skipped: an earlier LoRA "
-                                    "bundles one of that name")
-                elif not fits(emb, layout):
-                    self._warn(out, f"LoRA {mentioned}: bundled embedding {name} skipped: its width "
-                                    f"{emb.shape} does not fit this model")
+            label = mentioned.replace(":", "").replace(",", "") if label_on else None   # an infotext value
+            for name, emb in bundle.labelled(label).items():
+                why = _bundled_skip_reason(name, emb, base.embeddings, extra, layout)
+                if why:
+                    self._warn(out, f"LoRA {mentioned}: bundled embedding {name} skipped: {why}")
                 else:
                     extra[name] = emb
         encoder.embeddings = base.with_extra(extra)
