@@ -11,7 +11,6 @@ from typing import Any
 
 from modules.core.callers import CallerPolicy
 from modules.core.networks_service import ExtraNetworksService
-from modules.core import lora_setting
 from modules.models.checkpoints import CheckpointRegistry
 from modules.core.generation import GenerationService
 from modules.models.hashes import HashCache
@@ -97,7 +96,7 @@ def build_services(opts: argparse.Namespace, paths: AppPaths, options: Options) 
     generation.embeddings = EmbeddingDatabase([paths.embeddings_dir], hash_cache, hashing=not opts.no_hashing)
     models.add_loaded_listener(lambda _model: generation.embeddings.invalidate())
     generation.networks = ExtraNetworksService.from_paths(paths)
-    lora_setting.bind(options, generation.networks.lora_registry)   # sd_lora: a dropdown of the LoRA files
+    generation.networks.bind_settings(options)   # sd_hypernetwork, sd_lora: dropdowns of the network files
     queue_service = _queue_service(paths, generation, callers)
     generation.controlnets = controlnet_registry(opts, paths)
     styles = StyleDatabase(paths.styles_files)

@@ -4,17 +4,15 @@ Real job path on the tiny SD1 checkpoint with a kohya LoRA file; the settings dr
 """
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 
 from lora_fixtures import kohya_lora
 from modules.core.infotext import parse_infotext
 from modules.core.pipeline import Txt2ImgParams
+from network_setting_checks import (SMALL, api_job_info, check_added_as_written, check_dropdown, check_settings_tab,
+                                    pixels, run, setting)
 from test_processing import make_services
-
-SMALL = dict(width=64, height=64, steps=3, cfg_scale=7.0, seed=77)
 
 
 @pytest.fixture(scope="module")
@@ -28,43 +26,9 @@ def sd1(tmp_path_factory):
     services.generation.queue.shutdown()
 
 
-@contextlib.contextmanager
-def setting(services, **values):
-    before = {key: services.options.get(key) for key in values}
-    for key, value in values.items():
-        services.options.set(key, value)
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            services.options.set(key, value)
-
-
-def run(services, prompt: str, **kwargs):
-    return services.generation.txt2img(Txt2ImgParams(prompt=prompt, **{**SMALL, **kwargs}))
-
-
-def pixels(result) -> np.ndarray:
-    return np.asarray(result.images[0].convert("RGB"), dtype=np.int16)
-
-
 def test_the_setting_applies_its_lora_as_if_the_tag_were_written(sd1):
-    base = run(sd1, "a cat", batch_size=2)
-    written = run(sd1, "a cat <lora:style:1>", batch_size=2)
-    with setting(sd1, sd_lora="style"):
-        added = run(sd1, "a cat", batch_size=2)
-    assert len(added.images) == 3   # the grid and both images
-    assert not np.array_equal(pixels(base), pixels(added))
-    assert np.array_equal(pixels(written), pixels(added))
-    assert not added.comments
-    for text in added.infotexts:
-        fields = parse_infotext(text)
-        assert fields["Prompt"] == "a cat<lora:style:1.0>"   # appended as A1111 does, default weight
-        assert fields["Lora hashes"].startswith("style: ")
-    with setting(sd1, sd_lora="style", extra_networks_default_multiplier=0.5):
-        half = run(sd1, "a cat")
-    assert parse_infotext(half.infotexts[0])["Prompt"] == "a cat<lora:style:0.5>"
-    assert np.array_equal(pixels(half), pixels(run(sd1, "a cat <lora:style:0.5>")))
+    added = check_added_as_written(sd1, "sd_lora", "style", "lora")
+    assert all(parse_infotext(text)["Lora hashes"].startswith("style: ") for text in added.infotexts)
 
 
 def test_a_lora_already_in_the_prompt_is_not_added_twice(sd1):
@@ -96,54 +60,18 @@ def test_none_changes_nothing_and_an_unknown_name_warns_and_still_makes_the_imag
 
 
 def test_settings_dropdown_lists_the_lora_files_and_refreshes(sd1):
-    import gradio as gr
-
-    from modules.ui.components import component_for_option
-
-    info = sd1.options.templates["sd_lora"]
-    assert not info.compat_only and info.kind == "dropdown"
     assert not sd1.options.templates["extra_networks_default_multiplier"].compat_only   # it has an effect now
-    assert info.current_choices() == ["None", "other", "style"]
-    dropdown = component_for_option("sd_lora", info, "None")
-    assert isinstance(dropdown, gr.Dropdown)
-    assert [c[0] for c in dropdown.choices] == ["None", "other", "style"]
-    kohya_lora(sd1.paths.lora_dir / "sub" / "late.safetensors", sd1.models.current().pipe, seed=5)
-    info.refresh()
-    assert info.current_choices() == ["None", "late", "other", "style"]
+    pipe = sd1.models.current().pipe
+    check_dropdown(sd1, "sd_lora", ["other", "style"],
+                   lambda: kohya_lora(sd1.paths.lora_dir / "sub" / "late.safetensors", pipe, seed=5), "late")
 
 
 def test_the_api_accepts_the_setting_and_its_jobs_use_it(sd1):
-    from fastapi import FastAPI
-    from fastapi.testclient import TestClient
-
-    from modules.api.routes import Api
-
-    app = FastAPI()
-    Api(app, sd1)
-    client = TestClient(app)
-    try:
-        assert client.post("/sdapi/v1/options", json={"sd_lora": "style"}).status_code == 200
-        assert client.get("/sdapi/v1/options").json()["sd_lora"] == "style"
-        reply = client.post("/sdapi/v1/txt2img", json={"prompt": "a cat", **SMALL}).json()
-        info = reply["info"]
-        assert "a cat<lora:style:1.0>" in info and "Lora hashes" in info
-    finally:
-        assert client.post("/sdapi/v1/options", json={"sd_lora": "None"}).status_code == 200
+    info = api_job_info(sd1, "sd_lora", "style")
+    assert "a cat<lora:style:1.0>" in info and "Lora hashes" in info
 
 
 def test_the_settings_tab_shows_a_dropdown_with_a_refresh_button(sd1):
-    import gradio as gr
-
-    from modules.ui.settings_tab import build_settings_tab
-
-    with gr.Blocks() as demo:
-        build_settings_tab(sd1)
-    by_id = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
-    dropdown, button = by_id["setting_sd_lora"], by_id["refresh_sd_lora"]
-    assert isinstance(dropdown, gr.Dropdown) and isinstance(button, gr.Button)
-    assert "style" in [c[0] for c in dropdown.choices]
-    kohya_lora(sd1.paths.lora_dir / "fresh.safetensors", sd1.models.current().pipe, seed=6)
-    handler = next(fn for fn in demo.fns.values() if (button._id, "click") in fn.targets)
-    assert handler.outputs == [dropdown]
-    update = handler.fn()
-    assert "fresh" in update["choices"]
+    pipe = sd1.models.current().pipe
+    check_settings_tab(sd1, "sd_lora", "style",
+                       lambda: kohya_lora(sd1.paths.lora_dir / "fresh.safetensors", pipe, seed=6), "fresh")

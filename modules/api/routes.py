@@ -648,7 +648,7 @@ class Api:
         def get_hypernetworks() -> list:
             networks = self.services.networks
             return [] if networks is None else [{"name": f.name, "path": str(f.path)}
-                                                for f in networks.hypernetworks.list()]
+                                                for f in networks.hypernetwork_files.list()]   # no torch
 
         @r.get("/loras", response_model=list[m.LoraItem])
         def get_loras() -> list:

@@ -53,11 +53,31 @@ class ExtraNetworksService:
                 self._registry = LoraRegistry(self.lora_dirs)
             return self._registry
 
-    def add_setting_lora(self, prompts: list[str], options: Any) -> list[str]:
-        """A1111's ``sd_lora`` setting: its tag appended to `prompts` (in place); warnings."""
-        from modules.core import lora_setting
+    @property
+    def hypernetwork_files(self) -> Any:
+        """The hypernetwork files, without building the engine (no torch): for the settings' choices."""
+        from modules.models.hypernetwork_files import HypernetworkFiles
 
-        return lora_setting.add_to_prompts(prompts, self.lora_registry, options)
+        return HypernetworkFiles(self.hypernetwork_dirs)
+
+    def _setting_registries(self) -> list[tuple[Any, Any]]:
+        from modules.core import network_settings
+
+        registries = {"sd_hypernetwork": self.hypernetwork_files, "sd_lora": self.lora_registry}
+        return [(setting, registries[setting.key]) for setting in network_settings.SETTINGS]
+
+    def bind_settings(self, options: Any) -> None:
+        """``sd_hypernetwork``/``sd_lora`` become dropdowns of the files (core/network_settings.py)."""
+        for setting, registry in self._setting_registries():
+            setting.bind(options, registry)
+
+    def add_setting_networks(self, prompts: list[str], options: Any) -> list[str]:
+        """A1111's ``sd_hypernetwork``/``sd_lora`` settings: their tags appended to `prompts` (in place);
+        warnings."""
+        warnings: list[str] = []
+        for setting, registry in self._setting_registries():
+            warnings += setting.add_to_prompts(prompts, registry, options)
+        return warnings
 
     @property
     def loras(self) -> Any:

@@ -82,8 +82,8 @@ DEFINED_IN_CORE = frozenset({
 # Keys of this table that the product reads (checked with grep over modules/): not marked.
 HAS_EFFECT = frozenset({
     "outdir_grids",  # modules/images.py: one folder for all grids when set
-    "sd_lora",       # modules/core/lora_setting.py: the LoRA added to every prompt
-    "extra_networks_default_multiplier",          # core/lora_setting.py, ui/extra_networks.py (card weight)
+    "sd_lora", "sd_hypernetwork",   # modules/core/network_settings.py: the network added to every prompt
+    "extra_networks_default_multiplier",          # core/network_settings.py, ui/extra_networks.py (card weight)
     "lora_add_hashes_to_infotext", "lora_in_memory_limit",   # engine/networks/activation.py
     "textual_inversion_add_hashes_to_infotext",   # core/pipeline.py (TI hashes)
 })

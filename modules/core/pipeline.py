@@ -557,8 +557,8 @@ def _process(p: GenerationParams, ctx: RunContext) -> Processed:
                     extra=_extra_params(p), save_p=_save_owner(p, ctx))
     run = _plan_run(p)
     hooks.process(run)
-    if ctx.networks is not None and not p.disable_extra_networks:   # A1111's sd_lora setting
-        plan.comments.extend(ctx.networks.add_setting_lora(run.all_prompts, ctx.options))
+    if ctx.networks is not None and not p.disable_extra_networks:   # A1111's sd_hypernetwork, sd_lora settings
+        plan.comments.extend(ctx.networks.add_setting_networks(run.all_prompts, ctx.options))
     if ctx.processing_hooks is None and hasattr(plan.save_p, "bind_run"):   # p.prompts & co for extension
         plan.save_p.bind_run(run)                                           # networks and save callbacks
     plan.extra.update(_embedding_params(p, ctx, run))

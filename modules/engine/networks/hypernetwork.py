@@ -23,11 +23,11 @@ from typing import Any
 import torch
 
 from modules.models import weights_io
-from modules.models.network_files import NetworkFile, scan_network_files
+from modules.models.hypernetwork_files import HypernetworkFiles
+from modules.models.network_files import NetworkFile
 
 log = logging.getLogger(__name__)
 
-HYPERNETWORK_EXTENSIONS = (".pt",)
 _HOOKS_ATTR = "_webui_hypernetwork_hooks"
 
 
@@ -122,20 +122,12 @@ def load_hypernetwork(path: Path) -> Hypernetwork:
     return Hypernetwork(path.stem, layers)
 
 
-class Hypernetworks:
-    """``models/hypernetworks``: listing, loading, and hooking into a model's attention layers."""
+class Hypernetworks(HypernetworkFiles):
+    """``models/hypernetworks``: listing (HypernetworkFiles), loading, and hooking into a model's attention."""
 
     def __init__(self, roots: list[Path]):
-        self.roots = [Path(r) for r in roots]
+        super().__init__(roots)
         self._loaded: dict[tuple, Hypernetwork] = {}
-
-    def list(self) -> list[NetworkFile]:
-        return scan_network_files(self.roots, HYPERNETWORK_EXTENSIONS)
-
-    def find(self, name: str) -> NetworkFile | None:
-        files = self.list()
-        return next((f for f in files if f.name == name), None) or next(
-            (f for f in files if f.name.lower() == name.lower()), None)
 
     def _load(self, file: NetworkFile) -> Hypernetwork:
         st = file.path.stat()
