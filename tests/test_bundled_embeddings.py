@@ -52,6 +52,7 @@ def svc(tmp_path_factory):
     _with_bundle(lora_dir / "clash.safetensors", {}, {"filestyle.string_to_param.*": words,   # embeddings/ wins
                                                       "widestyle.emb_params": vectors(1, 96, 3),   # SD1 is 64 wide
                                                       "nanstyle.emb_params": torch.full((1, 64), float("nan"))})
+    _with_bundle(lora_dir / "dupe.safetensors", {}, {"bundlestyle.string_to_param.*": vectors(2, 64, 4)})
     xl, services.xl_title = _select(services, "tiny-sdxl")
     xpipe = xl.pipe
     xl_network = kohya_lora(lora_dir / "xlnoemb.safetensors", xpipe, sdxl=True, seed=2)
@@ -99,6 +100,14 @@ def test_an_embeddings_folder_name_wins_and_unfit_or_bad_bundles_are_skipped_wit
     assert "bundled embedding widestyle skipped: its width 96 does not fit this model" in clash.comments
     assert "bundled embedding nanstyle is not usable (emb_params holds NaN or infinite values)" in clash.comments
     assert "holds no network weights" not in clash.comments    # a file of bundled embeddings only is a LoRA too
+
+
+def test_two_loras_bundling_one_name_the_first_wins(svc):
+    title = svc.sd1_title
+    first = _run(svc, title, "<lora:withemb:1> a cat, bundlestyle")
+    both = _run(svc, title, "<lora:withemb:1> <lora:dupe:1> a cat, bundlestyle")
+    assert np.array_equal(_pixels(first), _pixels(both))   # dupe adds no layers; its bundlestyle is not used
+    assert "LoRA dupe: bundled embedding bundlestyle skipped: an earlier LoRA bundles one of that name" in both.comments
 
 
 def test_sdxl_bundles_feed_each_encoder_its_own_vectors(svc):
