@@ -269,8 +269,10 @@ class ExtraNetworks:
             bundle = self._bundle_of(entry)
             if bundle is None:
                 continue
-            for name, why in bundle.failed.items():
-                self._warn(out, f"LoRA {mentioned}: bundled embedding {name} is not usable ({why})")
+            if bundle.failed:   # one line per LoRA, however many are broken
+                name, why = next(iter(bundle.failed.items()))
+                more = f" (and {len(bundle.failed) - 1} more)" if len(bundle.failed) > 1 else ""
+                self._warn(out, f"LoRA {mentioned}: bundled embedding {name} is not usable ({why}){more}")
             label = mentioned.replace(":", "").replace(",", "") if label_on else None   # an infotext value
             for name, emb in bundle.labelled(label).items():
                 why = _bundled_skip_reason(name, emb, base.embeddings, extra, layout)
