@@ -234,6 +234,19 @@ class GenerationService:
             layout = encoder.embedding_layout
         return self.embeddings.refresh(layout) if refresh else self.embeddings.report(layout)
 
+    def embeddings_lookup(self) -> dict[int, list[tuple[tuple[int, ...], Any]]]:
+        """A1111's ``ids_lookup`` for the loaded model's first tokenizer (all CLIP tokenizers share one
+        vocabulary): first token id -> [(the name's token ids, embedding)], longest first; {} when no
+        model is loaded. Never loads a checkpoint, never touches a running job's encoder."""
+        model = self.models.loaded_model
+        if self.embeddings is None or model is None:
+            return {}
+        from modules.engine.diffusion import prompt_encoder_for
+
+        entry = self._encoders.get(id(model))
+        encoder = entry[1] if entry is not None and entry[0] is model else prompt_encoder_for(model)
+        return self.embeddings.for_layout(encoder.embedding_layout).lookup(encoder.encoders[0].tokenizer)
+
     @staticmethod
     def _preview_fn(model):
         from modules.engine.latent_preview import approx_rgb

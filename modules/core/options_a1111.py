@@ -86,6 +86,7 @@ HAS_EFFECT = frozenset({
     "extra_networks_default_multiplier",          # core/network_settings.py, ui/extra_networks.py (card weight)
     "lora_add_hashes_to_infotext", "lora_in_memory_limit",   # engine/networks/activation.py
     "textual_inversion_add_hashes_to_infotext",   # core/pipeline.py (TI hashes)
+    "lora_bundled_ti_to_infotext",   # engine/networks/activation.py (TI hashes of LoRA-bundled embeddings)
 })
 
 # Not registered by A1111 1.10.1 itself: read once from old config files (it became

@@ -438,6 +438,21 @@ def _embedding_params(p: GenerationParams, ctx: RunContext, run: ProcessingRun) 
     return {infotext_mod.TI_HASHES: ", ".join(hashes)} if hashes else {}
 
 
+def _embeddings_key(ctx: RunContext) -> Any:
+    return getattr(getattr(ctx.encoder, "embeddings", None), "key", None)
+
+
+def _embedding_params_after_networks(p: GenerationParams, ctx: RunContext, plan: _JobPlan,
+                                     run: ProcessingRun) -> None:
+    """The batch's LoRAs may bring bundled embeddings (engine/networks/bundled.py): the TI hashes are
+    listed again whenever the encoder's embedding set changed."""
+    key = _embeddings_key(ctx)
+    if key != plan.embeddings_key:
+        plan.embeddings_key = key
+        plan.extra.pop(infotext_mod.TI_HASHES, None)
+        plan.extra.update(_embedding_params(p, ctx, run))
+
+
 def hires_target_size(p: Txt2ImgParams) -> tuple[int, int]:
     """A1111's rules: resize-to wins; one side 0 keeps the aspect; multiples of 8."""
     h = p.hires
@@ -521,6 +536,7 @@ class _JobPlan:
     save_p: Any                  # what the save callbacks get as params.p
     comments: list[str] = field(default_factory=list)   # warnings for the user (missing LoRA...)
     control: Any = None          # the engine's ControlNet inputs (core.controlnet_run), once per job
+    embeddings_key: Any = None   # the embedding set the TI hashes were listed with
 
 
 @dataclass
@@ -546,6 +562,7 @@ def _process(p: GenerationParams, ctx: RunContext) -> Processed:
     if ctx.processing_hooks is None and hasattr(plan.save_p, "bind_run"):   # p.prompts & co for extension
         plan.save_p.bind_run(run)                                           # networks and save callbacks
     plan.extra.update(_embedding_params(p, ctx, run))
+    plan.embeddings_key = _embeddings_key(ctx)
     plan.control = _control_inputs(p, ctx, seed=(run.all_seeds[0] + run.all_subseeds[0]) & 0xFFFFFFFF)
     if ctx.job is not None and ctx.sets_job_count:
         ctx.job.set_job_count(p.n_iter)
@@ -650,6 +667,7 @@ def _render_batch(p: GenerationParams, ctx: RunContext, plan: _JobPlan, run: Pro
     init, plans = _init_images(p, sl.start, len(run.prompts)) if isinstance(p, Img2ImgParams) else (None, [])
     hooks.process_batch(run, n)
     _activate_networks(p, ctx, plan, run.prompts)
+    _embedding_params_after_networks(p, ctx, plan, run)
     options = ctx.options
     batch = diffusion.BatchRequest(
         prompts=list(run.prompts), negative_prompts=list(run.negative_prompts),

@@ -37,6 +37,7 @@ EMBEDDING_EXTENSIONS = (".pt", ".bin", ".safetensors", *image_embedding.IMAGE_SU
 MAX_EMBEDDING_FILE_BYTES = 64 * 1024 * 1024   # real embeddings are KBs; this is not one
 MAX_VECTORS = 75                              # A1111 never splits an embedding across 75-token chunks
 MAX_EMBEDDINGS = 10_000
+MAX_OVERLAYS = 32                             # bundled-embedding sets kept per file set (LoRA combinations)
 SDXL_KEYS = ("clip_l", "clip_g")
 HASH_PREFIX = "textual_inversion/"
 
@@ -56,6 +57,9 @@ class Embedding:
     sd_checkpoint: str | None = None
     sd_checkpoint_name: str | None = None
     sha256: str | None = None
+    # What ``TI hashes`` shows instead of the file's hash: a LoRA's bundled embedding shows the LoRA's
+    # name there, as A1111 does (the bundle has no file of its own to hash).
+    infotext_hash: str | None = None
 
     @property
     def shape(self) -> int:
@@ -67,6 +71,8 @@ class Embedding:
 
     @property
     def shorthash(self) -> str | None:
+        if self.infotext_hash:
+            return self.infotext_hash
         return self.sha256[:12] if self.sha256 else None
 
     def for_encoder(self, key: str) -> torch.Tensor | None:
@@ -190,11 +196,28 @@ class EmbeddingSet:
 
     ``key`` changes whenever the set does, so encoders that cache conditioning can key on it."""
 
-    def __init__(self, embeddings: Mapping[str, Embedding], key: Any):
+    def __init__(self, embeddings: Mapping[str, Embedding], key: Any, base: EmbeddingSet | None = None):
         self.embeddings = dict(embeddings)
         self.key = key
+        self.base = base   # the database's own set this one extends (None: it is that set)
         self._lookups: dict[int, dict[int, list[tuple[tuple[int, ...], Embedding]]]] = {}
         self._lock = threading.Lock()
+        self._overlays: dict[Any, EmbeddingSet] = {}
+
+    def with_extra(self, extra: Mapping[str, Embedding]) -> EmbeddingSet:
+        """This set plus `extra` (a job's LoRA-bundled embeddings; names already here win). The same
+        extras give the same object, so the encoder's cache and token lookups are reused across jobs."""
+        if not extra:
+            return self
+        tag = tuple((name, id(emb)) for name, emb in extra.items())
+        with self._lock:
+            found = self._overlays.get(tag)
+            if found is None:
+                if len(self._overlays) >= MAX_OVERLAYS:
+                    self._overlays.clear()
+                merged = {**extra, **self.embeddings}
+                found = self._overlays[tag] = EmbeddingSet(merged, key=(self.key, "extra", tag), base=self)
+            return found
 
     def __bool__(self) -> bool:
         return bool(self.embeddings)
@@ -234,6 +257,8 @@ class EmbeddingDatabase:
         self._report = EmbeddingReport()
         self._generation = 0
         self._set = EMPTY_SET
+        self._registered: dict[str, Embedding] = {}   # in memory, no file (extensions' register_embedding)
+        self._dirty = False
 
     def _scan_signature(self) -> tuple:
         from modules.models.network_files import scan_network_files
@@ -272,7 +297,7 @@ class EmbeddingDatabase:
         `layout` (None: no model known, nothing is skipped)."""
         with self._lock:
             signature = self._scan_signature()
-            if not force and signature == self._signature and layout == self._layout:
+            if not force and not self._dirty and signature == self._signature and layout == self._layout:
                 return self._report
             old = self._parsed if not force else {}
             self._parsed = {}
@@ -282,7 +307,7 @@ class EmbeddingDatabase:
                 key = str(nf.path)
                 reuse = key in old_stamps and old_stamps[key] == stamps.get(key) and nf.path in old
                 self._parsed[nf.path] = old[nf.path] if reuse else self._parse(nf)
-            self._signature, self._layout = signature, layout
+            self._signature, self._layout, self._dirty = signature, layout, False
             self._report = self._classify(layout)
             self._generation += 1
             self._set = EmbeddingSet(self._report.loaded, key=("embeddings", id(self), self._generation))
@@ -305,7 +330,28 @@ class EmbeddingDatabase:
                     log.warning("Embedding name %r is used twice; %s is ignored", parsed.name, nf.path)
                     continue
                 (report.loaded if fits(parsed, layout) else report.skipped)[parsed.name] = parsed
+        for name, emb in self._registered.items():   # a registered embedding replaces a file's (as A1111)
+            report.loaded.pop(name, None)
+            report.skipped.pop(name, None)
+            (report.loaded if fits(emb, layout) else report.skipped)[name] = emb
         return report
+
+    def register(self, embedding: Embedding, name: str | None = None) -> None:
+        """Use an in-memory embedding under `name` (default its own) from the next job on, in place of
+        a file's of that name. Unlike A1111 it survives rescans, until ``unregister``."""
+        name = name or embedding.name
+        with self._lock:
+            if name not in self._registered and len(self._registered) >= MAX_EMBEDDINGS:
+                raise ValueError(f"at most {MAX_EMBEDDINGS} embeddings can be registered")
+            self._registered[name] = embedding
+            self._dirty = True
+
+    def unregister(self, name: str) -> bool:
+        """Forget a registered embedding (a file of that name is used again); False if none was."""
+        with self._lock:
+            found = self._registered.pop(name, None) is not None
+            self._dirty = self._dirty or found
+            return found
 
     def invalidate(self) -> None:
         """Reread every file at the next use (a model was loaded: A1111 reloads its embeddings then)."""

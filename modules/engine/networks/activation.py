@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any, Hashable
 
 from modules.engine import prompt_parser
+from modules.engine.networks.bundled import Bundle, read_bundle, split_bundle
 from modules.engine.networks.keys import group_layers
 from modules.engine.networks.merge import MergeReport, NetworkMerger, NetworkUse, NetworkWeights
 from modules.models import file_origin, weights_io
+from modules.models.embeddings import EMPTY_SET, fits
 from modules.models.lora_registry import LoraEntry, LoraRegistry
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,17 @@ def _wait_for_weights(model: Any) -> None:
         wait()
 
 
+def _bundled_skip_reason(name: str, emb: Any, loaded: dict, taken: dict, layout: Any) -> str | None:
+    """Why a LoRA's bundled embedding is not used (A1111's rules, plus: the first LoRA's name wins)."""
+    if name in loaded:
+        return "an embedding of that name is already loaded from the embeddings folder"
+    if name in taken:
+        return "an earlier LoRA bundles one of that name"
+    if not fits(emb, layout):
+        return f"its width {emb.shape} does not fit this model"
+    return None
+
+
 class ExtraNetworks:
     """Applies prompt-tag networks to whichever model a job uses. One per app (built in services)."""
 
@@ -71,6 +84,7 @@ class ExtraNetworks:
         self.loras = loras
         self.hypernetworks = hypernetworks
         self._weights: OrderedDict[Hashable, NetworkWeights] = OrderedDict()   # parsed files by stamp
+        self._bundles: dict[Hashable, Bundle] = {}   # their bundled embeddings, by the same stamp
         self._lock = threading.Lock()
 
     # -- entry point ------------------------------------------------------------------------
@@ -104,6 +118,7 @@ class ExtraNetworks:
         if out.report.text_encoders_changed and encoder is not None:
             encoder.clear_cache()   # prompt encodings made with the old text-encoder weights are stale
         self._report(named, out, options)
+        self._use_bundled_embeddings(named, encoder, options, out)
         if self.hypernetworks is not None:
             self.hypernetworks.activate(model, grouped.pop("hypernet", []), out)
         for unknown in grouped:
@@ -176,18 +191,21 @@ class ExtraNetworks:
         except weights_io.CheckpointLoadError as exc:
             self._warn(out, f"LoRA {entry.name} could not be loaded: {exc}")
             return None
+        state_dict, bundled = split_bundle(state_dict)   # bundle_emb.* are embeddings, not layers
+        bundle = read_bundle(bundled, entry.path)
         try:
             groups, unknown = group_layers(state_dict)
         except (ValueError, KeyError) as exc:   # diffusers' converters refuse a malformed key set
             self._warn(out, f"LoRA {entry.name}: its tensor names are not a known layout ({exc}); not applied")
             return None
-        if not groups:
+        if not groups and not bundle.embeddings:
             self._warn(out, f"LoRA {entry.name} holds no network weights this program knows ({len(unknown)} "
                             "other tensors); not applied")
             return None
         weights = NetworkWeights(key=stamp, name=entry.name, groups=groups, unknown_keys=unknown)
         with self._lock:
             self._weights[stamp] = weights
+            self._bundles[stamp] = bundle
         return weights
 
     def weights_of(self, entry: LoraEntry) -> NetworkWeights | None:
@@ -201,6 +219,7 @@ class ExtraNetworks:
             others = [key for key in self._weights if key not in in_use]
             for key in others[:max(0, len(others) - max(0, keep))]:
                 del self._weights[key]
+                self._bundles.pop(key, None)
 
     def _report(self, named: list[tuple[str, LoraEntry]], out: Activation, options: Any) -> None:
         hashes = []
@@ -234,6 +253,50 @@ class ExtraNetworks:
         if weights is not None and weights.unknown_keys:
             self._warn(out, f"LoRA {mentioned}: {len(weights.unknown_keys)} tensors of a kind this program does not "
                             f"know were ignored (e.g. {weights.unknown_keys[0]})")
+
+    # -- embeddings bundled in LoRA files ------------------------------------------------------------
+    def _use_bundled_embeddings(self, named: list[tuple[str, LoraEntry]], encoder: Any, options: Any,
+                                out: Activation) -> None:
+        """The active LoRAs' bundled embeddings join the encoder's set until the next activation (A1111:
+        a name loaded from embeddings/ wins; one whose width does not fit the model is skipped)."""
+        layout = getattr(encoder, "embedding_layout", None)
+        if layout is None:
+            return
+        current = getattr(encoder, "embeddings", None)
+        current = EMPTY_SET if current is None else current
+        base = current.base if current.base is not None else current   # without the last batch's bundles
+        label_on = getattr(options, "lora_bundled_ti_to_infotext", True)
+        extra: dict[str, Any] = {}
+        for mentioned, entry in named:
+            bundle = self._bundle_of(entry)
+            if bundle is None:
+                continue
+            if bundle.failed:   # one line per LoRA, however many are broken
+                name, why = next(iter(bundle.failed.items()))
+                more = f" (and {len(bundle.failed) - 1} more)" if len(bundle.failed) > 1 else ""
+                self._warn(out, f"LoRA {mentioned}: bundled embedding {name} is not usable ({why}){more}")
+            label = mentioned.replace(":", "").replace(",", "") if label_on else None   # an infotext value
+            for name, emb in bundle.labelled(label).items():
+                why = _bundled_skip_reason(name, emb, base.embeddings, extra, layout)
+                if why:
+                    self._warn(out, f"LoRA {mentioned}: bundled embedding {name} skipped: {why}")
+                else:
+                    extra[name] = emb
+        encoder.embeddings = base.with_extra(extra)
+
+    def _bundle_of(self, entry: LoraEntry) -> Bundle | None:
+        """The file's bundle; reparsed when trimmed from memory while still merged into another model
+        (that model's same set skips loading, but its embeddings are still wanted)."""
+        try:
+            stamp = entry.stamp()
+        except OSError:
+            return None
+        with self._lock:
+            found = self._bundles.get(stamp)
+        if found is None and self._load(entry, stamp, None) is not None:
+            with self._lock:
+                found = self._bundles.get(stamp)
+        return found
 
     @staticmethod
     def _warn(out: Activation | None, message: str) -> None:
