@@ -19,7 +19,8 @@ attention/MLP layer (the layers kohya's default LoRA trains). Timed:
   encoding and decoding;
 * hooks: forward hooks, pre-hooks, parametrizations and non-library module classes in the UNet and
   text encoder, with and without the LoRA (merging must leave nothing in the forward);
-* memory: our backups (the touched layers' original weights) and the process RSS growth.
+* memory: our backups (the touched layers' original weights: copies only where a layer no longer holds its
+  checkpoint bytes, else read back from the file) and the process RSS growth.
 
 Prints each figure as taken, then a summary of the issue's targets; asserts nothing. About 4-5 minutes
 on the 2-core CPU VM.
@@ -71,6 +72,8 @@ def hook_count(model) -> int:
 
 
 def ours(services, model, out: Figures) -> None:
+    from modules.engine.networks import backups
+
     engine = services.networks.engine
     encoder = services.generation._encoder_for(model)
     merger = engine.merger(model)
@@ -82,6 +85,9 @@ def ours(services, model, out: Figures) -> None:
     out["first apply (read file + merge) s"] = timed(activate("<lora:bench_a:1>"))
     out["hooks/wrappers/parametrizations with LoRA"] = hook_count(model)
     out["backups MB"] = merger.backup_bytes / 2**20
+    out["layers read back from the checkpoint (no copy)"] = sum(
+        isinstance(w, backups.FileBackup) for w, _ in merger.backups.values())
+    out["layers with a copy"] = sum(not isinstance(w, backups.FileBackup) for w, _ in merger.backups.values())
     out["RSS growth after first apply MB"] = rss_mb() - rss0
     out["same set again s"] = timed(activate("<lora:bench_a:1>"))
     # lora_in_memory_limit is 0 (A1111's default): a file not in the merged set is read again, as in real use
@@ -188,8 +194,9 @@ def summary(r: Figures, args, weights_mb: float) -> None:
           f"{r['job step with LoRA s'] / r['job step without LoRA s']:.3f}x")
     print(f"hooks/wrappers/parametrizations left in the forward: {r['hooks/wrappers/parametrizations with LoRA']:.0f} "
           f"with LoRA, {r['hooks/wrappers/parametrizations without LoRA']:.0f} without")
-    print(f"backups: {r['backups MB']:.0f} MB of {weights_mb:.0f} MB of weights (the touched layers only); "
-          f"RSS growth after the first apply {r['RSS growth after first apply MB']:.0f} MB")
+    print(f"backups: {r['backups MB']:.0f} MB held of {weights_mb:.0f} MB of weights; touched layers read back "
+          f"from the checkpoint {r['layers read back from the checkpoint (no copy)']:.0f}, copied "
+          f"{r['layers with a copy']:.0f}; RSS growth after the first apply {r['RSS growth after first apply MB']:.0f} MB")
 
 
 def main() -> None:

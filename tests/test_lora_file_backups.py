@@ -150,3 +150,31 @@ def test_a_job_through_the_queue_reports_the_changed_file(loaded):
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     with pytest.raises(Exception, match="load the checkpoint again"):
         services.generation.txt2img(Txt2ImgParams(prompt="a cat", **params))
+
+
+def test_low_ram_mapped_layers_are_read_back_too(tmp_path):
+    """--lowram: the weights stay views of the file's mapping (models/residency.py); a merge writes
+    copy-on-write pages, and the originals are read back from the file instead of kept in memory."""
+    from test_processing import make_services as services_with
+
+    from tiny_models import make_checkpoint
+
+    root = tmp_path / "lowram"
+    services = services_with(root, extra_args=("--lowram",))
+    make_checkpoint(services.paths.ckpt_dir / "tiny.safetensors", "sd1", seed=3, dtype=torch.float16)
+    services.models.refresh()
+    try:
+        model = services.models.current()
+        assert model.residency is not None
+        kohya_lora(services.paths.lora_dir / "a.safetensors", model.pipe, seed=1)
+        before = weights(model)
+        activate(services, model, "a cat <lora:a:1>")
+        merger = services.networks.engine.merger(model)
+        mapped = [w for ref, (w, _) in merger.backups.items()
+                  if model.residency.span.holds(merger.index.modules[ref].weight.data)]
+        assert mapped and all(isinstance(w, backups.FileBackup) for w in mapped)
+        assert not same(weights(model), before)
+        activate(services, model, "a cat")
+        assert same(weights(model), before)
+    finally:
+        services.generation.queue.shutdown()

@@ -14,6 +14,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from modules.models.libc import glibc_call
+
 # --use-cpu names that move the diffusion model itself (A1111 accepts module names; "all" means everything).
 _SD_CPU_NAMES = frozenset({"all", "sd"})
 
@@ -152,13 +154,4 @@ def torch_gc(device: torch.device | None = None) -> None:
 def _malloc_trim() -> None:
     """Hand freed heap pages back to the OS (glibc): a dropped model's thousands of small tensors
     otherwise stay in the process's heap, and RSS creeps up with every checkpoint switch."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    glibc_call("malloc_trim", 0)

@@ -21,7 +21,6 @@ keeps the mapping; diffusers' loaders copy before returning).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import mmap
 import os
@@ -33,7 +32,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from modules.models import file_origin
+from modules.models import file_origin, libc
 
 __all__ = ["FileSpan", "Materialiser", "CAN_MAP", "file_span", "ensure"]
 
@@ -87,19 +86,7 @@ def file_span(state_dict: dict[str, Any], path: Path) -> FileSpan | None:
     return None
 
 
-def _libc() -> Any:
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    try:
-        lib = ctypes.CDLL(name, use_errno=True)
-        lib.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        return lib
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _libc()
+_LIBC = libc.LIBC   # also used by residency.py
 
 
 def _drop_pages(span: FileSpan, tensor: torch.Tensor) -> None:
@@ -143,12 +130,19 @@ class Materialiser:
             if not self._needs_work(module, dtype):
                 continue
             if hooked(module) and self.keep_mapped:
+                self._record_origins(module)   # the LoRA merger can read these originals back from the file
                 continue
             if hooked(module):
                 object.__setattr__(module, _ATTR, (self, dtype))
                 self._pending.append(module)
             else:
                 self._copy(module, dtype)
+
+    def _record_origins(self, module: torch.nn.Module) -> None:
+        for tensor in _own_tensors(module):
+            origin = self.span.origin(tensor.data) if self.span is not None else None
+            if origin is not None:
+                file_origin.record(tensor, origin)
 
     def _needs_work(self, module: torch.nn.Module, dtype: torch.dtype | None) -> bool:
         return any(self.file_backed(t) or (dtype is not None and t.is_floating_point() and t.dtype != dtype)

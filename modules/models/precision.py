@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from modules.models import materialise
+from modules.models.libc import glibc_call
 
 __all__ = ["storage_dtype_of", "apply_lowram_casting", "is_lowram"]
 
@@ -207,18 +208,8 @@ def _tune_malloc_for_low_ram() -> None:
     SD1.5 layout at 512² (bench/memory.py lowram): with the former 1 MB mmap threshold a step took
     15.9 s (1.88 M page faults); with glibc's defaults 12.7 s but a 3.02 GB peak; with these two
     settings 12.0 s and 2.92 GB."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
-    try:
-        libc = ctypes.CDLL(name)
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (fixed: glibc's dynamic threshold stops moving)
-        libc.mallopt(-1, 1 << 20)   # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    glibc_call("mallopt", -3, 32 << 20)  # M_MMAP_THRESHOLD (fixed: glibc's dynamic threshold stops moving)
+    glibc_call("mallopt", -1, 1 << 20)   # M_TRIM_THRESHOLD
 
 
 def is_lowram(model: Any) -> bool:

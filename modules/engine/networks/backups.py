@@ -18,14 +18,19 @@ Hand-written: torch's CPU allocator has no per-tensor placement option.
 from __future__ import annotations
 
 import mmap
-from typing import Union
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Mapping, TypeVar, Union
 
 import torch
 
-from modules.models import file_origin
+from modules.models import file_origin, libc
 
 OWN_MAPPING_MIN_BYTES = 256 << 10   # smaller tensors: the ordinary allocator (a mapping per tensor would waste pages)
 _CAN_MAP = hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MAP_ANONYMOUS")
+_MAX_WORKERS = 4   # comparing with the file is bound by memory bandwidth beyond a few threads
+K, T, R = TypeVar("K"), TypeVar("T"), TypeVar("R")
 
 
 def cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
@@ -83,6 +88,37 @@ def take(weight: torch.Tensor, scratch: file_origin.Scratch, use_file: bool = Tr
     return cpu_copy(weight)
 
 
+def take_all(weights: Mapping[K, torch.Tensor], use_file: bool = True) -> dict[K, Backup]:
+    """``take`` for many weights at once, on a few threads (``_threaded``)."""
+    on_cpu = all(w.device.type == "cpu" for w in weights.values())
+    return dict(_threaded(lambda item, scratch: (item[0], take(item[1], scratch, use_file)), list(weights.items()),
+                          on_cpu))
+
+
+def restore_all(pairs: list[tuple[Backup, torch.Tensor]]) -> None:
+    """``restore_into`` for many (backup, weight) pairs at once, on a few threads (``_threaded``)."""
+    on_cpu = all(weight.device.type == "cpu" for _, weight in pairs)
+    _threaded(lambda pair, scratch: restore_into(pair[0], pair[1], scratch), pairs, on_cpu)
+
+
+def _threaded(fn: Callable[[T, file_origin.Scratch], R], items: list[T], parallel: bool = True) -> list[R]:
+    """``fn(item, scratch)`` for each item on up to _MAX_WORKERS threads, each with its own scratch buffers:
+    reading the file (pread) and comparing (memcmp) run outside the GIL, and one thread would leave the
+    other cores idle (SD1.5's 1.25 GB of LoRA-touched layers: ~0.25 s on one thread, ~0.17 s on two).
+    ``parallel`` False (GPU weights: keep their copies on the caller's thread and stream): one at a time."""
+    local = threading.local()
+
+    def one(item: T) -> R:
+        if not hasattr(local, "scratch"):
+            local.scratch = file_origin.Scratch()
+        return fn(item, local.scratch)
+    workers = min(_MAX_WORKERS, os.cpu_count() or 1, len(items)) if parallel else 1
+    if workers <= 1:
+        return [one(item) for item in items]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lora-backup") as pool:
+        return list(pool.map(one, items))
+
+
 def _file_backup(weight: torch.Tensor, scratch: file_origin.Scratch) -> FileBackup | None:
     origin = file_origin.origin_of(weight)
     if (origin is None or weight.device.type != "cpu" or not weight.is_contiguous()
@@ -94,18 +130,26 @@ def _file_backup(weight: torch.Tensor, scratch: file_origin.Scratch) -> FileBack
     flat = weight.detach().view(-1)
     try:
         for start, values in source.chunks(origin, weight.dtype, scratch):
-            if not torch.equal(values, flat[start:start + values.numel()]):
+            if not _same_bits(values, flat[start:start + values.numel()]):
                 return None   # changed since the load (an extension's edit, a merge): keep a copy
     except (OSError, file_origin.CheckpointChangedError):
         return None
     return FileBackup(source, origin, weight)
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality of two contiguous CPU tensors of one dtype: memcmp is ~2.5x faster than
+    torch.equal here (measured on 1.3 GB of SD1.5 layers), and bits, not values, are what a restore
+    must give back (NaN payloads, -0.0)."""
+    same = libc.same_bytes(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size())
+    return torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)) if same is None else same
+
+
 def restore_into(backup: Backup, weight: torch.Tensor, scratch: file_origin.Scratch) -> None:
     if isinstance(backup, FileBackup):
         backup.restore_into(weight, scratch)
     else:
-        weight.copy_(backup)
+        weight.detach().copy_(backup)   # detach: may run on a pool thread, where no_grad is not in force
 
 
 def as_tensor(backup: Backup) -> torch.Tensor:

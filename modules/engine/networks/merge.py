@@ -83,6 +83,8 @@ class NetworkMerger:
         self.backups: dict[LayerRef, tuple[backups.Backup, torch.Tensor | None]] = {}
         self.file_backups = True                    # originals still in the checkpoint file are not copied
         self._scratch = file_origin.Scratch()
+        self._prepared: dict[LayerRef, backups.Backup] = {}   # backups taken ahead for this apply's new layers
+        self._original: set[LayerRef] = set()   # backed-up layers whose weight holds the original again
         self._rewritten: set[LayerRef] = set()      # layers the last apply wrote
         self.merged: dict[LayerRef, tuple] = {}     # what each changed layer holds: ((network, prefix, mult, dyn), ...)
         self._bias_changed: set[LayerRef] = set()
@@ -101,11 +103,16 @@ class NetworkMerger:
         self._rewritten = set()
         outcomes = [NetworkOutcome(u.weights.name) for u in uses]
         plans = [self._plan(u, o) for u, o in zip(uses, outcomes)]
-        while True:
-            failed = self._merge(uses, plans, outcomes)
-            if failed is None:
-                break
-            plans[failed] = {}  # merge again without the network that does not fit
+        new = {ref for plan in plans for ref in plan} - set(self.backups)
+        self._prepared = backups.take_all({ref: self.index.modules[ref].weight for ref in new}, self.file_backups)
+        try:
+            while True:
+                failed = self._merge(uses, plans, outcomes)
+                if failed is None:
+                    break
+                plans[failed] = {}  # merge again without the network that does not fit
+        finally:
+            self._prepared = {}
         self._restore(set(self.backups) - {ref for plan in plans for ref in plan})
         self.applied, self.last_outcomes = signature, outcomes
         return MergeReport(outcomes, changed=True,
@@ -130,11 +137,14 @@ class NetworkMerger:
                 layers.setdefault(ref, []).append(i)
         for outcome, plan in zip(outcomes, plans):
             outcome.layers = len(plan)
+        todo = []
         for ref, users in layers.items():
             pairs = [(uses[i], plans[i][ref]) for i in users]
             state = tuple((use.weights.key, group.key, use.multiplier(ref.component), use.dyn) for use, group in pairs)
-            if self.merged.get(ref) == state:
-                continue   # the layer already holds exactly this (shared by the old and the new set)
+            if self.merged.get(ref) != state:   # else the layer already holds exactly this (old and new set share it)
+                todo.append((ref, users, pairs, state))
+        self._put_back_weights([ref for ref, *_ in todo if ref in self.backups])
+        for ref, users, pairs, state in todo:
             module = self.index.modules[ref]
             try:
                 self._merge_layer(ref, module, pairs, users)
@@ -152,13 +162,17 @@ class NetworkMerger:
                      indices: list[int]) -> None:
         weight, bias = module.weight, getattr(module, "bias", None)
         fresh = ref not in self.backups
+        original = fresh or ref in self._original   # the weight holds its original values now
+        self._original.discard(ref)
         if fresh:
-            self.backups[ref] = (backups.take(weight, self._scratch, self.file_backups),
-                                 backups.cpu_copy(bias) if bias is not None else None)
+            taken = self._prepared.pop(ref, None)   # taken for all new layers at once (``apply``)
+            if taken is None:
+                taken = backups.take(weight, self._scratch, self.file_backups)
+            self.backups[ref] = (taken, backups.cpu_copy(bias) if bias is not None else None)
         self.merged.pop(ref, None)
         plain = [use.weights.plain().get(group.key) for use, group in users]
         if weight.dtype == torch.float32 and weight.is_contiguous() and all(p is not None for p in plain):
-            self._merge_plain(ref, weight, bias, list(zip(users, plain, indices)), fresh)
+            self._merge_plain(ref, weight, bias, list(zip(users, plain, indices)), original)
             return
         original_w, original_b = self.backups[ref]
         w0 = backups.as_tensor(original_w).to(device=weight.device, dtype=torch.float32)
@@ -180,7 +194,7 @@ class NetworkMerger:
         self._set_bias(ref, bias, new_b)
 
     def _merge_plain(self, ref: LayerRef, weight: torch.Tensor, bias: torch.Tensor | None,
-                     users: list[tuple[tuple[NetworkUse, LayerGroup], deltas.PlainLora, int]], fresh: bool) -> None:
+                     users: list[tuple[tuple[NetworkUse, LayerGroup], deltas.PlainLora, int]], original: bool) -> None:
         """The common case, a float32 layer changed by plain LoRAs only: the original is copied back
         into the weight (no allocation) and each ``up @ down`` is added in place by one addmm. The same
         operations on the same values as the general path, so the result is the same bit for bit."""
@@ -194,7 +208,7 @@ class NetworkMerger:
                 raise _LayerFailed(index, str(exc)) from None
             up, down = lora.factors(use.dyn)
             factors.append((up.to(weight.device), down.to(weight.device), lora.scale * use.multiplier(ref.component)))
-        if not fresh:   # a fresh backup means the weight still is the original
+        if not original:
             backups.restore_into(self.backups[ref][0], weight, self._scratch)
         flat = weight.view(weight.shape[0], -1)
         for up, down, alpha in factors:
@@ -221,14 +235,23 @@ class NetworkMerger:
         self.applied, self.last_outcomes = (), []
 
     @torch.no_grad()
-    def _restore(self, refs: set[LayerRef]) -> None:
+    def _put_back_weights(self, refs: list[LayerRef]) -> None:
+        """Original weights back into these layers (all at once: reading from the file runs on threads);
+        biases are left to the caller. The backups stay. May raise CheckpointChangedError."""
+        refs = [ref for ref in refs if ref not in self._original]
+        backups.restore_all([(self.backups[ref][0], self.index.modules[ref].weight) for ref in refs])
         for ref in refs:
-            w, b = self.backups[ref]
-            module = self.index.modules[ref]
-            backups.restore_into(w, module.weight, self._scratch)   # may raise CheckpointChangedError: kept
-            del self.backups[ref]
             self.merged.pop(ref, None)
+            self._original.add(ref)
+
+    @torch.no_grad()
+    def _restore(self, refs: set[LayerRef]) -> None:
+        self._put_back_weights(list(refs))   # on CheckpointChangedError every backup is kept
+        for ref in refs:
+            b = self.backups.pop(ref)[1]
+            self._original.discard(ref)
             self._rewritten.add(ref)
+            module = self.index.modules[ref]
             if b is not None and ref in self._bias_changed:
                 module.bias.copy_(b)
             self._bias_changed.discard(ref)
