@@ -101,12 +101,15 @@ def test_a_layer_with_nan_fails_only_its_network(tiny):
     assert all(torch.equal(v, before[k]) for k, v in snapshot(pipe).items())
 
 
-def test_prepared_factors_are_float32_blocks_of_mixed_dtype_files():
+def test_prepared_factors_of_mixed_dtype_files_are_float32_at_merge_time():
     up16, down32 = torch.randn(6, 2).half(), torch.randn(2, 5)
     prepared = deltas.prepare_plain({"x": {"lora_up.weight": up16, "lora_down.weight": down32,
                                            "alpha": torch.tensor(1.0)}})["x"]
-    assert prepared.up.dtype == prepared.down.dtype == torch.float32 and prepared.scale == 0.5
-    assert torch.equal(prepared.up, up16.float()) and torch.equal(prepared.down, down32)
+    assert prepared.up is not None and prepared.scale == 0.5
+    buffer = torch.empty(64)
+    up = deltas.float32_into(buffer, prepared.up)
+    assert up.dtype == torch.float32 and torch.equal(up, up16.float()) and up.data_ptr() == buffer.data_ptr()
+    assert deltas.float32_into(buffer, prepared.down) is prepared.down   # float32 already: no copy
     up, down = prepared.factors(dyn=1)
     assert up.shape == (6, 1) and down.shape == (1, 5)
 

@@ -240,8 +240,10 @@ def add_into(target: torch.Tensor, parts: Parts, weight: torch.Tensor, multiplie
 
 
 class PlainLora:
-    """A plain LoRA layer ready to merge: float32 ``up`` [out, rank] and ``down`` [rank, in*k*k] (contiguous
-    views into one block per network), the network's scale and bias change. Built once per parsed file."""
+    """A plain LoRA layer ready to merge: ``up`` [out, rank] and ``down`` [rank, in*k*k] as the file holds them
+    (views, the file's dtype), the network's scale and bias change. Built once per parsed file; the
+    factors are converted to float32 at merge time into the merger's reusable buffers (``float32_into``),
+    so parsing a file allocates nothing (fresh memory is what cost time: see backups.py)."""
     __slots__ = ("up", "down", "scale", "bias")
 
     def __init__(self, up: torch.Tensor, down: torch.Tensor, scale: float, bias: torch.Tensor | None):
@@ -266,30 +268,34 @@ def is_plain_lora(parts: Parts) -> bool:
 
 
 def prepare_plain(groups: dict[str, Parts]) -> dict[str, PlainLora | None]:
-    """``{prefix: PlainLora}`` for the plain-LoRA layers of one file (None: the layer holds NaN/inf).
-
-    All up/down matrices are converted to float32 in one concatenated block and checked for finite
-    values at once: per-tensor conversions cost a thread-pool round trip each (hundreds per file)."""
-    plain = {prefix: parts for prefix, parts in groups.items() if is_plain_lora(parts)}
-    if not plain:
-        return {}
-    mats = [t.detach().reshape(-1) for parts in plain.values()
-            for t in (parts["lora_up.weight"], parts["lora_down.weight"])]
-    flat = torch.cat(mats).to(torch.float32)   # cat promotes mixed dtypes and always copies
-    # One sum says "all finite" ~20x faster than isfinite().all() (NaN/inf propagate into it); only a sum
-    # that is not finite (a bad value, or finite values overflowing it) falls back to the per-layer check.
-    all_finite = math.isfinite(float(flat.sum()))
-    chunks = iter(flat.split([m.numel() for m in mats]))
+    """``{prefix: PlainLora}`` for the plain-LoRA layers of one file (None: the layer holds NaN/inf, so it
+    takes the general path, which reports it). A sum accumulated in float32 says "all finite" far faster
+    than isfinite().all() (NaN/inf propagate into it); only a sum that is not finite (a bad value, or
+    finite values overflowing it) falls back to the exact check."""
     out: dict[str, PlainLora | None] = {}
-    for prefix, parts in plain.items():
-        up_raw, down_raw = parts["lora_up.weight"], parts["lora_down.weight"]
-        up = next(chunks).view(up_raw.shape[0], -1)
-        down = next(chunks).view(down_raw.shape[0], -1)
-        if not all_finite and not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+    for prefix, parts in groups.items():
+        if not is_plain_lora(parts):
+            continue
+        up_raw, down_raw = parts["lora_up.weight"].detach(), parts["lora_down.weight"].detach()
+        up, down = up_raw.reshape(up_raw.shape[0], -1), down_raw.reshape(down_raw.shape[0], -1)
+        if not (_finite(up) and _finite(down)):
             out[prefix] = None
             continue
         out[prefix] = PlainLora(up, down, _scale(parts, down.shape[0]), bias_delta(parts))
     return out
+
+
+def _finite(t: torch.Tensor) -> bool:
+    total = t.sum(dtype=torch.float64) if t.is_floating_point() else 0.0
+    return math.isfinite(float(total)) or bool(torch.isfinite(t).all())
+
+
+def float32_into(buffer: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``t`` as float32: itself when it is a contiguous float32 tensor, else converted into the front of
+    ``buffer`` (a 1-D float32 CPU tensor at least as large), with ``t``'s shape."""
+    if t.dtype == torch.float32 and t.is_contiguous():
+        return t
+    return buffer[:t.numel()].view(t.shape).copy_(t)
 
 
 def describe(parts: Parts) -> str:

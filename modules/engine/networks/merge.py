@@ -84,6 +84,7 @@ class NetworkMerger:
         self.file_backups = True                    # originals still in the checkpoint file are not copied
         self._scratch = file_origin.Scratch()
         self._prepared: dict[LayerRef, backups.Backup] = {}   # backups taken ahead for this apply's new layers
+        self._factor_buffers = [torch.empty(0), torch.empty(0)]   # float32 up/down of the layer being merged
         self._original: set[LayerRef] = set()   # backed-up layers whose weight holds the original again
         self._rewritten: set[LayerRef] = set()      # layers the last apply wrote
         self.merged: dict[LayerRef, tuple] = {}     # what each changed layer holds: ((network, prefix, mult, dyn), ...)
@@ -198,7 +199,6 @@ class NetworkMerger:
         """The common case, a float32 layer changed by plain LoRAs only: the original is copied back
         into the weight (no allocation) and each ``up @ down`` is added in place by one addmm. The same
         operations on the same values as the general path, so the result is the same bit for bit."""
-        factors = []
         for ((use, _), lora, index) in users:
             if lora.bias is not None and (bias is None or lora.bias.numel() != bias.numel()):
                 raise _LayerFailed(index, "bias change for a layer without that bias")
@@ -206,13 +206,12 @@ class NetworkMerger:
                 lora.check_fits(weight)
             except deltas.NetworkFormatError as exc:
                 raise _LayerFailed(index, str(exc)) from None
-            up, down = lora.factors(use.dyn)
-            factors.append((up.to(weight.device), down.to(weight.device), lora.scale * use.multiplier(ref.component)))
         if not original:
             backups.restore_into(self.backups[ref][0], weight, self._scratch)
         flat = weight.view(weight.shape[0], -1)
-        for up, down, alpha in factors:
-            flat.addmm_(up, down, alpha=alpha)
+        for ((use, _), lora, _) in users:
+            up, down = self._float32_factors(lora.factors(use.dyn), weight.device)
+            flat.addmm_(up, down, alpha=lora.scale * use.multiplier(ref.component))
         new_b = None
         for ((use, _), lora, _) in users:
             if lora.bias is not None:
@@ -220,6 +219,17 @@ class NetworkMerger:
                     new_b = self.backups[ref][1].to(device=bias.device, dtype=torch.float32).clone()
                 new_b += lora.bias.to(new_b.device).reshape(new_b.shape) * use.multiplier(ref.component)
         self._set_bias(ref, bias, new_b)
+
+    def _float32_factors(self, factors: tuple[torch.Tensor, torch.Tensor], device: torch.device
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A LoRA's up/down in float32 on ``device``: on the CPU converted into two buffers reused from layer
+        to layer (no fresh memory per file or per layer)."""
+        if device.type != "cpu":
+            return tuple(t.to(device=device, dtype=torch.float32) for t in factors)
+        for i, t in enumerate(factors):
+            if self._factor_buffers[i].numel() < t.numel():
+                self._factor_buffers[i] = torch.empty(max(t.numel(), 1 << 18))
+        return tuple(deltas.float32_into(buffer, t) for buffer, t in zip(self._factor_buffers, factors))
 
     def _set_bias(self, ref: LayerRef, bias: torch.Tensor | None, new_b: torch.Tensor | None) -> None:
         if new_b is not None:
