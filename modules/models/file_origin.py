@@ -139,7 +139,10 @@ _open_lock = threading.Lock()
 
 
 def open_checkpoint(identity: FileIdentity) -> OpenCheckpoint | None:
-    """The shared open file for ``identity``; None when the file is gone or is another file now."""
+    """The shared open file for ``identity``; None when the file is gone or is another file now, or where
+    there is no positioned read (``os.preadv``: not on Windows, where weights are never mapped anyway)."""
+    if not hasattr(os, "preadv"):
+        return None
     with _open_lock:
         held = _open.get(identity)
         if held is not None:
