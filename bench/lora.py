@@ -129,6 +129,14 @@ def unet_call_times(services, model, res: int, repeats: int) -> dict[tuple[bool,
     return times
 
 
+def paired_ratio(calls: dict[tuple[bool, str, int], list[float]], flush: bool) -> float:
+    """Median over the repeats and both calls of (call with the LoRA / the same call without it, taken
+    moments apart): pairing cancels the machine's slow drifts that make medians of each side wander."""
+    with_lora = {k: v for k, v in calls.items() if k[0] == flush and k[1]}
+    ratios = [t / calls[(flush, "", call)][i] for (_, _, call), found in with_lora.items() for i, t in enumerate(found)]
+    return statistics.median(ratios)
+
+
 def job_step_times(services, res: int, repeats: int) -> tuple[float, float]:
     """Seconds per sampling step of real txt2img jobs without / with the LoRA: (2-step job - 1-step job),
     medians, the four kinds of job alternated; the LoRA is merged before each timed job."""
@@ -190,8 +198,11 @@ def summary(r: Figures, args, weights_mb: float) -> None:
               f"({call(1, 'with', flush) - call(2, 'with', flush):+.2f} s vs steady), "
               f"{call(1, 'without', flush):.2f} s without ({call(1, 'without', flush) - call(2, 'without', flush):+.2f} s)"
               f"  [UNet call {args.res}px, {args.unet_repeats} repeats]")
-    print(f"step with/without LoRA, txt2img job (2-step - 1-step, {args.res}px): "
-          f"{r['job step with LoRA s'] / r['job step without LoRA s']:.3f}x")
+    print(f"step with/without LoRA, median of {2 * args.unet_repeats} paired UNet calls: "
+          f"{r['step with/without, median of paired calls']:.3f}x; denormals flushed "
+          f"{r['step with/without, median of paired calls, denormals flushed']:.3f}x")
+    print(f"step with/without LoRA, txt2img job (2-step - 1-step, {args.res}px, {args.repeats} job(s) each: a "
+          f"difference of two noisy totals, rough): {r['job step with LoRA s'] / r['job step without LoRA s']:.3f}x")
     print(f"hooks/wrappers/parametrizations left in the forward: {r['hooks/wrappers/parametrizations with LoRA']:.0f} "
           f"with LoRA, {r['hooks/wrappers/parametrizations without LoRA']:.0f} without")
     print(f"backups: {r['backups MB']:.0f} MB held of {weights_mb:.0f} MB of weights; touched layers read back "
@@ -205,7 +216,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--res", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=1, help="txt2img jobs of each kind")
-    parser.add_argument("--unet-repeats", type=int, default=3, help="UNet calls with and without the LoRA")
+    parser.add_argument("--unet-repeats", type=int, default=5, help="UNet calls with and without the LoRA")
     parser.add_argument("--dir", default=None, help="where full-size weights are made once and reused "
                                                     "(default: $BENCH_CACHE or tmp/bench-cache)")
     args = parser.parse_args()
@@ -237,6 +248,9 @@ def main() -> None:
         label = (f"UNet call {'1 (first after the change)' if call == 1 else '2 (steady)'} "
                  f"{'with' if tags else 'without'} LoRA{', denormals flushed' if flush else ''} s")
         results[label + " (min)"], results[label + " (median)"] = min(found), statistics.median(found)
+    for flush in (False, True):
+        results[f"step with/without, median of paired calls{', denormals flushed' if flush else ''}"] = \
+            paired_ratio(calls, flush)
     results["job step without LoRA s"], results["job step with LoRA s"] = job_step_times(services, args.res,
                                                                                        args.repeats)
     services.networks.engine.merger(model).restore()
