@@ -10,7 +10,9 @@ attention/MLP layer (the layers kohya's default LoRA trains). Timed:
   A -> B (B never read before: restore A's layers + read and merge B), back B -> A (A's file is read again: A1111's default
   lora_in_memory_limit of 0), a new multiplier for the merged LoRA (its parsed file is kept), both, and
   back to none (restore); target <= 0.5 s per LoRA;
-* diffusers: load_lora_weights + fuse_lora, and a switch (unfuse + unload + load + fuse), same files;
+* diffusers: load_lora_weights + fuse_lora, and a switch (unfuse + unload + load + fuse), same files; and
+  UNet calls with our merge vs with diffusers' fuse of the same file, paired (merged weights may run
+  slower than unmerged ones for their values alone: random weights can produce denormal activations);
 * per step, with the LoRA merged / without (target <= 1.01x): one UNet call (CFG batch of 2) at
   256x256, with and without alternated so machine load hits both alike, min and median, also with
   denormals flushed (random weights may produce denormal activations, slow on x86). Call 1 after each
@@ -161,6 +163,34 @@ def job_step_times(services, res: int, repeats: int) -> tuple[float, float]:
     return step(""), step("<lora:bench_a:1>")
 
 
+def fused_step_ratio(services, model, lora: Path, res: int, repeats: int) -> float:
+    """Median of paired UNet calls, our merged LoRA / diffusers' load_lora_weights + fuse_lora of the same
+    file (denormals not flushed): the same weights up to rounding, so a ratio near 1 says our merge
+    leaves no per-step cost beyond what merged weights cost anyway. Two calls of each per repeat."""
+    import torch
+
+    engine, encoder, pipe = services.networks.engine, services.generation._encoder_for(model), model.pipe
+    unet = pipe.unet
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, unet.config.in_channels, res // 8, res // 8, generator=gen)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen)
+    ratios = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            engine.activate(model, encoder, [f"{PROMPT} <lora:{lora.stem}:1>"])
+            ours = [timed(lambda: unet(sample, torch.tensor(500), context)) for _ in range(2)]
+            engine.activate(model, encoder, [PROMPT])
+            with torch.inference_mode(False):
+                pipe.load_lora_weights(str(lora))
+                pipe.fuse_lora()
+            theirs = [timed(lambda: unet(sample, torch.tensor(500), context)) for _ in range(2)]
+            with torch.inference_mode(False):
+                pipe.unfuse_lora()
+                pipe.unload_lora_weights()
+            ratios += [o / t for o, t in zip(ours, theirs)]
+    return statistics.median(ratios)
+
+
 def diffusers_times(pipe, a: Path, b: Path, out: Figures) -> None:
 
     def load(path: Path):
@@ -201,6 +231,8 @@ def summary(r: Figures, args, weights_mb: float) -> None:
     print(f"step with/without LoRA, median of {2 * args.unet_repeats} paired UNet calls: "
           f"{r['step with/without, median of paired calls']:.3f}x; denormals flushed "
           f"{r['step with/without, median of paired calls, denormals flushed']:.3f}x")
+    print(f"step with the LoRA, ours merged / diffusers fused, median of {2 * args.fused_repeats} paired UNet calls: "
+          f"{r['step ours merged / diffusers fused, median of paired calls']:.3f}x")
     print(f"step with/without LoRA, txt2img job (2-step - 1-step, {args.res}px, {args.repeats} job(s) each: a "
           f"difference of two noisy totals, rough): {r['job step with LoRA s'] / r['job step without LoRA s']:.3f}x")
     print(f"hooks/wrappers/parametrizations left in the forward: {r['hooks/wrappers/parametrizations with LoRA']:.0f} "
@@ -216,6 +248,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--res", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=1, help="txt2img jobs of each kind")
+    parser.add_argument("--fused-repeats", type=int, default=3, help="paired calls, ours vs diffusers fused")
     parser.add_argument("--unet-repeats", type=int, default=5, help="UNet calls with and without the LoRA")
     parser.add_argument("--dir", default=None, help="where full-size weights are made once and reused "
                                                     "(default: $BENCH_CACHE or tmp/bench-cache)")
@@ -254,6 +287,8 @@ def main() -> None:
     results["job step without LoRA s"], results["job step with LoRA s"] = job_step_times(services, args.res,
                                                                                        args.repeats)
     services.networks.engine.merger(model).restore()
+    results["step ours merged / diffusers fused, median of paired calls"] = fused_step_ratio(
+        services, model, lora_dir / "bench_a.safetensors", args.res, args.fused_repeats)
     diffusers_times(model.pipe, lora_dir / "bench_a.safetensors", lora_dir / "bench_b.safetensors", results)
     summary(results, args, weights_mb)
     services.generation.queue.shutdown()
