@@ -169,3 +169,15 @@ def model_server(tmp_path_factory):
     srv = start_server(data_dir)
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny models: on a busy shared CPU, intra-op threads cost far more than they give
+    (measured in test_conditioning.py: 38 s with the default threads vs 8 s with one)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,12 +14,7 @@ from modules.engine.networks.bundled import read_bundle, split_bundle
 WORDS = "red dog"   # the bundled vectors are these words' token vectors: the prompt must encode exactly as them
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _word_vectors(tokenizer, text_encoder, words: str) -> torch.Tensor:

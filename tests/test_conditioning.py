@@ -25,14 +25,7 @@ def _seeded(cls, cfg, seed):
     return cls(cfg).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # These models are tiny: on a busy shared CPU, intra-op threads cost far more than they give
-    # (measured: 38 s with the default threads vs 8 s with one).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

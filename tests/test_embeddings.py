@@ -21,12 +21,7 @@ SD1 = (("clip_l", 64),)
 SDXL = (("clip_l", 64), ("clip_g", 128))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _text_model(cls, width, layers, seed, **kw):
