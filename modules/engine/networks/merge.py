@@ -5,9 +5,9 @@ float32 from ``W0``, a copy of the original kept (on the CPU) only for touched l
 networks first puts the original weights back bit for bit, then merges the new set; the same set
 again is a no-op. The checkpoint is never reloaded.
 
-A switch costs little: a float32 layer changed only by plain LoRAs gets its original copied back into
+A switch costs little: a float32 layer changed only by plain LoRAs gets its original put back into
 the weight and each ``up @ down`` added in place (one addmm, no allocation; factors converted to
-float32 once per parsed file); a layer whose change is the same in the old and new set is not touched;
+float32 per layer into two reused buffers); a layer whose change is the same in the old and new set is not touched;
 layers the new set leaves alone are copied back from their backups. A layer that still holds exactly
 its checkpoint bytes keeps no copy: its original is read back from the file. Copies live outside the
 heap the UNet's activations reuse (``backups.py``), so a merge does not slow the steps after it.
@@ -196,9 +196,10 @@ class NetworkMerger:
 
     def _merge_plain(self, ref: LayerRef, weight: torch.Tensor, bias: torch.Tensor | None,
                      users: list[tuple[tuple[NetworkUse, LayerGroup], deltas.PlainLora, int]], original: bool) -> None:
-        """The common case, a float32 layer changed by plain LoRAs only: the original is copied back
-        into the weight (no allocation) and each ``up @ down`` is added in place by one addmm. The same
-        operations on the same values as the general path, so the result is the same bit for bit."""
+        """The common case, a float32 layer changed by plain LoRAs only: the original is put back into the
+        weight (copied, or read from the file; no allocation) and each ``up @ down`` is added in place by
+        one addmm. The same operations on the same values as the general path, so the result is the same
+        bit for bit."""
         for ((use, _), lora, index) in users:
             if lora.bias is not None and (bias is None or lora.bias.numel() != bias.numel()):
                 raise _LayerFailed(index, "bias change for a layer without that bias")
