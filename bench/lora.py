@@ -121,8 +121,8 @@ def unet_call_times(services, model, res: int, repeats: int) -> dict[tuple[bool,
     times: dict[tuple[bool, str, int], list[float]] = {(f, t, call): [] for f, t in kinds for call in (1, 2)}
     with torch.inference_mode():
         unet(sample, step, context)   # warm-up
-        for _ in range(repeats):
-            for flush, tags in kinds:
+        for repeat in range(repeats):
+            for flush, tags in (kinds if repeat % 2 == 0 else kinds[::-1]):   # no kind always goes first
                 engine.activate(model, encoder, [f"{PROMPT} {tags}"])
                 torch.set_flush_denormal(flush)
                 for call in (1, 2):
@@ -176,18 +176,27 @@ def fused_step_ratio(services, model, lora: Path, res: int, repeats: int) -> flo
     context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen)
     ratios = []
     with torch.inference_mode():
-        for _ in range(repeats):
+        def ours() -> list[float]:
             engine.activate(model, encoder, [f"{PROMPT} <lora:{lora.stem}:1>"])
-            ours = [timed(lambda: unet(sample, torch.tensor(500), context)) for _ in range(2)]
+            found = [timed(lambda: unet(sample, torch.tensor(500), context)) for _ in range(2)]
             engine.activate(model, encoder, [PROMPT])
+            return found
+
+        def theirs() -> list[float]:
             with torch.inference_mode(False):
                 pipe.load_lora_weights(str(lora))
                 pipe.fuse_lora()
-            theirs = [timed(lambda: unet(sample, torch.tensor(500), context)) for _ in range(2)]
+            found = [timed(lambda: unet(sample, torch.tensor(500), context)) for _ in range(2)]
             with torch.inference_mode(False):
                 pipe.unfuse_lora()
                 pipe.unload_lora_weights()
-            ratios += [o / t for o, t in zip(ours, theirs)]
+            return found
+        for repeat in range(repeats):   # alternate which side goes first: the first of a pair ran slower here
+            if repeat % 2 == 0:
+                mine, other = ours(), theirs()
+            else:
+                other, mine = theirs(), ours()
+            ratios += [o / t for o, t in zip(mine, other)]
     return statistics.median(ratios)
 
 
