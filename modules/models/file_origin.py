@@ -121,7 +121,7 @@ class OpenCheckpoint:
 
 
 class Scratch:
-    """Two reusable CPU buffers (raw file bytes, converted values): no allocation per chunk."""
+    """Reusable CPU buffers by slot (here 0: raw file bytes, 1: converted values): no allocation per chunk."""
 
     def __init__(self):
         self._buffers: dict[int, torch.Tensor] = {}

@@ -291,8 +291,8 @@ def _finite(t: torch.Tensor) -> bool:
 
 
 def float32_into(buffer: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``t`` as float32: itself when it is a contiguous float32 tensor, else converted into the front of
-    ``buffer`` (a 1-D float32 CPU tensor at least as large), with ``t``'s shape."""
+    """``t`` as float32: itself when it is a contiguous float32 tensor, else converted into ``buffer`` (a
+    float32 CPU tensor of at least ``t.numel()`` elements), with ``t``'s shape."""
     if t.dtype == torch.float32 and t.is_contiguous():
         return t
     return buffer[:t.numel()].view(t.shape).copy_(t)

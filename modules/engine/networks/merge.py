@@ -82,9 +82,8 @@ class NetworkMerger:
         self.index = LayerIndex(components, unet_config)
         self.backups: dict[LayerRef, tuple[backups.Backup, torch.Tensor | None]] = {}
         self.file_backups = True                    # originals still in the checkpoint file are not copied
-        self._scratch = file_origin.Scratch()
+        self._scratch = file_origin.Scratch()   # reused buffers: file reads, float32 LoRA factors
         self._prepared: dict[LayerRef, backups.Backup] = {}   # backups taken ahead for this apply's new layers
-        self._factor_buffers = [torch.empty(0), torch.empty(0)]   # float32 up/down of the layer being merged
         self._original: set[LayerRef] = set()   # backed-up layers whose weight holds the original again
         self._rewritten: set[LayerRef] = set()      # layers the last apply wrote
         self.merged: dict[LayerRef, tuple] = {}     # what each changed layer holds: ((network, prefix, mult, dyn), ...)
@@ -227,10 +226,8 @@ class NetworkMerger:
         to layer (no fresh memory per file or per layer)."""
         if device.type != "cpu":
             return tuple(t.to(device=device, dtype=torch.float32) for t in factors)
-        for i, t in enumerate(factors):
-            if self._factor_buffers[i].numel() < t.numel():
-                self._factor_buffers[i] = torch.empty(max(t.numel(), 1 << 18))
-        return tuple(deltas.float32_into(buffer, t) for buffer, t in zip(self._factor_buffers, factors))
+        return tuple(deltas.float32_into(self._scratch.buffer(torch.float32, t.numel(), 2 + i), t)
+                     for i, t in enumerate(factors))   # slots 0-1: reading originals back (file_origin.py)
 
     def _set_bias(self, ref: LayerRef, bias: torch.Tensor | None, new_b: torch.Tensor | None) -> None:
         if new_b is not None:
