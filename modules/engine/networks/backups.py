@@ -53,7 +53,6 @@ def lives_in_own_mapping(tensor: torch.Tensor) -> bool:
 class FileBackup:
     """A layer's original weight that is exactly its bytes in the checkpoint file: nothing is kept in
     memory, restoring reads the bytes back (``models/file_origin.py``)."""
-    nbytes = 0   # resident bytes held
 
     def __init__(self, source: file_origin.OpenCheckpoint, origin: file_origin.Origin, like: torch.Tensor):
         self.source, self.origin = source, origin
