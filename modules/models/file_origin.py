@@ -109,7 +109,7 @@ class OpenCheckpoint:
 
     def chunks(self, origin: Origin, dtype: torch.dtype, scratch: "Scratch") -> Iterator[tuple[int, torch.Tensor]]:
         """``(start element, values in dtype)`` over ``origin``, CHUNK_ELEMENTS at a time (views of ``scratch``)."""
-        size = torch.empty((), dtype=origin.dtype).element_size()
+        size = origin.dtype.itemsize
         for start in range(0, origin.numel, CHUNK_ELEMENTS):
             count = min(CHUNK_ELEMENTS, origin.numel - start)
             raw = scratch.buffer(origin.dtype, count, 0)
@@ -127,7 +127,7 @@ class Scratch:
         self._buffers: dict[int, torch.Tensor] = {}
 
     def buffer(self, dtype: torch.dtype, count: int, slot: int) -> torch.Tensor:
-        size = torch.empty((), dtype=dtype).element_size()
+        size = dtype.itemsize
         held = self._buffers.get(slot)
         if held is None or held.numel() < count * size:
             held = self._buffers[slot] = torch.empty(max(count, CHUNK_ELEMENTS) * size, dtype=torch.uint8)
